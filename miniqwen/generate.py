@@ -1,0 +1,133 @@
+"""Batched, KV-cached text generation: greedy or temperature / nucleus (top-p) sampling, with an optional
+allowed-token constraint and per-row stopping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .model import KVCache, Qwen2ForCausalLM
+
+
+def token_ids_for(tokenizer, pieces: Iterable[str]) -> list[int]:
+    """Ids of vocabulary entries spelled exactly as ``pieces`` (e.g. the ten digits, ".", ",", ";").
+
+    Raises ValueError naming any piece that is not a single token of the vocabulary.
+    """
+    ids, absent = [], []
+    for piece in pieces:
+        token_id = tokenizer.token_to_id(piece)
+        (absent.append(piece) if token_id is None else ids.append(token_id))
+    if absent:
+        raise ValueError(f"not single tokens of this vocabulary: {absent}")
+    return ids
+
+
+def _next_token(logits, temperature, top_p, generator):
+    """Pick one token per row from ``logits`` [B, V] (float32): argmax, or a sample from the top-p nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (Holtzman et al. 2020, section 3.1); never empty
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Qwen2ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    pad_token_id: int,
+    eos_token_ids: Iterable[int] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int | None = None,
+    allowed_token_ids: Iterable[int] | None = None,
+    stop_token_id: int | None = None,
+    stop_count: int = 1,
+) -> list[list[int]]:
+    """Continue every prompt, all rows at once, with a KV cache (one forward over the prompts, then one token
+    per step).
+
+    Args:
+        prompts: token ids per prompt; rows are left-padded with ``pad_token_id`` (masked out, positions shifted,
+            so each row gets what it would get alone).
+        max_new_tokens: hard cap on generated tokens per row.
+        eos_token_ids: a row stops after producing one of these (it is not included in the output).
+        temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature).
+        top_p: nucleus sampling mass (1 = off); used only when sampling.
+        num_samples: continuations per prompt; the prompt is encoded once and its cache copied.
+        seed: seeds the sampling generator (same seed, same samples on the same device).
+        allowed_token_ids: if given, every other token gets probability 0 (e.g. only digits and separators).
+        stop_token_id, stop_count: a row also stops once it has produced ``stop_token_id`` this many times
+            (e.g. the ";" that ends each forecast step, times the horizon); that token is kept in the output.
+
+    Returns:
+        ``len(prompts) · num_samples`` lists of generated ids, prompt-major (prompt 0's samples first).
+
+    Raises:
+        ValueError: empty prompt list, an empty prompt, or ``num_samples < 1``.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    device = next(model.parameters()).device
+    dtype = model.model.embed_tokens.weight.dtype
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, L), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, L - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, L - len(prompt):] = 1
+
+    vocab_mask = None
+    if allowed_token_ids is not None:
+        vocab_mask = torch.full((model.config.vocab_size,), float("-inf"), device=device)
+        vocab_mask[torch.as_tensor(list(allowed_token_ids), dtype=torch.long, device=device)] = 0.0
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0 if seed is None else seed)
+    eos = torch.as_tensor(sorted(set(eos_token_ids)) or [-1], device=device)
+
+    cache = KVCache(model.config, B, L + max_new_tokens, dtype=dtype, device=device)
+    logits = model(ids, mask, cache, logits_to_keep=1)[:, -1]
+    if num_samples > 1:  # encode each prompt once, then copy its cache for every sample
+        cache.repeat_interleave(num_samples)
+        mask = mask.repeat_interleave(num_samples, dim=0)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+    rows = B * num_samples
+
+    out = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    stops_seen = torch.zeros(rows, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if vocab_mask is not None:
+            logits = logits + vocab_mask
+        token = _next_token(logits, temperature, top_p, generator)
+        is_eos = torch.isin(token, eos)
+        keep = ~done & ~is_eos
+        out[:, step] = torch.where(keep, token, out[:, step])
+        lengths += keep.long()
+        if stop_token_id is not None:
+            stops_seen += (keep & (token == stop_token_id)).long()
+            done |= stops_seen >= stop_count
+        done |= is_eos
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        # Finished rows keep feeding a token; its output is discarded (cheaper than reshaping the batch).
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
+        logits = model(token[:, None], mask, cache)[:, -1]
+    return [out[r, : lengths[r]].tolist() for r in range(rows)]

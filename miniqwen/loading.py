@@ -1,0 +1,154 @@
+"""Load Hugging Face-layout Qwen2 checkpoints (local directory or Hub repo id) into :class:`Qwen2ForCausalLM`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import ConfigError, Qwen2Config
+from .model import Qwen2ForCausalLM
+from .tokenizer import QwenTokenizer
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+_HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+class WeightsError(RuntimeError):
+    """Weights that are missing, unreadable, incomplete, or do not match the config."""
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local model directory for ``name_or_path``.
+
+    An existing directory is used as is. Anything else is taken as a Hub repo id (``owner/name``) and fetched with
+    ``huggingface_hub.snapshot_download``, which honours ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1``
+    (then only the local cache is used). Raises :class:`WeightsError` with advice when neither works.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise WeightsError(f"{name}: no such model directory, and it is not a Hub repo id of the form owner/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
+    except Exception as err:  # network, auth, offline-cache miss: all mean the same thing to the user
+        raise WeightsError(
+            f"could not get {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). Without Hub access, "
+            "pass --model DIR with a local copy (config.json, model.safetensors, tokenizer.json); on this project's "
+            "machines ../shared/tools/get-qwen-weights builds one."
+        ) from None
+
+
+def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise WeightsError(f"{index}: not a valid safetensors index ({err})") from None
+        shards = sorted(set(weight_map.values()))
+    elif (model_dir / "model.safetensors").is_file():
+        weight_map, shards = None, ["model.safetensors"]
+    else:
+        raise WeightsError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for shard in shards:
+        file = model_dir / shard
+        if not file.is_file():
+            raise WeightsError(f"{file}: shard listed in {index.name} is missing")
+        try:
+            state.update(load_file(str(file)))  # safetensors: plain tensors, no pickle
+        except (SafetensorError, OSError) as err:
+            raise WeightsError(f"{file}: cannot read safetensors ({err})") from None
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(state))
+        if absent:
+            raise WeightsError(f"{index}: {len(absent)} tensors listed but not found in shards: {absent[:10]}")
+    return state
+
+
+def load_state_dict_strict(model: Qwen2ForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model`` after checking names and shapes exactly.
+
+    A tied model (``tie_word_embeddings``) needs no ``lm_head.weight``; if the file has one anyway it is ignored,
+    as transformers does. Raises :class:`WeightsError` listing missing keys, unexpected keys and shape mismatches
+    (the usual sign of a config that does not match the weights).
+    """
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k])}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k])
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{source}: weights do not match the config"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + (" …" if len(items) > 8 else ""))
+        raise WeightsError("\n".join(lines))
+    if tied:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:  # assign=True replaced the Parameter objects: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are slow there), bfloat16 on CUDA (Qwen2.5's training dtype)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Qwen2ForCausalLM, QwenTokenizer]:
+    """Load a Qwen2/Qwen2.5 model and its tokenizer from a HF-layout directory or a Hub repo id.
+
+    Args:
+        name_or_path: local directory with ``config.json``, ``model.safetensors`` (or a sharded set with
+            ``model.safetensors.index.json``) and ``tokenizer.json``; or a Hub id (default Qwen2.5-0.5B-Instruct).
+        dtype: torch dtype or its name ("float32", "bfloat16", "float16"); None = :func:`default_dtype`.
+        device: e.g. "cpu", "cuda"; None = CUDA if available, else CPU.
+
+    Returns:
+        ``(model, tokenizer)`` — the model in eval mode, keys loaded strictly without renaming.
+
+    Raises:
+        WeightsError: missing/unreadable/partial weights or weights that do not match the config.
+        ConfigError: missing config.json or one that is not qwen2.
+        FileNotFoundError: no tokenizer.json.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+    dtype = dtype or default_dtype(device)
+    model_dir = resolve_model_dir(name_or_path)
+    config = Qwen2Config.from_json(model_dir / "config.json")
+    tokenizer = QwenTokenizer.from_file(model_dir)
+    state = _read_state_dict(model_dir)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    with torch.device("meta"):  # build without allocating: the real tensors are assigned below
+        model = Qwen2ForCausalLM(config)
+    load_state_dict_strict(model, state, source=str(model_dir))
+    return model.eval(), tokenizer
+
+
+__all__ = ["ConfigError", "WeightsError", "load_pretrained", "resolve_model_dir", "DEFAULT_MODEL"]

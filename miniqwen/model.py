@@ -1,0 +1,261 @@
+"""Qwen2 / Qwen2.5 decoder-only transformer, written out by hand.
+
+Architecture (Qwen2 technical report, arXiv:2407.10671, section 2.1; behaviour matched against transformers'
+``Qwen2ForCausalLM``): token embedding -> N x [RMSNorm -> grouped-query self-attention with RoPE -> residual,
+RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head. Module and parameter names are exactly those of the
+Hugging Face state dict (``model.layers.3.self_attn.q_proj.weight`` …), so official safetensors load unchanged.
+
+Every module reports its FLOPs to :mod:`miniqwen.flops` (the coursework's rules) from the shapes it actually sees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import flops
+from .config import Qwen2Config
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): ``weight * x / sqrt(mean(x²) + eps)`` over the last dim.
+
+    Computed in float32 whatever the input dtype, then cast back, as transformers' Qwen2RMSNorm does, because
+    the mean of squares overflows/underflows easily in bf16/fp16.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if flops.counting():
+            d = x.shape[-1]
+            flops.count("norm", x.numel() // d * (4 * d + 11))
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """Rotary-embedding tables (Su et al. 2021, RoFormer, section 3.4) for integer ``positions`` [B, T].
+
+    Returns ``cos, sin`` of shape [B, 1, T, head_dim] in HF's "rotate-half" layout: frequency i is used for both
+    dimension i and dimension i + head_dim/2. Computing them is free under the coursework's rules.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) of ``x`` [B, H, T, D] by the position's angle: x·cos + rotate_half(x)·sin."""
+    if flops.counting():
+        d = x.shape[-1]
+        flops.count("attn.rope", x.numel() // d * (3 * d + d // 2))
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor, component: str) -> torch.Tensor:
+    """``layer(x)``, with the matmul (and bias) FLOPs recorded under ``component``."""
+    if flops.counting():
+        rows = x.numel() // x.shape[-1]
+        flops.count_matmul(component, rows, layer.in_features, layer.out_features)
+        if layer.bias is not None:
+            flops.count(component, rows * layer.out_features)
+    return layer(x)
+
+
+class KVCache:
+    """Pre-allocated key/value cache for incremental decoding.
+
+    ``k[i]``, ``v[i]``: [B, num_key_value_heads, max_len, head_dim] for layer i; ``length`` tokens are filled.
+    Keys are cached *after* RoPE, so a cached token never needs re-rotating.
+    """
+
+    def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write the new ``k, v`` [B, Hkv, T, D] after the cached ones; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def repeat_interleave(self, n: int) -> None:
+        """Repeat every row ``n`` times (row b -> rows b·n … b·n+n−1), e.g. to draw n samples per prompt."""
+        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+
+
+class Qwen2Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (Ainslie et al. 2023): ``num_attention_heads`` query heads
+    share ``num_key_value_heads`` key/value heads. q/k/v projections have biases, the output projection has none.
+    """
+
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        )
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        # [B, T, H·D] -> [B, H, T, D]
+        q = _linear(self.q_proj, x, "attn.q_proj").view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = _linear(self.k_proj, x, "attn.k_proj").view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = _linear(self.v_proj, x, "attn.v_proj").view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # Each group of query heads reads the same key/value head; repeating them is memory, not arithmetic.
+        group = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        S = k.shape[2]
+        if flops.counting():
+            D, heads = self.head_dim, B * self.n_heads
+            flops.count_matmul("attn.scores", T, D, S, batch=heads)
+            flops.count("attn.scale", heads * T * S)
+            flops.count("attn.mask", heads * T * S)
+            flops.count("attn.softmax", heads * (11 * T * S + T * (S - 1)))
+            flops.count_matmul("attn.values", T, S, D, batch=heads)
+        # softmax(q kᵀ / √D + mask) v, fused by PyTorch; the mask is boolean (True = may attend).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return _linear(self.o_proj, out, "attn.o_proj")
+
+
+class Qwen2MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): ``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        d, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=False)
+        self.up_proj = nn.Linear(d, i, bias=False)
+        self.down_proj = nn.Linear(i, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = _linear(self.gate_proj, x, "mlp.gate_proj")
+        up = _linear(self.up_proj, x, "mlp.up_proj")
+        if flops.counting():
+            flops.count("mlp.act", 13 * gate.numel())  # x / (1 + exp(-x)): negate, exp, add, divide
+            flops.count("mlp.mul", gate.numel())
+        return _linear(self.down_proj, F.silu(gate) * up, "mlp.down_proj")
+
+
+class Qwen2DecoderLayer(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Qwen2Attention(config, layer_idx)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        if flops.counting():
+            flops.count("residual", 2 * x.numel())
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """The decoder stack without the output head (HF prefix ``model.``)."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Qwen2 language model: ``input_ids`` [B, T] -> next-token ``logits`` [B, T, vocab_size].
+
+    With ``tie_word_embeddings`` (Qwen2.5-0.5B) ``lm_head.weight`` *is* ``model.embed_tokens.weight``; otherwise it
+    is a separate matrix. Reproduces transformers' ``Qwen2ForCausalLM`` logits (tested to 1e-5 in fp32).
+    """
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Run the model on ``input_ids`` [B, T] (int64 token ids).
+
+        Args:
+            attention_mask: [B, cache.length + T] (1 = real token, 0 = padding), covering the cached tokens too;
+                padding may be on the left (generation) or the right (training). Positions are counted over real
+                tokens only, so a left-padded row gets the same logits as the unpadded row. ``None`` = no padding.
+            cache: a :class:`KVCache`; the new tokens are appended to it and attend to everything cached.
+            logits_to_keep: compute logits only for the last this-many positions (0 = all), as in transformers;
+                generation needs only the last one, which saves the large vocab projection on the prompt.
+
+        Returns:
+            logits [B, K, vocab_size] in the model's dtype, K = T or ``logits_to_keep``.
+
+        Raises:
+            ValueError: if ``attention_mask`` does not cover cached + new tokens.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=device)
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
+        valid = attention_mask.bool()
+        # Position of a token = number of real tokens before it (so left padding does not shift positions).
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        # Query t (absolute index past + t) may see key s if s <= past + t and s is real. A padded query also
+        # sees itself, so no softmax row is empty (an all-masked row would give NaN, and NaN spreads).
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
+        diag = torch.zeros(T, S, dtype=torch.bool, device=device)
+        diag[torch.arange(T), past + torch.arange(T)] = True
+        mask = (causal & valid[:, None, :]) | diag  # [B, T, S]
+        mask = mask[:, None]  # broadcast over heads
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length = S
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return _linear(self.lm_head, x, "lm_head")

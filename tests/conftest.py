@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random Qwen2 checkpoints written by transformers (the reference), and the tokenizer."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZER = REPO.parent / "shared" / "models" / "qwen2.5-tokenizer"
+
+
+def tiny_hf_config(tie: bool, **overrides):
+    """A 3-layer Qwen2 config with GQA (4 query heads, 2 key/value heads) small enough for CPU tests."""
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=tie, use_sliding_window=False,
+    )
+    kwargs.update(overrides)
+    return transformers.Qwen2Config(**kwargs)
+
+
+def write_tiny_checkpoint(path: Path, tie: bool, seed: int = 0, **overrides):
+    """Save a randomly initialised transformers Qwen2ForCausalLM (safetensors) to ``path``; return it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(tiny_hf_config(tie, **overrides)).eval()
+    # random init leaves norms at 1 and biases at 0: perturb them so those code paths are really compared
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    if SHARED_TOKENIZER.is_dir():
+        (path / "tokenizer.json").write_bytes((SHARED_TOKENIZER / "tokenizer.json").read_bytes())
+    return model
+
+
+@pytest.fixture(scope="session", params=[True, False], ids=["tied", "untied"])
+def tiny_checkpoint(request, tmp_path_factory):
+    """(directory, transformers reference model) for a tiny tied or untied checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-tied" if request.param else "tiny-untied")
+    return path, write_tiny_checkpoint(path, tie=request.param)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    if not (SHARED_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"Qwen2.5 tokenizer not found at {SHARED_TOKENIZER}")
+    return SHARED_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """The real-weights directory from MINIQWEN_TEST_MODEL (skipped when unset)."""
+    path = os.environ.get("MINIQWEN_TEST_MODEL")
+    if not path:
+        pytest.skip("MINIQWEN_TEST_MODEL is not set (point it at a HF-layout Qwen2.5 directory to run real-weight tests)")
+    if not Path(path).is_dir():
+        pytest.fail(f"MINIQWEN_TEST_MODEL={path} is not a directory")
+    return Path(path)
