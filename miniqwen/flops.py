@@ -316,17 +316,25 @@ def generation_flops(
     batch_size: int = 1,
     lora_rank: int = 0,
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    num_samples: int = 1,
 ) -> int:
-    """FLOPs (int) of greedy/sampled generation of ``new_tokens`` tokens after a ``prompt_len``-token prompt with
-    a KV cache, as :class:`miniqwen.model.Qwen2ForCausalLM` does it: one prefill pass over the prompt with
-    ``logits_to_keep=1`` (gives token 1), then ``new_tokens − 1`` one-token passes, the i-th attending to
-    ``prompt_len + i`` keys. The last generated token is never fed back. Shapes: ``batch_size`` rows of equal
-    (padded) length — padding positions cost like real ones. Raises ValueError as :func:`forward_flops` and for
-    ``new_tokens < 1``.
+    """FLOPs (int) of generating ``new_tokens`` tokens after a ``prompt_len``-token prompt with a KV cache, as
+    :func:`miniqwen.generate.generate` does it: one prefill pass over the ``batch_size`` prompts with
+    ``logits_to_keep=1`` (gives token 1); the cache is then copied ``num_samples`` times and ``new_tokens − 1``
+    one-token passes run on ``batch_size · num_samples`` rows, the i-th (i = 1 …) attending to
+    ``prompt_len + i`` keys. The last generated token is never fed back.
+
+    Rows share one (left-padded) length ``prompt_len``: padding costs like real tokens. This is the cost when no
+    row stops early; with EOS / stop tokens ending every row before ``new_tokens``, the loop ends sooner and the
+    real cost is lower (count it with a :class:`FlopCounter` to charge the exact figure).
+
+    Raises:
+        ValueError: as :func:`forward_flops`, and for ``new_tokens < 1`` or ``num_samples < 1``.
     """
-    if not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
+    for name, value in (("new_tokens", new_tokens), ("num_samples", num_samples)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     total = forward_flops(config, batch_size, prompt_len, lora_rank, 0, 1, lora_targets)
     for i in range(1, new_tokens):
-        total += forward_flops(config, batch_size, 1, lora_rank, prompt_len + i - 1, 1, lora_targets)
+        total += forward_flops(config, batch_size * num_samples, 1, lora_rank, prompt_len + i - 1, 1, lora_targets)
     return total

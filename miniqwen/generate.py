@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .model import KVCache, Qwen2ForCausalLM
 
@@ -53,6 +54,7 @@ def generate(
     allowed_token_ids: Iterable[int] | None = None,
     stop_token_id: int | None = None,
     stop_count: int = 1,
+    progress: bool = False,
 ) -> list[list[int]]:
     """Continue every prompt, all rows at once, with a KV cache (one forward over the prompts, then one token
     per step).
@@ -69,6 +71,7 @@ def generate(
         allowed_token_ids: if given, every other token gets probability 0 (e.g. only digits and separators).
         stop_token_id, stop_count: a row also stops once it has produced ``stop_token_id`` this many times
             (e.g. the ";" that ends each forecast step, times the horizon); that token is kept in the output.
+        progress: show a tqdm bar over decoding steps.
 
     Returns:
         ``len(prompts) · num_samples`` lists of generated ids, prompt-major (prompt 0's samples first).
@@ -111,7 +114,9 @@ def generate(
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     stops_seen = torch.zeros(rows, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
+    bar = tqdm(total=max_new_tokens, desc="decoding", unit="tok", leave=False, disable=not progress)
     for step in range(max_new_tokens):
+        bar.update()
         logits = logits.float()
         if vocab_mask is not None:
             logits = logits + vocab_mask
@@ -130,4 +135,5 @@ def generate(
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
         logits = model(token[:, None], mask, cache)[:, -1]
+    bar.close()
     return [out[r, : lengths[r]].tolist() for r in range(rows)]

@@ -1,0 +1,53 @@
+"""Data pipeline for miniqwen: Lotka–Volterra trajectories -> LLMTIME text -> token chunks.
+
+Independent of the model code: tokenization takes any object with
+``encode(text: str) -> list[int]``.
+
+* :mod:`data.lotka_volterra` – load/validate the HDF5 file and split it.
+* :mod:`data.llmtime` – LLMTIME scaling and text encoding/decoding
+  (Gruver et al. 2023, NeurIPS, section 3).
+* :mod:`data.chunks` – tokenized fixed-length training windows.
+* :mod:`data.simulate` – synthetic data in the same schema
+  (``python -m data.simulate --out data/lotka_volterra_data.h5``).
+"""
+
+import warnings
+
+from .chunks import Chunks, chunk_texts, make_chunks, tokenize_texts
+from .llmtime import Decoded, decode, encode, fit_scale
+from .lotka_volterra import (
+    DATA_ENV_VAR,
+    SPLITS,
+    DataError,
+    LotkaVolterraData,
+    load_trajectories,
+    resolve_data_path,
+    split_indices,
+)
+
+# `python -m data.simulate` imports this package first, which already imports the
+# data.simulate module (to re-export the function of the same name); runpy then warns
+# that the module is in sys.modules. Running it twice is harmless, so hide only that warning.
+warnings.filterwarnings("ignore", message=r"'data\.simulate' found in sys\.modules", category=RuntimeWarning)
+
+from .simulate import simulate, write_h5  # noqa: E402
+
+__all__ = [
+    "DATA_ENV_VAR",
+    "SPLITS",
+    "Chunks",
+    "DataError",
+    "Decoded",
+    "LotkaVolterraData",
+    "chunk_texts",
+    "decode",
+    "encode",
+    "fit_scale",
+    "load_trajectories",
+    "make_chunks",
+    "resolve_data_path",
+    "simulate",
+    "split_indices",
+    "tokenize_texts",
+    "write_h5",
+]

@@ -1,0 +1,270 @@
+"""The project's compute ledger: every FLOP spent on the model, appended as it is spent, checked against the budget.
+
+The research question fixes a total budget of ``BUDGET = 1e17`` FLOPs (coursework rules, see
+:mod:`miniqwen.flops`) for everything run on Qwen2.5-0.5B-Instruct: evaluation, training, searches. Each run
+charges what it spent to an append-only JSON-lines file (default ``runs/flops_ledger.jsonl``, or the path in the
+environment variable ``MINIQWEN_LEDGER``), one object per line::
+
+    {"time": "2025-01-01T12:00:00+00:00", "stage": "lora_default", "kind": "train", "flops": 61000000000000000}
+
+**Callers pass FLOPs already multiplied by the coursework convention**: a training step costs 3× its forward pass
+(backward = 2× forward; :func:`miniqwen.flops.training_flops`), evaluation and generation 1× forward
+(:func:`miniqwen.flops.forward_flops` / :func:`miniqwen.flops.generation_flops`, or a
+:class:`miniqwen.flops.FlopCounter` total). The ledger does not multiply anything.
+
+Before a run, :meth:`Ledger.check` compares ledger + planned against the budget and refuses (unless forced).
+
+Crash safety: an append rewrites the whole file to a temporary file in the same directory, fsyncs it and moves
+it over the ledger with ``os.replace`` (atomic on POSIX), so a crash leaves either the old or the new ledger, never
+half a line. A torn or invalid line found when reading (e.g. written by hand or by another tool) is an error
+(:class:`LedgerError`, naming file and line), never silently dropped: spent compute must not disappear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-process lock, the atomic replace still protects each write
+    fcntl = None
+
+BUDGET = 10**17
+"""Total compute budget of the project in FLOPs (coursework rules)."""
+
+KINDS = ("train", "eval", "generate")
+DEFAULT_PATH = "runs/flops_ledger.jsonl"
+ENV_VAR = "MINIQWEN_LEDGER"
+_RESERVED = ("time", "stage", "kind", "flops")
+
+
+class LedgerError(RuntimeError):
+    """The ledger file is unreadable, or an entry is torn/invalid (the message names the file and line)."""
+
+
+class BudgetExceededError(RuntimeError):
+    """A planned run would take the ledger over the budget (pass ``force=True`` / ``--force`` to run anyway)."""
+
+
+def _sci(x: int | float) -> str:
+    """FLOPs in scientific notation with 3 significant figures, e.g. ``6.12e+16``."""
+    return f"{x:.3g}" if x == 0 else f"{x:.2e}"
+
+
+class Ledger:
+    """Append-only FLOP ledger in a JSON-lines file.
+
+    Args:
+        path: ledger file; default ``$MINIQWEN_LEDGER`` if set, else ``runs/flops_ledger.jsonl`` relative to the
+            current directory. Need not exist yet (an absent ledger is empty; the directory is made on first
+            charge).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        if path is None:
+            path = os.environ.get(ENV_VAR) or DEFAULT_PATH
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ reading
+    def _read_text(self) -> str:
+        try:
+            return self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return ""
+        except (OSError, UnicodeDecodeError) as err:
+            raise LedgerError(f"{self.path}: cannot read ledger: {err}") from None
+
+    def entries(self) -> list[dict]:
+        """All entries, oldest first, each a dict with at least ``time``, ``stage``, ``kind``, ``flops`` (int).
+
+        Raises:
+            LedgerError: naming the file and 1-based line number, for a line that is not terminated by a newline
+                (torn write), not a JSON object, or lacks a valid ``stage``/``kind``/``flops``.
+        """
+        return self._parse(self._read_text())
+
+    def _parse(self, text: str) -> list[dict]:
+        """Entries of ledger text ``text`` (see :meth:`entries`)."""
+        out = []
+        if not text:
+            return out
+        lines = text.split("\n")
+        if lines[-1] != "":
+            raise LedgerError(
+                f"{self.path}:{len(lines)}: last line has no newline (torn write?); fix or remove it by hand "
+                f"after checking what was spent: {lines[-1][:80]!r}")
+        for number, line in enumerate(lines[:-1], start=1):
+            if not line.strip():
+                raise LedgerError(f"{self.path}:{number}: empty line in ledger")
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LedgerError(f"{self.path}:{number}: not JSON ({err}): {line[:80]!r}") from None
+            problem = _validate(entry)
+            if problem:
+                raise LedgerError(f"{self.path}:{number}: {problem}")
+            out.append(entry)
+        return out
+
+    def total(self) -> int:
+        """FLOPs charged so far (int). Raises :class:`LedgerError` like :meth:`entries`."""
+        return sum(e["flops"] for e in self.entries())
+
+    def by_stage(self) -> dict[str, int]:
+        """``{stage: FLOPs}`` in order of each stage's first entry. Raises like :meth:`entries`."""
+        out: dict[str, int] = {}
+        for e in self.entries():
+            out[e["stage"]] = out.get(e["stage"], 0) + e["flops"]
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def charge(self, stage: str, flops: int, kind: str, **details) -> dict:
+        """Append one entry and return it.
+
+        Args:
+            stage: coursework stage name, e.g. ``"baseline_eval"``, ``"lora_default"``.
+            flops: FLOPs spent, already multiplied (training 3× forward, eval/generate 1× forward); int >= 0
+                (a float with an integral value, e.g. ``1e15``, is accepted and stored as int).
+            kind: ``"train"``, ``"eval"`` or ``"generate"``.
+            details: free-form JSON-serialisable fields (steps, batch size, rank, run directory …); may not use
+                the names time/stage/kind/flops.
+
+        Raises:
+            ValueError: invalid stage/kind/flops or detail names, or details that are not JSON-serialisable.
+            LedgerError: the existing ledger is invalid (nothing is written then) or cannot be written.
+        """
+        if isinstance(flops, float) and flops.is_integer():
+            flops = int(flops)
+        clash = [k for k in details if k in _RESERVED]
+        if clash:
+            raise ValueError(f"detail names {clash} clash with the ledger's own fields {_RESERVED}")
+        entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stage": stage, "kind": kind,
+                 "flops": flops, **details}
+        problem = _validate(entry)
+        if problem:
+            raise ValueError(problem)
+        try:
+            line = json.dumps(entry, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"ledger details must be JSON-serialisable: {err}") from None
+        with self._lock():
+            old = self._read_text()
+            self._parse(old)  # refuse to append to a corrupt ledger
+            self._atomic_write(old + line + "\n")
+        return entry
+
+    @contextmanager
+    def _lock(self):
+        """Exclusive advisory lock (``<ledger>.lock``) so concurrent charges from several processes serialise."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise LedgerError(f"{self.path}: cannot create lock file: {err}") from None
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _atomic_write(self, content: str) -> None:
+        directory = self.path.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=directory)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(content)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            try:  # make the rename itself durable
+                dfd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:
+                pass
+        except OSError as err:
+            raise LedgerError(f"{self.path}: cannot write ledger: {err}") from None
+
+    # ------------------------------------------------------------------ budget
+    def check(self, planned: int, budget: int = BUDGET, force: bool = False) -> None:
+        """Print planned FLOPs, ledger so far and their sum against ``budget``; refuse if it would go over.
+
+        Args:
+            planned: FLOPs the coming run will spend (already multiplied: training 3× forward); int >= 0.
+            budget: the total budget (default :data:`BUDGET` = 1e17).
+            force: go over anyway, with a warning on stderr.
+
+        Raises:
+            BudgetExceededError: ledger + planned > budget and not ``force``.
+            LedgerError: the ledger is invalid.
+            ValueError: ``planned`` is not a non-negative integer.
+        """
+        if isinstance(planned, float) and planned.is_integer():
+            planned = int(planned)
+        if not isinstance(planned, int) or isinstance(planned, bool) or planned < 0:
+            raise ValueError(f"planned FLOPs must be a non-negative integer, got {planned!r}")
+        spent = self.total()
+        after = spent + planned
+        print(f"FLOP budget: planned {_sci(planned)} + ledger {_sci(spent)} = {_sci(after)} "
+              f"of {_sci(budget)} ({100 * after / budget:.1f}%) [{self.path}]")
+        if after > budget:
+            msg = (f"planned run ({_sci(planned)} FLOPs) would take the ledger {self.path} from {_sci(spent)} to "
+                   f"{_sci(after)}, over the budget of {_sci(budget)} by {_sci(after - budget)}")
+            if not force:
+                raise BudgetExceededError(msg + "; reduce the run or pass --force to run anyway")
+            print(f"WARNING: {msg} (--force given, running anyway)", file=sys.stderr)
+
+    def markdown_table(self, budget: int = BUDGET) -> str:
+        """The coursework's final FLOP table: one row per stage (stage, kind(s), FLOPs, % of budget) and a total.
+
+        Returns a Markdown string; an empty ledger gives a table with only the total row. Raises like
+        :meth:`entries`.
+        """
+        stages: dict[str, dict] = {}
+        for e in self.entries():
+            row = stages.setdefault(e["stage"], {"kinds": [], "flops": 0})
+            if e["kind"] not in row["kinds"]:
+                row["kinds"].append(e["kind"])
+            row["flops"] += e["flops"]
+        lines = ["| stage | kind | FLOPs | % of budget |", "| --- | --- | ---: | ---: |"]
+        total = 0
+        for stage, row in stages.items():
+            total += row["flops"]
+            lines.append(f"| {stage} | {', '.join(row['kinds'])} | {_sci(row['flops'])} | "
+                         f"{100 * row['flops'] / budget:.2f}% |")
+        lines.append(f"| **total** | | **{_sci(total)}** | **{100 * total / budget:.2f}%** |")
+        return "\n".join(lines)
+
+
+def _validate(entry) -> str | None:
+    """Why ``entry`` is not a valid ledger entry, or None."""
+    if not isinstance(entry, dict):
+        return f"entry is not a JSON object: {entry!r}"[:200]
+    stage, kind, flops = entry.get("stage"), entry.get("kind"), entry.get("flops")
+    if not isinstance(stage, str) or not stage:
+        return f"'stage' must be a non-empty string, got {stage!r}"
+    if kind not in KINDS:
+        return f"'kind' must be one of {KINDS}, got {kind!r}"
+    if not isinstance(flops, int) or isinstance(flops, bool) or flops < 0:
+        return f"'flops' must be a non-negative integer, got {flops!r}"
+    return None
