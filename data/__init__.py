@@ -11,8 +11,6 @@ Independent of the model code: tokenization takes any object with
   (``python -m data.simulate --out data/lotka_volterra_data.h5``).
 """
 
-import warnings
-
 from .chunks import Chunks, chunk_texts, make_chunks, tokenize_texts
 from .llmtime import Decoded, decode, encode, fit_scale
 from .lotka_volterra import (
@@ -24,13 +22,6 @@ from .lotka_volterra import (
     resolve_data_path,
     split_indices,
 )
-
-# `python -m data.simulate` imports this package first, which already imports the
-# data.simulate module (to re-export the function of the same name); runpy then warns
-# that the module is in sys.modules. Running it twice is harmless, so hide only that warning.
-warnings.filterwarnings("ignore", message=r"'data\.simulate' found in sys\.modules", category=RuntimeWarning)
-
-from .simulate import simulate, write_h5  # noqa: E402
 
 __all__ = [
     "DATA_ENV_VAR",
@@ -46,8 +37,6 @@ __all__ = [
     "load_trajectories",
     "make_chunks",
     "resolve_data_path",
-    "simulate",
     "split_indices",
     "tokenize_texts",
-    "write_h5",
 ]

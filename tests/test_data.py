@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import h5py
@@ -10,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `data` importable under plain `pytest`
-
-from data import (  # noqa: E402
+from data import (
     SPLITS,
     DataError,
     chunk_texts,
@@ -22,12 +19,11 @@ from data import (  # noqa: E402
     load_trajectories,
     make_chunks,
     resolve_data_path,
-    simulate,
     split_indices,
     tokenize_texts,
-    write_h5,
 )
-from data.simulate import main as simulate_main  # noqa: E402
+from data.simulate import main as simulate_main
+from data.simulate import simulate, write_h5
 
 
 class CharTokenizer:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import write_tiny_checkpoint
-from data import simulate, write_h5
+from data.simulate import simulate, write_h5
 from experiments import baseline
 from experiments.budget import Ledger
 
