@@ -45,14 +45,14 @@ PLAN: dict[str, list[dict]] = {
         {**_EVAL, "lora_rank": 4},
     ],
     "hparam_search": [
-        {**_TRAIN, "runs": 3, "steps": 500, "lora_rank": r, "note": f"r={r} x lr in (1e-5, 5e-5, 1e-4)"}
+        {**_TRAIN, "runs": 3, "steps": 300, "lora_rank": r, "note": f"r={r} x lr in (1e-5, 5e-5, 1e-4)"}
         for r in (2, 4, 8)
     ] + [{**_EVAL, "runs": 9, "lora_rank": 8, "note": "each of the 9 configs (priced at r=8, the dearest)"}],
     "context_length": [
-        {**_TRAIN, "steps": 1_000, "seq_len": n, "lora_rank": 4, "note": f"context {n}, best lr"} for n in CONTEXTS
+        {**_TRAIN, "steps": 500, "seq_len": n, "lora_rank": 4, "note": f"context {n}, best lr"} for n in CONTEXTS
     ] + [{**_EVAL, "runs": 3, "lora_rank": 4}],
     "final_train": [
-        {**_TRAIN, "steps": 2_000, "lora_rank": 8, "note": "best (rank, lr, context); priced at r=8, context 512"},
+        {**_TRAIN, "steps": 1_000, "lora_rank": 8, "note": "best (rank, lr, context); priced at r=8, context 512"},
         {**_EVAL, "lora_rank": 8},
     ],
 }
