@@ -1,24 +1,57 @@
-"""Forecast evaluation shared by every stage: prompts, constrained generation, decoding, metrics, plots, and the
-token-level loss on validation chunks."""
+"""Forecast evaluation shared by every stage: prompts, constrained generation, decoding, metrics and plots."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import Chunks, decode, encode
+from data import decode, encode
 from miniqwen import FlopCounter, chat_prompt, generate, token_ids_for
+from miniqwen.flops import forward_flops
 from miniqwen.tokenizer import END_OF_TEXT, IM_END
 
 NUMERIC_ALPHABET = list("0123456789") + [".", ",", ";"]
 SPECIES = ("prey", "predator")
+
+
+def add_forecast_args(parser: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+    """Forecast options shared by the stages (the generation batch size is ``args.gen_batch_size``, spelled
+    ``batch_flag`` on the command line, since training stages use ``--batch-size`` for training)."""
+    parser.add_argument("--context-steps", type=int, default=80, help="observed time steps in the prompt (default 80)")
+    parser.add_argument("--horizon", type=int, default=20, help="time steps to forecast (default 20)")
+    parser.add_argument("--prompt", default="raw", choices=["raw", "chat"],
+                        help="raw LLMTIME continuation, or an instruction in the Qwen chat format (default raw)")
+    parser.add_argument("--samples", type=int, default=1, help="1 = greedy (default); N = median of N samples")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when --samples > 1")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when --samples > 1")
+    parser.add_argument(batch_flag, dest="gen_batch_size", type=int, default=8,
+                        help="prompts per generation batch (default 8)")
+    parser.add_argument("--plots", type=int, default=4, help="forecasts drawn per PNG (default 4)")
+
+
+def forecast_set(ds, args: argparse.Namespace, split: str = "validation"):
+    """The trajectories to forecast: ``(indices (n,), trajectories [n, T, 2], contexts [n, C, 2],
+    truth [n, H, 2] float64)`` for the first ``args.limit`` of ``split``.
+
+    Raises ``common.UsageError`` if the context and horizon do not fit in the data or the split is empty.
+    """
+    from .common import UsageError
+
+    T = ds.data.n_steps
+    if args.context_steps < 1 or args.horizon < 1 or args.context_steps + args.horizon > T:
+        raise UsageError(f"--context-steps + --horizon must be <= {T} time steps and both >= 1")
+    indices, trajectories = ds.trajectories(split, args.limit)
+    if len(indices) == 0:
+        raise UsageError(f"split {split!r} is empty")
+    contexts = trajectories[:, : args.context_steps]
+    truth = trajectories[:, args.context_steps : args.context_steps + args.horizon].astype(np.float64)
+    return indices, trajectories, contexts, truth
 
 
 def forecast_prompt(context: np.ndarray, alpha: float, decimals: int, horizon: int, mode: str) -> str:
@@ -135,6 +168,44 @@ def forecast(
                      counter.total, [len(p) for p in prompts])
 
 
+def forecast_plan(config, prompt_lens, batch_size: int, samples: int, max_new: int, lora_rank: int = 0,
+                  lora_targets=("q_proj", "v_proj")) -> int:
+    """Closed-form FLOPs of :func:`forecast` for prompts of ``prompt_lens`` tokens: an upper bound, as if every row
+    generated ``max_new`` tokens (LoRA of ``lora_rank`` on ``lora_targets`` if > 0)."""
+    total, lens = 0, sorted(prompt_lens)  # forecast() batches prompts sorted by length
+    kw = dict(lora_rank=lora_rank, lora_targets=tuple(lora_targets), logits_to_keep=1)
+    for start in range(0, len(lens), batch_size):
+        b, L = len(lens[start : start + batch_size]), max(lens[start : start + batch_size])
+        total += forward_flops(config, b, L, **kw)
+        total += sum(forward_flops(config, b * samples, 1, cache_len=L + i, **kw) for i in range(max_new - 1))
+    return total
+
+
+def evaluate_forecasts(model, tokenizer, args: argparse.Namespace, alpha: float, contexts: np.ndarray,
+                       truth: np.ndarray):
+    """Forecast every context with the options of :func:`add_forecast_args` and score it.
+
+    Returns ``(Forecasts, pred [n, H, 2] with missing values filled, scores)``; scores holds ``metrics``
+    (:func:`forecast_metrics`), ``parsed_fraction``, ``steps_invalid``, ``steps_missing`` and ``flops``.
+    """
+    fc = forecast(model, tokenizer, contexts, args.horizon, alpha, args.decimals, args.prompt, args.samples,
+                  args.gen_batch_size, args.seed, args.temperature, args.top_p)
+    pred = fill_missing(fc.values, contexts.astype(np.float64))
+    scores = {
+        "metrics": forecast_metrics(pred, truth),
+        "parsed_fraction": float(fc.complete.mean()),
+        "steps_invalid": int(fc.n_invalid.sum()),
+        "steps_missing": int(fc.n_missing.sum()),
+        "flops": int(fc.flops),
+    }
+    return fc, pred, scores
+
+
+def persistence_metrics(contexts: np.ndarray, truth: np.ndarray) -> dict:
+    """:func:`forecast_metrics` of repeating the last observed value (a reference for the scale of the errors)."""
+    return forecast_metrics(fill_missing(np.full_like(truth, np.nan), contexts.astype(np.float64)), truth)
+
+
 def fill_missing(pred: np.ndarray, contexts: np.ndarray) -> np.ndarray:
     """Replace NaN forecast values by the last observed value of the context (a persistence fallback), so that
     every trajectory counts in the metrics. ``pred`` [n, H, 2], ``contexts`` [n, C, 2]."""
@@ -220,23 +291,3 @@ def plot_forecasts(path: Path, time: np.ndarray, indices, trajectories: np.ndarr
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-@torch.no_grad()
-def token_loss(model, chunks: Chunks, batch_size: int = 4, desc: str = "validation loss") -> tuple[float, int, int]:
-    """Mean next-token cross-entropy (nats per predicted token) of ``model`` on ``chunks``.
-
-    Every position whose *target* is a real token counts once; padding (``attention_mask == 0``) is never a
-    target. Returns ``(loss, n_tokens, flops)`` where flops is the counted forward cost (coursework rules).
-    """
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with FlopCounter() as counter:
-        for start in tqdm(range(0, len(chunks), batch_size), desc=desc, unit="batch", leave=False):
-            ids = chunks.input_ids[start : start + batch_size].to(device)
-            mask = chunks.attention_mask[start : start + batch_size].to(device)
-            logits = model(ids, attention_mask=mask)[:, :-1].float()
-            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            total += float(F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum"))
-            count += int((targets != -100).sum())
-    return total / max(count, 1), count, counter.total

@@ -9,7 +9,12 @@ from safetensors.torch import load_file, save_file
 from miniqwen import KVCache, Qwen2Config, WeightsError, generate, load_pretrained
 from miniqwen.config import ConfigError
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
 
 
 def test_logits_match_transformers(tiny_checkpoint):

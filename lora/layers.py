@@ -1,0 +1,224 @@
+"""Low-rank adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685).
+
+A frozen linear layer ``y = x Wᵀ + b`` (W: out × in) is adapted by a trainable low-rank update (section 4.1)::
+
+    y = x Wᵀ + b + (alpha / r) · x Aᵀ Bᵀ        A: r × in,  B: out × r,  r ≪ min(in, out)
+
+``A`` starts random and ``B`` at zero, so the adapted model starts out *exactly* equal to the pretrained one;
+``alpha / r`` scales the update so that changing ``r`` needs little re-tuning of the learning rate (section 4.1).
+The paper draws A from a Gaussian; its reference code (loralib) and PEFT use Kaiming-uniform with ``a = √5`` —
+the default init of ``torch.nn.Linear`` — which we follow, so our fresh adapters are distributed like PEFT's.
+
+Module layout (a choice that keeps the model's own parameter names unchanged): :class:`LoRALinear` holds the
+base layer's ``weight`` and ``bias`` Parameters *directly* (not under ``base_layer.`` as PEFT does), plus two
+bias-free ``torch.nn.Linear`` submodules ``lora_A`` (in → r) and ``lora_B`` (r → out). So after
+:func:`apply_lora` the model's state dict is the Hugging Face one plus keys like
+``model.layers.0.self_attn.q_proj.lora_A.weight`` [r, in] and ``….lora_B.weight`` [out, r] — the same suffixes
+PEFT uses, which makes export (:mod:`lora.io`) a pure renaming.
+
+FLOPs: :class:`LoRALinear` reports only its own extra work, under component ``"lora"``; the base matmul is
+already counted by ``miniqwen.model._linear``, which wraps every projection call (it reads ``in_features``,
+``out_features`` and ``bias`` from whatever module it is given — LoRALinear exposes the base's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miniqwen import flops
+from miniqwen.flops import LORA_TARGETS
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable rank-``r`` update: ``base(x) + (alpha / r) · lora_B(lora_A(x))``.
+
+    Args:
+        base: the ``nn.Linear`` to adapt. Its ``weight`` [out, in] and ``bias`` [out] (or None) Parameters are
+            taken over (same objects, so storage is shared) and frozen (``requires_grad = False``).
+        rank: r >= 1.
+        alpha: scaling numerator; default ``rank`` (scale 1). The update is multiplied by ``alpha / rank``.
+        dtype: dtype of the LoRA matrices; default float32 whatever the base dtype, so the optimizer updates the
+            trainable weights at full precision. Inputs are cast to it and the update back to the output's dtype.
+
+    Attributes:
+        weight, bias: the frozen base parameters; ``in_features``, ``out_features`` as in ``nn.Linear``.
+        lora_A: ``nn.Linear(in, r, bias=False)``, weight [r, in], Kaiming-uniform (a = √5).
+        lora_B: ``nn.Linear(r, out, bias=False)``, weight [out, r], zeros.
+        scaling: ``alpha / rank``.
+        merged: True while the update is folded into ``weight`` (see :meth:`merge`).
+
+    Forward: x [..., in] -> [..., out]. While merged the update is already in ``weight`` and is not added again.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"LoRA rank must be an int >= 1, got {rank!r}")
+        alpha = rank if alpha is None else alpha
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.weight = base.weight
+        self.bias = base.bias
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
+        device = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        self.reset_lora_parameters()
+        self.merged = False
+
+    def reset_lora_parameters(self) -> None:
+        """A ~ Kaiming-uniform(a=√5) (uses the torch RNG: seed it for reproducible runs), B = 0, so ΔW = BA = 0."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        if flops.counting():
+            n = x.numel() // x.shape[-1]  # N = rows of x (batch · tokens)
+            flops.count_matmul("lora", n, self.in_features, self.rank)   # x Aᵀ: N·r·(2·in − 1)
+            flops.count_matmul("lora", n, self.rank, self.out_features)  # (x Aᵀ) Bᵀ: N·out·(2r − 1)
+            flops.count("lora", 2 * n * self.out_features)              # × alpha/r, + base output
+        update = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))
+        return out + (self.scaling * update).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``(alpha / r) · B A`` [out, in], in the LoRA matrices' dtype."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (``W += (alpha/r)·BA``) so inference costs no extra FLOPs.
+
+        Raises RuntimeError if already merged. The LoRA matrices are kept, so :meth:`unmerge` can undo it (exactly
+        up to floating-point rounding of the add and subtract, ~1e-7 relative in fp32).
+        """
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge: already merged")
+        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (``W -= (alpha/r)·BA``). Raises RuntimeError if not merged."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge: not merged")
+        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.merged = False
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """``{module path: LoRALinear}`` of every adapter in ``model``, in module order (empty if none)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    targets: Iterable[str] = ("q_proj", "v_proj"),
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, LoRALinear]:
+    """Freeze ``model`` and wrap its target projections in :class:`LoRALinear`, in place.
+
+    Every ``nn.Linear`` whose own name (last part of its path) is in ``targets`` is replaced — in a Qwen2 model
+    that is the named projection of every decoder layer, e.g. ``model.layers.i.self_attn.q_proj``. Works on
+    miniqwen's ``Qwen2ForCausalLM`` and on any model with the same module names (e.g. transformers' Qwen2).
+
+    Args:
+        model: the model to adapt (modified in place).
+        rank: LoRA rank r (>= 1).
+        alpha: scaling numerator (default ``rank``); the update is scaled by ``alpha / rank``.
+        targets: module names to wrap, any of ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``.
+        dtype: dtype of the new LoRA matrices (default float32, see :class:`LoRALinear`).
+
+    Returns:
+        ``{module path: LoRALinear}`` of the wrapped layers. Afterwards only their ``lora_A``/``lora_B`` weights
+        have ``requires_grad``; every other parameter of the model is frozen.
+
+    Raises:
+        ValueError: unknown target name, no matching layer found, or the model already has LoRA layers.
+    """
+    targets = tuple(targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {targets}")
+    if lora_modules(model):
+        raise ValueError("model already has LoRA layers; apply_lora must be called once")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    if not found:
+        raise ValueError(f"no nn.Linear named any of {targets} in {type(model).__name__}")
+    wrapped = {}
+    for name, base in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = LoRALinear(base, rank, alpha, dtype=dtype)
+        setattr(parent, child, lora)
+        wrapped[name] = lora
+    return wrapped
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    """Number of scalars the optimizer will update: the sum of ``numel`` over parameters with ``requires_grad``.
+
+    After :func:`apply_lora` these are the LoRA matrices only: each wrapped layer in → out adds A (r × in) and
+    B (out × r), i.e. ``r · (in + out)``, so the total is ``L · Σ_targets r · (in + out)`` (see
+    :func:`lora_parameter_count` for the closed form).
+
+    Qwen2.5-0.5B, rank 4 on q_proj and v_proj (L = 24 layers, d = 896, 14 query heads and 2 key/value heads of
+    head_dim 64, so q_proj is 896 → 896 and v_proj 896 → 128 because of grouped-query attention)::
+
+        q_proj: 4 · (896 + 896) = 7,168        v_proj: 4 · (896 + 128) = 4,096
+        24 · (7,168 + 4,096) = 24 · 11,264 = 270,336 trainable parameters
+
+    — 0.055% of the model's 494,032,768 parameters (the tied embedding counted once).
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_parameter_count(config, rank: int, targets: Iterable[str] = ("q_proj", "v_proj")) -> int:
+    """Closed form of :func:`count_trainable_parameters` for a Qwen2 ``config``: ``L · Σ_targets r·(in + out)``.
+
+    Raises ValueError for an unknown target name.
+    """
+    d, I, D = config.hidden_size, config.intermediate_size, config.head_dim
+    Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
+    dims = {"q_proj": (d, Hq * D), "k_proj": (d, Hkv * D), "v_proj": (d, Hkv * D), "o_proj": (Hq * D, d),
+            "gate_proj": (d, I), "up_proj": (d, I), "down_proj": (I, d)}
+    total = 0
+    for t in targets:
+        if t not in dims:
+            raise ValueError(f"unknown LoRA target {t!r}; expected some of {LORA_TARGETS}")
+        total += rank * sum(dims[t])
+    return config.num_hidden_layers * total
+
+
+def merge_lora(model: nn.Module) -> None:
+    """:meth:`LoRALinear.merge` on every adapter of ``model``."""
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """:meth:`LoRALinear.unmerge` on every adapter of ``model``."""
+    for m in lora_modules(model).values():
+        m.unmerge()
