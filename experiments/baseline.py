@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-limit", type=int, default=None,
                    help="validation trajectories for the token loss (default: all of the validation split; 0 = skip)")
     p.add_argument("--context-length", type=int, default=512, help="tokens per validation-loss chunk (default 512)")
+    p.add_argument("--loss-batch-size", type=int, default=4, help="chunks per validation-loss batch (default 4)")
     return p
 
 
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     loss_seconds = 0.0
     if loss_chunks is not None:
         t1 = time.time()
-        value, loss_flops = validation_loss(model, loss_chunks, max(1, args.gen_batch_size // 2), next(model.parameters()).device)
+        value, loss_flops = validation_loss(model, loss_chunks, args.loss_batch_size, next(model.parameters()).device)
         n_tokens = int((loss_chunks.attention_mask[:, 1:] * loss_chunks.attention_mask[:, :-1]).sum())
         loss_seconds = time.time() - t1
         ledger.charge(STAGE, loss_flops, "eval", what="validation loss", chunks=len(loss_chunks))

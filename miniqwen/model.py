@@ -128,9 +128,6 @@ class Qwen2Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        # Each group of query heads reads the same key/value head; repeating them is memory, not arithmetic.
-        group = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         S = k.shape[2]
         if flops.counting():
             D, heads = self.head_dim, B * self.n_heads
@@ -139,8 +136,11 @@ class Qwen2Attention(nn.Module):
             flops.count("attn.mask", heads * T * S)
             flops.count("attn.softmax", heads * (11 * T * S + T * (S - 1)))
             flops.count_matmul("attn.values", T, S, D, batch=heads)
-        # softmax(q kᵀ / √D + mask) v, fused by PyTorch; the mask is boolean (True = may attend).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        # softmax(q kᵀ / √D + mask) v, fused by PyTorch; the mask is boolean (True = may attend). With enable_gqa
+        # each group of Hq/Hkv query heads reads its shared key/value head in place: the same result as repeating
+        # k and v per query head (what transformers does), without copying the whole cache at every step.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim),
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return _linear(self.o_proj, out, "attn.o_proj")
 
