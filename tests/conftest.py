@@ -33,9 +33,23 @@ def write_tiny_checkpoint(path: Path, tie: bool, seed: int = 0, **overrides):
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, safe_serialization=True)
-    if SHARED_TOKENIZER.is_dir():
+    if (SHARED_TOKENIZER / "tokenizer.json").is_file():
         (path / "tokenizer.json").write_bytes((SHARED_TOKENIZER / "tokenizer.json").read_bytes())
+    else:
+        write_stand_in_tokenizer(path / "tokenizer.json")
     return model
+
+
+def write_stand_in_tokenizer(path: Path) -> None:
+    """A tiny character-level tokenizer.json with Qwen's special tokens, for tests that load a checkpoint directory
+    but never tokenize (used when the real Qwen2.5 tokenizer is not beside the repo)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[UNK]": 3}
+    vocab.update({chr(c): 4 + i for i, c in enumerate(range(32, 127))})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.save(str(path))
 
 
 @pytest.fixture(scope="session", params=[True, False], ids=["tied", "untied"])
