@@ -33,7 +33,7 @@ def _time(fn) -> float:
 @torch.no_grad()
 def counting_overhead(model, batch: int, seq_len: int, repeats: int) -> dict:
     """Median seconds of one forward pass [batch, seq_len] without and with a FlopCounter, and the overhead."""
-    ids = torch.randint(0, 1000, (batch, seq_len))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     model(ids)  # warm-up
 
     def counted():
