@@ -35,6 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from miniqwen.loading import describe_mismatch
+
 from .layers import LoRALinear, apply_lora, lora_modules
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -91,16 +93,9 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
             raise RuntimeError(f"{name} is merged; unmerge before loading new LoRA weights")
         params[f"{name}.lora_A.weight"] = m.lora_A.weight
         params[f"{name}.lora_B.weight"] = m.lora_B.weight
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs model {tuple(params[k].shape)}"
-                  for k in sorted(set(params) & set(state)) if state[k].shape != params[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"{source}: LoRA weights do not fit the model"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:6]) + (" …" if len(items) > 6 else ""))
-        raise AdapterError("\n".join(lines))
+    problems = describe_mismatch({k: p.shape for k, p in params.items()}, state, "adapter", "model", limit=6)
+    if problems:
+        raise AdapterError("\n".join([f"{source}: LoRA weights do not fit the model", *problems]))
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state[k])

@@ -76,6 +76,24 @@ def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def describe_mismatch(expected: dict, state: dict, found: str = "file", wanted: str = "model",
+                      limit: int = 8) -> list[str]:
+    """Lines listing the missing keys, unexpected keys and shape mismatches of ``state`` against ``expected``
+    (``{name: shape}``); empty when they agree. Used for every strict load (model weights, LoRA adapters)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: {found} {tuple(state[k].shape)} vs {wanted} {tuple(expected[k])}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k])
+    ]
+    lines = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:limit]) + (" …" if len(items) > limit else ""))
+    return lines
+
+
 def load_state_dict_strict(model: Qwen2ForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` into ``model`` after checking names and shapes exactly.
 
@@ -88,19 +106,9 @@ def load_state_dict_strict(model: Qwen2ForCausalLM, state: dict[str, torch.Tenso
     if tied:
         expected.pop("lm_head.weight", None)
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k])}"
-        for k in sorted(set(state) & set(expected))
-        if tuple(state[k].shape) != tuple(expected[k])
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{source}: weights do not match the config"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + (" …" if len(items) > 8 else ""))
-        raise WeightsError("\n".join(lines))
+    problems = describe_mismatch(expected, state, "file", "config")
+    if problems:
+        raise WeightsError("\n".join([f"{source}: weights do not match the config", *problems]))
     if tied:
         state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
     model.load_state_dict(state, strict=True, assign=True)
