@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -24,8 +23,8 @@ from miniqwen.flops import forward_flops
 
 from . import common
 from .forecasting import (
-    add_forecast_args, evaluate_forecasts, forecast_plan, forecast_prompt, forecast_set, max_tokens_per_step,
-    per_trajectory_rows, persistence_metrics, plot_forecasts, write_csv,
+    add_forecast_args, evaluate_forecasts, forecast_plan, forecast_set, per_trajectory_rows, persistence_metrics,
+    plot_forecasts, write_csv,
 )
 from .train import validation_loss
 
@@ -43,12 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=512, help="tokens per validation-loss chunk (default 512)")
     p.add_argument("--loss-batch-size", type=int, default=4, help="chunks per validation-loss batch (default 4)")
     return p
-
-
-def weights_label(model_dir) -> str:
-    """First line of a PROVENANCE.txt beside the weights (e.g. the offline dequantized build), else the name."""
-    provenance = Path(str(model_dir)) / "PROVENANCE.txt"
-    return provenance.read_text().splitlines()[0] if provenance.is_file() else str(model_dir)
 
 
 def show_examples(tokenizer, trajectories, indices, alpha, decimals, steps: int = 5) -> list[dict]:
@@ -76,20 +69,17 @@ def main(argv=None) -> int:
           f"{len(indices)} trajectories; alpha = {ds.alpha:.5g} (fitted on {len(ds.splits['train'])} training "
           f"trajectories)")
     model, tokenizer = common.load_model(args)
-    label = weights_label(args.model)
+    label = common.weights_label(args.model)
     print(f"model: {args.model} [{label}] on {next(model.parameters()).device}, "
           f"{next(model.parameters()).dtype}")
     examples = show_examples(tokenizer, trajectories, indices, ds.alpha, args.decimals)
 
-    prompt_lens = [len(tokenizer.encode(forecast_prompt(c, ds.alpha, args.decimals, args.horizon, args.prompt)))
-                   for c in contexts]
     loss_idx, loss_traj = ds.trajectories("validation", args.loss_limit)
     loss_chunks = None
     if len(loss_idx):
         loss_chunks = chunk_texts(tokenizer, [encode(t, ds.alpha, args.decimals) for t in loss_traj],
                                   args.context_length, pad_id=tokenizer.pad_token_id)
-    max_new = max_tokens_per_step(args.decimals) * args.horizon
-    plan = forecast_plan(model.config, prompt_lens, args.gen_batch_size, args.samples, max_new)
+    plan = forecast_plan(model.config, tokenizer, contexts, ds.alpha, args)
     if loss_chunks is not None:
         plan += forward_flops(model.config, len(loss_chunks), args.context_length)
     ledger = common.ledger_from(args)

@@ -69,6 +69,13 @@ def load_dataset(args: argparse.Namespace) -> Dataset:
     return Dataset(data, splits, alpha)
 
 
+def weights_label(model: str | os.PathLike) -> str:
+    """What the weights are, for results: the first line of a PROVENANCE.txt beside them (the offline dequantized
+    build writes one), else ``model`` as given (a directory or Hub repo id)."""
+    provenance = Path(model) / "PROVENANCE.txt"
+    return provenance.read_text().splitlines()[0] if provenance.is_file() else str(model)
+
+
 def load_model(args: argparse.Namespace):
     """``(model, tokenizer)`` from ``--model`` on ``--device`` in ``--dtype``."""
     return load_pretrained(args.model, dtype=args.dtype, device=args.device)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from data import decode, encode
 from miniqwen import FlopCounter, chat_prompt, generate, token_ids_for
-from miniqwen.flops import forward_flops
+from miniqwen.flops import generation_flops
 from miniqwen.tokenizer import END_OF_TEXT, IM_END
 
 NUMERIC_ALPHABET = list("0123456789") + [".", ",", ";"]
@@ -150,7 +150,7 @@ def forecast(
                 model, batch, max_tokens_per_step(decimals) * horizon, pad_token_id=tokenizer.pad_token_id,
                 eos_token_ids=eos, temperature=0.0 if samples == 1 else temperature, top_p=top_p,
                 num_samples=samples, seed=seed + start, allowed_token_ids=allowed, stop_token_id=semicolon,
-                stop_count=horizon,
+                stop_count=horizon, progress=True,
             )
             for j, i in enumerate(rows):
                 for s in range(samples):
@@ -168,16 +168,20 @@ def forecast(
                      counter.total, [len(p) for p in prompts])
 
 
-def forecast_plan(config, prompt_lens, batch_size: int, samples: int, max_new: int, lora_rank: int = 0,
-                  lora_targets=("q_proj", "v_proj")) -> int:
-    """Closed-form FLOPs of :func:`forecast` for prompts of ``prompt_lens`` tokens: an upper bound, as if every row
-    generated ``max_new`` tokens (LoRA of ``lora_rank`` on ``lora_targets`` if > 0)."""
-    total, lens = 0, sorted(prompt_lens)  # forecast() batches prompts sorted by length
-    kw = dict(lora_rank=lora_rank, lora_targets=tuple(lora_targets), logits_to_keep=1)
-    for start in range(0, len(lens), batch_size):
-        b, L = len(lens[start : start + batch_size]), max(lens[start : start + batch_size])
-        total += forward_flops(config, b, L, **kw)
-        total += sum(forward_flops(config, b * samples, 1, cache_len=L + i, **kw) for i in range(max_new - 1))
+def forecast_plan(config, tokenizer, contexts: np.ndarray, alpha: float, args: argparse.Namespace,
+                  lora_rank: int = 0, lora_targets=("q_proj", "v_proj")) -> int:
+    """Closed-form FLOPs of :func:`forecast` on ``contexts`` [n, C, 2] with the options of
+    :func:`add_forecast_args`: prompts batched by length as :func:`forecast` does, each batch costed with
+    :func:`miniqwen.flops.generation_flops` at its longest prompt. An upper bound: every row is assumed to generate
+    the full ``max_tokens_per_step · horizon`` tokens. LoRA of ``lora_rank`` on ``lora_targets`` if > 0."""
+    lens = sorted(len(tokenizer.encode(forecast_prompt(c, alpha, args.decimals, args.horizon, args.prompt)))
+                  for c in contexts)
+    max_new = max_tokens_per_step(args.decimals) * args.horizon
+    total = 0
+    for start in range(0, len(lens), args.gen_batch_size):
+        batch = lens[start : start + args.gen_batch_size]
+        total += generation_flops(config, max(batch), max_new, len(batch), lora_rank, tuple(lora_targets),
+                                  num_samples=args.samples)
     return total
 
 

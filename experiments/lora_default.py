@@ -37,8 +37,8 @@ from lora import apply_lora, count_trainable_parameters, export_peft
 
 from . import common
 from .forecasting import (
-    add_forecast_args, evaluate_forecasts, forecast_plan, forecast_prompt, forecast_set, max_tokens_per_step,
-    per_trajectory_rows, persistence_metrics, plot_forecasts, write_csv,
+    add_forecast_args, evaluate_forecasts, forecast_plan, forecast_set, per_trajectory_rows, persistence_metrics,
+    plot_forecasts, write_csv,
 )
 from .train import TrainConfig, add_train_args, config_from_args, planned_flops, read_log, train, validation_rows
 
@@ -117,12 +117,8 @@ def main(argv=None) -> int:
     forecast_settings = {k: settings.get(k) for k in _FORECAST_KEYS}
     saved_untrained = json.loads(untrained_path.read_text()) if untrained_path.is_file() else None
     reuse_untrained = bool(args.resume and saved_untrained and saved_untrained["settings"] == forecast_settings)
-    prompt_lens = [len(tokenizer.encode(forecast_prompt(c, ds.alpha, args.decimals, args.horizon, args.prompt)))
-                   for c in contexts]
-    max_new = max_tokens_per_step(args.decimals) * args.horizon
-    gen_plain = forecast_plan(model.config, prompt_lens, args.gen_batch_size, args.samples, max_new)
-    gen_lora = forecast_plan(model.config, prompt_lens, args.gen_batch_size, args.samples, max_new, args.rank,
-                               targets)
+    gen_plain = forecast_plan(model.config, tokenizer, contexts, ds.alpha, args)
+    gen_lora = forecast_plan(model.config, tokenizer, contexts, ds.alpha, args, args.rank, targets)
     start_step = 0
     checkpoint_state = out / "training" / "checkpoint" / "state.json"
     if args.resume and checkpoint_state.is_file():
@@ -172,6 +168,7 @@ def main(argv=None) -> int:
     results = {
         "stage": STAGE,
         "model": str(args.model),
+        "weights": common.weights_label(args.model),
         "data": str(ds.data.path),
         "settings": settings,
         "alpha": ds.alpha,
