@@ -38,8 +38,10 @@ d = hidden_size, Hq / Hkv query / key-value heads, D = head_dim, I = intermediat
     mlp.act            13·N·I                              SiLU as x / (1 + exp(−x)): negate, exp, add, divide
     mlp.mul            N·I                                 SiLU(gate) × up
     mlp.down_proj      N·d·(2I−1)
-    lm_head            B·K·V·(2d−1)                        K = positions whose logits are computed
-                                                           (T, or fewer with ``logits_to_keep``)
+    lm_head            B·K·R·(2d−1)                        K = positions whose logits are computed
+                                                           (T, or fewer with ``logits_to_keep``); R = rows
+                                                           of lm_head used: V, or the allowed tokens'
+                                                           count with ``head_rows`` (constrained decoding)
     lora               per wrapped linear in→out, rank r: N·r·(2·in−1) + N·out·(2r−1) + N·out (scale)
                                                            + N·out (add to the base output)
 
@@ -160,6 +162,8 @@ def forward_flops_breakdown(
     cache_len: int = 0,
     logits_to_keep: int = 0,
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    *,
+    head_rows: int | None = None,
 ) -> dict[str, int]:
     """FLOPs of ONE forward pass of a Qwen2 model, per component, by the coursework's rules (closed form).
 
@@ -171,6 +175,8 @@ def forward_flops_breakdown(
         cache_len: tokens per row already in the KV cache; the new tokens attend to S = cache_len + T keys.
         logits_to_keep: compute ``lm_head`` only for the last K = min(logits_to_keep, T) positions (0 = all T).
         lora_targets: names of the wrapped linear layers (any of :data:`LORA_TARGETS`).
+        head_rows: R, rows of ``lm_head`` computed (None = all V): the allowed tokens' count when the model runs
+            with :class:`miniqwen.model.HeadRows` (``generate(..., allowed_token_ids=...)``).
 
     Returns:
         ``{component: FLOPs}`` (ints) for every name in :data:`COMPONENTS`, zeros included; the sum is
@@ -178,11 +184,12 @@ def forward_flops_breakdown(
 
     Raises:
         ValueError: for non-positive ``batch_size``/``seq_len``, negative ``cache_len``/``logits_to_keep``/
-            ``lora_rank``, or an unknown LoRA target.
+            ``lora_rank``, ``head_rows`` not in [1, V], or an unknown LoRA target.
 
     Source: the coursework's FLOP table (rules at the top of this module); architecture as in transformers'
     ``Qwen2ForCausalLM``. Notation: L layers, d hidden, I intermediate, V vocab, Hq / Hkv query / key-value heads,
-    D head_dim, N = B·T token positions, S = cache_len + T, K kept logit positions, r LoRA rank.
+    D head_dim, N = B·T token positions, S = cache_len + T, K kept logit positions, R lm_head rows (V unless
+    ``head_rows``), r LoRA rank.
 
     Per-operation accounting ("show your work"). A matmul (m×n)·(n×p) costs m·p·(2n−1): p·m dot products of
     length n, each n multiplies and n−1 adds. For one decoder layer:
@@ -219,7 +226,7 @@ def forward_flops_breakdown(
     (the "8d + 22" is the two norms 2·(4d+11) plus the residuals 2d, minus the d saved by each of o_proj and
     down_proj having 2n−1 rather than 2n). Whole model::
 
-        F = L·F_layer  +  N·(4d + 11)  [final norm, on all T positions]  +  B·K·V·(2d − 1)  [lm_head]
+        F = L·F_layer  +  N·(4d + 11)  [final norm, on all T positions]  +  B·K·R·(2d − 1)  [lm_head]
             + F_lora,   embedding lookup = 0,
         F_lora = L · Σ_targets N·[r·(2·in − 1) + out·(2r − 1) + 2·out]     (A, B, scale, add to base output)
                = L·N·[2r·(2d − 1) + (Hq + Hkv)·D·(2r + 1)]                    for targets q_proj, v_proj.
@@ -231,12 +238,17 @@ def forward_flops_breakdown(
     391,220,413,568 / 512 = **7.641e8 per token**. The lm_head alone is V·(2d−1) = 2.7212e8 per position, 26% of
     the all-logits cost. Decoding one token against a 511-token cache also costs 1.0357e9 (causal masking saves
     nothing here: the masked scores are computed and counted). LoRA r=4 on q,v adds 5.65e5 per token (0.05%).
+    Constrained to R = 13 tokens (ten digits, ".", ",", ";"; ``head_rows=13``) the lm_head of a decode step costs
+    13·1791 = 23,283 instead of 2.7212e8, and the step 7.6359e8 instead of 1.0357e9 (−26%).
     """
     for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("cache_len", cache_len, 0),
                              ("logits_to_keep", logits_to_keep, 0), ("lora_rank", lora_rank, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     L, d, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    R = V if head_rows is None else head_rows
+    if not isinstance(R, int) or isinstance(R, bool) or not 1 <= R <= V:
+        raise ValueError(f"head_rows must be None or an int in [1, {V}], got {head_rows!r}")
     Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     B, T = batch_size, seq_len
     N, S = B * T, cache_len + T
@@ -276,7 +288,7 @@ def forward_flops_breakdown(
     for name, value in per_layer.items():
         out[name] = L * value
     out["norm"] += N * (4 * d + 11)  # final norm
-    out["lm_head"] = B * K * V * (2 * d - 1)
+    out["lm_head"] = B * K * R * (2 * d - 1)
     return out
 
 
@@ -288,11 +300,13 @@ def forward_flops(
     cache_len: int = 0,
     logits_to_keep: int = 0,
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    *,
+    head_rows: int | None = None,
 ) -> int:
     """Total FLOPs (int) of ONE forward pass: the sum of :func:`forward_flops_breakdown` (same arguments,
     same errors; the derivation and the Qwen2.5-0.5B numbers are in that docstring)."""
     return sum(forward_flops_breakdown(config, batch_size, seq_len, lora_rank, cache_len, logits_to_keep,
-                                       lora_targets).values())
+                                       lora_targets, head_rows=head_rows).values())
 
 
 def training_flops(
@@ -317,12 +331,16 @@ def generation_flops(
     lora_rank: int = 0,
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
     num_samples: int = 1,
+    *,
+    head_rows: int | None = None,
 ) -> int:
     """FLOPs (int) of generating ``new_tokens`` tokens after a ``prompt_len``-token prompt with a KV cache, as
     :func:`miniqwen.generate.generate` does it: one prefill pass over the ``batch_size`` prompts with
     ``logits_to_keep=1`` (gives token 1); the cache is then copied ``num_samples`` times and ``new_tokens − 1``
     one-token passes run on ``batch_size · num_samples`` rows, the i-th (i = 1 …) attending to
-    ``prompt_len + i`` keys. The last generated token is never fed back.
+    ``prompt_len + i`` keys. The last generated token is never fed back. With ``allowed_token_ids``, generate
+    computes only those rows of lm_head: pass ``head_rows`` = the number of distinct allowed ids (None = V,
+    unconstrained).
 
     Rows share one (left-padded) length ``prompt_len``: padding costs like real tokens. This is the cost when no
     row stops early; with EOS / stop tokens ending every row before ``new_tokens``, the loop ends sooner and the
@@ -334,7 +352,19 @@ def generation_flops(
     for name, value in (("new_tokens", new_tokens), ("num_samples", num_samples)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    total = forward_flops(config, batch_size, prompt_len, lora_rank, 0, 1, lora_targets)
+    total = forward_flops(config, batch_size, prompt_len, lora_rank, 0, 1, lora_targets, head_rows=head_rows)
     for i in range(1, new_tokens):
-        total += forward_flops(config, batch_size * num_samples, 1, lora_rank, prompt_len + i - 1, 1, lora_targets)
+        total += forward_flops(config, batch_size * num_samples, 1, lora_rank, prompt_len + i - 1, 1, lora_targets,
+                               head_rows=head_rows)
     return total
+
+
+def loss_flops(vocab_size: int, n_tokens: int) -> int:
+    """FLOPs of the mean next-token cross-entropy over ``n_tokens`` targets: ``n·(11·V + 10) + n``.
+
+    Per token: log-softmax over V logits and the target's log-probability — V exps (10 each), V − 1 adds (sum),
+    a log (10), a subtract (z_target − log Σ exp) = 11·V + 10; the max subtracted for stability is an
+    implementation detail, not counted (as for attention's softmax). The mean: n − 1 adds and a divide = n.
+    Counted under component ``"loss"``; a training step charges it 3× like the forward.
+    """
+    return n_tokens * (11 * vocab_size + 10) + n_tokens

@@ -25,17 +25,25 @@ def token_ids_for(tokenizer, pieces: Iterable[str]) -> list[int]:
     return ids
 
 
-def _next_token(logits, temperature, top_p, generator):
-    """Pick one token per row from ``logits`` [B, V] (float32): argmax, or a sample from the top-p nucleus."""
-    if temperature <= 0:
-        return logits.argmax(-1)
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution a token is sampled from: softmax(``logits`` / temperature) [B, V] (float32 logits; −inf
+    = forbidden), cut to the top-p nucleus (Holtzman et al. 2020, section 3.1: the smallest set of most likely
+    tokens whose mass reaches ``top_p``; never empty) when ``top_p`` < 1. Not renormalised (multinomial does it).
+    """
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (Holtzman et al. 2020, section 3.1); never empty
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
+
+
+def _next_token(logits, temperature, top_p, generator):
+    """Pick one column per row of ``logits`` [B, V] (float32): argmax, or a sample from :func:`sampling_probs`."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = sampling_probs(logits, temperature, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -68,7 +76,12 @@ def generate(
         top_p: nucleus sampling mass (1 = off); used only when sampling.
         num_samples: continuations per prompt; the prompt is encoded once and its cache copied.
         seed: seeds the sampling generator (same seed, same samples on the same device).
-        allowed_token_ids: if given, every other token gets probability 0 (e.g. only digits and separators).
+        allowed_token_ids: if given, only these tokens can be produced (e.g. digits and separators). The model
+            then computes logits for these K rows of ``lm_head`` only (:class:`~miniqwen.model.HeadRows`), not
+            all V: greedy picks the same tokens as the full head with the other tokens masked to −inf, and a
+            sample is drawn from the same distribution (the allowed tokens' probabilities are equal), though not
+            from the same random stream, so a seed gives other samples than masking the full head would.
+            Count the cost with :func:`miniqwen.flops.generation_flops` (``head_rows=K``, K distinct ids).
         stop_token_id, stop_count: a row also stops once it has produced ``stop_token_id`` this many times
             (e.g. the ";" that ends each forecast step, times the horizon); that token is kept in the output.
         progress: show a tqdm bar over decoding steps.
@@ -77,7 +90,8 @@ def generate(
         ``len(prompts) · num_samples`` lists of generated ids, prompt-major (prompt 0's samples first).
 
     Raises:
-        ValueError: empty prompt list, an empty prompt, or ``num_samples < 1``.
+        ValueError: empty prompt list, an empty prompt, ``num_samples < 1``, or ``allowed_token_ids`` empty or
+            outside the vocabulary.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -87,15 +101,13 @@ def generate(
     dtype = model.model.embed_tokens.weight.dtype
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, L), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, L), dtype=torch.long, device=device)
+    # attention mask over prompt + generated tokens, allocated once: step i marks column L + i real
+    attend = torch.zeros((B, L + max_new_tokens), dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
         ids[row, L - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-        mask[row, L - len(prompt):] = 1
+        attend[row, L - len(prompt):L] = True
 
-    vocab_mask = None
-    if allowed_token_ids is not None:
-        vocab_mask = torch.full((model.config.vocab_size,), float("-inf"), device=device)
-        vocab_mask[torch.as_tensor(list(allowed_token_ids), dtype=torch.long, device=device)] = 0.0
+    head = None if allowed_token_ids is None else model.head_rows(allowed_token_ids)
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
@@ -103,10 +115,10 @@ def generate(
     eos = torch.as_tensor(sorted(set(eos_token_ids)) or [-1], device=device)
 
     cache = KVCache(model.config, B, L + max_new_tokens, dtype=dtype, device=device)
-    logits = model(ids, mask, cache, logits_to_keep=1)[:, -1]
+    logits = model(ids, attend[:, :L], cache, logits_to_keep=1, head_rows=head)[:, -1]
     if num_samples > 1:  # encode each prompt once, then copy its cache for every sample
         cache.repeat_interleave(num_samples)
-        mask = mask.repeat_interleave(num_samples, dim=0)
+        attend = attend.repeat_interleave(num_samples, dim=0)
         logits = logits.repeat_interleave(num_samples, dim=0)
     rows = B * num_samples
 
@@ -117,10 +129,9 @@ def generate(
     bar = tqdm(total=max_new_tokens, desc="decoding", unit="tok", leave=False, disable=not progress)
     for step in range(max_new_tokens):
         bar.update()
-        logits = logits.float()
-        if vocab_mask is not None:
-            logits = logits + vocab_mask
-        token = _next_token(logits, temperature, top_p, generator)
+        token = _next_token(logits.float(), temperature, top_p, generator)  # a column of logits
+        if head is not None:
+            token = head.ids[token]  # column -> vocabulary id
         is_eos = torch.isin(token, eos)
         keep = ~done & ~is_eos
         out[:, step] = torch.where(keep, token, out[:, step])
@@ -133,7 +144,7 @@ def generate(
             break
         # Finished rows keep feeding a token; its output is discarded (cheaper than reshaping the batch).
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
-        mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
-        logits = model(token[:, None], mask, cache)[:, -1]
+        attend[:, L + step] = True
+        logits = model(token[:, None], attend[:, : L + step + 1], cache, head_rows=head)[:, -1]
     bar.close()
     return [out[r, : lengths[r]].tolist() for r in range(rows)]

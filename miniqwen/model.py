@@ -11,6 +11,7 @@ Every module reports its FLOPs to :mod:`miniqwen.flops` (the coursework's rules)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +77,10 @@ def _linear(layer: nn.Linear, x: torch.Tensor, component: str) -> torch.Tensor:
 class KVCache:
     """Pre-allocated key/value cache for incremental decoding.
 
-    ``k[i]``, ``v[i]``: [B, num_key_value_heads, max_len, head_dim] for layer i; ``length`` tokens are filled.
-    Keys are cached *after* RoPE, so a cached token never needs re-rotating.
+    ``k[i]``, ``v[i]``: [B, num_key_value_heads, max_len, head_dim] for layer i, in ``dtype`` (the model's);
+    ``length`` tokens per row are filled. Keys are cached *after* RoPE, so a cached token never needs re-rotating.
+    The cache keeps its own length: a forward pass writes every layer at ``length`` (:meth:`update`), and writing
+    the last layer completes the pass, so ``length`` then grows by the pass's T new tokens.
     """
 
     def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, dtype=torch.float32, device=None):
@@ -87,13 +90,23 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write the new ``k, v`` [B, Hkv, T, D] after the cached ones; return all keys/values so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write layer ``layer``'s new ``k, v`` [B, Hkv, T, D] after the cached ones; return that layer's keys and
+        values so far, [B, Hkv, length + T, D] each. After the last layer, ``length`` advances by T.
+
+        Raises:
+            ValueError: if the cache would hold more than ``max_len`` tokens, or ``k`` is not in the cache's dtype
+                (make the cache with the model's dtype).
+        """
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        if k.dtype != self.k[layer].dtype:
+            raise ValueError(f"keys are {k.dtype} but the KV cache holds {self.k[layer].dtype}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
+        if layer == len(self.k) - 1:
+            self.length = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def repeat_interleave(self, n: int) -> None:
@@ -118,8 +131,12 @@ class Qwen2Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.gqa = self.n_heads != self.n_kv_heads
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        """``x`` [B, T, d] -> [B, T, d]; ``cos, sin`` [B, 1, T, D] (:func:`rope_cos_sin`); ``mask`` [B, 1, T, S]
+        boolean, True = may attend (S = cached + T keys); ``cache`` gets this layer's new keys and values."""
         B, T, _ = x.shape
         # [B, T, H·D] -> [B, H, T, D]
         q = _linear(self.q_proj, x, "attn.q_proj").view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -139,8 +156,7 @@ class Qwen2Attention(nn.Module):
         # softmax(q kᵀ / √D + mask) v, fused by PyTorch; the mask is boolean (True = may attend). With enable_gqa
         # each group of Hq/Hkv query heads reads its shared key/value head in place: the same result as repeating
         # k and v per query head (what transformers does), without copying the whole cache at every step.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim),
-                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return _linear(self.o_proj, out, "attn.o_proj")
 
@@ -191,6 +207,50 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def attention_mask_and_positions(attention_mask: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention pattern and RoPE positions of T new tokens after ``past`` cached ones.
+
+    Args:
+        attention_mask: [B, S] bool or 0/1 ints over cached + new tokens (S = past + T), True/1 = real token.
+
+    Returns:
+        ``mask`` [B, 1, T, S] bool (True = may attend; broadcast over heads) and ``positions`` [B, T] int64.
+        Query t (absolute index past + t) sees key s if s <= past + t and s is real; a padded query also sees
+        itself, so no softmax row is empty (an all-masked row would give NaN, and NaN spreads). The position of
+        a token is the number of real tokens before it, so left padding does not shift positions.
+    """
+    valid = attention_mask.bool()
+    B, S = valid.shape
+    T = S - past
+    if T == 1:  # a decode step: every real key is in the past, and the query always sees itself
+        mask = valid.clone()
+        mask[:, -1] = True
+        positions = (valid.sum(-1, keepdim=True) - 1).clamp(min=0)
+        return mask[:, None, None, :], positions
+    query = torch.arange(past, S, device=valid.device)[:, None]  # [T, 1] absolute index of each query
+    key = torch.arange(S, device=valid.device)  # [S]
+    mask = ((key <= query) & valid[:, None, :]) | (key == query)  # [B, T, S]
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    return mask[:, None], positions
+
+
+@dataclass(frozen=True)
+class HeadRows:
+    """Some rows of ``lm_head``: the model then computes logits for these vocabulary ids only.
+
+    For constrained decoding (e.g. digits and separators): the vocab projection costs K instead of V rows.
+    Make it with :meth:`Qwen2ForCausalLM.head_rows`; ``weight`` is a copy, so make it again after changing weights.
+
+    Attributes:
+        ids: [K] int64 vocabulary ids, sorted ascending and distinct (so an argmax tie picks the lowest id, as an
+            argmax over the full vocabulary would).
+        weight: [K, hidden_size] ``lm_head.weight[ids]``.
+    """
+
+    ids: torch.Tensor
+    weight: torch.Tensor
+
+
 class Qwen2ForCausalLM(nn.Module):
     """Qwen2 language model: ``input_ids`` [B, T] -> next-token ``logits`` [B, T, vocab_size].
 
@@ -206,56 +266,70 @@ class Qwen2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def head_rows(self, token_ids) -> HeadRows:
+        """The :class:`HeadRows` for ``token_ids`` (an iterable of ints or an int tensor; order and repeats do not
+        matter), to pass to :meth:`forward` as ``head_rows``.
+
+        Raises:
+            ValueError: if ``token_ids`` is empty or has an id outside [0, vocab_size).
+        """
+        weight = self.lm_head.weight
+        ids = torch.as_tensor(token_ids if torch.is_tensor(token_ids) else list(token_ids), dtype=torch.long)
+        ids = torch.unique(ids.to(weight.device))  # sorted ascending
+        if ids.numel() == 0:
+            raise ValueError("head_rows needs at least one token id")
+        if ids[0] < 0 or ids[-1] >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got {ids[0].item()} … "
+                             f"{ids[-1].item()}")
+        return HeadRows(ids, weight[ids])
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        head_rows: HeadRows | None = None,
     ) -> torch.Tensor:
         """Run the model on ``input_ids`` [B, T] (int64 token ids).
 
         Args:
-            attention_mask: [B, cache.length + T] (1 = real token, 0 = padding), covering the cached tokens too;
-                padding may be on the left (generation) or the right (training). Positions are counted over real
-                tokens only, so a left-padded row gets the same logits as the unpadded row. ``None`` = no padding.
-            cache: a :class:`KVCache`; the new tokens are appended to it and attend to everything cached.
+            attention_mask: [B, cache.length + T] (1/True = real token, 0/False = padding), covering the cached
+                tokens too; padding may be on the left (generation) or the right (training). Positions are counted
+                over real tokens only, so a left-padded row gets the same logits as the unpadded row.
+                ``None`` = no padding.
+            cache: a :class:`KVCache`; the new tokens are appended to it (its ``length`` grows by T) and attend
+                to everything cached.
             logits_to_keep: compute logits only for the last this-many positions (0 = all), as in transformers;
                 generation needs only the last one, which saves the large vocab projection on the prompt.
+            head_rows: compute logits only for these vocabulary ids (:meth:`head_rows`), K instead of V columns.
 
         Returns:
-            logits [B, K, vocab_size] in the model's dtype, K = T or ``logits_to_keep``.
+            logits [B, T', V] in the model's dtype, T' = T or ``logits_to_keep``; [B, T', K] with ``head_rows``
+            (column j is vocabulary id ``head_rows.ids[j]``).
 
         Raises:
-            ValueError: if ``attention_mask`` does not cover cached + new tokens.
+            ValueError: if ``attention_mask`` does not cover cached + new tokens, or the cache overflows.
         """
         cfg = self.config
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         S = past + T
-        device = input_ids.device
         if attention_mask is None:
-            attention_mask = torch.ones(B, S, dtype=torch.long, device=device)
+            attention_mask = torch.ones(B, S, dtype=torch.bool, device=input_ids.device)
         if attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
-        valid = attention_mask.bool()
-        # Position of a token = number of real tokens before it (so left padding does not shift positions).
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        # Query t (absolute index past + t) may see key s if s <= past + t and s is real. A padded query also
-        # sees itself, so no softmax row is empty (an all-masked row would give NaN, and NaN spreads).
-        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
-        diag = torch.zeros(T, S, dtype=torch.bool, device=device)
-        diag[torch.arange(T), past + torch.arange(T)] = True
-        mask = (causal & valid[:, None, :]) | diag  # [B, T, S]
-        mask = mask[:, None]  # broadcast over heads
+        mask, positions = attention_mask_and_positions(attention_mask, past)
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.length = S
         x = self.model.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return _linear(self.lm_head, x, "lm_head")
+        if head_rows is None:
+            return _linear(self.lm_head, x, "lm_head")
+        if flops.counting():
+            flops.count_matmul("lm_head", x.numel() // x.shape[-1], x.shape[-1], head_rows.weight.shape[0])
+        return F.linear(x, head_rows.weight)

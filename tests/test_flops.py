@@ -92,6 +92,32 @@ def test_closed_form_by_hand_lora_cache_and_logits_to_keep():
     assert forward_flops_breakdown(c, 1, 3, logits_to_keep=9)["lm_head"] == 3 * 11 * 15
 
 
+def test_closed_form_head_rows():
+    """Constrained decoding computes R rows of lm_head instead of V: B·K·R·(2d−1); nothing else changes."""
+    c = hand_config()
+    full = forward_flops_breakdown(c, 2, 3)
+    some = forward_flops_breakdown(c, 2, 3, head_rows=4)
+    assert some["lm_head"] == 2 * 3 * 4 * 15
+    assert {k: v for k, v in some.items() if k != "lm_head"} == {k: v for k, v in full.items() if k != "lm_head"}
+    assert forward_flops_breakdown(c, 2, 3, head_rows=11) == full == forward_flops_breakdown(c, 2, 3, head_rows=None)
+    assert forward_flops_breakdown(c, 1, 3, logits_to_keep=1, head_rows=3)["lm_head"] == 1 * 3 * 15
+    assert forward_flops(c, 2, 3, head_rows=4) == forward_flops(c, 2, 3) - 2 * 3 * (11 - 4) * 15
+    # generation: every pass (prefill with 1 logit, then one-token steps) uses R rows
+    g = forward_flops(c, 2, 5, logits_to_keep=1, head_rows=4) + sum(
+        forward_flops(c, 6, 1, cache_len=5 + i, logits_to_keep=1, head_rows=4) for i in range(3))
+    assert generation_flops(c, 5, 4, 2, num_samples=3, head_rows=4) == g
+    assert generation_flops(c, 5, 4, 2, 0, ("q_proj", "v_proj"), 3) == generation_flops(c, 5, 4, 2, num_samples=3)
+    # Qwen2.5-0.5B decode step constrained to 13 tokens (digits . , ;), as in forward_flops_breakdown's docstring
+    q = Qwen2Config()
+    assert forward_flops_breakdown(q, 1, 1, cache_len=511, head_rows=13)["lm_head"] == 13 * 1791 == 23_283
+    assert forward_flops(q, 1, 1, cache_len=511, head_rows=13) == 1_035_688_267 - (151936 - 13) * 1791
+    for bad in (0, 12, -1, 4.0, True):
+        with pytest.raises(ValueError, match="head_rows"):
+            forward_flops(c, 1, 3, head_rows=bad)
+        with pytest.raises(ValueError, match="head_rows"):
+            generation_flops(c, 3, 2, head_rows=bad)
+
+
 def test_closed_form_scaling_and_monotonicity():
     c = Qwen2Config()
     for T in (1, 17, 512):
@@ -237,6 +263,37 @@ def test_counter_equals_closed_form_with_cache(name, rank):
     chunk = torch.randint(0, cfg.vocab_size, (B, 3), generator=torch.Generator().manual_seed(3))
     fc, _ = counted(model, chunk, cache=cache, logits_to_keep=2)
     assert fc.total == forward_flops(cfg, B, 3, lora_rank=rank, cache_len=P + 3, logits_to_keep=2)
+
+
+@pytest.mark.parametrize("name", ["tied_gqa2", "untied_gqa4_hd12"])
+@pytest.mark.parametrize("rank", [0, 2])
+def test_counter_equals_closed_form_with_head_rows(name, rank):
+    """Logits for some rows of lm_head only (constrained decoding): counted as B·K·R·(2d−1), with and without
+    a cache and logits_to_keep."""
+    import torch
+
+    mq = _model_api()
+    model = build(name, rank)
+    cfg = model.config
+    head = model.head_rows([3, 1, 4, 1, 5, 9, 2, 6])  # 7 distinct rows
+    R = 7
+    g = torch.Generator().manual_seed(6)
+    for B, T, keep in ((1, 1, 0), (3, 6, 0), (2, 7, 1), (2, 7, 3)):
+        fc, logits = counted(model, torch.randint(0, cfg.vocab_size, (B, T), generator=g), logits_to_keep=keep,
+                             head_rows=head)
+        assert logits.shape == (B, keep or T, R)
+        want = forward_flops_breakdown(cfg, B, T, lora_rank=rank, logits_to_keep=keep, head_rows=R)
+        assert fc.breakdown() == nonzero(want), (B, T, keep)
+    cache = mq.KVCache(cfg, 2, 9)
+    fc, _ = counted(model, torch.randint(0, cfg.vocab_size, (2, 5), generator=g), cache=cache, logits_to_keep=1,
+                    head_rows=head)
+    assert fc.total == forward_flops(cfg, 2, 5, lora_rank=rank, logits_to_keep=1, head_rows=R)
+    fc, _ = counted(model, torch.randint(0, cfg.vocab_size, (2, 1), generator=g), cache=cache, head_rows=head)
+    assert fc.total == forward_flops(cfg, 2, 1, lora_rank=rank, cache_len=5, head_rows=R)
+    # the matmul part in 2·m·n·p still equals torch's FlopCounterMode (the slice is an F.linear on R rows)
+    fc, fm = _torch_count(model, torch.randint(0, cfg.vocab_size, (2, 4), generator=g), cpu_sdpa=True,
+                          head_rows=head)
+    assert fc.matmul_2mnp == fm.get_total_flops()
 
 
 # ---------------------------------------------------------------------- 2·m·n·p versus torch's FlopCounterMode
@@ -442,3 +499,9 @@ def test_generate_costs_generation_flops(num_samples):
         out = gen.generate(model, prompts, 5, pad_token_id=0, num_samples=num_samples)
     assert len(out) == 2 * num_samples and all(len(o) == 5 for o in out)
     assert fc.total == generation_flops(model.config, 4, 5, batch_size=2, num_samples=num_samples)
+    # constrained to some tokens: only those rows of lm_head are computed, and generation_flops(head_rows=) agrees
+    with torch.no_grad(), FlopCounter() as fc:
+        out = gen.generate(model, prompts, 5, pad_token_id=0, num_samples=num_samples, temperature=1.0,
+                           allowed_token_ids=[7, 3, 30, 3])
+    assert len(out) == 2 * num_samples and all(len(o) == 5 and set(o) <= {3, 7, 30} for o in out)
+    assert fc.total == generation_flops(model.config, 4, 5, batch_size=2, num_samples=num_samples, head_rows=3)
