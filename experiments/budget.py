@@ -18,11 +18,17 @@ Crash safety: an append rewrites the whole file to a temporary file in the same 
 it over the ledger with ``os.replace`` (atomic on POSIX), so a crash leaves either the old or the new ledger, never
 half a line. A torn or invalid line found when reading (e.g. written by hand or by another tool) is an error
 (:class:`LedgerError`, naming file and line), never silently dropped: spent compute must not disappear.
+
+Symbolic links: a ledger path that is a link (or lies under one) is resolved before writing: the temporary file, the
+replace and the lock (``<target>.lock``) all sit beside the link's target, so the link stays a link and every
+charge lands in the one file it points to (replacing the link itself would fork the ledger).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import sys
 import tempfile
@@ -139,23 +145,23 @@ class Ledger:
                 the names time/stage/kind/flops.
 
         Raises:
-            ValueError: invalid stage/kind/flops or detail names, or details that are not JSON-serialisable.
+            ValueError: invalid stage/kind/flops (including NaN, infinite, negative or fractional FLOPs) or detail
+                names, or details that are not JSON-serialisable; the message names the ledger file.
             LedgerError: the existing ledger is invalid (nothing is written then) or cannot be written.
         """
-        if isinstance(flops, float) and flops.is_integer():
-            flops = int(flops)
+        flops = _as_int(flops)
         clash = [k for k in details if k in _RESERVED]
         if clash:
-            raise ValueError(f"detail names {clash} clash with the ledger's own fields {_RESERVED}")
+            raise ValueError(f"{self.path}: detail names {clash} clash with the ledger's own fields {_RESERVED}")
         entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stage": stage, "kind": kind,
                  "flops": flops, **details}
         problem = _validate(entry)
         if problem:
-            raise ValueError(problem)
+            raise ValueError(f"{self.path}: cannot charge: {problem}")
         try:
             line = json.dumps(entry, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"ledger details must be JSON-serialisable: {err}") from None
+            raise ValueError(f"{self.path}: ledger details must be JSON-serialisable (and finite): {err}") from None
         with self._lock():
             old = self._read_text()
             self._parse(old)  # refuse to append to a corrupt ledger
@@ -165,11 +171,12 @@ class Ledger:
     @contextmanager
     def _lock(self):
         """Exclusive advisory lock (``<ledger>.lock``) so concurrent charges from several processes serialise."""
+        target = self._target()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(str(target) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise LedgerError(f"{self.path}: cannot create lock file: {err}") from None
+            raise LedgerError(f"{self._where()}: cannot create lock file: {err}") from None
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -177,17 +184,27 @@ class Ledger:
         finally:
             os.close(fd)  # closing releases the lock
 
+    def _target(self) -> Path:
+        """The file the ledger really is: :attr:`path` with every symbolic link resolved (also a dangling one)."""
+        return Path(os.path.realpath(self.path))
+
+    def _where(self) -> str:
+        """:attr:`path`, and the file it resolves to when that differs (for messages)."""
+        target = self._target()
+        return str(self.path) if target == Path(os.path.abspath(self.path)) else f"{self.path} (-> {target})"
+
     def _atomic_write(self, content: str) -> None:
-        directory = self.path.parent
+        target = self._target()  # replacing the link itself would turn it into a regular file: a forked ledger
+        directory = target.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=directory)
+            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=directory)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(content)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                os.replace(tmp, target)
             except BaseException:
                 try:
                     os.unlink(tmp)
@@ -203,7 +220,7 @@ class Ledger:
             except OSError:
                 pass
         except OSError as err:
-            raise LedgerError(f"{self.path}: cannot write ledger: {err}") from None
+            raise LedgerError(f"{self._where()}: cannot write ledger: {err}") from None
 
     # ------------------------------------------------------------------ budget
     def check(self, planned: int, budget: int = BUDGET, force: bool = False) -> None:
@@ -217,12 +234,13 @@ class Ledger:
         Raises:
             BudgetExceededError: ledger + planned > budget and not ``force``.
             LedgerError: the ledger is invalid.
-            ValueError: ``planned`` is not a non-negative integer.
+            ValueError: ``planned`` is not a non-negative integer (NaN, infinite, negative, fractional, a bool or
+                not a number), or ``budget`` is not a positive integer; the message names the ledger file.
         """
-        if isinstance(planned, float) and planned.is_integer():
-            planned = int(planned)
+        planned, budget = _as_int(planned), _as_int(budget)
         if not isinstance(planned, int) or isinstance(planned, bool) or planned < 0:
-            raise ValueError(f"planned FLOPs must be a non-negative integer, got {planned!r}")
+            raise ValueError(f"{self.path}: planned FLOPs must be a non-negative integer, got {planned!r}")
+        _check_budget(budget, self.path)
         spent = self.total()
         after = spent + planned
         print(f"FLOP budget: planned {_sci(planned)} + ledger {_sci(spent)} = {_sci(after)} "
@@ -238,8 +256,10 @@ class Ledger:
         """The coursework's final FLOP table: one row per stage (stage, kind(s), FLOPs, % of budget) and a total.
 
         Returns a Markdown string; an empty ledger gives a table with only the total row. Raises like
-        :meth:`entries`.
+        :meth:`entries`, and ValueError when ``budget`` is not a positive integer.
         """
+        budget = _as_int(budget)
+        _check_budget(budget, self.path)
         stages: dict[str, dict] = {}
         for e in self.entries():
             row = stages.setdefault(e["stage"], {"kinds": [], "flops": 0})
@@ -254,6 +274,24 @@ class Ledger:
                          f"{100 * row['flops'] / budget:.2f}% |")
         lines.append(f"| **total** | | **{_sci(total)}** | **{100 * total / budget:.2f}%** |")
         return "\n".join(lines)
+
+
+def _as_int(value):
+    """``value`` as an int when it is an integral number (``1e15``, a numpy integer scalar); else unchanged,
+    for the caller's check to refuse (NaN, inf, 1.5, bools, strings)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return value
+
+
+def _check_budget(budget, path) -> None:
+    """Raise ValueError (naming the ledger ``path``) unless ``budget`` is a positive int."""
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        raise ValueError(f"{path}: budget must be a positive integer number of FLOPs, got {budget!r}")
 
 
 def _validate(entry) -> str | None:

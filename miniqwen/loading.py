@@ -12,14 +12,10 @@ from safetensors.torch import load_file
 
 from .config import ConfigError, Qwen2Config
 from .model import Qwen2ForCausalLM
-from .tokenizer import QwenTokenizer
+from .tokenizer import QwenTokenizer, WeightsError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
-
-
-class WeightsError(RuntimeError):
-    """Weights that are missing, unreadable, incomplete, or do not match the config."""
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
@@ -47,15 +43,46 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         ) from None
 
 
+def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name → shard file name) of a sharded checkpoint's index file.
+
+    Raises :class:`WeightsError` naming ``index`` when it is unreadable, not JSON, not an object, has no
+    ``weight_map`` object of str → str, maps nothing, or names a shard outside the model directory.
+    """
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{index}: not a valid safetensors index, cannot read it as JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{index}: not a valid safetensors index, expected a JSON object, got {type(raw).__name__}")
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{index}: not a valid safetensors index, 'weight_map' must be an object of "
+                           f"tensor name -> shard file, got {type(weight_map).__name__}")
+    if not weight_map:
+        raise WeightsError(f"{index}: 'weight_map' is empty")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise WeightsError(f"{index}: 'weight_map' entry {name!r} must name a shard file, got {shard!r}")
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise WeightsError(f"{index}: shard {shard!r} (for {name!r}) is not a file inside the model directory")
+    return weight_map
+
+
 def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``.
+
+    Every shard is checked to exist before any is read. Raises :class:`WeightsError` naming the file for a
+    missing/unreadable/invalid index or shard, a tensor found in two shards, a tensor listed but absent, or a
+    tensor that is not floating point.
+    """
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise WeightsError(f"{index}: not a valid safetensors index ({err})") from None
+        weight_map = _read_index(index)
         shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (model_dir / shard).is_file():
+                raise WeightsError(f"{index}: lists shard {shard!r}, but {model_dir / shard} does not exist")
     elif (model_dir / "model.safetensors").is_file():
         weight_map, shards = None, ["model.safetensors"]
     else:
@@ -63,12 +90,18 @@ def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     state = {}
     for shard in shards:
         file = model_dir / shard
-        if not file.is_file():
-            raise WeightsError(f"{file}: shard listed in {index.name} is missing")
         try:
-            state.update(load_file(str(file)))  # safetensors: plain tensors, no pickle
+            tensors = load_file(str(file))  # safetensors: plain tensors, no pickle
         except (SafetensorError, OSError) as err:
             raise WeightsError(f"{file}: cannot read safetensors ({err})") from None
+        twice = sorted(set(tensors) & set(state))
+        if twice:
+            raise WeightsError(f"{file}: {len(twice)} tensors also found in an earlier shard: {twice[:10]}")
+        for name, tensor in tensors.items():
+            if not tensor.is_floating_point():
+                raise WeightsError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected floating point "
+                                   "(quantized or corrupt weights?)")
+        state.update(tensors)
     if weight_map is not None:
         absent = sorted(set(weight_map) - set(state))
         if absent:
@@ -138,15 +171,18 @@ def load_pretrained(
         ``(model, tokenizer)`` — the model in eval mode, keys loaded strictly without renaming.
 
     Raises:
-        WeightsError: missing/unreadable/partial weights or weights that do not match the config.
-        ConfigError: missing config.json or one that is not qwen2.
-        FileNotFoundError: no tokenizer.json.
+        WeightsError: missing/unreadable/partial weights, an invalid sharded index, weights that do not match the
+            config, or a missing/invalid tokenizer.json (the message names the file).
+        ConfigError: missing, unreadable or invalid config.json (see :meth:`Qwen2Config.from_json`).
+        ValueError: ``dtype`` is not a floating-point torch dtype or its name.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
+        name, dtype = dtype, getattr(torch, dtype, None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
+            raise ValueError(f"unknown dtype {name!r} (use e.g. 'float32', 'bfloat16', 'float16')")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     dtype = dtype or default_dtype(device)
     model_dir = resolve_model_dir(name_or_path)
     config = Qwen2Config.from_json(model_dir / "config.json")

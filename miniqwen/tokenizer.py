@@ -10,6 +10,14 @@ IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
+class WeightsError(RuntimeError):
+    """Weights or tokenizer files that are missing, unreadable, incomplete, or do not match the config.
+
+    The message names the file and the problem. Defined here, the lowest module that raises it (for
+    ``tokenizer.json``); :mod:`miniqwen.loading` and :mod:`miniqwen` export the same class.
+    """
+
+
 class QwenTokenizer:
     """A thin wrapper over ``tokenizers.Tokenizer`` with the ids a Qwen2.5 user needs.
 
@@ -31,13 +39,25 @@ class QwenTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "QwenTokenizer":
-        """Load ``tokenizer.json`` (a file, or a directory containing it). Raises FileNotFoundError naming it."""
+        """Load ``tokenizer.json`` (a file, or a directory containing it).
+
+        Raises:
+            WeightsError: naming the file, when it is missing, is not a valid `tokenizers` JSON file (not JSON,
+                ``{}``, garbage …), or lacks Qwen's special tokens ``<|im_end|>`` / ``<|endoftext|>``.
+        """
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer.json")
-        return cls(Tokenizer.from_file(str(path)))
+            raise WeightsError(f"{path}: no tokenizer.json")
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as err:  # the Rust binding raises a bare Exception for every parse/IO problem
+            raise WeightsError(f"{path}: not a valid tokenizer.json ({err})") from None
+        try:
+            return cls(backend)
+        except ValueError as err:
+            raise WeightsError(f"{path}: {err}") from None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (special-token strings such as ``<|im_start|>`` become their single ids)."""

@@ -1,0 +1,380 @@
+"""Bad input gets a clear one-line error naming the file and the problem, before any work is spent, and never a
+silently wrong result: config.json, tokenizer.json, sharded-checkpoint indexes, the FLOP ledger."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import write_stand_in_tokenizer
+from experiments.budget import Ledger, LedgerError
+from miniqwen import ConfigError, Qwen2Config, QwenTokenizer, WeightsError, load_pretrained
+from miniqwen import loading
+
+TINY = dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+            rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def write_config(path, raw) -> "os.PathLike":
+    file = path / "config.json"
+    file.write_text(raw if isinstance(raw, str) else json.dumps(raw))
+    return file
+
+
+def one_line(err) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------ config.json
+
+
+def test_tiny_config_is_valid(tmp_path):
+    cfg = Qwen2Config.from_json(write_config(tmp_path, TINY))
+    assert cfg.head_dim == 16 and cfg.rope_theta == 10000.0
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_attention_heads", 0), ("num_key_value_heads", 0), ("num_attention_heads", -4),
+    ("hidden_size", 0), ("hidden_size", -64), ("num_hidden_layers", 0), ("num_hidden_layers", -1),
+    ("intermediate_size", 0), ("intermediate_size", -96), ("vocab_size", 0), ("vocab_size", -128),
+    ("max_position_embeddings", 0),
+    ("hidden_size", "64"), ("num_hidden_layers", True), ("num_attention_heads", 4.0), ("vocab_size", None),
+    ("intermediate_size", [96]), ("head_dim", 0), ("head_dim", "16"), ("head_dim", 7),
+    ("rms_norm_eps", 0), ("rms_norm_eps", -1e-6), ("rms_norm_eps", float("nan")), ("rms_norm_eps", "1e-6"),
+    ("rope_theta", 0.0), ("rope_theta", -10000.0), ("rope_theta", float("inf")), ("rope_theta", True),
+    ("rope_theta", None), ("tie_word_embeddings", "false"), ("tie_word_embeddings", 0),
+    ("eos_token_id", -1), ("eos_token_id", "151645"), ("bos_token_id", 1.5), ("torch_dtype", 16),
+    ("hidden_act", "gelu"),
+])
+def test_bad_config_field_names_file_field_and_value(tmp_path, field, value):
+    file = write_config(tmp_path, {**TINY, field: value})  # json writes NaN/Infinity, which json.loads reads back
+    with pytest.raises(ConfigError) as err:
+        Qwen2Config.from_json(file)
+    msg = one_line(err)
+    assert str(file) in msg and field in msg and repr(value) in msg, msg
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(num_attention_heads=4, num_key_value_heads=3), ["num_attention_heads 4", "num_key_value_heads 3"]),
+    (dict(num_attention_heads=6, num_key_value_heads=2), ["hidden_size 64", "num_attention_heads 6"]),
+    (dict(rope_theta=10000.0, rope_parameters={"rope_theta": 20000.0}), ["rope_theta", "20000.0"]),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["rope_scaling", "yarn"]),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0}), ["rope_parameters", "linear"]),
+    (dict(rope_scaling="yarn"), ["rope_scaling"]),
+    (dict(layer_types=["full_attention", "sliding_attention", "full_attention"]), ["layer_types", "sliding"]),
+    (dict(use_sliding_window=True, sliding_window=4096), ["use_sliding_window"]),
+    (dict(quantization_config={"quant_method": "awq"}), ["quantization_config"]),
+    (dict(eos_token_id=[]), ["eos_token_id"]),
+])
+def test_inconsistent_or_unsupported_config(tmp_path, overrides, words):
+    file = write_config(tmp_path, {**TINY, **overrides})
+    with pytest.raises(ConfigError) as err:
+        Qwen2Config.from_json(file)
+    msg = one_line(err)
+    assert str(file) in msg and all(w in msg for w in words), msg
+
+
+def test_config_accepted_variants(tmp_path):
+    """What transformers writes (rope_theta in rope_parameters, both agreeing, layer_types all full, sliding window
+    configured but off, kv heads null = MHA, eos as a list) still loads."""
+    cfg = Qwen2Config.from_dict({**TINY, "rope_theta": None, "rope_parameters": {"rope_theta": 5e5,
+                                                                                  "rope_type": "default"},
+                                 "layer_types": ["full_attention"] * 3, "use_sliding_window": False,
+                                 "sliding_window": 4096, "max_window_layers": 1, "eos_token_id": [7, 8]})
+    assert cfg.rope_theta == 5e5 and cfg.eos_token_id == 7
+    cfg = Qwen2Config.from_dict({**TINY, "num_key_value_heads": None, "rope_scaling": None,
+                                 "rope_parameters": {"rope_theta": 10000.0}})
+    assert cfg.num_key_value_heads == 4 and cfg.head_dim == 16
+    cfg = Qwen2Config.from_dict({**TINY, "num_attention_heads": 6, "head_dim": 12})  # head_dim given: no d % Hq
+    assert cfg.head_dim == 12
+
+
+def test_config_constructor_checks_too():
+    with pytest.raises(ConfigError, match=r"num_key_value_heads must be a positive integer, got 0"):
+        Qwen2Config(num_key_value_heads=0)
+    with pytest.raises(ConfigError, match=r"hidden_size must be a positive integer, got '896'"):
+        Qwen2Config(hidden_size="896")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[1, 2, 3]", ["JSON object", "list"]),
+    ('"qwen2"', ["JSON object", "str"]),
+    ("42", ["JSON object", "int"]),
+    ("null", ["JSON object", "NoneType"]),
+    ("not json at all", ["not a JSON file"]),
+    ('{"hidden_size": 64,', ["not a JSON file"]),
+    ("", ["not a JSON file"]),
+])
+def test_config_file_not_a_json_object(tmp_path, text, words):
+    file = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        Qwen2Config.from_json(file)
+    msg = one_line(err)
+    assert str(file) in msg and all(w in msg for w in words), msg
+
+
+def test_config_file_not_utf8_or_a_directory(tmp_path):
+    file = tmp_path / "config.json"
+    file.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not a JSON file") as err:
+        Qwen2Config.from_json(file)
+    assert str(file) in one_line(err)
+    (tmp_path / "d" / "config.json").mkdir(parents=True)
+    with pytest.raises(ConfigError) as err:
+        Qwen2Config.from_json(tmp_path / "d" / "config.json")
+    assert str(tmp_path / "d" / "config.json") in one_line(err)
+
+
+def test_load_pretrained_bad_config_before_weights(tmp_path):
+    write_config(tmp_path, {**TINY, "num_attention_heads": 0})
+    (tmp_path / "model.safetensors").write_bytes(b"never read")
+    with pytest.raises(ConfigError, match="num_attention_heads must be a positive integer, got 0"):
+        load_pretrained(tmp_path, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------- tokenizer.json
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"{}", ["not a valid tokenizer.json"]),
+    (b"[]", ["not a valid tokenizer.json"]),
+    (b"garbage", ["not a valid tokenizer.json"]),
+    (b"\xff\xfe\x00\x01", ["not a valid tokenizer.json"]),
+    (b"", ["not a valid tokenizer.json"]),
+])
+def test_bad_tokenizer_file(tmp_path, content, words):
+    file = tmp_path / "tokenizer.json"
+    file.write_bytes(content)
+    for arg in (file, tmp_path):
+        with pytest.raises(WeightsError) as err:
+            QwenTokenizer.from_file(arg)
+        msg = one_line(err)
+        assert str(file) in msg and all(w in msg for w in words), msg
+
+
+def test_missing_tokenizer_or_not_qwen(tmp_path):
+    with pytest.raises(WeightsError, match="no tokenizer.json") as err:
+        QwenTokenizer.from_file(tmp_path)
+    assert str(tmp_path / "tokenizer.json") in one_line(err)
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(WeightsError, match=r"<\|im_end\|>") as err:
+        QwenTokenizer.from_file(tmp_path)
+    assert str(tmp_path / "tokenizer.json") in one_line(err)
+
+
+def test_load_pretrained_bad_tokenizer_before_weights(tmp_path):
+    write_config(tmp_path, TINY)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"never read")
+    with pytest.raises(WeightsError, match="not a valid tokenizer.json") as err:
+        load_pretrained(tmp_path, device="cpu")
+    assert str(tmp_path / "tokenizer.json") in one_line(err)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(WeightsError, match="no tokenizer.json"):
+        load_pretrained(tmp_path, device="cpu")
+
+
+def test_weights_error_is_one_class():
+    import miniqwen.tokenizer
+
+    assert loading.WeightsError is WeightsError is miniqwen.tokenizer.WeightsError
+
+
+# ----------------------------------------------------------------------------------------- sharded checkpoints
+
+
+def sharded_dir(tmp_path, source_dir):
+    """``tmp_path`` as a two-shard copy of the single-file checkpoint in ``source_dir``; returns the index path."""
+    state = load_file(str(source_dir / "model.safetensors"))
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / shard))
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((source_dir / name).read_bytes())
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+    return index
+
+
+def test_valid_sharded_checkpoint_loads(tiny_checkpoint, tmp_path):
+    path, ref = tiny_checkpoint
+    sharded_dir(tmp_path, path)
+    model, _ = load_pretrained(tmp_path, device="cpu")
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref(ids).logits, atol=1e-5, rtol=0)
+
+
+def _tiny_dir(tmp_path):
+    """config + stand-in tokenizer, and no weights: errors about the index must come before any shard is read."""
+    write_config(tmp_path, TINY)
+    write_stand_in_tokenizer(tmp_path / "tokenizer.json")
+    return tmp_path / "model.safetensors.index.json"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("not json", ["cannot read it as JSON"]),
+    ("", ["cannot read it as JSON"]),
+    ("[1, 2]", ["expected a JSON object", "list"]),
+    ('"weight_map"', ["expected a JSON object", "str"]),
+    ("{}", ["'weight_map'", "NoneType"]),
+    ('{"weight_map": ["model.safetensors"]}', ["'weight_map'", "list"]),
+    ('{"weight_map": "model.safetensors"}', ["'weight_map'", "str"]),
+    ('{"weight_map": {}}', ["'weight_map' is empty"]),
+    ('{"weight_map": {"lm_head.weight": 1}}', ["lm_head.weight", "1"]),
+    ('{"weight_map": {"lm_head.weight": null}}', ["lm_head.weight", "None"]),
+    ('{"weight_map": {"lm_head.weight": ["a.safetensors"]}}', ["lm_head.weight"]),
+    ('{"weight_map": {"lm_head.weight": "/etc/passwd"}}', ["/etc/passwd", "not a file inside"]),
+    ('{"weight_map": {"lm_head.weight": "../x.safetensors"}}', ["../x.safetensors", "not a file inside"]),
+    ('{"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}',
+     ["model-00001-of-00002.safetensors", "does not exist"]),
+])
+def test_bad_sharded_index(tmp_path, text, words):
+    index = _tiny_dir(tmp_path)
+    index.write_text(text)
+    with pytest.raises(WeightsError) as err:
+        load_pretrained(tmp_path, device="cpu")
+    msg = one_line(err)
+    assert str(index) in msg and all(w in msg for w in words), msg
+
+
+def test_index_not_utf8(tmp_path):
+    index = _tiny_dir(tmp_path)
+    index.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(WeightsError, match="cannot read it as JSON") as err:
+        load_pretrained(tmp_path, device="cpu")
+    assert str(index) in one_line(err)
+
+
+def test_missing_shard_found_before_any_shard_is_read(tmp_path, monkeypatch):
+    index = _tiny_dir(tmp_path)
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}))
+    read = []
+    monkeypatch.setattr(loading, "load_file", lambda f: read.append(f) or {})
+    with pytest.raises(WeightsError, match="model-00002-of-00002.safetensors'?, but .* does not exist") as err:
+        load_pretrained(tmp_path, device="cpu")
+    assert str(index) in one_line(err) and read == []
+
+
+def test_tensor_in_two_shards_or_not_float(tmp_path):
+    index = _tiny_dir(tmp_path)
+    save_file({"a": torch.zeros(2), "b": torch.zeros(2)}, str(tmp_path / "s1.safetensors"))
+    save_file({"b": torch.ones(2)}, str(tmp_path / "s2.safetensors"))
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    with pytest.raises(WeightsError, match=r"s2.safetensors: 1 tensors also found in an earlier shard: \['b'\]"):
+        load_pretrained(tmp_path, device="cpu")
+    save_file({"b": torch.ones(2, dtype=torch.int32)}, str(tmp_path / "s2.safetensors"))
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "s1.safetensors"))
+    with pytest.raises(WeightsError, match=r"s2.safetensors: tensor b has dtype torch.int32"):
+        load_pretrained(tmp_path, device="cpu")
+
+
+def test_bad_dtype_argument(tmp_path):
+    with pytest.raises(ValueError, match="unknown dtype 'nn'"):
+        load_pretrained(tmp_path, dtype="nn", device="cpu")
+    with pytest.raises(ValueError, match="floating-point"):
+        load_pretrained(tmp_path, dtype="int64", device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------------ ledger
+
+
+def test_ledger_through_symlink_stays_one_file(tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.mkdir()
+    b.mkdir()
+    target, link = a / "ledger.jsonl", b / "ledger.jsonl"
+    Ledger(target).charge("first", 5, "eval")
+    link.symlink_to(target)
+    via_link = Ledger(link)
+    via_link.charge("baseline_eval", 10**13, "generate")
+    via_link.charge("lora_default", 3 * 10**15, "train")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert [e["stage"] for e in Ledger(target).entries()] == ["first", "baseline_eval", "lora_default"]
+    assert Ledger(target).total() == via_link.total() == 5 + 10**13 + 3 * 10**15
+    assert sorted(p.name for p in a.iterdir()) == ["ledger.jsonl", "ledger.jsonl.lock"]  # no temp file left
+    assert sorted(p.name for p in b.iterdir()) == ["ledger.jsonl"]  # lock and temp beside the target only
+
+
+def test_ledger_dangling_link_and_linked_directory(tmp_path):
+    real = tmp_path / "real"
+    link = tmp_path / "dangling.jsonl"
+    link.symlink_to(real / "sub" / "ledger.jsonl")  # target (and its directory) do not exist yet
+    Ledger(link).charge("s", 7, "eval")
+    assert link.is_symlink() and Ledger(real / "sub" / "ledger.jsonl").total() == 7
+    (tmp_path / "runs").symlink_to(real / "sub", target_is_directory=True)
+    Ledger(tmp_path / "runs" / "ledger.jsonl").charge("s", 8, "eval")
+    assert (tmp_path / "runs").is_symlink() and Ledger(link).total() == 15
+
+
+BAD_FLOPS = [float("nan"), float("inf"), float("-inf"), -1, -1.0, 1.5, True, "5", None, [5]]
+
+
+@pytest.mark.parametrize("flops", BAD_FLOPS, ids=repr)
+def test_ledger_charge_refuses_bad_flops(tmp_path, flops):
+    path = tmp_path / "l.jsonl"
+    ledger = Ledger(path)
+    ledger.charge("a", 1, "eval")
+    with pytest.raises(ValueError) as err:
+        ledger.charge("b", flops, "eval")
+    msg = one_line(err)
+    assert str(path) in msg and "flops" in msg, msg
+    assert ledger.total() == 1 and len(path.read_text().splitlines()) == 1
+
+
+def test_ledger_charge_refuses_non_finite_details(tmp_path):
+    path = tmp_path / "l.jsonl"
+    with pytest.raises(ValueError, match="JSON-serialisable") as err:
+        Ledger(path).charge("a", 1, "eval", loss=math.nan)
+    assert str(path) in one_line(err) and not path.exists()
+
+
+def test_ledger_accepts_integral_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    ledger = Ledger(tmp_path / "l.jsonl")
+    assert ledger.charge("a", np.int64(5), "eval")["flops"] == 5
+    assert ledger.charge("a", 2e15, "eval")["flops"] == 2 * 10**15
+    assert type(ledger.entries()[0]["flops"]) is int and ledger.total() == 5 + 2 * 10**15
+
+
+@pytest.mark.parametrize("planned", BAD_FLOPS, ids=repr)
+def test_ledger_check_refuses_bad_plan(tmp_path, planned, capsys):
+    path = tmp_path / "l.jsonl"
+    with pytest.raises(ValueError) as err:
+        Ledger(path).check(planned)
+    msg = one_line(err)
+    assert str(path) in msg and "planned" in msg, msg
+    assert capsys.readouterr().out == ""  # refused before printing a (meaningless) budget line
+
+
+@pytest.mark.parametrize("budget", [0, -1, float("nan"), float("inf"), 0.5, "1e17", None, True])
+def test_ledger_refuses_bad_budget(tmp_path, budget):
+    path = tmp_path / "l.jsonl"
+    ledger = Ledger(path)
+    ledger.charge("a", 1, "eval")
+    for call in (lambda: ledger.check(1, budget=budget), lambda: ledger.markdown_table(budget)):
+        with pytest.raises(ValueError) as err:
+            call()
+        msg = one_line(err)
+        assert str(path) in msg and "budget" in msg, msg
+
+
+def test_ledger_error_names_file_when_path_is_a_directory(tmp_path):
+    (tmp_path / "l.jsonl").mkdir()
+    with pytest.raises(LedgerError) as err:
+        Ledger(tmp_path / "l.jsonl").total()
+    assert str(tmp_path / "l.jsonl") in one_line(err)
