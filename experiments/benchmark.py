@@ -21,7 +21,8 @@ import torch
 
 from miniqwen import FlopCounter, KVCache, Qwen2Config, Qwen2ForCausalLM, load_pretrained
 
-from .common import run_cli, write_json
+from .results import write_json
+from .settings import run_cli
 
 
 def _time(fn) -> float:

@@ -39,19 +39,19 @@ _TRAIN = {"kind": "train", "runs": 1, "batch_size": 4, "seq_len": 512, "lora_ran
 #: "generate" (runs × trajectories × prompt + KV-cached generation), "eval" (runs × sequences × one forward pass
 #: of seq_len tokens with logits everywhere, e.g. a validation loss). Edit freely.
 PLAN: dict[str, list[dict]] = {
-    "baseline_eval": [{**_EVAL, "lora_rank": 0, "note": "untrained Qwen2.5-0.5B-Instruct, zero-shot"}],
+    "baseline": [{**_EVAL, "lora_rank": 0, "note": "untrained Qwen2.5-0.5B-Instruct, zero-shot"}],
     "lora_default": [
         {**_TRAIN, "steps": 10_000, "note": "coursework default settings: r=4, batch 4, context 512"},
         {**_EVAL, "lora_rank": 4},
     ],
-    "hparam_search": [
+    "sweep": [
         {**_TRAIN, "runs": 3, "steps": 300, "lora_rank": r, "note": f"r={r} x lr in (1e-5, 5e-5, 1e-4)"}
         for r in (2, 4, 8)
     ] + [{**_EVAL, "runs": 9, "lora_rank": 8, "note": "each of the 9 configs (priced at r=8, the dearest)"}],
     "context_length": [
         {**_TRAIN, "steps": 500, "seq_len": n, "lora_rank": 4, "note": f"context {n}, best lr"} for n in CONTEXTS
     ] + [{**_EVAL, "runs": 3, "lora_rank": 4}],
-    "final_train": [
+    "final": [
         {**_TRAIN, "steps": 1_000, "lora_rank": 8, "note": "best (rank, lr, context); priced at r=8, context 512"},
         {**_EVAL, "lora_rank": 8},
     ],

@@ -20,11 +20,12 @@ from .layers import (
     lora_modules,
     lora_parameter_count,
     merge_lora,
+    remove_lora,
     unmerge_lora,
 )
 
 __all__ = [
     "AdapterError", "LoRALinear", "apply_lora", "count_trainable_parameters", "export_peft", "load_adapter",
     "load_lora_state_dict", "lora_modules", "lora_parameter_count", "lora_settings", "lora_state_dict",
-    "merge_lora", "read_adapter_config", "save_adapter", "unmerge_lora",
+    "merge_lora", "read_adapter_config", "remove_lora", "save_adapter", "unmerge_lora",
 ]

@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from miniqwen.atomic import atomic_write
 from miniqwen.loading import describe_mismatch
 
 from .layers import LoRALinear, apply_lora, lora_modules
@@ -101,15 +102,8 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
             p.copy_(state[k])
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the temporary file over ``path`` (``os.replace``, atomic on POSIX)."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str | None = None,
@@ -131,7 +125,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str |
         raise AdapterError("save_adapter: the given LoRA state does not fit the model's LoRA layers")
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     _write_json(out_dir / ADAPTER_CONFIG, {"format": FORMAT, "version": 1, **settings, "base_model": base_model})
     return out_dir
 
@@ -220,6 +214,6 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
         "alpha_pattern": {},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / PEFT_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out_dir / PEFT_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     _write_json(out_dir / PEFT_CONFIG, config)
     return out_dir

@@ -212,6 +212,20 @@ def lora_parameter_count(config, rank: int, targets: Iterable[str] = ("q_proj", 
     return config.num_hidden_layers * total
 
 
+def remove_lora(model: nn.Module) -> None:
+    """Undo :func:`apply_lora`: put the original ``nn.Linear`` back in place of every adapter (unmerging first if
+    merged), so the same base model can take a new adapter without being reloaded. Parameters keep the
+    ``requires_grad`` that :func:`apply_lora` gave them (frozen). A model without adapters is left as it is."""
+    for name, lora in lora_modules(model).items():
+        if lora.merged:
+            lora.unmerge()
+        base = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
+        base.weight = lora.weight
+        base.bias = lora.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+
+
 def merge_lora(model: nn.Module) -> None:
     """:meth:`LoRALinear.merge` on every adapter of ``model``."""
     for m in lora_modules(model).values():

@@ -150,7 +150,8 @@ def load_state_dict_strict(model: Qwen2ForCausalLM, state: dict[str, torch.Tenso
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 matmuls are slow there), bfloat16 on CUDA (Qwen2.5's training dtype)."""
+    """The library's default weights dtype: float32 on CPU (exact; the experiment stages pick bf16 on CPUs with
+    native bf16 matmuls through ``miniqwen.device.default_compute_dtype``), bfloat16 on CUDA (Qwen2.5's dtype)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

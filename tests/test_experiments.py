@@ -41,15 +41,16 @@ def test_baseline_end_to_end(tiny_full_vocab, sim_file, tmp_path, prompt, sample
     printed = capsys.readouterr().out
     assert "preprocessed text" in printed and "token ids" in printed
     results = json.loads((out / "results.json").read_text())
-    assert results["trajectories"] == 3
+    zero_shot = results["evaluations"]["zero-shot"]
+    assert len(zero_shot["trajectories"]) == 3
     for species in ("prey", "predator"):
-        m = results["metrics"][species]
+        m = zero_shot["metrics"][species]
         assert np.isfinite([m["mse"], m["mae"]]).all() and len(m["mae_by_step"]) == 3
-    assert 0.0 <= results["parsed_fraction"] <= 1.0
-    assert results["validation_loss"]["tokens"] > 0
+    assert 0.0 <= zero_shot["parsed_fraction"] <= 1.0
+    assert results["details"]["validation_loss"]["tokens"] > 0
     # what was charged is what results.json reports, and the plan was an upper bound
     assert Ledger(ledger).total() == results["flops"]["total"] > 0
-    assert results["flops"]["total"] <= results["flops"]["planned_upper_bound"]
+    assert results["flops"]["total"] <= results["flops"]["planned"]
     with open(out / "per_trajectory.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 3
     assert len((out / "generations.jsonl").read_text().splitlines()) == 3
@@ -57,7 +58,7 @@ def test_baseline_end_to_end(tiny_full_vocab, sim_file, tmp_path, prompt, sample
 
 def test_baseline_missing_data_is_a_clear_error(tiny_full_vocab, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        from experiments.common import run_cli
+        from experiments.settings import run_cli
 
         run_cli(lambda: baseline.main(["--model", str(tiny_full_vocab), "--data", str(tmp_path / "none.h5"),
                                        "--ledger", str(tmp_path / "l.jsonl"), "--out", str(tmp_path)]))
@@ -67,7 +68,7 @@ def test_baseline_missing_data_is_a_clear_error(tiny_full_vocab, tmp_path, capsy
 
 
 def test_baseline_missing_model_is_a_clear_error(sim_file, tmp_path, capsys):
-    from experiments.common import run_cli
+    from experiments.settings import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: baseline.main(["--model", str(tmp_path / "no-model"), "--data", str(sim_file),
@@ -78,7 +79,7 @@ def test_baseline_missing_model_is_a_clear_error(sim_file, tmp_path, capsys):
 
 
 def test_baseline_refuses_over_budget(tiny_full_vocab, sim_file, tmp_path, capsys):
-    from experiments.common import run_cli
+    from experiments.settings import run_cli
 
     ledger = Ledger(tmp_path / "l.jsonl")
     ledger.charge("earlier", 10**17, "train")

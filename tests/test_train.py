@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from conftest import REPO, write_tiny_checkpoint
 from data.chunks import make_chunks
 from experiments.budget import BUDGET, BudgetExceededError, Ledger
-from experiments.train import (
-    TrainConfig, loss_flops, next_token_loss, read_log, save_chunks, train, validation_loss,
-)
+from experiments.settings import LoRASettings, TrainSettings
+from experiments.train import save_chunks
+from experiments.training import next_token_loss, read_log, train as train_loop, validation_loss
 from lora import apply_lora, load_adapter, lora_state_dict
 from miniqwen import FlopCounter, Qwen2Config, Qwen2ForCausalLM
-from miniqwen.flops import forward_flops
+from miniqwen.flops import forward_flops, loss_flops
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2)
@@ -41,10 +41,16 @@ def random_chunks(n_seqs, seed, min_len=5, max_len=40):
 
 
 def config(**overrides):
-    base = dict(stage="test", lr=1e-2, batch_size=2, context_length=L, max_steps=6, eval_every=3, eval_batches=2,
+    base = dict(lr=1e-2, batch_size=2, context_length=L, max_steps=6, eval_every=3, eval_batches=2,
                 checkpoint_every=2, progress=False)
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainSettings(**base)
+
+
+def train(model, train_chunks, val_chunks, settings, out_dir, **kwargs):
+    """The training loop under ledger stage "test", with the rank-4 q,v adapters tiny_lora_model attaches."""
+    return train_loop(model, train_chunks, val_chunks, settings, out_dir, lora=LoRASettings(rank=4), stage="test",
+                      **kwargs)
 
 
 def test_padded_chunk_has_same_loss_as_unpadded():
@@ -180,7 +186,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, tokenizer_dir):
     killed = run("resumed", "--kill-after-step", "5")  # checkpoint at 4, step 5 is lost and redone
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 4
+    assert state["loop"]["step"] == 4
     resumed = run("resumed", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
@@ -216,13 +222,14 @@ def test_lora_default_end_to_end_on_tiny_model(tmp_path, tokenizer_dir):
             "2", "--eval-batches", "1", "--lr", "1e-3", "--no-progress"]
     assert lora_default.main(argv) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["training"]["steps"] == 3
-    for side in ("untrained", "trained"):
-        assert set(results[side]["metrics"]) == {"prey", "predator"} and results[side]["val_loss"] > 0
-    assert "| prey MSE |" in results["table_markdown"]
-    assert "| metric | untrained | trained (LoRA) |" in (tmp_path / "run" / "README.md").read_text()
+    assert results["details"]["training"]["steps"] == 3
+    for side in ("untrained", "lora"):
+        evaluation = results["evaluations"][side]
+        assert set(evaluation["metrics"]) == {"prey", "predator"} and evaluation["validation_loss"] > 0
+    assert "| prey MSE |" in results["details"]["table_markdown"]
+    assert "| metric | untrained | lora |" in (tmp_path / "run" / "README.md").read_text()
     assert (tmp_path / "run" / "peft_adapter" / "adapter_model.safetensors").is_file()
     charged = Ledger(ledger).total()
-    assert charged == results["flops"]["total"] <= results["flops"]["planned_upper_bound"]
+    assert charged == results["flops"]["total"] <= results["flops"]["planned"]
     with pytest.raises(ValueError, match="--resume"):  # an existing run is never overwritten
         lora_default.main(argv)

@@ -1,0 +1,68 @@
+"""Planned FLOPs of what the stages run, from the closed forms in :mod:`miniqwen.flops` — the one place a plan is
+priced (the stages check it against the ledger before they start, ``experiments.flops`` prints the full plan).
+Conventions: training = 3× forward (backward = 2× forward), evaluation and generation = 1× forward."""
+
+from __future__ import annotations
+
+from miniqwen.flops import forward_flops, generation_flops, loss_flops
+
+from .settings import ForecastSettings, LoRASettings, TrainSettings
+
+
+def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int, forecast: ForecastSettings,
+                  lora: LoRASettings | None = None, head_rows: int | None = None) -> int:
+    """Upper bound on the FLOPs of :class:`evaluation.LLMForecaster` for prompts of ``prompt_lengths`` tokens.
+
+    Prompts are batched by length as the forecaster does, each batch costed with
+    :func:`miniqwen.flops.generation_flops` at its longest prompt, every row assumed to generate the full
+    ``max_tokens_per_step(decimals) · horizon`` tokens. ``lora`` adds the adapters' cost; ``head_rows`` = rows of
+    the output head computed while decoding (None = the whole vocabulary).
+    """
+    from .evaluation import max_tokens_per_step
+
+    lens = sorted(prompt_lengths)
+    max_new = max_tokens_per_step(decimals) * horizon
+    rank, targets = (lora.rank, tuple(lora.targets)) if lora else (0, ())
+    total = 0
+    for start in range(0, len(lens), forecast.gen_batch_size):
+        batch = lens[start : start + forecast.gen_batch_size]
+        total += generation_flops(config, max(batch), max_new, len(batch), rank, targets or ("q_proj", "v_proj"),
+                                  num_samples=forecast.samples, **({"head_rows": head_rows} if head_rows else {}))
+    return total
+
+
+def chunk_pass_flops(config, batch_size: int, context_length: int, lora: LoRASettings | None = None) -> int:
+    """One forward + loss over ``batch_size`` full chunks of ``context_length`` tokens (1× convention)."""
+    rank, targets = (lora.rank, tuple(lora.targets)) if lora else (0, ("q_proj", "v_proj"))
+    return forward_flops(config, batch_size, context_length, lora_rank=rank, lora_targets=targets) + \
+        loss_flops(config.vocab_size, batch_size * (context_length - 1))
+
+
+def validation_loss_cost(config, n_chunks: int, batch_size: int, context_length: int,
+                         lora: LoRASettings | None = None) -> int:
+    """FLOPs of a validation loss over ``n_chunks`` chunks in batches of ``batch_size`` (an upper bound: every
+    position a real target)."""
+    return sum(chunk_pass_flops(config, min(batch_size, n_chunks - s), context_length, lora)
+               for s in range(0, n_chunks, batch_size))
+
+
+def evaluations_ahead(train: TrainSettings, start_step: int = 0) -> int:
+    """Validation-loss evaluations a run of ``train`` does from ``start_step``: step 0 (if ``eval_at_start`` and
+    starting at 0), every multiple of ``eval_every`` still ahead, and the last step if it is not one of them."""
+    e, n = train.eval_every, 0
+    if train.max_steps > start_step:
+        n = (train.max_steps // e - start_step // e) if e else 0
+        n += 0 if e and train.max_steps % e == 0 else 1
+    if start_step == 0 and train.eval_at_start:
+        n += 1
+    return n
+
+
+def training_cost(config, train: TrainSettings, lora: LoRASettings, val_rows: int, start_step: int = 0) -> int:
+    """FLOPs a training run will be charged from ``start_step`` to ``train.max_steps``: 3× (forward + loss) per
+    step, plus 1× per validation-loss evaluation over ``val_rows`` chunks (0 = no evaluation). An upper bound:
+    every position is taken as a real target and early stopping is ignored."""
+    steps = max(0, train.max_steps - start_step)
+    per_eval = validation_loss_cost(config, val_rows, train.batch_size, train.context_length, lora)
+    n_evals = evaluations_ahead(train, start_step) if val_rows else 0
+    return 3 * steps * chunk_pass_flops(config, train.batch_size, train.context_length, lora) + n_evals * per_eval

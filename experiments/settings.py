@@ -1,0 +1,463 @@
+"""Settings of every stage as small dataclasses, and the only code that touches argparse.
+
+A stage builds its parser from the groups it needs (:func:`parser`), and :func:`parse` turns the command line into
+the dataclasses, validating every value before any data is read, any model loaded or any FLOP spent. Library
+functions take the dataclasses (or plain values), never an ``argparse.Namespace``, so a sweep can call them in a
+loop. Every field a run depends on is recorded in its results (:func:`as_record`).
+
+Names: ``llmtime_scale`` is the LLMTIME scale α (data units per text unit); ``lora_alpha`` is LoRA's scaling
+numerator; ``precision`` is the compute dtype (weights and autocast), one name for one meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data import DataError
+from miniqwen import ConfigError, WeightsError
+from miniqwen.flops import LORA_TARGETS
+from miniqwen.loading import DEFAULT_MODEL
+
+from .budget import BudgetExceededError, LedgerError
+
+MODEL_ENV_VAR = "MINIQWEN_MODEL"
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+SPLITS = ("train", "validation", "test")
+
+
+class UsageError(ValueError):
+    """A bad option value or options that cannot work together; reported as one line, exit status 2."""
+
+
+class OptionError(UsageError):
+    """One field of a settings dataclass holds a value that is not allowed.
+
+    Attributes: ``field`` (the dataclass field name), ``value``, ``allowed`` (what would be accepted). The command
+    line names the option that sets the field (:func:`parse`); library callers see the field name.
+    """
+
+    def __init__(self, field_name: str, value, allowed: str):
+        self.field, self.value, self.allowed = field_name, value, allowed
+        super().__init__(f"{field_name}={value!r}: {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks shared by the dataclasses
+# ---------------------------------------------------------------------------------------------------------------
+
+def _int(name: str, value, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise OptionError(name, value, f"must be an integer >= {minimum}" + (" (or unset)" if optional else ""))
+
+
+def _float(name: str, value, low: float, high: float = math.inf, low_open: bool = False,
+           high_open: bool = False, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo = f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high == math.inf else f" and {'<' if high_open else '<='} {high:g}"
+        raise OptionError(name, value, f"must be a finite number {lo}{hi}")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise OptionError(name, value, f"must be one of {', '.join(map(str, choices))}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The settings
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSettings:
+    """What a run runs on and where it writes.
+
+    Attributes:
+        model: HF-layout model directory or Hub repo id.
+        device: "cpu", "cuda" or "cuda:N"; None = cuda if available, else cpu.
+        precision: compute dtype — "auto" (bf16 on CUDA and on CPUs with native bf16 matmuls, else float32),
+            "float32", "bfloat16" or "float16". Weights are held in it; training also autocasts to it.
+        seed: seeds Python, NumPy and torch, the data order, LoRA's initialisation and sampling.
+        out: output directory (None = ``runs/<stage>``).
+        ledger: FLOP ledger file (None = ``$MINIQWEN_LEDGER`` or ``runs/flops_ledger.jsonl``).
+        force: run even if the FLOP budget would be exceeded.
+        resume: continue the run in ``out``; overwrite: replace the results already in ``out``.
+    """
+
+    model: str = DEFAULT_MODEL
+    device: str | None = None
+    precision: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    ledger: str | None = None
+    force: bool = False
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        _choice("precision", self.precision, PRECISIONS)
+        _int("seed", self.seed, 0)
+        if self.device is not None:
+            import torch
+
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise OptionError("device", self.device, "must be cpu, cuda or cuda:N") from None
+            if device.type not in ("cpu", "cuda"):
+                raise OptionError("device", self.device, "must be cpu, cuda or cuda:N")
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise OptionError("device", self.device, "CUDA is not available on this machine (use cpu)")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite cannot be used together")
+
+
+@dataclass
+class DataSettings:
+    """Where the data is and how it becomes LLMTIME text.
+
+    Attributes:
+        data: the HDF5 file (None = ``$MINIQWEN_DATA``, ``data/lotka_volterra_data.h5`` or
+            ``../shared/data/lotka_volterra_data.h5``).
+        decimals: decimals per value in the text.
+        scale_quantile, scale_target: LLMTIME scale = ``scale_quantile`` quantile of the training values /
+            ``scale_target`` (Gruver et al. 2023, section 3).
+    """
+
+    data: str | None = None
+    decimals: int = 2
+    scale_quantile: float = 0.99
+    scale_target: float = 10.0
+
+    def validate(self) -> None:
+        _int("decimals", self.decimals, 0)
+        if self.decimals > 8:
+            raise OptionError("decimals", self.decimals, "must be between 0 and 8")
+        _float("scale_quantile", self.scale_quantile, 0.0, 1.0, low_open=True)
+        _float("scale_target", self.scale_target, 0.0, low_open=True)
+
+
+@dataclass
+class ForecastSettings:
+    """Which trajectories are forecast and how.
+
+    Attributes:
+        split: "train", "validation" or "test"; limit: the first this-many trajectories of it (None = all).
+        context_steps: observed time steps in the prompt; horizon: time steps forecast after them.
+        prompt: "raw" (LLMTIME continuation) or "chat" (an instruction in Qwen's chat format).
+        samples: 1 = greedy; N > 1 = element-wise median of N samples at ``temperature`` / ``top_p``.
+        gen_batch_size: prompts per generation batch. plots: forecasts drawn per PNG (0 = none).
+    """
+
+    split: str = "validation"
+    limit: int | None = None
+    context_steps: int = 80
+    horizon: int = 20
+    prompt: str = "raw"
+    samples: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.9
+    gen_batch_size: int = 8
+    plots: int = 4
+
+    def validate(self) -> None:
+        _choice("split", self.split, SPLITS)
+        _int("limit", self.limit, 1, optional=True)
+        _int("context_steps", self.context_steps, 1)
+        _int("horizon", self.horizon, 1)
+        _choice("prompt", self.prompt, ("raw", "chat"))
+        _int("samples", self.samples, 1)
+        _int("gen_batch_size", self.gen_batch_size, 1)
+        _int("plots", self.plots, 0)
+        _float("temperature", self.temperature, 0.0, low_open=True)
+        _float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+
+
+@dataclass
+class LoRASettings:
+    """The adapter (Hu et al. 2021): ``rank`` r, ``lora_alpha`` (update scaled by lora_alpha / r; None = r, scale 1)
+    and the projections it wraps in every decoder layer (``targets``)."""
+
+    rank: int = 4
+    lora_alpha: float | None = None
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+    def validate(self) -> None:
+        _int("rank", self.rank, 1)
+        _float("lora_alpha", self.lora_alpha, 0.0, low_open=True, optional=True)
+        if not self.targets or any(t not in LORA_TARGETS for t in self.targets) or len(set(self.targets)) != len(
+                self.targets):
+            raise OptionError("targets", ",".join(self.targets),
+                              f"must be distinct names among {', '.join(LORA_TARGETS)}")
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation of one training run (defaults: the coursework's LoRA defaults).
+
+    Attributes:
+        lr: AdamW learning rate (constant). batch_size: chunks per step. context_length: tokens per chunk.
+        stride: offset between chunk starts (None = context_length, no overlap).
+        max_steps: optimizer steps in total. train_limit: use only the first N training trajectories (None = all).
+        weight_decay, betas, eps: AdamW's. max_grad_norm: clip the gradient norm to this (None = no clipping).
+        eval_every: validation loss every this many steps (0 = only at the start and the end); eval_batches:
+            validation subset of ``eval_batches · batch_size`` chunks drawn once with the seed (0 = all chunks);
+            eval_at_start: evaluate before the first step.
+        early_stop_patience: stop after this many evaluations without a new best (0 = off); restore_best: put the
+            best-validation weights back into the model at the end.
+        checkpoint_every: checkpoint (and charge the ledger) every this many steps and after the last.
+        progress: show a progress bar.
+    """
+
+    lr: float = 1e-5
+    batch_size: int = 4
+    context_length: int = 512
+    stride: int | None = None
+    max_steps: int = 10_000
+    train_limit: int | None = None
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 500
+    eval_batches: int = 8
+    eval_at_start: bool = True
+    early_stop_patience: int = 0
+    restore_best: bool = False
+    checkpoint_every: int = 500
+    progress: bool = True
+
+    #: fields that define the optimisation trajectory: a resumed run must use the same values
+    RESUME_FIXED = ("lr", "batch_size", "context_length", "stride", "train_limit", "weight_decay", "betas", "eps",
+                    "max_grad_norm", "eval_batches")
+
+    def validate(self) -> None:
+        _float("lr", self.lr, 0.0, 1.0, low_open=True)
+        _int("batch_size", self.batch_size, 1)
+        _int("context_length", self.context_length, 2)
+        _int("stride", self.stride, 1, optional=True)
+        _int("max_steps", self.max_steps, 1)
+        _int("train_limit", self.train_limit, 1, optional=True)
+        _float("weight_decay", self.weight_decay, 0.0)
+        _float("eps", self.eps, 0.0, low_open=True)
+        for b in self.betas:
+            _float("betas", b, 0.0, 1.0, high_open=True)
+        _float("max_grad_norm", self.max_grad_norm, 0.0, low_open=True, optional=True)
+        _int("eval_every", self.eval_every, 0)
+        _int("eval_batches", self.eval_batches, 0)
+        _int("early_stop_patience", self.early_stop_patience, 0)
+        _int("checkpoint_every", self.checkpoint_every, 1)
+        if self.early_stop_patience and not self.eval_every:
+            raise UsageError("early stopping (--early-stop) needs periodic evaluations: set --eval-every > 0")
+
+
+@dataclass
+class LossSettings:
+    """The token-level validation loss a stage measures besides forecasting: over the first ``loss_limit``
+    validation trajectories (None = all, 0 = skip), cut into chunks of ``loss_context_length`` tokens, evaluated
+    ``loss_batch_size`` chunks at a time."""
+
+    loss_limit: int | None = None
+    loss_context_length: int = 512
+    loss_batch_size: int = 4
+
+    def validate(self) -> None:
+        _int("loss_limit", self.loss_limit, 0, optional=True)
+        _int("loss_context_length", self.loss_context_length, 2)
+        _int("loss_batch_size", self.loss_batch_size, 1)
+
+
+GROUPS = {"run": RunSettings, "data": DataSettings, "forecast": ForecastSettings, "lora": LoRASettings,
+          "train": TrainSettings,
+          "loss": LossSettings}
+
+
+def as_record(**settings) -> dict:
+    """``{group: {field: value}}`` of settings dataclasses, JSON-ready, for results (no machine paths: file
+    options are recorded by their file name only)."""
+    out = {}
+    for group, s in settings.items():
+        d = dataclasses.asdict(s)
+        for key in ("model", "data", "out", "ledger"):
+            if d.get(key) and os.sep in str(d[key]) and Path(str(d[key])).exists():
+                d[key] = Path(str(d[key])).name
+        out[group] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+def _none_or(kind):
+    def convert(text: str):
+        return None if text.lower() in ("none", "all", "") else kind(text)
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def parser(prog: str, description: str, *groups: str, defaults: dict | None = None,
+           forecast_batch_flag: str = "--batch-size") -> argparse.ArgumentParser:
+    """An argparse parser with the options of the named setting ``groups`` (keys of :data:`GROUPS`).
+
+    ``defaults`` = ``{group: dataclass instance}`` overrides a group's defaults (e.g. a stage's training
+    defaults). ``forecast_batch_flag`` spells :attr:`ForecastSettings.gen_batch_size` (training stages use
+    ``--batch-size`` for training, so they call it ``--gen-batch-size``).
+    """
+    d = {name: (defaults or {}).get(name) or cls() for name, cls in GROUPS.items()}
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    r, dt, f, lo, t, ls = d["run"], d["data"], d["forecast"], d["lora"], d["train"], d["loss"]
+    if "run" in groups:
+        g = p.add_argument_group("run")
+        g.add_argument("--model", default=os.environ.get(MODEL_ENV_VAR, r.model),
+                       help=f"HF-layout model directory or Hub repo id (default: ${MODEL_ENV_VAR} or {r.model})")
+        g.add_argument("--device", default=r.device, help="cpu, cuda or cuda:N (default: cuda if available)")
+        g.add_argument("--precision", default=r.precision, choices=PRECISIONS,
+                       help="compute dtype; auto = bf16 on CUDA and on CPUs with native bf16, else float32")
+        g.add_argument("--seed", type=int, default=r.seed, help=f"random seed (default {r.seed})")
+        g.add_argument("--out", default=r.out, help="output directory (default: runs/<stage>)")
+        g.add_argument("--ledger", default=r.ledger,
+                       help="FLOP ledger file (default: $MINIQWEN_LEDGER or runs/flops_ledger.jsonl)")
+        g.add_argument("--force", action="store_true", help="run even if the FLOP budget would be exceeded")
+        g.add_argument("--resume", action="store_true", help="continue the run already in --out")
+        g.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    if "data" in groups:
+        g = p.add_argument_group("data")
+        g.add_argument("--data", default=dt.data, help="Lotka-Volterra HDF5 file (default: $MINIQWEN_DATA, "
+                       "data/lotka_volterra_data.h5 or ../shared/data/lotka_volterra_data.h5)")
+        g.add_argument("--decimals", type=int, default=dt.decimals, help=f"decimals per value (default {dt.decimals})")
+        g.add_argument("--scale-quantile", type=float, default=dt.scale_quantile,
+                       help="LLMTIME scale = this quantile of the training values / --scale-target (default 0.99)")
+        g.add_argument("--scale-target", type=float, default=dt.scale_target,
+                       help="value the quantile maps to (default 10)")
+    if "forecast" in groups:
+        g = p.add_argument_group("forecasting")
+        g.add_argument("--split", default=f.split, choices=SPLITS, help=f"trajectories to forecast (default {f.split})")
+        g.add_argument("--limit", type=_none_or(int), default=f.limit,
+                       help="forecast the first N trajectories of the split (default: all)")
+        g.add_argument("--context-steps", type=int, default=f.context_steps,
+                       help=f"observed time steps in the prompt (default {f.context_steps})")
+        g.add_argument("--horizon", type=int, default=f.horizon, help=f"time steps to forecast (default {f.horizon})")
+        g.add_argument("--prompt", default=f.prompt, choices=["raw", "chat"],
+                       help="raw LLMTIME continuation or a Qwen chat instruction (default raw)")
+        g.add_argument("--samples", type=int, default=f.samples, help="1 = greedy (default); N = median of N samples")
+        g.add_argument("--temperature", type=float, default=f.temperature, help="sampling temperature (--samples > 1)")
+        g.add_argument("--top-p", type=float, default=f.top_p, help="nucleus mass (--samples > 1)")
+        g.add_argument(forecast_batch_flag, dest="gen_batch_size", type=int, default=f.gen_batch_size,
+                       help=f"prompts per generation batch (default {f.gen_batch_size})")
+        g.add_argument("--plots", type=int, default=f.plots, help=f"forecasts drawn per PNG (default {f.plots})")
+    if "lora" in groups:
+        g = p.add_argument_group("LoRA")
+        g.add_argument("--rank", type=int, default=lo.rank, help=f"LoRA rank (default {lo.rank})")
+        g.add_argument("--lora-alpha", type=float, default=lo.lora_alpha,
+                       help="LoRA scaling numerator; the update is scaled by lora_alpha/rank (default: = rank)")
+        g.add_argument("--targets", default=",".join(lo.targets),
+                       help=f"comma-separated projections (default {','.join(lo.targets)})")
+    if "train" in groups:
+        g = p.add_argument_group("training")
+        g.add_argument("--lr", type=float, default=t.lr, help=f"AdamW learning rate (default {t.lr:g})")
+        g.add_argument("--batch-size", type=int, default=t.batch_size, help=f"chunks per step (default {t.batch_size})")
+        g.add_argument("--context-length", type=int, default=t.context_length,
+                       help=f"tokens per training chunk (default {t.context_length})")
+        g.add_argument("--stride", type=_none_or(int), default=t.stride,
+                       help="offset between chunk starts (default: = context length)")
+        g.add_argument("--max-steps", type=int, default=t.max_steps, help=f"optimizer steps (default {t.max_steps})")
+        g.add_argument("--train-limit", type=_none_or(int), default=t.train_limit,
+                       help="use only the first N training trajectories (default: all)")
+        g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay (default 0)")
+        g.add_argument("--max-grad-norm", type=_none_or(float), default=t.max_grad_norm,
+                       help=f"clip the gradient norm to this (default {t.max_grad_norm}; none = no clipping)")
+        g.add_argument("--eval-every", type=int, default=t.eval_every,
+                       help=f"steps between validation losses (default {t.eval_every}; 0 = start and end only)")
+        g.add_argument("--eval-batches", type=int, default=t.eval_batches,
+                       help=f"validation subset = this many batches (default {t.eval_batches}; 0 = all)")
+        g.add_argument("--no-eval-at-start", action="store_true", help="skip the step-0 validation loss")
+        g.add_argument("--early-stop", dest="early_stop_patience", type=int, default=t.early_stop_patience,
+                       help="stop after this many evaluations without improvement (default 0 = off)")
+        g.add_argument("--restore-best", action="store_true", default=t.restore_best,
+                       help="end with the best-validation-loss adapter")
+        g.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
+                       help=f"steps between checkpoints (default {t.checkpoint_every})")
+        g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if "loss" in groups:
+        g = p.add_argument_group("validation loss")
+        g.add_argument("--loss-limit", type=_none_or(int), default=ls.loss_limit,
+                       help="validation trajectories for the token loss (default: all; 0 = skip)")
+        g.add_argument("--context-length", dest="loss_context_length", type=int, default=ls.loss_context_length,
+                       help=f"tokens per validation-loss chunk (default {ls.loss_context_length})")
+        g.add_argument("--loss-batch-size", type=int, default=ls.loss_batch_size,
+                       help=f"chunks per validation-loss batch (default {ls.loss_batch_size})")
+    return p
+
+
+def _flag(p: argparse.ArgumentParser, field_name: str) -> str:
+    """The command-line spelling of a settings field in parser ``p`` (``--field-name`` if none is found)."""
+    for action in p._actions:
+        if action.dest == field_name and action.option_strings:
+            return action.option_strings[0]
+    return "--" + field_name.replace("_", "-")
+
+
+def parse(p: argparse.ArgumentParser, argv=None, **extra_fields) -> dict:
+    """Parse ``argv`` with ``p`` into ``{group: settings dataclass}`` for every group ``p`` has, plus the values of
+    any other options under their own names; every dataclass is validated.
+
+    Raises:
+        UsageError: one line naming the option, its value and what is allowed (exit status 2 via :func:`run_cli`).
+    """
+    args = vars(p.parse_args(argv))
+    out: dict = {}
+    fields_of = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in GROUPS.items()}
+    if "no_eval_at_start" in args:
+        args["eval_at_start"] = not args.pop("no_eval_at_start")
+    if "no_progress" in args:
+        args["progress"] = not args.pop("no_progress")
+    if "targets" in args and isinstance(args["targets"], str):
+        args["targets"] = tuple(t.strip() for t in args["targets"].split(","))
+    used = set()
+    for name, cls in GROUPS.items():
+        present = {k: args[k] for k in fields_of[name] if k in args}
+        # a group is present when the parser has any option of it that no earlier group claimed
+        if not (set(present) - used):
+            continue
+        out[name] = cls(**present)
+        used |= set(present)
+    for key, value in args.items():
+        if key not in used:
+            out[key] = value
+    try:
+        for s in out.values():
+            if dataclasses.is_dataclass(s):
+                s.validate()
+    except OptionError as err:
+        raise UsageError(f"{_flag(p, err.field)} {err.value!r}: {err.allowed}") from None
+    return out
+
+
+def run_cli(main) -> None:
+    """Run ``main()`` and turn the errors a user can fix into one clear line on stderr and exit status 2."""
+    from lora import AdapterError
+
+    from .training import CheckpointError
+
+    try:
+        sys.exit(main())
+    except (UsageError, DataError, WeightsError, ConfigError, BudgetExceededError, LedgerError, AdapterError,
+            CheckpointError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,292 @@
+"""The training loop: AdamW on the LoRA matrices, next-token loss on LLMTIME token chunks, periodic validation,
+checkpoints and FLOPs charged to the ledger as they are spent.
+
+    summary = train(model, train_chunks, val_chunks, TrainSettings(max_steps=100), "runs/x", lora=LoRASettings(),
+                    stage="lora_default", ledger=Ledger())
+
+Run directory: ``log.jsonl`` (one object per step ``{"kind": "train", "step", "loss", "lr", "tokens",
+"flops_so_far"}`` and per evaluation ``{"kind": "eval", "step", "val_loss", "flops_so_far"}``), ``checkpoint/``
+(:mod:`.checkpoint`), ``adapter/`` (final LoRA weights), ``best_adapter/`` (lowest validation loss),
+``summary.json`` (what :func:`train` returns) and ``loss_curve.png``. Resuming gives weights bit-identical to an
+uninterrupted run on the same device and thread count (tested).
+
+FLOPs (coursework rules): every forward runs inside a :class:`miniqwen.flops.FlopCounter` (model + LoRA + loss); a
+training step is charged 3× its counted forward (backward = 2× forward), an evaluation 1×. The ledger is charged at
+each checkpoint with what was spent since the last charge, before the checkpoint is written: a crash never loses a
+charge (steps redone after a crash are charged again, an over-count, never an under-count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from data.chunks import Chunks
+from lora import apply_lora, count_trainable_parameters, load_lora_state_dict, lora_modules, lora_settings, \
+    lora_state_dict, save_adapter
+from miniqwen.atomic import atomic_write
+from miniqwen.flops import FlopCounter
+
+from ..costs import training_cost
+from ..plots import plot_loss_curves
+from ..settings import LoRASettings, TrainSettings
+from .checkpoint import CheckpointError, find_checkpoint, fingerprint, read_checkpoint, restore, write_checkpoint
+from .loss import autocast_context, next_token_loss, validation_loss
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint stores besides tensors (all JSON-ready)."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0          # next chunk of this epoch's permutation
+    train_flops: int = 0       # already 3× forward
+    eval_flops: int = 0
+    charged_train: int = 0     # what the ledger already holds of the two above
+    charged_eval: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    last_val_loss: float | None = None
+    stopped_early: bool = False
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Order of the n training chunks in ``epoch``, from its own generator (seed, epoch): a resumed run rebuilds it
+    from (epoch, position) alone."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def validation_subset(n: int, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of the fixed validation subset: ``size`` of n chunks drawn with ``seed`` (all if size is 0
+    or >= n)."""
+    if size == 0 or size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))[:size].sort().values
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The entries of a ``log.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only log lines with ``step <= step`` (a killed run may have logged steps after its last checkpoint)."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by the kill: drop it
+            continue
+    atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def _attach(model: nn.Module, lora: LoRASettings, seed: int) -> None:
+    """Attach the adapters of ``lora`` (initialised from ``seed``), or check that the ones attached match it."""
+    if not lora_modules(model):
+        torch.manual_seed(seed)
+        apply_lora(model, lora.rank, lora.lora_alpha, lora.targets)
+        return
+    have = lora_settings(model)
+    want = {"rank": lora.rank, "alpha": lora.lora_alpha or lora.rank, "targets": list(lora.targets)}
+    if have != want:
+        raise ValueError(f"the model's adapters {have} differ from the LoRA settings {want}")
+
+
+def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, settings: TrainSettings,
+          out_dir: str | os.PathLike, *, lora: LoRASettings | None = None, seed: int = 0, stage: str = "train",
+          precision: str = "float32", ledger=None, resume: bool = False, force: bool = False, on_step=None) -> dict:
+    """Train LoRA adapters of ``lora`` on ``model`` (attached here if the model has none) over token chunks.
+
+    Args:
+        model: a miniqwen ``Qwen2ForCausalLM`` on its device; only the LoRA matrices are trained.
+        train_chunks, val_chunks: ``data.chunks.Chunks`` [M, L] with L = ``settings.context_length`` (validation
+            may be None: no evaluation); the validation subset is fixed by ``settings.eval_batches`` and ``seed``.
+        out_dir: the run directory (see the module docstring).
+        stage: ledger stage name; ledger: an ``experiments.budget.Ledger`` or None (nothing checked or charged).
+        precision: "float32" or an autocast dtype ("bfloat16", "float16").
+        resume: continue from the checkpoint in ``out_dir`` (same settings and data required).
+        on_step: called with the step number after each step (tests use it to simulate a crash).
+
+    Returns the summary dict (also ``summary.json``).
+
+    Raises:
+        FileExistsError: ``out_dir`` holds a checkpoint and ``resume`` is False.
+        CheckpointError: ``resume`` with nothing to resume, or a corrupt checkpoint.
+        ValueError: chunk widths differ from ``settings.context_length``, fewer chunks than a batch, a resumed run
+            with other settings or data. BudgetExceededError: the plan would exceed the budget.
+    """
+    lora = lora or LoRASettings()
+    settings.validate()
+    lora.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    M, B = len(train_chunks), settings.batch_size
+    for name, chunks in (("training", train_chunks), ("validation", val_chunks)):
+        if chunks is not None and len(chunks) and chunks.input_ids.shape[1] != settings.context_length:
+            raise ValueError(f"{name} chunks have width {chunks.input_ids.shape[1]}, context_length is "
+                             f"{settings.context_length}")
+    if M < B:
+        raise ValueError(f"{M} training chunks cannot fill a batch of {B}")
+    _attach(model, lora, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    val = None
+    if val_chunks is not None and len(val_chunks):
+        idx = validation_subset(len(val_chunks), settings.eval_batches * B, seed)
+        val = Chunks(val_chunks.input_ids[idx], val_chunks.attention_mask[idx])
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
+                                  weight_decay=settings.weight_decay)
+    record = {"settings": _record(settings), "lora": _record(lora), "seed": seed,
+              "data": {"train": fingerprint(train_chunks), "val": fingerprint(val)}}
+    log_path = out_dir / "log.jsonl"
+
+    # ---- fresh start or resume
+    st, best = TrainState(), None
+    ckpt = find_checkpoint(out_dir)
+    if ckpt is not None and not resume:
+        raise FileExistsError(f"{out_dir} already holds a training checkpoint; pass --resume to continue it, or "
+                              "choose another output directory")
+    if resume:
+        if ckpt is None:
+            raise CheckpointError(f"{out_dir}: nothing to resume (no checkpoint/state.json"
+                                  + ("; log.jsonl shows steps were run, so the checkpoint was lost)" if
+                                     log_path.exists() and log_path.stat().st_size else ")"))
+        saved = read_checkpoint(ckpt)
+        _check_same_run(ckpt, saved.state, record)
+        restore(saved, model, optimizer)
+        best = saved.best
+        st = TrainState(**saved.state["loop"])
+        _truncate_log(log_path, st.step)
+        print(f"resuming {out_dir} from step {st.step} (epoch {st.epoch}, position {st.position})", file=sys.stderr)
+    else:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        atomic_write(log_path, "")
+
+    planned = training_cost(model.config, settings, lora, len(val) if val is not None else 0, st.step)
+    if ledger is not None:
+        ledger.check(planned, force=force)
+
+    def log(entry: dict) -> None:
+        entry["flops_so_far"] = st.train_flops + st.eval_flops
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def evaluate() -> None:
+        nonlocal best
+        loss, fwd = validation_loss(model, val, B, precision, progress=False)
+        st.eval_flops += fwd
+        st.last_val_loss = loss
+        if st.best_val_loss is None or loss < st.best_val_loss:
+            st.best_val_loss, st.best_step, st.evals_since_best, best = loss, st.step, 0, lora_state_dict(model)
+        else:
+            st.evals_since_best += 1
+        log({"kind": "eval", "step": st.step, "val_loss": loss})
+
+    def charge() -> None:
+        for kind in ("train", "eval"):
+            delta = getattr(st, f"{kind}_flops") - getattr(st, f"charged_{kind}")
+            if ledger is not None and delta > 0:
+                ledger.charge(stage, delta, kind, run=out_dir.name, step=st.step)
+                setattr(st, f"charged_{kind}", getattr(st, f"charged_{kind}") + delta)
+
+    # ---- loop
+    t0 = time.time()
+    if val is not None and st.step == 0 and settings.eval_at_start and not resume:
+        evaluate()
+    bar = tqdm(total=settings.max_steps, initial=st.step, disable=not settings.progress, desc=stage,
+               dynamic_ncols=True)
+    model.train()
+    perm, perm_epoch = None, None
+    while st.step < settings.max_steps and not st.stopped_early:
+        if st.position + B > M:  # drop the incomplete last batch: every step has the same shape
+            st.epoch, st.position = st.epoch + 1, 0
+        if perm_epoch != st.epoch:
+            perm, perm_epoch = epoch_permutation(M, seed, st.epoch), st.epoch
+        idx = perm[st.position:st.position + B]
+        st.position += B
+        ids, mask = train_chunks.input_ids[idx].to(device), train_chunks.attention_mask[idx].to(device)
+
+        optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():  # even if the caller disabled autograd globally
+            with FlopCounter() as fc, autocast_context(device, precision):
+                loss_sum, n = next_token_loss(model, ids, mask)
+            loss = loss_sum / max(n, 1)
+            loss.backward()
+        if settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        st.step += 1
+        st.train_flops += 3 * fc.total
+        loss_value = float(loss.detach())
+        log({"kind": "train", "step": st.step, "loss": loss_value, "lr": settings.lr, "tokens": n})
+
+        last = st.step == settings.max_steps
+        if val is not None and ((settings.eval_every and st.step % settings.eval_every == 0) or last):
+            evaluate()
+            if settings.early_stop_patience and st.evals_since_best >= settings.early_stop_patience:
+                st.stopped_early = True
+        if st.step % settings.checkpoint_every == 0 or last or st.stopped_early:
+            charge()  # first: a crash between the two can only make a resumed run charge redone work again
+            write_checkpoint(out_dir, model, optimizer, {**record, "loop": dataclasses.asdict(st)}, best)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", flops=f"{st.train_flops + st.eval_flops:.3g}")
+        if on_step is not None:
+            on_step(st.step)
+        model.train()
+    bar.close()
+    model.eval()
+    charge()  # anything not yet charged (e.g. max_steps already reached at resume)
+
+    # ---- outputs
+    save_adapter(model, out_dir / "adapter")
+    if best is not None:
+        save_adapter(model, out_dir / "best_adapter", state=best)
+        if settings.restore_best:
+            load_lora_state_dict(model, best, source="best validation weights")
+    losses = [e["loss"] for e in read_log(log_path) if e["kind"] == "train"]
+    summary = {
+        "stage": stage, "steps": st.step, "epochs": st.epoch + st.position / M, "train_chunks": M,
+        "val_chunks_evaluated": len(val) if val is not None else 0, "last_train_loss": losses[-1] if losses else None,
+        "val_loss": st.last_val_loss, "best_val_loss": st.best_val_loss, "best_step": st.best_step,
+        "stopped_early": st.stopped_early, "train_flops": st.train_flops, "eval_flops": st.eval_flops,
+        "total_flops": st.train_flops + st.eval_flops, "planned_flops_this_session": planned,
+        "trainable_parameters": count_trainable_parameters(model),
+        "seconds_this_session": round(time.time() - t0, 2), **record,
+    }
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    plot_loss_curves(log_path, out_dir / "loss_curve.png", title=stage)
+    return summary
+
+
+def _record(settings) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()}
+
+
+def _check_same_run(ckpt: Path, saved: dict, now: dict) -> None:
+    """Refuse to resume with settings that change the optimisation, other adapters, seed or data."""
+    fixed = TrainSettings.RESUME_FIXED
+    changed = [f"{k}: checkpoint {saved['settings'].get(k)!r} vs now {now['settings'][k]!r}"
+               for k in fixed if saved["settings"].get(k) != now["settings"][k]]
+    changed += [f"lora: checkpoint {saved['lora']} vs now {now['lora']}"] if saved["lora"] != now["lora"] else []
+    changed += [f"seed: checkpoint {saved['seed']} vs now {now['seed']}"] if saved["seed"] != now["seed"] else []
+    if changed:
+        raise ValueError(f"{ckpt}: cannot resume with different settings: " + "; ".join(changed))
+    if saved["data"] != now["data"]:
+        raise ValueError(f"{ckpt}: the training/validation chunks differ from the checkpoint's "
+                         f"({saved['data']} vs {now['data']})")

@@ -1,0 +1,152 @@
+"""Bad command-line values and broken run state end in one clear line and exit status 2, before any model is loaded
+or any FLOP is spent, and nothing already on disk (results, ledger, checkpoints) changes."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from data.chunks import make_chunks
+from data.simulate import simulate, write_h5
+from experiments import baseline, lora_default
+from experiments.budget import Ledger
+from experiments.settings import LoRASettings, TrainSettings, run_cli
+from experiments.training import CheckpointError, train
+from miniqwen import Qwen2Config, Qwen2ForCausalLM
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_h5(root / "lv.h5", *simulate(n_systems=20, n_steps=30, seed=0))
+    Ledger(root / "ledger.jsonl").charge("earlier", 12345, "train")
+    return root
+
+
+BASELINE = [
+    (["--batch-size", "-1"], "--batch-size"), (["--batch-size", "0"], "--batch-size"),
+    (["--decimals", "-1"], "--decimals"), (["--samples", "0"], "--samples"), (["--samples", "-2"], "--samples"),
+    (["--context-length", "0"], "--context-length"), (["--loss-batch-size", "0"], "--loss-batch-size"),
+    (["--top-p", "0"], "--top-p"), (["--scale-quantile", "2"], "--scale-quantile"),
+    (["--scale-target", "0"], "--scale-target"), (["--device", "banana"], "--device"), (["--seed", "-1"], "--seed"),
+    (["--plots", "-1"], "--plots"), (["--limit", "-1"], "--limit"), (["--loss-limit", "-1"], "--loss-limit"),
+    (["--temperature", "-1", "--samples", "3"], "--temperature"), (["--context-steps", "0"], "--context-steps"),
+    (["--horizon", "0"], "--horizon"), (["--temperature", "nan", "--samples", "2"], "--temperature"),
+]
+if not torch.cuda.is_available():
+    BASELINE.append((["--device", "cuda"], "--device"))
+
+LORA = [
+    (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--rank", "0"], "--rank"), (["--rank", "-2"], "--rank"),
+    (["--lora-alpha", "0"], "--lora-alpha"), (["--context-length", "1"], "--context-length"),
+    (["--batch-size", "0"], "--batch-size"), (["--max-steps", "0"], "--max-steps"), (["--stride", "0"], "--stride"),
+    (["--stride", "-5"], "--stride"), (["--targets", "nonsense"], "--targets"), (["--targets", ","], "--targets"),
+    (["--eval-every", "-1"], "--eval-every"), (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--gen-batch-size", "0"], "--gen-batch-size"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm"), (["--train-limit", "-1"], "--train-limit"),
+    (["--limit", "-1"], "--limit"), (["--early-stop", "2", "--eval-every", "0"], "--early-stop"),
+]
+
+
+def run(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage,argv,option", [(baseline, a, o) for a, o in BASELINE] +
+                         [(lora_default, a, o) for a, o in LORA],
+                         ids=[f"baseline{' '.join(a)}" for a, _ in BASELINE] + [f"lora{' '.join(a)}" for a, _ in LORA])
+def test_bad_option_is_one_line_before_any_work(setup, tmp_path, capsys, stage, argv, option):
+    ledger_before = (setup / "ledger.jsonl").read_text()
+    out = tmp_path / "out"
+    # the model does not exist: an error about it would mean the option was not checked first
+    code, err = run(stage.main, ["--model", str(tmp_path / "no-model"), "--data", str(setup / "lv.h5"),
+                                 "--out", str(out), "--ledger", str(setup / "ledger.jsonl"), *argv], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], err
+    assert "no-model" not in err
+    assert (setup / "ledger.jsonl").read_text() == ledger_before
+    assert not out.exists()
+
+
+def tiny_run(tmp_path, **overrides):
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    g = torch.Generator().manual_seed(1)
+    chunks = make_chunks([torch.randint(1, 64, (40,), generator=g).tolist() for _ in range(6)], 16)
+    settings = TrainSettings(**{**dict(lr=1e-2, batch_size=2, context_length=16, max_steps=4, eval_every=2,
+                                       eval_batches=1, checkpoint_every=2, progress=False), **overrides})
+    return model, chunks, settings
+
+
+@pytest.mark.parametrize("damage", ["flip adapter bytes", "truncate optimizer", "empty rng", "garble state",
+                                    "delete state", "empty best adapter"])
+def test_a_damaged_checkpoint_is_a_clear_error_and_is_never_resumed(tmp_path, damage):
+    model, chunks, settings = tiny_run(tmp_path)
+    out = tmp_path / "run"
+    train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
+    ckpt = out / "checkpoint"
+    target = {"flip adapter bytes": "adapter.safetensors", "truncate optimizer": "optimizer.safetensors",
+              "empty rng": "rng.safetensors", "garble state": "state.json", "delete state": "state.json",
+              "empty best adapter": "best_adapter.safetensors"}[damage]
+    data = (ckpt / target).read_bytes()
+    if damage == "flip adapter bytes":
+        data = data[:-8] + bytes(b ^ 0xFF for b in data[-8:])
+    elif damage == "truncate optimizer":
+        data = data[: len(data) // 2]
+    elif damage == "garble state":
+        data = b"{not json"
+    else:
+        data = b""
+    if damage == "delete state":
+        (ckpt / target).unlink()
+    else:
+        (ckpt / target).write_bytes(data)
+    saved = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    model2, _, settings2 = tiny_run(tmp_path, max_steps=6)
+    with pytest.raises(CheckpointError) as info:
+        train(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
+    message = str(info.value)
+    assert (target in message) or ("nothing to resume" in message and "lost" in message)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == saved  # nothing was overwritten
+
+
+def test_a_new_checkpoint_replaces_the_old_only_when_verified(tmp_path, monkeypatch):
+    from experiments.training import checkpoint as ckpt_module
+
+    model, chunks, settings = tiny_run(tmp_path, max_steps=4, checkpoint_every=2)
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real = ckpt_module.read_checkpoint
+
+    def failing_verify(path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint (step 4) fails its verification
+            raise CheckpointError(f"{path}: simulated corrupt write")
+        return real(path)
+
+    monkeypatch.setattr(ckpt_module, "read_checkpoint", failing_verify)
+    with pytest.raises(CheckpointError, match="simulated"):
+        train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["loop"]["step"] == 2  # the previous good checkpoint is still the checkpoint
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path):
+    model, chunks, settings = tiny_run(tmp_path)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(model, chunks, chunks, settings, tmp_path / "fresh", lora=LoRASettings(rank=2), resume=True)
+
+
+def test_lost_state_after_training_is_not_a_silent_restart(tmp_path):
+    model, chunks, settings = tiny_run(tmp_path)
+    out = tmp_path / "run"
+    train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
+    shutil.rmtree(out / "checkpoint")
+    model2, _, _ = tiny_run(tmp_path)
+    with pytest.raises(CheckpointError, match="lost"):
+        train(model2, chunks, chunks, settings, out, lora=LoRASettings(rank=2), resume=True)
