@@ -115,6 +115,21 @@ class KVCache:
         self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
 
 
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """``softmax(q kᵀ · scale, masked) v`` for one query position per row, with grouped-query heads.
+
+    ``q`` [B, Hq, 1, D]; ``k``, ``v`` [B, Hkv, S, D]; ``mask`` [B, 1, 1, S] boolean (True = may attend). The Hq/Hkv
+    query heads of a group become the rows of one matmul against their shared key head (a view, no copy); scores
+    and softmax are computed in float32. Returns [B, Hq, 1, D] in ``v``'s dtype.
+    """
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    scores = torch.matmul(q.reshape(B, Hkv, Hq // Hkv, D), k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, Hq, 1, D)
+
+
 class Qwen2Attention(nn.Module):
     """Causal self-attention with grouped-query heads (Ainslie et al. 2023): ``num_attention_heads`` query heads
     share ``num_key_value_heads`` key/value heads. q/k/v projections have biases, the output projection has none.
@@ -153,10 +168,13 @@ class Qwen2Attention(nn.Module):
             flops.count("attn.mask", heads * T * S)
             flops.count("attn.softmax", heads * (11 * T * S + T * (S - 1)))
             flops.count_matmul("attn.values", T, S, D, batch=heads)
-        # softmax(q kᵀ / √D + mask) v, fused by PyTorch; the mask is boolean (True = may attend). With enable_gqa
-        # each group of Hq/Hkv query heads reads its shared key/value head in place: the same result as repeating
-        # k and v per query head (what transformers does), without copying the whole cache at every step.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
+        # softmax(q kᵀ / √D + mask) v; the mask is boolean (True = may attend). Each group of Hq/Hkv query heads
+        # reads its shared key/value head in place: the same result as repeating k and v per query head (what
+        # transformers does), without copying the whole cache at every step.
+        if T == 1:  # a decoding step: one grouped matmul is ~10x faster than the fused kernel on CPU in bf16
+            out = single_query_attention(q, k, v, mask, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return _linear(self.o_proj, out, "attn.o_proj")
 
