@@ -31,10 +31,11 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+
+from miniqwen.atomic import atomic_write
 
 try:
     import fcntl
@@ -137,7 +138,7 @@ class Ledger:
         """Append one entry and return it.
 
         Args:
-            stage: coursework stage name, e.g. ``"baseline_eval"``, ``"lora_default"``.
+            stage: coursework stage name, e.g. ``"baseline"``, ``"lora_default"``.
             flops: FLOPs spent, already multiplied (training 3× forward, eval/generate 1× forward); int >= 0
                 (a float with an integral value, e.g. ``1e15``, is accepted and stored as int).
             kind: ``"train"``, ``"eval"`` or ``"generate"``.
@@ -194,31 +195,10 @@ class Ledger:
         return str(self.path) if target == Path(os.path.abspath(self.path)) else f"{self.path} (-> {target})"
 
     def _atomic_write(self, content: str) -> None:
-        target = self._target()  # replacing the link itself would turn it into a regular file: a forked ledger
-        directory = target.parent
+        # atomic_write resolves a symbolic link first: replacing the link itself would turn it into a regular file
+        # and fork the ledger
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=directory)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(content)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-            try:  # make the rename itself durable
-                dfd = os.open(directory, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            except OSError:
-                pass
+            atomic_write(self.path, content)
         except OSError as err:
             raise LedgerError(f"{self._where()}: cannot write ledger: {err}") from None
 

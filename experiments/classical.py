@@ -2,7 +2,7 @@
 species and VAR(p) over both species (least squares on each trajectory's own observed context; p chosen on the
 validation split), and the Lotka–Volterra ODE fitted to each context.
 
-    python -m experiments.classical --data FILE [--splits validation,test] [--orders 1,2,...,12] [--no-ode]
+    python -m experiments.classical --data FILE [--splits validation,test] [--orders 1,2,...,20] [--no-ode]
 
 Writes ``results.json`` (one evaluation per forecaster and split, keyed ``"<forecaster>/<split>"``), the order
 search, per-trajectory CSVs and forecast plots under ``--out`` (default ``runs/classical``). These forecasters run no
@@ -21,8 +21,8 @@ STAGE = "classical"
 def build_parser():
     p = settings.parser("python -m experiments.classical", __doc__.split("\n\n")[0], "run", "data", "forecast")
     p.add_argument("--splits", default="validation,test", help="comma-separated splits (default validation,test)")
-    p.add_argument("--orders", default="1,2,3,4,5,6,7,8,9,10,11,12",
-                   help="AR/VAR orders to choose from on the validation split (default 1..12)")
+    p.add_argument("--orders", default=",".join(map(str, range(1, 21))),
+                   help="AR/VAR orders to choose from on the validation split (default 1..20)")
     p.add_argument("--log", action="store_true", help="fit AR/VAR to log-populations (default: populations)")
     p.add_argument("--no-ode", action="store_true", help="skip the Lotka-Volterra ODE fit (the slowest forecaster)")
     return p
@@ -39,9 +39,10 @@ def main(argv=None) -> int:
         orders = sorted({int(x) for x in s["orders"].split(",") if x.strip()})
     except ValueError:
         orders = []
-    if not orders or orders[0] < 1 or orders[-1] >= forecast.context_steps // 2:
-        raise settings.UsageError(f"--orders {s['orders']!r}: integers between 1 and {forecast.context_steps // 2 - 1}"
-                                  " (a VAR(p) needs well over 2p observed steps)")
+    largest = (forecast.context_steps - 2) // 3  # a VAR(p) with intercept needs 3p + 2 observed steps
+    if not orders or orders[0] < 1 or orders[-1] > largest:
+        raise settings.UsageError(f"--orders {s['orders']!r}: integers between 1 and {largest} (a VAR(p) fitted to "
+                                  f"{forecast.context_steps} observed steps needs 3p + 2 of them)")
     session = Session(STAGE, run, data)
     ds = session.dataset
     dt = float(ds.data.time[1] - ds.data.time[0])

@@ -4,7 +4,7 @@ Conventions: training = 3× forward (backward = 2× forward), evaluation and gen
 
 from __future__ import annotations
 
-from miniqwen.flops import forward_flops, generation_flops, loss_flops
+from miniqwen.flops import DEFAULT_LORA_TARGETS, forward_flops, generation_flops, loss_flops
 
 from .settings import ForecastSettings, LoRASettings, TrainSettings
 
@@ -26,14 +26,14 @@ def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int
     total = 0
     for start in range(0, len(lens), forecast.gen_batch_size):
         batch = lens[start : start + forecast.gen_batch_size]
-        total += generation_flops(config, max(batch), max_new, len(batch), rank, targets or ("q_proj", "v_proj"),
+        total += generation_flops(config, max(batch), max_new, len(batch), rank, targets or DEFAULT_LORA_TARGETS,
                                   num_samples=forecast.samples, **({"head_rows": head_rows} if head_rows else {}))
     return total
 
 
 def chunk_pass_flops(config, batch_size: int, context_length: int, lora: LoRASettings | None = None) -> int:
     """One forward + loss over ``batch_size`` full chunks of ``context_length`` tokens (1× convention)."""
-    rank, targets = (lora.rank, tuple(lora.targets)) if lora else (0, ("q_proj", "v_proj"))
+    rank, targets = (lora.rank, tuple(lora.targets)) if lora else (0, DEFAULT_LORA_TARGETS)
     return forward_flops(config, batch_size, context_length, lora_rank=rank, lora_targets=targets) + \
         loss_flops(config.vocab_size, batch_size * (context_length - 1))
 

@@ -188,17 +188,17 @@ def evaluate(forecaster: Forecaster, contexts: np.ndarray, truth: np.ndarray, sp
         ``(forecasts, pred [n, H, 2] with missing values filled by persistence, Evaluation)``.
     """
     t0 = time.time()
-    fc = forecaster.forecast(contexts, truth.shape[1])
+    forecasts = forecaster.forecast(contexts, truth.shape[1])
     seconds = time.time() - t0
-    pred = fill_missing(fc.values, contexts.astype(np.float64))
+    pred = fill_missing(forecasts.values, contexts.astype(np.float64))
     evaluation = Evaluation(
         forecaster=forecaster.name, split=split, trajectories=[int(i) for i in indices],
         context_steps=int(contexts.shape[1]), horizon=int(truth.shape[1]), metrics=forecast_metrics(pred, truth),
-        parsed_fraction=float(fc.complete.mean()), steps_invalid=int(fc.n_invalid.sum()),
-        steps_missing=int(fc.n_missing.sum()), flops=int(fc.flops), seconds=round(seconds, 2),
+        parsed_fraction=float(forecasts.complete.mean()), steps_invalid=int(forecasts.n_invalid.sum()),
+        steps_missing=int(forecasts.n_missing.sum()), flops=int(forecasts.flops), seconds=round(seconds, 2),
         settings=settings or {},
     )
-    return fc, pred, evaluation
+    return forecasts, pred, evaluation
 
 
 def fill_missing(pred: np.ndarray, contexts: np.ndarray) -> np.ndarray:
@@ -234,7 +234,7 @@ def forecast_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
     return result
 
 
-def per_trajectory_rows(indices, pred: np.ndarray, truth: np.ndarray, fc: Forecasts) -> list[dict]:
+def per_trajectory_rows(indices, pred: np.ndarray, truth: np.ndarray, forecasts: Forecasts) -> list[dict]:
     """One CSV row per trajectory: its index, MSE/MAE per species, parse counts."""
     rows = []
     for i, idx in enumerate(indices):
@@ -243,7 +243,8 @@ def per_trajectory_rows(indices, pred: np.ndarray, truth: np.ndarray, fc: Foreca
             err = pred[i, :, k] - truth[i, :, k]
             row[f"mse_{name}"] = float((err**2).mean())
             row[f"mae_{name}"] = float(np.abs(err).mean())
-        row.update(complete=bool(fc.complete[i]), n_invalid=int(fc.n_invalid[i]), n_missing=int(fc.n_missing[i]))
+        row.update(complete=bool(forecasts.complete[i]), n_invalid=int(forecasts.n_invalid[i]),
+                   n_missing=int(forecasts.n_missing[i]))
         rows.append(row)
     return rows
 

@@ -21,13 +21,13 @@ import sys
 from pathlib import Path
 
 from miniqwen.config import ConfigError, Qwen2Config
-from miniqwen.flops import COMPONENTS, forward_flops, forward_flops_breakdown, generation_flops
+from miniqwen.flops import COMPONENTS, DEFAULT_LORA_TARGETS, forward_flops, forward_flops_breakdown, generation_flops
 
 from .budget import BUDGET, Ledger, LedgerError
 
 CONTEXTS = (128, 512, 768)
 LORA_RANKS = (0, 2, 4, 8)
-LORA_TARGETS = ("q_proj", "v_proj")
+LORA_TARGETS = DEFAULT_LORA_TARGETS
 
 # Evaluation protocol shared by the stages: 100 validation trajectories, 80 observed steps (~10 tokens a step in
 # the LLMTIME text format -> ~800 prompt tokens), then 20 forecast steps (~200 tokens) generated greedily with the

@@ -60,9 +60,12 @@ def run_lora(session: Session, forecast: settings.ForecastSettings, lora: settin
         start_step = json.loads((training_dir / "checkpoint" / "state.json").read_text())["loop"]["step"]
     val_rows = len(validation_subset(len(val_chunks), train_settings.eval_batches * train_settings.batch_size,
                                     run.seed))
-    planned = session.check({"untrained forecast": 0 if reuse else recipes.planned_forecast(session, contexts, forecast),
-                   "training": training_cost(session.model.config, train_settings, lora, val_rows, start_step),
-                   "trained forecast": recipes.planned_forecast(session, contexts, forecast, lora)})
+    untrained_plan = 0 if reuse else recipes.planned_forecast(session, contexts, forecast)
+    planned = session.check({
+        "untrained forecast": untrained_plan,
+        "training": training_cost(session.model.config, train_settings, lora, val_rows, start_step),
+        "trained forecast": recipes.planned_forecast(session, contexts, forecast, lora),
+    })
 
     if reuse:
         untrained = Evaluation(**saved["untrained"])
@@ -72,7 +75,7 @@ def run_lora(session: Session, forecast: settings.ForecastSettings, lora: settin
         untrained = recipes.forecast_and_save(session, forecaster, forecast, "untrained", f"untrained, {title}",
                                               write_texts=False)
         write_json(untrained_path, {"settings": key, "untrained": dataclasses.asdict(untrained)})
-        session.ledger.charge(session.stage, untrained.flops, "generate", run=out.name, what="untrained forecast")
+        session.charge("generate", untrained.flops, untrained_path, what="untrained forecast")
 
     summary = train(session.model, train_chunks, val_chunks, train_settings, training_dir, lora=lora, seed=run.seed,
                     stage=session.stage, precision=session.precision, ledger=session.ledger,
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
         f"{summary['val_chunks_evaluated']} fixed validation chunks. Weights: {session.weights}.\n\n{table}\n")
     session.finish(results, charge={"generate": evaluations["lora"].flops})
     print("\n" + table)
-    print(f"\nFLOPs {results.flops['total']:.3e}; wrote {session.out}/results.json, README.md, training/, peft_adapter/")
+    print(f"\nFLOPs {results.flops['total']:.3e}; wrote {session.out}/results.json, README.md, training/, "
+          "peft_adapter/")
     return 0
 
 

@@ -23,9 +23,9 @@ def _figure(width: float, height: float):
     return fig
 
 
-def plot_forecasts(path: Path, time: np.ndarray, indices, trajectories: np.ndarray, fc, context_steps: int,
+def plot_forecasts(path: Path, time: np.ndarray, indices, trajectories: np.ndarray, forecasts, context_steps: int,
                    horizon: int, title: str, count: int = 4) -> bool:
-    """Draw the first ``count`` forecasts (median and samples of :class:`evaluation.Forecasts` ``fc``) against
+    """Draw the first ``count`` forecasts (median and samples of :class:`evaluation.Forecasts` ``forecasts``) against
     the truth (``trajectories`` [n, T, 2], ``time`` [T]) as one PNG."""
     count = min(count, len(indices))
     fig = _figure(9, 2.6 * max(count, 1)) if count else None
@@ -37,9 +37,9 @@ def plot_forecasts(path: Path, time: np.ndarray, indices, trajectories: np.ndarr
     for ax, i in zip(axes[:, 0], range(count)):
         for k, (name, colour) in enumerate(zip(SPECIES, ("tab:blue", "tab:red"))):
             ax.plot(t_all, trajectories[i, : context_steps + horizon, k], color=colour, lw=1.2, label=f"{name} (true)")
-            for s in range(fc.samples.shape[1] if fc.samples.shape[1] > 1 else 0):
-                ax.plot(t_future, fc.samples[i, s, :, k], color=colour, lw=0.5, alpha=0.35)
-            ax.plot(t_future, fc.values[i, :, k], color=colour, ls="--", lw=1.6, label=f"{name} (forecast)")
+            for s in range(forecasts.samples.shape[1] if forecasts.samples.shape[1] > 1 else 0):
+                ax.plot(t_future, forecasts.samples[i, s, :, k], color=colour, lw=0.5, alpha=0.35)
+            ax.plot(t_future, forecasts.values[i, :, k], color=colour, ls="--", lw=1.6, label=f"{name} (forecast)")
         ax.axvline(time[context_steps - 1], color="grey", lw=0.8, ls=":")
         ax.set_title(f"trajectory {int(indices[i])}", fontsize=9)
         ax.set_ylabel("population")

@@ -44,15 +44,15 @@ def forecast_and_save(session: Session, forecaster: Forecaster, forecast: Foreca
     ``forecasts[_<tag>].png`` (titled with ``weights``: the session's weights label unless given, None for
     forecasters that use no weights). Returns the :class:`results.Evaluation`."""
     indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)
-    fc, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices, settings)
+    forecasts, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices, settings)
     out, suffix = session.out, f"_{tag}" if tag else ""
-    write_csv(out / f"per_trajectory{suffix}.csv", per_trajectory_rows(indices, pred, truth, fc))
-    if write_texts and any(fc.texts):
+    write_csv(out / f"per_trajectory{suffix}.csv", per_trajectory_rows(indices, pred, truth, forecasts))
+    if write_texts and any(forecasts.texts):
         with open(out / f"generations{suffix}.jsonl", "w") as fh:
-            for idx, texts in zip(indices, fc.texts):
+            for idx, texts in zip(indices, forecasts.texts):
                 fh.write(json.dumps({"trajectory": int(idx), "texts": texts}) + "\n")
     if forecast.plots:
-        plot_forecasts(out / f"forecasts{suffix}.png", session.dataset.data.time, indices, trajectories, fc,
+        plot_forecasts(out / f"forecasts{suffix}.png", session.dataset.data.time, indices, trajectories, forecasts,
                        forecast.context_steps, forecast.horizon,
                        title + (f" — {session.weights if weights == 'session' else weights}" if weights else ""),
                        forecast.plots)

@@ -53,9 +53,12 @@ def comparison_groups(results: dict[str, Results]) -> dict[tuple, list[tuple[str
     exactly the same trajectories are compared. Labels are ``<run dir>: <forecaster>``."""
     groups: dict[tuple, list] = {}
     for run, r in results.items():
-        for name, e in r.evaluations.items():
+        for e in r.evaluations.values():
             key = (e.split, e.context_steps, e.horizon, tuple(e.trajectories))
-            groups.setdefault(key, []).append((f"{run}: {name}", e))
+            group = groups.setdefault(key, [])
+            if e.forecaster == "persistence" and any(x.forecaster == "persistence" for _, x in group):
+                continue  # the same numbers from every stage that scored it: show it once
+            group.append((f"{run}: {e.forecaster}", e))
     return groups
 
 
@@ -96,26 +99,30 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
         for run, r in loras.items():
             t, tr = r.settings.get("train", {}), r.details.get("training", {})
             lo = r.settings.get("lora", {})
-            md += [f"**{run}** — rank {lo.get('rank')} on {', '.join(lo.get('targets', []))}, lr {t.get('lr')}, batch "
-                   f"{t.get('batch_size')}, context {t.get('context_length')}, {tr.get('steps')} steps; forecasts of "
-                   f"{len(r.evaluations['lora'].trajectories)} {r.evaluations['lora'].split} trajectories; FLOPs "
+            trained = r.evaluations["lora"]
+            md += [f"**{run}** — rank {lo.get('rank')} on {', '.join(lo.get('targets', []))}, lr {t.get('lr')}, "
+                   f"batch {t.get('batch_size')}, context {t.get('context_length')}, {tr.get('steps')} steps; "
+                   f"forecasts of {len(trained.trajectories)} {trained.split} trajectories; FLOPs "
                    f"{_f(r.flops.get('total'), '.3g')}.", "", evaluation_table(r.evaluations), ""]
 
     groups = comparison_groups(results)
-    classical_keys = [k for k, items in groups.items() if any(lbl.split(": ")[0] in results and
-                      results[lbl.split(": ")[0]].stage == "classical" for lbl, _ in items)]
+    def stage_of(label: str) -> str:
+        return results[label.split(": ")[0]].stage
+
+    classical_keys = [k for k, items in groups.items() if any(stage_of(lbl) == "classical" for lbl, _ in items)]
     if classical_keys:
         md += ["## Classical forecasters beside the LLM, on the same trajectories", "",
-               "Persistence, AR(p) per species and VAR(p) over both species (least squares on each trajectory's own "
-               "context, p chosen on the validation split) and the Lotka–Volterra ODE fitted to each context. They run "
-               "no language model and spend **no FLOPs** of the budget. Ranked by the mean of prey and predator MSE.", ""]
+               "Persistence, AR(p) per species and VAR(p) over both species (least squares on each trajectory's "
+               "own context, p chosen on the validation split) and the Lotka–Volterra ODE fitted to each context. "
+               "They run no language model and spend **no FLOPs** of the budget. Ranked by the mean of prey and "
+               "predator MSE.", ""]
         for key in classical_keys:
             split, cs, h, traj = key
             items = sorted(groups[key], key=lambda x: _score(x[1]))
             md += [f"### {split} split: {len(traj)} trajectories, {cs} steps observed → {h} forecast", "", *HEADER]
             md += [_row(label, e) for label, e in items]
             best_label, best = items[0]
-            llm = [(lbl, e) for lbl, e in items if results[lbl.split(": ")[0]].stage != "classical"]
+            llm = [(lbl, e) for lbl, e in items if stage_of(lbl) != "classical" and e.forecaster != "persistence"]
             md.append("")
             if llm:
                 lbl, e = llm[0]

@@ -191,11 +191,18 @@ class Session:
         """
         path = results.write(self.out / "results.json")
         for kind, flops in (charge or {}).items():
-            if flops <= 0:
-                continue
-            try:
-                self.ledger.charge(self.stage, int(flops), kind, run=self.out.name)
-            except LedgerError as err:
-                raise LedgerError(f"results are safe in {path}, but {flops:.3e} FLOPs of kind {kind!r} could not be "
-                                  f"charged to the ledger; add them by hand: {err}") from None
+            self.charge(kind, flops, path)
         return path
+
+    def charge(self, kind: str, flops: int, saved: Path, **details) -> None:
+        """Charge ``flops`` of ``kind`` under this stage, once the work they paid for is saved in ``saved``.
+
+        Raises LedgerError naming ``saved`` and the FLOPs not recorded, so nothing finished is lost with it.
+        """
+        if flops <= 0:
+            return
+        try:
+            self.ledger.charge(self.stage, int(flops), kind, run=self.out.name, **details)
+        except LedgerError as err:
+            raise LedgerError(f"results are safe in {saved}, but {flops:.3e} FLOPs of kind {kind!r} could not be "
+                              f"charged to the ledger; add them by hand: {err}") from None

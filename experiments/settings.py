@@ -21,13 +21,12 @@ from pathlib import Path
 
 from data import DataError
 from miniqwen import ConfigError, WeightsError
-from miniqwen.flops import LORA_TARGETS
+from miniqwen.flops import DEFAULT_LORA_TARGETS, LORA_TARGETS
 from miniqwen.loading import DEFAULT_MODEL
 
 from .budget import BudgetExceededError, LedgerError
 
 MODEL_ENV_VAR = "MINIQWEN_MODEL"
-DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 SPLITS = ("train", "validation", "test")
 

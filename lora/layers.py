@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miniqwen import flops
-from miniqwen.flops import LORA_TARGETS
+from miniqwen.flops import DEFAULT_LORA_TARGETS, LORA_TARGETS
 
 
 class LoRALinear(nn.Module):
@@ -132,7 +132,7 @@ def apply_lora(
     model: nn.Module,
     rank: int,
     alpha: float | None = None,
-    targets: Iterable[str] = ("q_proj", "v_proj"),
+    targets: Iterable[str] = DEFAULT_LORA_TARGETS,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, LoRALinear]:
     """Freeze ``model`` and wrap its target projections in :class:`LoRALinear`, in place.
@@ -195,7 +195,7 @@ def count_trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def lora_parameter_count(config, rank: int, targets: Iterable[str] = ("q_proj", "v_proj")) -> int:
+def lora_parameter_count(config, rank: int, targets: Iterable[str] = DEFAULT_LORA_TARGETS) -> int:
     """Closed form of :func:`count_trainable_parameters` for a Qwen2 ``config``: ``L · Σ_targets r·(in + out)``.
 
     Raises ValueError for an unknown target name.

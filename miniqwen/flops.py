@@ -139,6 +139,8 @@ COMPONENTS: tuple[str, ...] = (
 
 #: Linear layers LoRA may wrap (the names of transformers' Qwen2 modules).
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+"""The projections LoRA adapts unless told otherwise (Hu et al. 2021, section 7.1: query and value)."""
 
 
 def _linear_dims(config, name: str) -> tuple[int, int]:
@@ -161,7 +163,7 @@ def forward_flops_breakdown(
     lora_rank: int = 0,
     cache_len: int = 0,
     logits_to_keep: int = 0,
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     *,
     head_rows: int | None = None,
 ) -> dict[str, int]:
@@ -299,7 +301,7 @@ def forward_flops(
     lora_rank: int = 0,
     cache_len: int = 0,
     logits_to_keep: int = 0,
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     *,
     head_rows: int | None = None,
 ) -> int:
@@ -316,7 +318,7 @@ def training_flops(
     lora_rank: int = 0,
     cache_len: int = 0,
     logits_to_keep: int = 0,
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
 ) -> int:
     """FLOPs (int) of ONE training step = 3 × :func:`forward_flops` (coursework rule: backward = 2× forward,
     whatever is frozen — LoRA does not make the backward pass cheaper under this convention)."""
@@ -329,7 +331,7 @@ def generation_flops(
     new_tokens: int,
     batch_size: int = 1,
     lora_rank: int = 0,
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     num_samples: int = 1,
     *,
     head_rows: int | None = None,

@@ -150,3 +150,66 @@ def test_lost_state_after_training_is_not_a_silent_restart(tmp_path):
     model2, _, _ = tiny_run(tmp_path)
     with pytest.raises(CheckpointError, match="lost"):
         train(model2, chunks, chunks, settings, out, lora=LoRASettings(rank=2), resume=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from conftest import write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny")
+    write_tiny_checkpoint(path, tie=True)
+    return path
+
+
+def _break(model_dir, case):
+    config = json.loads((model_dir / "config.json").read_text())
+    if case == "zero heads":
+        config["num_attention_heads"] = 0
+    elif case == "zero kv heads":
+        config["num_key_value_heads"] = 0
+    if case == "config is a list":
+        (model_dir / "config.json").write_text("[1, 2]")
+    elif case == "empty tokenizer":
+        (model_dir / "tokenizer.json").write_text("{}")
+    elif case == "weight_map not a dict":
+        (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00001.safetensors")
+        (model_dir / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}')
+    else:
+        (model_dir / "config.json").write_text(json.dumps(config))
+    return {"zero heads": "num_attention_heads", "zero kv heads": "num_key_value_heads",
+            "config is a list": "config.json", "empty tokenizer": "tokenizer.json",
+            "weight_map not a dict": "weight_map"}[case]
+
+
+@pytest.mark.parametrize("case", ["zero heads", "zero kv heads", "config is a list", "empty tokenizer",
+                                  "weight_map not a dict"])
+def test_broken_weights_directory_is_one_line(setup, tiny_dir, tmp_path, capsys, case):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    expected = _break(model_dir, case)
+    ledger_before = (setup / "ledger.jsonl").read_text()
+    code, err = run(baseline.main, ["--model", str(model_dir), "--data", str(setup / "lv.h5"), "--out",
+                                    str(tmp_path / "out"), "--ledger", str(setup / "ledger.jsonl"), "--limit", "1",
+                                    "--context-steps", "5", "--horizon", "2"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    assert (setup / "ledger.jsonl").read_text() == ledger_before
+
+
+def test_resume_from_a_corrupt_checkpoint_exits_2_and_changes_nothing(setup, tiny_dir, tmp_path, capsys):
+    from experiments import train as train_cli
+    from experiments.train import save_chunks
+
+    g = torch.Generator().manual_seed(2)
+    save_chunks(make_chunks([torch.randint(1, 128, (40,), generator=g).tolist() for _ in range(6)], 16),
+                tmp_path / "chunks.safetensors")
+    ledger = tmp_path / "ledger.jsonl"
+    argv = ["--model", str(tiny_dir), "--train-chunks", str(tmp_path / "chunks.safetensors"), "--out",
+            str(tmp_path / "run"), "--ledger", str(ledger), "--context-length", "16", "--batch-size", "2",
+            "--checkpoint-every", "1", "--eval-every", "0", "--no-progress", "--precision", "float32"]
+    assert train_cli.main([*argv, "--max-steps", "2"]) == 0
+    adapter = tmp_path / "run" / "checkpoint" / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-4] + b"\x00\x00\x80\x7f")  # last weight becomes inf
+    ledger_before = ledger.read_text()
+    code, err = run(train_cli.main, [*argv, "--max-steps", "4", "--resume"], capsys)
+    assert code == 2 and "adapter.safetensors" in err and "checksum" in err, err
+    assert ledger.read_text() == ledger_before

@@ -224,7 +224,7 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
 
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():  # even if the caller disabled autograd globally
-            with FlopCounter() as fc, autocast_context(device, precision):
+            with FlopCounter() as counter, autocast_context(device, precision):
                 loss_sum, n = next_token_loss(model, ids, mask)
             loss = loss_sum / max(n, 1)
             loss.backward()
@@ -232,7 +232,7 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         st.step += 1
-        st.train_flops += 3 * fc.total
+        st.train_flops += 3 * counter.total
         loss_value = float(loss.detach())
         log({"kind": "train", "step": st.step, "loss": loss_value, "lr": settings.lr, "tokens": n})
 

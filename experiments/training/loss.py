@@ -57,7 +57,7 @@ def validation_loss(model: nn.Module, chunks: Chunks, batch_size: int, precision
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with FlopCounter() as fc:
+    with FlopCounter() as counter:
         for start in tqdm(range(0, len(chunks), batch_size), desc="validation loss", unit="batch", leave=False,
                           disable=not progress):
             ids = chunks.input_ids[start:start + batch_size].to(device)
@@ -67,4 +67,4 @@ def validation_loss(model: nn.Module, chunks: Chunks, batch_size: int, precision
             total += float(loss_sum)
             count += n
     model.train(was_training)
-    return (total / count if count else float("nan")), fc.total
+    return (total / count if count else float("nan")), counter.total
