@@ -31,11 +31,14 @@ def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int
     return total
 
 
-def chunk_pass_flops(config, batch_size: int, context_length: int, lora: LoRASettings | None = None) -> int:
-    """One forward + loss over ``batch_size`` full chunks of ``context_length`` tokens (1× convention)."""
+def chunk_pass_flops(config, batch_size: int, context_length: int, lora: LoRASettings | None = None,
+                     loss_rows: int | None = None) -> int:
+    """One forward + loss over ``batch_size`` full chunks of ``context_length`` tokens (1× convention); with
+    ``loss_rows`` = K the output head and the softmax cover K tokens only (the restricted loss)."""
     rank, targets = (lora.rank, tuple(lora.targets)) if lora else (0, DEFAULT_LORA_TARGETS)
-    return forward_flops(config, batch_size, context_length, lora_rank=rank, lora_targets=targets) + \
-        loss_flops(config.vocab_size, batch_size * (context_length - 1))
+    return forward_flops(config, batch_size, context_length, lora_rank=rank, lora_targets=targets,
+                         head_rows=loss_rows) + \
+        loss_flops(loss_rows or config.vocab_size, batch_size * (context_length - 1))
 
 
 def validation_loss_cost(config, n_chunks: int, batch_size: int, context_length: int,
@@ -58,11 +61,14 @@ def evaluations_ahead(train: TrainSettings, start_step: int = 0) -> int:
     return n
 
 
-def training_cost(config, train: TrainSettings, lora: LoRASettings, val_rows: int, start_step: int = 0) -> int:
+def training_cost(config, train: TrainSettings, lora: LoRASettings, val_rows: int, start_step: int = 0,
+                  loss_rows: int | None = None) -> int:
     """FLOPs a training run will be charged from ``start_step`` to ``train.max_steps``: 3× (forward + loss) per
-    step, plus 1× per validation-loss evaluation over ``val_rows`` chunks (0 = no evaluation). An upper bound:
-    every position is taken as a real target and early stopping is ignored."""
+    step (``loss_rows`` = K for the restricted loss), plus 1× per validation-loss evaluation over ``val_rows``
+    chunks (0 = no evaluation; always the full vocabulary). An upper bound: every position is taken as a real target
+    and early stopping is ignored."""
     steps = max(0, train.max_steps - start_step)
     per_eval = validation_loss_cost(config, val_rows, train.batch_size, train.context_length, lora)
     n_evals = evaluations_ahead(train, start_step) if val_rows else 0
-    return 3 * steps * chunk_pass_flops(config, train.batch_size, train.context_length, lora) + n_evals * per_eval
+    step = chunk_pass_flops(config, train.batch_size, train.context_length, lora, loss_rows)
+    return 3 * steps * step + n_evals * per_eval

@@ -3,19 +3,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
 from data import Chunks, chunk_texts
+from lora import export_peft, remove_lora
 
-from .costs import forecast_cost
-from .evaluation import Forecaster, LLMForecaster, evaluate, per_trajectory_rows, prompt_lengths, write_csv
+from . import settings as settings_module
+from .classical_forecasters import Persistence
+from .costs import forecast_cost, training_cost
+from .evaluation import (
+    Forecaster, LLMForecaster, allowed_token_ids, evaluate, per_trajectory_rows, prompt_lengths, write_csv,
+)
 from .plots import plot_forecasts
-from .results import Evaluation
+from .results import Evaluation, write_json
 from .session import Session
-from .settings import ForecastSettings, LoRASettings
+from .settings import ForecastSettings, LoRASettings, TrainSettings
+from .training import read_log, train, validation_subset
 
 
 def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> LLMForecaster:
@@ -133,3 +140,62 @@ def command_line(module: str, argv) -> str:
 def write_run_readme(path: Path, title: str, command: str, body: str) -> None:
     """A short README.md for a run directory: the title, the command that produced it, the body (tables)."""
     path.write_text(f"# {title}\n\n`{command}`\n\n{body}\n")
+
+
+def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, train_settings: TrainSettings,
+             title: str) -> tuple[dict, dict, int]:
+    """Untrained forecast -> LoRA training -> trained forecast on the session's model; the adapters are removed
+    again at the end. Returns ``({"untrained", "lora", "persistence"}: Evaluation, training summary, planned FLOPs)``.
+    The plan is checked before anything is spent; the untrained evaluation is saved (and reused by --resume)."""
+    out, run = session.out, session.run
+    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+    train_chunks = token_chunks(session, "train", train_settings.train_limit, train_settings.context_length,
+                                train_settings.stride)
+    val_chunks = token_chunks(session, "validation", None, train_settings.context_length, train_settings.stride)
+    print(f"chunks: {len(train_chunks)} training, {len(val_chunks)} validation; context "
+          f"{train_settings.context_length}, stride {train_settings.stride or train_settings.context_length}")
+
+    untrained_path = out / "untrained.json"
+    key = settings_module.as_record(run=run, data=session.data_settings, forecast=forecast)
+    key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
+    saved = json.loads(untrained_path.read_text()) if untrained_path.is_file() else None
+    reuse = bool(run.resume and saved and saved["settings"] == key)
+    training_dir = out / "training"
+    start_step = 0
+    if run.resume and (training_dir / "checkpoint" / "state.json").is_file():
+        start_step = json.loads((training_dir / "checkpoint" / "state.json").read_text())["loop"]["step"]
+    loss_ids = allowed_token_ids(session.tokenizer) if train_settings.loss_vocabulary == "numeric" else None
+    loss_rows = len(set(loss_ids)) if loss_ids else None
+    val_rows = len(validation_subset(len(val_chunks), train_settings.eval_batches * train_settings.batch_size,
+                                    run.seed))
+    untrained_plan = 0 if reuse else planned_forecast(session, contexts, forecast)
+    planned = session.check({
+        "untrained forecast": untrained_plan,
+        "training": training_cost(session.model.config, train_settings, lora, val_rows, start_step, loss_rows),
+        "trained forecast": planned_forecast(session, contexts, forecast, lora),
+    })
+
+    if reuse:
+        untrained = Evaluation(**saved["untrained"])
+        print(f"reusing the untrained evaluation in {untrained_path}")
+    else:
+        forecaster = llm_forecaster(session, forecast, "untrained")
+        untrained = forecast_and_save(session, forecaster, forecast, "untrained", f"untrained, {title}",
+                                              write_texts=False)
+        write_json(untrained_path, {"settings": key, "untrained": dataclasses.asdict(untrained)})
+        session.charge("generate", untrained.flops, untrained_path, what="untrained forecast")
+
+    summary = train(session.model, train_chunks, val_chunks, train_settings, training_dir, lora=lora, seed=run.seed,
+                    stage=session.stage, precision=session.precision, ledger=session.ledger,
+                    resume=run.resume and training_dir.exists(), force=run.force, loss_token_ids=loss_ids)
+    evals = [e for e in read_log(training_dir / "log.jsonl") if e["kind"] == "eval"]
+    untrained.validation_loss = evals[0]["val_loss"] if evals and evals[0]["step"] == 0 else None
+    export_peft(session.model, out / "peft_adapter", base_model_name_or_path=session.weights)
+
+    forecaster = llm_forecaster(session, forecast, "lora")
+    trained = forecast_and_save(session, forecaster, forecast, "trained",
+                                        f"LoRA r={lora.rank}, {summary['steps']} steps, {title}", write_texts=False)
+    trained.validation_loss = summary["val_loss"]
+    remove_lora(session.model)
+    _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
+    return {"untrained": untrained, "lora": trained, "persistence": persistence}, summary, planned

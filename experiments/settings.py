@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from data import DataError
@@ -217,6 +217,9 @@ class TrainSettings:
         early_stop_patience: stop after this many evaluations without a new best (0 = off); restore_best: put the
             best-validation weights back into the model at the end.
         checkpoint_every: checkpoint (and charge the ledger) every this many steps and after the last.
+        loss_vocabulary: "full" (the coursework's loss: softmax over the whole vocabulary) or "numeric" (softmax
+            over the numeric alphabet only: a different objective that also skips most of the output head; the
+            validation loss stays the full-vocabulary one, so runs stay comparable).
         progress: show a progress bar.
     """
 
@@ -236,11 +239,12 @@ class TrainSettings:
     early_stop_patience: int = 0
     restore_best: bool = False
     checkpoint_every: int = 500
+    loss_vocabulary: str = "full"
     progress: bool = True
 
     #: fields that define the optimisation trajectory: a resumed run must use the same values
     RESUME_FIXED = ("lr", "batch_size", "context_length", "stride", "train_limit", "weight_decay", "betas", "eps",
-                    "max_grad_norm", "eval_batches")
+                    "max_grad_norm", "eval_batches", "loss_vocabulary")
 
     def validate(self) -> None:
         _float("lr", self.lr, 0.0, 1.0, low_open=True)
@@ -258,6 +262,7 @@ class TrainSettings:
         _int("eval_batches", self.eval_batches, 0)
         _int("early_stop_patience", self.early_stop_patience, 0)
         _int("checkpoint_every", self.checkpoint_every, 1)
+        _choice("loss_vocabulary", self.loss_vocabulary, ("full", "numeric"))
         if self.early_stop_patience and not self.eval_every:
             raise UsageError("early stopping (--early-stop) needs periodic evaluations: set --eval-every > 0")
 
@@ -389,6 +394,9 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
                        help="end with the best-validation-loss adapter")
         g.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
                        help=f"steps between checkpoints (default {t.checkpoint_every})")
+        g.add_argument("--loss-vocabulary", default=t.loss_vocabulary, choices=["full", "numeric"],
+                       help="training loss over the full vocabulary (default, the coursework's) or only the numeric "
+                            "alphabet (a different, cheaper objective)")
         g.add_argument("--no-progress", action="store_true", help="no progress bar")
     if "loss" in groups:
         g = p.add_argument_group("validation loss")

@@ -1,6 +1,5 @@
 """The experiments layer: settings, session, results schema, the classical stage and the report."""
 
-import json
 
 import numpy as np
 import pytest

@@ -233,3 +233,33 @@ def test_lora_default_end_to_end_on_tiny_model(tmp_path, tokenizer_dir):
     assert charged == results["flops"]["total"] <= results["flops"]["planned"]
     with pytest.raises(ValueError, match="--resume"):  # an existing run is never overwritten
         lora_default.main(argv)
+
+
+def test_numeric_vocabulary_loss_is_a_softmax_over_those_tokens_and_counted(tmp_path):
+    model = tiny_lora_model().eval()
+    allowed = [3, 7, 9, 20, 41, 50]
+    g = torch.Generator().manual_seed(8)
+    ids = torch.tensor(allowed)[torch.randint(0, len(allowed), (2, L), generator=g)]
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    head = model.head_rows(allowed)
+    with torch.no_grad(), FlopCounter() as fc:
+        loss_sum, n = next_token_loss(model, ids, mask, head)
+    with torch.no_grad():  # reference: the full logits, restricted to the allowed columns, then a softmax
+        logits = model(ids)[:, :-1][:, :, allowed]
+        keep = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+        column = torch.tensor([allowed.index(t) for t in ids[:, 1:][keep].tolist()])
+        ref = torch.nn.functional.cross_entropy(logits[keep], column, reduction="sum")
+    torch.testing.assert_close(loss_sum, ref, atol=1e-5, rtol=1e-6)
+    assert fc.counts["loss"] == loss_flops(len(allowed), n)
+    assert fc.total - fc.counts["loss"] == forward_flops(model.config, 2, L, lora_rank=4, head_rows=len(allowed))
+    with pytest.raises(ValueError, match="outside the restricted"):
+        next_token_loss(model, torch.full((1, 4), 5), torch.ones(1, 4, dtype=torch.long), head)
+    # a training run with it is charged what its plan said (full rows: every position a target)
+    chunks = make_chunks([torch.tensor(allowed)[torch.randint(0, 6, (48,), generator=g)].tolist()
+                          for _ in range(3)], L)
+    summary = train(tiny_lora_model(), chunks, chunks, config(max_steps=3, loss_vocabulary="numeric"), tmp_path,
+                    loss_token_ids=allowed)
+    assert summary["planned_flops_this_session"] == summary["total_flops"]
+    with pytest.raises(ValueError, match="loss_token_ids"):
+        train(tiny_lora_model(), chunks, chunks, config(loss_vocabulary="numeric"), tmp_path / "b")

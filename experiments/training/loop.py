@@ -108,7 +108,8 @@ def _attach(model: nn.Module, lora: LoRASettings, seed: int) -> None:
 
 def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, settings: TrainSettings,
           out_dir: str | os.PathLike, *, lora: LoRASettings | None = None, seed: int = 0, stage: str = "train",
-          precision: str = "float32", ledger=None, resume: bool = False, force: bool = False, on_step=None) -> dict:
+          precision: str = "float32", ledger=None, resume: bool = False, force: bool = False, on_step=None,
+          loss_token_ids: list[int] | None = None) -> dict:
     """Train LoRA adapters of ``lora`` on ``model`` (attached here if the model has none) over token chunks.
 
     Args:
@@ -120,6 +121,8 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         precision: "float32" or an autocast dtype ("bfloat16", "float16").
         resume: continue from the checkpoint in ``out_dir`` (same settings and data required).
         on_step: called with the step number after each step (tests use it to simulate a crash).
+        loss_token_ids: the vocabulary of the training loss when ``settings.loss_vocabulary`` is "numeric" (e.g.
+            the digits, ".", ",", ";" and the end token); the validation loss always uses the full vocabulary.
 
     Returns the summary dict (also ``summary.json``).
 
@@ -141,7 +144,10 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
                              f"{settings.context_length}")
     if M < B:
         raise ValueError(f"{M} training chunks cannot fill a batch of {B}")
+    if (settings.loss_vocabulary == "numeric") != (loss_token_ids is not None):
+        raise ValueError('loss_token_ids must be given exactly when settings.loss_vocabulary is "numeric"')
     _attach(model, lora, seed)
+    head = model.head_rows(loss_token_ids) if loss_token_ids is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     val = None
@@ -178,7 +184,8 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         torch.manual_seed(seed)
         atomic_write(log_path, "")
 
-    planned = training_cost(model.config, settings, lora, len(val) if val is not None else 0, st.step)
+    planned = training_cost(model.config, settings, lora, len(val) if val is not None else 0, st.step,
+                            len(head.ids) if head is not None else None)
     if ledger is not None:
         ledger.check(planned, force=force)
 
@@ -225,7 +232,7 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():  # even if the caller disabled autograd globally
             with FlopCounter() as counter, autocast_context(device, precision):
-                loss_sum, n = next_token_loss(model, ids, mask)
+                loss_sum, n = next_token_loss(model, ids, mask, head)
             loss = loss_sum / max(n, 1)
             loss.backward()
         if settings.max_grad_norm:

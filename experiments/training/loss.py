@@ -12,14 +12,19 @@ from tqdm.auto import tqdm
 from data.chunks import Chunks
 from miniqwen import flops
 from miniqwen.flops import FlopCounter, loss_flops
+from miniqwen.model import HeadRows
 
 
-def next_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def next_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    head: HeadRows | None = None):
     """Summed next-token cross-entropy of ``model`` on a batch, padding masked.
 
     Args:
         input_ids: [B, T] int64 token ids.
         attention_mask: [B, T], 1 = real token, 0 = padding (right or left).
+        head: None = the coursework's loss, a softmax over the whole vocabulary; or :class:`miniqwen.model.HeadRows`
+            (e.g. the numeric alphabet): a *different objective*, the softmax over those K tokens only, which also
+            skips the other V − K rows of the output head (counted so).
 
     Returns:
         ``(loss_sum, n)``: the sum over targets of −log p(token t+1 | tokens ≤ t) (float32 scalar tensor, with
@@ -27,11 +32,18 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         so a padded chunk gives the same loss as the same chunk unpadded. The logits of padding targets are
         dropped before the log-softmax. FLOPs of the loss go to component ``"loss"``
         (:func:`miniqwen.flops.loss_flops`).
+
+    Raises ValueError if ``head`` is given and a real target token is not among its ids.
     """
-    logits = model(input_ids, attention_mask=attention_mask)  # [B, T, V]
+    logits = model(input_ids, attention_mask=attention_mask, head_rows=head)  # [B, T, V or K]
     keep = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)  # [B, T-1]
-    selected = logits[:, :-1][keep].float()  # [n, V]
+    selected = logits[:, :-1][keep].float()  # [n, V or K]
     targets = input_ids[:, 1:][keep]  # [n]
+    if head is not None:  # vocabulary ids -> their column among the head's (sorted) ids
+        column = torch.searchsorted(head.ids, targets).clamp(max=len(head.ids) - 1)
+        if not torch.equal(head.ids[column], targets):
+            raise ValueError("a target token is outside the restricted loss vocabulary")
+        targets = column
     n = int(targets.numel())
     if flops.counting() and n:
         flops.count("loss", loss_flops(logits.shape[-1], n))
