@@ -153,7 +153,7 @@ class Session:
     @cached_property
     def _loaded(self):
         model, tokenizer = load_pretrained(self.run.model, dtype=getattr(torch, self.precision), device=self.device)
-        print(f"model: {self.weights} on {self.device}, {self.precision}")
+        print(f"model: {self.weights} — computing on {self.device} in {self.precision}")
         return model.eval(), tokenizer
 
     @property
