@@ -168,9 +168,10 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
                               "choose another output directory")
     if resume:
         if ckpt is None:
+            ran = log_path.exists() and log_path.stat().st_size
             raise CheckpointError(f"{out_dir}: nothing to resume (no checkpoint/state.json"
-                                  + ("; log.jsonl shows steps were run, so the checkpoint was lost)" if
-                                     log_path.exists() and log_path.stat().st_size else ")"))
+                                  + ("; log.jsonl shows steps were run, so the checkpoint was lost or never written"
+                                     " — start again with --overwrite)" if ran else ")"))
         saved = read_checkpoint(ckpt)
         _check_same_run(ckpt, saved.state, record)
         restore(saved, model, optimizer)
