@@ -238,10 +238,14 @@ def attention_mask_and_positions(attention_mask: torch.Tensor, past: int) -> tup
         Query t (absolute index past + t) sees key s if s <= past + t and s is real; a padded query also sees
         itself, so no softmax row is empty (an all-masked row would give NaN, and NaN spreads). The position of
         a token is the number of real tokens before it, so left padding does not shift positions.
+        ``mask`` is None when nothing is cached, T > 1 and no token is padding: the plain causal pattern, which
+        SDPA applies itself on its fast path (CUDA's fused kernels need it).
     """
     valid = attention_mask.bool()
     B, S = valid.shape
     T = S - past
+    if past == 0 and T > 1 and bool(valid.all()):
+        return None, torch.arange(T, device=valid.device).expand(B, T)
     if T == 1:  # a decode step: every real key is in the past, and the query always sees itself
         mask = valid.clone()
         mask[:, -1] = True
@@ -340,8 +344,6 @@ class Qwen2ForCausalLM(nn.Module):
         if attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
         mask, positions = attention_mask_and_positions(attention_mask, past)
-        if past == 0 and T > 1 and bool(attention_mask.all()):
-            mask = None  # no padding and nothing cached: the plain causal pattern, SDPA's fast path applies it itself
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)

@@ -276,3 +276,15 @@ def test_default_compute_dtype(monkeypatch):
     assert mdevice.default_compute_dtype("meta") == torch.float32
     with pytest.raises(RuntimeError):
         mdevice.default_compute_dtype("not-a-device")
+
+
+def test_unpadded_uncached_input_takes_the_plain_causal_pattern():
+    mask, positions = attention_mask_and_positions(torch.ones(3, 6, dtype=torch.long), past=0)
+    assert mask is None and torch.equal(positions, torch.arange(6).expand(3, 6))
+    # the same logits as the explicit boolean mask of the same pattern
+    model = tiny_model(True)
+    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(4))
+    with_none = model(ids)
+    padded = model(torch.cat([torch.zeros(2, 1, dtype=torch.long), ids], 1),
+                   torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 7, dtype=torch.long)], 1))[:, 1:]
+    torch.testing.assert_close(with_none, padded, atol=1e-5, rtol=1e-5)
