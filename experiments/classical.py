@@ -11,6 +11,8 @@ language model: they spend no FLOPs of the 1e17 budget and charge nothing to the
 
 from __future__ import annotations
 
+import dataclasses
+
 from . import recipes, settings
 from .classical_forecasters import AR, VAR, LotkaVolterraODE, Persistence, select_order
 from .session import Session
@@ -48,8 +50,7 @@ def main(argv=None) -> int:
     dt = float(ds.data.time[1] - ds.data.time[0])
 
     # choose p for AR and VAR on the validation split (its trajectories and horizon)
-    validation = settings.ForecastSettings(**{**vars(forecast), "split": "validation"})
-    _, _, contexts, truth = ds.forecast_set(validation)
+    _, _, contexts, truth = ds.forecast_set(dataclasses.replace(forecast, split="validation"))
     chosen, search = {}, {}
     for name, make in (("ar", lambda p: AR(p, log=s["log"])), ("var", lambda p: VAR(p, log=s["log"]))):
         chosen[name], scores = select_order(make, orders, contexts, truth)
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     results.details.update(order_search=search, dt=dt, flops_note="classical forecasters spend no LLM FLOPs")
     results.flops["planned"] = 0
     for split in splits:
-        fs = settings.ForecastSettings(**{**vars(forecast), "split": split})
+        fs = dataclasses.replace(forecast, split=split)
         for forecaster in forecasters:
             tag = f"{forecaster.name}_{split}".replace("(", "").replace(")", "")
             evaluation = recipes.forecast_and_save(session, forecaster, fs, tag, f"{forecaster.name}, {split}",

@@ -27,7 +27,7 @@ def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int
     for start in range(0, len(lens), forecast.gen_batch_size):
         batch = lens[start : start + forecast.gen_batch_size]
         total += generation_flops(config, max(batch), max_new, len(batch), rank, targets or DEFAULT_LORA_TARGETS,
-                                  num_samples=forecast.samples, **({"head_rows": head_rows} if head_rows else {}))
+                                  num_samples=forecast.samples, head_rows=head_rows)
     return total
 
 

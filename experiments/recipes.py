@@ -22,7 +22,7 @@ from .plots import plot_forecasts
 from .results import Evaluation, write_json
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings
-from .training import read_log, train, validation_subset
+from .training import checkpoint_step, read_log, train, validation_subset
 
 
 def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> LLMForecaster:
@@ -35,12 +35,10 @@ def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> L
 def planned_forecast(session: Session, contexts: np.ndarray, forecast: ForecastSettings,
                      lora: LoRASettings | None = None) -> int:
     """Upper bound on the FLOPs of forecasting ``contexts`` with the session's model (+ ``lora``)."""
-    from .evaluation import allowed_token_ids
-
     lens = prompt_lengths(session.tokenizer, contexts, session.dataset.llmtime_scale, session.dataset.decimals,
                           forecast.horizon, forecast.prompt)
     return forecast_cost(session.model.config, lens, forecast.horizon, session.dataset.decimals, forecast, lora,
-                         head_rows=len(allowed_token_ids(session.tokenizer)))
+                         head_rows=len(set(allowed_token_ids(session.tokenizer))))
 
 
 def forecast_and_save(session: Session, forecaster: Forecaster, forecast: ForecastSettings, tag: str,
@@ -96,7 +94,8 @@ def show_examples(session: Session, split: str, steps: int = 5) -> list[dict]:
     return examples
 
 
-def _fmt(x, spec: str) -> str:
+def format_number(x, spec: str = ".4f") -> str:
+    """``x`` formatted with ``spec``, or "–" for a missing value (None or NaN), for Markdown tables."""
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
@@ -110,7 +109,8 @@ def evaluation_table(evaluations: dict[str, Evaluation]) -> str:
     rows.append(("forecasts parsed completely", [e.parsed_fraction for e in evaluations.values()], ".0%"))
     rows.append(("forecast FLOPs", [e.flops for e in evaluations.values()], ".3g"))
     lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
-    lines += [f"| {label} | " + " | ".join(_fmt(v, spec) for v in values) + " |" for label, values, spec in rows]
+    lines += [f"| {label} | " + " | ".join(format_number(v, spec) for v in values) + " |"
+              for label, values, spec in rows]
     return "\n".join(lines)
 
 
@@ -161,9 +161,7 @@ def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, t
     saved = json.loads(untrained_path.read_text()) if untrained_path.is_file() else None
     reuse = bool(run.resume and saved and saved["settings"] == key)
     training_dir = out / "training"
-    start_step = 0
-    if run.resume and (training_dir / "checkpoint" / "state.json").is_file():
-        start_step = json.loads((training_dir / "checkpoint" / "state.json").read_text())["loop"]["step"]
+    start_step = checkpoint_step(training_dir) if run.resume else 0
     loss_ids = allowed_token_ids(session.tokenizer) if train_settings.loss_vocabulary == "numeric" else None
     loss_rows = len(set(loss_ids)) if loss_ids else None
     val_rows = len(validation_subset(len(val_chunks), train_settings.eval_batches * train_settings.batch_size,
@@ -181,7 +179,7 @@ def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, t
     else:
         forecaster = llm_forecaster(session, forecast, "untrained")
         untrained = forecast_and_save(session, forecaster, forecast, "untrained", f"untrained, {title}",
-                                              write_texts=False)
+                                      write_texts=False)
         write_json(untrained_path, {"settings": key, "untrained": dataclasses.asdict(untrained)})
         session.charge("generate", untrained.flops, untrained_path, what="untrained forecast")
 
@@ -194,7 +192,7 @@ def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, t
 
     forecaster = llm_forecaster(session, forecast, "lora")
     trained = forecast_and_save(session, forecaster, forecast, "trained",
-                                        f"LoRA r={lora.rank}, {summary['steps']} steps, {title}", write_texts=False)
+                                f"LoRA r={lora.rank}, {summary['steps']} steps, {title}", write_texts=False)
     trained.validation_loss = summary["val_loss"]
     remove_lora(session.model)
     _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)

@@ -19,13 +19,9 @@ import numpy as np
 
 from .budget import BUDGET, Ledger, LedgerError
 from .plots import plot_horizon_errors
-from .recipes import evaluation_table
+from .recipes import evaluation_table, format_number
 from .results import Evaluation, Results, find_results
 from .settings import run_cli
-
-
-def _f(x, spec=".4f") -> str:
-    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
 def _score(e: Evaluation) -> float:
@@ -35,17 +31,14 @@ def _score(e: Evaluation) -> float:
 
 def _row(label: str, e: Evaluation, flops=None) -> str:
     p, q = e.metrics["prey"], e.metrics["predator"]
-    return (f"| {label} | {len(e.trajectories)} | {_f(e.parsed_fraction, '.0%')} | {_f(p['mse'])} | {_f(p['mae'])} | "
-            f"{_f(p['r2'], '.3f')} | {_f(q['mse'])} | {_f(q['mae'])} | {_f(q['r2'], '.3f')} | "
-            f"{_f(e.validation_loss)} | {_f(e.flops if flops is None else flops, '.3g')} |")
+    cells = [(e.parsed_fraction, ".0%"), (p["mse"], ".4f"), (p["mae"], ".4f"), (p["r2"], ".3f"), (q["mse"], ".4f"),
+             (q["mae"], ".4f"), (q["r2"], ".3f"), (e.validation_loss, ".4f"),
+             (e.flops if flops is None else flops, ".3g")]
+    return f"| {label} | {len(e.trajectories)} | " + " | ".join(format_number(v, s) for v, s in cells) + " |"
 
 
 HEADER = ["| forecaster | trajectories | parsed | prey MSE | prey MAE | prey R² | predator MSE | predator MAE | "
           "predator R² | val. loss | FLOPs |", "| --- |" + " ---: |" * 10]
-
-
-def _setting(r: Results, group: str, key: str, default=None):
-    return r.settings.get(group, {}).get(key, default)
 
 
 def comparison_groups(results: dict[str, Results]) -> dict[tuple, list[tuple[str, Evaluation]]]:
@@ -103,7 +96,7 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
             md += [f"**{run}** — rank {lo.get('rank')} on {', '.join(lo.get('targets', []))}, lr {t.get('lr')}, "
                    f"batch {t.get('batch_size')}, context {t.get('context_length')}, {tr.get('steps')} steps; "
                    f"forecasts of {len(trained.trajectories)} {trained.split} trajectories; FLOPs "
-                   f"{_f(r.flops.get('total'), '.3g')}.", "", evaluation_table(r.evaluations), ""]
+                   f"{format_number(r.flops.get('total'), '.3g')}.", "", evaluation_table(r.evaluations), ""]
 
     groups = comparison_groups(results)
     def stage_of(label: str) -> str:
@@ -147,14 +140,14 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
     md += ["## Compute: every experiment against the 1e17 budget", ""]
     try:
         md.append(ledger.markdown_table(BUDGET))
-        md += ["", f"Ledger: `{ledger.path.name}` ({len(ledger.entries())} entries). Training is charged 3× its forward "
-               "FLOPs, evaluation and generation 1× (coursework rules, `miniqwen/flops.py`)."]
+        md += ["", f"Ledger: `{ledger.path.name}` ({len(ledger.entries())} entries). Training is charged 3× its "
+               "forward FLOPs, evaluation and generation 1× (coursework rules, `miniqwen/flops.py`)."]
     except LedgerError as err:
         md.append(f"**ledger unreadable:** {err}")
     md += ["", "| run | stage | generate | eval | train | total | planned |", "| --- | --- |" + " ---: |" * 5]
     for run, r in results.items():
         fl = r.flops
-        md.append(f"| {run} | {r.stage} | " + " | ".join(_f(fl.get(k, 0), ".3g") for k in
+        md.append(f"| {run} | {r.stage} | " + " | ".join(format_number(fl.get(k, 0), ".3g") for k in
                                                         ("generate", "eval", "train", "total", "planned")) + " |")
     return "\n".join(md) + "\n"
 

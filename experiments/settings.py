@@ -417,7 +417,7 @@ def _flag(p: argparse.ArgumentParser, field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def parse(p: argparse.ArgumentParser, argv=None, **extra_fields) -> dict:
+def parse(p: argparse.ArgumentParser, argv=None) -> dict:
     """Parse ``argv`` with ``p`` into ``{group: settings dataclass}`` for every group ``p`` has, plus the values of
     any other options under their own names; every dataclass is validated.
 

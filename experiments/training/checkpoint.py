@@ -136,6 +136,13 @@ def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def checkpoint_step(run_dir: str | os.PathLike) -> int:
+    """The step a resumed run of ``run_dir`` would start from: its checkpoint's, or 0 if it has none. Raises
+    CheckpointError if the checkpoint is damaged (see :func:`read_checkpoint`)."""
+    path = find_checkpoint(run_dir)
+    return 0 if path is None else int(read_checkpoint(path).state["loop"]["step"])
+
+
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read and verify a checkpoint directory.
 

@@ -40,7 +40,7 @@ from miniqwen.flops import FlopCounter
 
 from ..costs import training_cost
 from ..plots import plot_loss_curves
-from ..settings import LoRASettings, TrainSettings
+from ..settings import LoRASettings, TrainSettings, as_record
 from .checkpoint import CheckpointError, find_checkpoint, fingerprint, read_checkpoint, restore, write_checkpoint
 from .loss import autocast_context, next_token_loss, validation_loss
 
@@ -156,7 +156,7 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         val = Chunks(val_chunks.input_ids[idx], val_chunks.attention_mask[idx])
     optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
                                   weight_decay=settings.weight_decay)
-    record = {"settings": _record(settings), "lora": _record(lora), "seed": seed,
+    record = {**as_record(settings=settings, lora=lora), "seed": seed,
               "data": {"train": fingerprint(train_chunks), "val": fingerprint(val)}}
     log_path = out_dir / "log.jsonl"
 
@@ -215,7 +215,7 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
 
     # ---- loop
     t0 = time.time()
-    if val is not None and st.step == 0 and settings.eval_at_start and not resume:
+    if val is not None and st.step == 0 and settings.eval_at_start:  # a resumed run is past step 0
         evaluate()
     bar = tqdm(total=settings.max_steps, initial=st.step, disable=not settings.progress, desc=stage,
                dynamic_ncols=True)
@@ -280,10 +280,6 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_loss_curves(log_path, out_dir / "loss_curve.png", title=stage)
     return summary
-
-
-def _record(settings) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()}
 
 
 def _check_same_run(ckpt: Path, saved: dict, now: dict) -> None:
