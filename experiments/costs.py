@@ -72,3 +72,49 @@ def training_cost(config, train: TrainSettings, lora: LoRASettings, val_rows: in
     n_evals = evaluations_ahead(train, start_step) if val_rows else 0
     step = chunk_pass_flops(config, train.batch_size, train.context_length, lora, loss_rows)
     return 3 * steps * step + n_evals * per_eval
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes a plan needs: exact ones from a session's data and tokenizer, or bounds that need neither
+# ---------------------------------------------------------------------------------------------------------------
+
+#: trajectories per split of the coursework's data (1000 systems split 80/10/10)
+SPLIT_TRAJECTORIES = 100
+
+
+class NominalSizes:
+    """Upper bounds on the sizes a plan depends on, without data or a tokenizer (what ``experiments.flops``
+    plans with): every prompt step at :func:`evaluation.max_tokens_per_step` tokens, every split of
+    :data:`SPLIT_TRAJECTORIES` trajectories, the validation subset always full, the numeric head's rows."""
+
+    def __init__(self, decimals: int = 2):
+        from .evaluation import NUMERIC_ALPHABET, max_tokens_per_step
+
+        self.decimals, self.per_step = decimals, max_tokens_per_step(decimals)
+        self.head_rows = len(NUMERIC_ALPHABET) + 2  # the alphabet, end and padding tokens
+
+    def prompt_lengths(self, forecast: ForecastSettings) -> list[int]:
+        n = min(forecast.limit or SPLIT_TRAJECTORIES, SPLIT_TRAJECTORIES)
+        return [forecast.context_steps * self.per_step + 1] * n
+
+    def val_rows(self, train: TrainSettings) -> int:
+        return train.eval_batches * train.batch_size
+
+    def loss_rows(self, train: TrainSettings) -> int | None:
+        return self.head_rows if train.loss_vocabulary == "numeric" else None
+
+
+def lora_run_cost(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,
+                  start_step: int = 0, forecasts: int = 1) -> dict[str, int]:
+    """``{"training": …, "forecast": …}``: one LoRA run from ``start_step`` (:func:`training_cost`) and
+    ``forecasts`` forecasts of ``forecast``'s trajectories with the adapter (:func:`forecast_cost`); ``sizes`` is
+    :class:`NominalSizes` or a session's exact sizes (``recipes.SessionSizes``)."""
+    return {"training": training_cost(config, train, lora, sizes.val_rows(train), start_step, sizes.loss_rows(train)),
+            "forecast": forecasts * forecast_cost(config, sizes.prompt_lengths(forecast), forecast.horizon,
+                                                  sizes.decimals, forecast, lora, head_rows=sizes.head_rows)}
+
+
+def untrained_forecast_cost(config, sizes, forecast: ForecastSettings) -> int:
+    """FLOPs of forecasting ``forecast``'s trajectories with the base model (no adapters)."""
+    return forecast_cost(config, sizes.prompt_lengths(forecast), forecast.horizon, sizes.decimals, forecast,
+                         head_rows=sizes.head_rows)

@@ -82,6 +82,37 @@ def plot_loss_curves(log_path: str | Path, png_path: str | Path, title: str = ""
     return True
 
 
+def plot_training_curves(path: Path, logs: dict[str, Path], title: str) -> bool:
+    """Training loss (running mean over about a tenth of the run) and validation loss against step for several
+    runs in one PNG: ``logs`` = ``{label: training log.jsonl}`` (missing files are skipped)."""
+    fig = _figure(8, 4.5)
+    if fig is None or not logs:
+        return False
+    ax = fig.add_subplot()
+    for (label, log), colour in zip(logs.items(), [f"C{i}" for i in range(len(logs))]):
+        if not Path(log).is_file():
+            continue
+        entries = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+        train = [(e["step"], e["loss"]) for e in entries if e["kind"] == "train"]
+        evals = [(e["step"], e["val_loss"]) for e in entries if e["kind"] == "eval"]
+        if train:
+            steps, losses = map(np.asarray, zip(*train))
+            window = max(1, len(losses) // 10)
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, color=colour, lw=1.3, label=f"{label} (train, {window}-step mean)")
+        if evals:
+            steps, losses = zip(*evals)
+            ax.plot(steps, losses, "o--", color=colour, lw=1, ms=4, label=f"{label} (validation)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    return True
+
+
 def plot_horizon_errors(path: Path, curves: dict[str, dict], title: str, metric: str = "mae") -> bool:
     """Error per horizon step, one line per forecaster: ``curves`` = ``{label: Evaluation.metrics}``; one panel
     per species. ``metric`` is "mae" or "mse" (data units)."""

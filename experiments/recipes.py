@@ -43,14 +43,14 @@ def planned_forecast(session: Session, contexts: np.ndarray, forecast: ForecastS
 
 def forecast_and_save(session: Session, forecaster: Forecaster, forecast: ForecastSettings, tag: str,
                       title: str, settings: dict | None = None, write_texts: bool = True,
-                      weights: str | None = "session") -> Evaluation:
+                      weights: str | None = "session", out: Path | None = None) -> Evaluation:
     """Forecast ``forecast``'s trajectories with ``forecaster``, score them and write, under the session's output
     directory, ``per_trajectory[_<tag>].csv``, ``generations[_<tag>].jsonl`` (if it writes text) and
     ``forecasts[_<tag>].png`` (titled with ``weights``: the session's weights label unless given, None for
-    forecasters that use no weights). Returns the :class:`results.Evaluation`."""
+    forecasters that use no weights), or under ``out`` if given. Returns the :class:`results.Evaluation`."""
     indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)
     forecasts, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices, settings)
-    out, suffix = session.out, f"_{tag}" if tag else ""
+    out, suffix = out or session.out, f"_{tag}" if tag else ""
     write_csv(out / f"per_trajectory{suffix}.csv", per_trajectory_rows(indices, pred, truth, forecasts))
     if write_texts and any(forecasts.texts):
         with open(out / f"generations{suffix}.jsonl", "w") as fh:
@@ -142,6 +142,106 @@ def write_run_readme(path: Path, title: str, command: str, body: str) -> None:
     path.write_text(f"# {title}\n\n`{command}`\n\n{body}\n")
 
 
+def training_chunks(session: Session, train_settings: TrainSettings) -> tuple[Chunks, Chunks]:
+    """``(training, validation)`` token chunks of ``train_settings.context_length`` (whole trajectories' LLMTIME
+    text; the validation loss draws its fixed subset from the second)."""
+    train_chunks = token_chunks(session, "train", train_settings.train_limit, train_settings.context_length,
+                                train_settings.stride)
+    val_chunks = token_chunks(session, "validation", None, train_settings.context_length, train_settings.stride)
+    print(f"chunks: {len(train_chunks)} training, {len(val_chunks)} validation; context "
+          f"{train_settings.context_length}, stride {train_settings.stride or train_settings.context_length}")
+    return train_chunks, val_chunks
+
+
+def loss_token_ids(session: Session, train_settings: TrainSettings) -> list[int] | None:
+    """The restricted training-loss vocabulary (numeric alphabet + end tokens) when ``loss_vocabulary`` is
+    "numeric", else None (the full vocabulary)."""
+    return allowed_token_ids(session.tokenizer) if train_settings.loss_vocabulary == "numeric" else None
+
+
+def planned_training(session: Session, train_settings: TrainSettings, lora: LoRASettings, n_val_chunks: int,
+                     start_step: int = 0) -> int:
+    """Upper bound on what :func:`training.train` will charge from ``start_step`` (training + validation loss)."""
+    ids = loss_token_ids(session, train_settings)
+    val_rows = len(validation_subset(n_val_chunks, train_settings.eval_batches * train_settings.batch_size,
+                                     session.run.seed)) if n_val_chunks else 0
+    return training_cost(session.model.config, train_settings, lora, val_rows, start_step,
+                         len(set(ids)) if ids else None)
+
+
+class SessionSizes:
+    """The exact sizes a plan depends on (prompt token counts, validation subset, head rows), from the session's
+    data and tokenizer; the same interface as :class:`costs.NominalSizes`."""
+
+    def __init__(self, session: Session):
+        self.session, self.decimals = session, session.dataset.decimals
+        self.head_rows = len(set(allowed_token_ids(session.tokenizer)))
+        self._val_chunks: dict[tuple, int] = {}
+
+    def prompt_lengths(self, forecast: ForecastSettings) -> list[int]:
+        ds = self.session.dataset
+        contexts = ds.forecast_set(forecast)[2]
+        return prompt_lengths(self.session.tokenizer, contexts, ds.llmtime_scale, ds.decimals, forecast.horizon,
+                              forecast.prompt)
+
+    def val_rows(self, train: TrainSettings) -> int:
+        key = (train.context_length, train.stride)
+        if key not in self._val_chunks:
+            self._val_chunks[key] = len(token_chunks(self.session, "validation", None, *key))
+        n = self._val_chunks[key]
+        return len(validation_subset(n, train.eval_batches * train.batch_size, self.session.run.seed)) if n else 0
+
+    def loss_rows(self, train: TrainSettings) -> int | None:
+        return self.head_rows if train.loss_vocabulary == "numeric" else None
+
+
+def untrained_evaluation(session: Session, forecast: ForecastSettings, title: str, path: Path,
+                         reuse: bool) -> Evaluation:
+    """The untrained model's forecast of ``forecast``'s trajectories, saved in ``path`` (JSON) and charged; with
+    ``reuse`` a saved one made with the same model, precision, seed, data and forecast settings is read back
+    instead (what --resume does)."""
+    key = settings_module.as_record(run=session.run, data=session.data_settings, forecast=forecast)
+    key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
+    saved = json.loads(path.read_text()) if reuse and path.is_file() else None
+    if saved and saved["settings"] == key:
+        print(f"reusing the untrained evaluation in {path}")
+        return Evaluation(**saved["untrained"])
+    forecaster = llm_forecaster(session, forecast, "untrained")
+    untrained = forecast_and_save(session, forecaster, forecast, "untrained", f"untrained, {title}",
+                                  write_texts=False, out=path.parent)
+    write_json(path, {"settings": key, "untrained": dataclasses.asdict(untrained)})
+    session.charge("generate", untrained.flops, path, what="untrained forecast")
+    return untrained
+
+
+def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRASettings,
+                       train_settings: TrainSettings, chunks: tuple[Chunks, Chunks], out: Path, title: str, *,
+                       on_step=None, export: bool = True) -> tuple[Evaluation, dict]:
+    """Train LoRA ``lora`` on the session's model in ``out/training`` (resuming its checkpoint if there is one and
+    the session resumes), forecast ``forecast``'s trajectories with it (files under ``out``, tag "trained"),
+    export it in PEFT format to ``out/peft_adapter`` (if ``export``) and take the adapters off the model again
+    (also when something fails).
+    Returns ``(Evaluation named "lora" with the final validation loss, training summary)``. Training charges the
+    ledger itself; the forecast's FLOPs are the caller's to charge once its results are written."""
+    training_dir = out / "training"
+    resume = session.run.resume and training_dir.exists()
+    try:
+        summary = train(session.model, chunks[0], chunks[1], train_settings, training_dir, lora=lora,
+                        seed=session.run.seed, stage=session.stage, precision=session.precision,
+                        ledger=session.ledger, resume=resume, force=session.run.force, on_step=on_step,
+                        loss_token_ids=loss_token_ids(session, train_settings))
+        if export:
+            export_peft(session.model, out / "peft_adapter", base_model_name_or_path=session.weights)
+        forecaster = llm_forecaster(session, forecast, "lora")
+        trained = forecast_and_save(session, forecaster, forecast, "trained",
+                                    f"LoRA r={lora.rank}, lr {train_settings.lr:g}, {summary['steps']} steps, {title}",
+                                    write_texts=False, out=out)
+    finally:
+        remove_lora(session.model)
+    trained.validation_loss = summary["val_loss"]
+    return trained, summary
+
+
 def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, train_settings: TrainSettings,
              title: str) -> tuple[dict, dict, int]:
     """Untrained forecast -> LoRA training -> trained forecast on the session's model; the adapters are removed
@@ -149,51 +249,18 @@ def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, t
     The plan is checked before anything is spent; the untrained evaluation is saved (and reused by --resume)."""
     out, run = session.out, session.run
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
-    train_chunks = token_chunks(session, "train", train_settings.train_limit, train_settings.context_length,
-                                train_settings.stride)
-    val_chunks = token_chunks(session, "validation", None, train_settings.context_length, train_settings.stride)
-    print(f"chunks: {len(train_chunks)} training, {len(val_chunks)} validation; context "
-          f"{train_settings.context_length}, stride {train_settings.stride or train_settings.context_length}")
-
+    chunks = training_chunks(session, train_settings)
     untrained_path = out / "untrained.json"
-    key = settings_module.as_record(run=run, data=session.data_settings, forecast=forecast)
-    key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
-    saved = json.loads(untrained_path.read_text()) if untrained_path.is_file() else None
-    reuse = bool(run.resume and saved and saved["settings"] == key)
-    training_dir = out / "training"
-    start_step = checkpoint_step(training_dir) if run.resume else 0
-    loss_ids = allowed_token_ids(session.tokenizer) if train_settings.loss_vocabulary == "numeric" else None
-    loss_rows = len(set(loss_ids)) if loss_ids else None
-    val_rows = len(validation_subset(len(val_chunks), train_settings.eval_batches * train_settings.batch_size,
-                                    run.seed))
-    untrained_plan = 0 if reuse else planned_forecast(session, contexts, forecast)
+    reuse = run.resume and untrained_path.is_file()
+    start_step = checkpoint_step(out / "training") if run.resume else 0
     planned = session.check({
-        "untrained forecast": untrained_plan,
-        "training": training_cost(session.model.config, train_settings, lora, val_rows, start_step, loss_rows),
+        "untrained forecast": 0 if reuse else planned_forecast(session, contexts, forecast),
+        "training": planned_training(session, train_settings, lora, len(chunks[1]), start_step),
         "trained forecast": planned_forecast(session, contexts, forecast, lora),
     })
-
-    if reuse:
-        untrained = Evaluation(**saved["untrained"])
-        print(f"reusing the untrained evaluation in {untrained_path}")
-    else:
-        forecaster = llm_forecaster(session, forecast, "untrained")
-        untrained = forecast_and_save(session, forecaster, forecast, "untrained", f"untrained, {title}",
-                                      write_texts=False)
-        write_json(untrained_path, {"settings": key, "untrained": dataclasses.asdict(untrained)})
-        session.charge("generate", untrained.flops, untrained_path, what="untrained forecast")
-
-    summary = train(session.model, train_chunks, val_chunks, train_settings, training_dir, lora=lora, seed=run.seed,
-                    stage=session.stage, precision=session.precision, ledger=session.ledger,
-                    resume=run.resume and training_dir.exists(), force=run.force, loss_token_ids=loss_ids)
-    evals = [e for e in read_log(training_dir / "log.jsonl") if e["kind"] == "eval"]
+    untrained = untrained_evaluation(session, forecast, title, untrained_path, reuse=run.resume)
+    trained, summary = train_and_forecast(session, forecast, lora, train_settings, chunks, out, title)
+    evals = [e for e in read_log(out / "training" / "log.jsonl") if e["kind"] == "eval"]
     untrained.validation_loss = evals[0]["val_loss"] if evals and evals[0]["step"] == 0 else None
-    export_peft(session.model, out / "peft_adapter", base_model_name_or_path=session.weights)
-
-    forecaster = llm_forecaster(session, forecast, "lora")
-    trained = forecast_and_save(session, forecaster, forecast, "trained",
-                                f"LoRA r={lora.rank}, {summary['steps']} steps, {title}", write_texts=False)
-    trained.validation_loss = summary["val_loss"]
-    remove_lora(session.model)
     _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
     return {"untrained": untrained, "lora": trained, "persistence": persistence}, summary, planned

@@ -312,16 +312,49 @@ def _none_or(kind):
     return convert
 
 
+def preset_name(argv, presets: dict | None) -> str | None:
+    """The ``--preset NAME`` given in ``argv`` (None if absent or the stage has no presets).
+
+    Raises UsageError if NAME is not one of ``presets``.
+    """
+    if not presets:
+        return None
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if known.preset is not None and known.preset not in presets:
+        raise UsageError(f"--preset {known.preset!r}: must be one of {', '.join(presets)}")
+    return known.preset
+
+
+def with_preset(defaults: dict, presets: dict | None, name: str | None) -> dict:
+    """``defaults`` (``{group: dataclass instance}``) with preset ``name``'s field overrides
+    (``presets[name]`` = ``{group: {field: value}}``) applied; options given on the command line still win."""
+    out = {group: dataclasses.replace(d) for group, d in defaults.items()}
+    for group, fields in ((presets or {}).get(name) or {}).items():
+        out[group] = dataclasses.replace(out.get(group) or GROUPS[group](), **fields)
+    return out
+
+
 def parser(prog: str, description: str, *groups: str, defaults: dict | None = None,
-           forecast_batch_flag: str = "--batch-size") -> argparse.ArgumentParser:
+           forecast_batch_flag: str = "--batch-size", presets: dict | None = None,
+           exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """An argparse parser with the options of the named setting ``groups`` (keys of :data:`GROUPS`).
 
     ``defaults`` = ``{group: dataclass instance}`` overrides a group's defaults (e.g. a stage's training
     defaults). ``forecast_batch_flag`` spells :attr:`ForecastSettings.gen_batch_size` (training stages use
-    ``--batch-size`` for training, so they call it ``--gen-batch-size``).
+    ``--batch-size`` for training, so they call it ``--gen-batch-size``). ``presets`` (``{name: {group: {field:
+    value}}}``) adds ``--preset``; the caller passes the preset's defaults in ``defaults`` (:func:`with_preset`).
+    ``exclude`` leaves out options of these field names (a grid sets ``lr`` and ``rank`` itself).
     """
     d = {name: (defaults or {}).get(name) or cls() for name, cls in GROUPS.items()}
     p = argparse.ArgumentParser(prog=prog, description=description)
+    if presets:
+        p.add_argument("--preset", choices=list(presets), default=None,
+                       help="scaled-down defaults: " + "; ".join(
+                           f"{name}: " + ", ".join(f"{k}={v}" for fields in groups_.values()
+                                                   for k, v in fields.items())
+                           for name, groups_ in presets.items()) + " (options given explicitly still win)")
     r, dt, f, lo, t, ls = d["run"], d["data"], d["forecast"], d["lora"], d["train"], d["loss"]
     if "run" in groups:
         g = p.add_argument_group("run")
@@ -364,14 +397,16 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
         g.add_argument("--plots", type=int, default=f.plots, help=f"forecasts drawn per PNG (default {f.plots})")
     if "lora" in groups:
         g = p.add_argument_group("LoRA")
-        g.add_argument("--rank", type=int, default=lo.rank, help=f"LoRA rank (default {lo.rank})")
+        if "rank" not in exclude:
+            g.add_argument("--rank", type=int, default=lo.rank, help=f"LoRA rank (default {lo.rank})")
         g.add_argument("--lora-alpha", type=float, default=lo.lora_alpha,
                        help="LoRA scaling numerator; the update is scaled by lora_alpha/rank (default: = rank)")
         g.add_argument("--targets", default=",".join(lo.targets),
                        help=f"comma-separated projections (default {','.join(lo.targets)})")
     if "train" in groups:
         g = p.add_argument_group("training")
-        g.add_argument("--lr", type=float, default=t.lr, help=f"AdamW learning rate (default {t.lr:g})")
+        if "lr" not in exclude:
+            g.add_argument("--lr", type=float, default=t.lr, help=f"AdamW learning rate (default {t.lr:g})")
         g.add_argument("--batch-size", type=int, default=t.batch_size, help=f"chunks per step (default {t.batch_size})")
         g.add_argument("--context-length", type=int, default=t.context_length,
                        help=f"tokens per training chunk (default {t.context_length})")
