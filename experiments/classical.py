@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import recipes, settings
-from .classical_forecasters import AR, VAR, LotkaVolterraODE, Persistence, select_order
+from .classical_forecasters import validated_forecasters
 from .session import Session
 
 STAGE = "classical"
@@ -51,16 +51,7 @@ def main(argv=None) -> int:
 
     # choose p for AR and VAR on the validation split (its trajectories and horizon)
     _, _, contexts, truth = ds.forecast_set(dataclasses.replace(forecast, split="validation"))
-    chosen, search = {}, {}
-    for name, make in (("ar", lambda p: AR(p, log=s["log"])), ("var", lambda p: VAR(p, log=s["log"]))):
-        chosen[name], scores = select_order(make, orders, contexts, truth)
-        search[name] = {"chosen": chosen[name], "mse_by_order": scores}
-        print(f"{name.upper()} order on the validation split: p = {chosen[name]} "
-              f"(MSE by p: {', '.join(f'{p}: {v:.4f}' for p, v in scores.items())})")
-
-    forecasters = [Persistence(), AR(chosen["ar"], log=s["log"]), VAR(chosen["var"], log=s["log"])]
-    if not s["no_ode"]:
-        forecasters.append(LotkaVolterraODE(dt=dt))
+    forecasters, search = validated_forecasters(contexts, truth, orders, dt, log=s["log"], ode=not s["no_ode"])
     results = session.results(forecast=forecast)
     results.weights = None  # no language model
     results.details.update(order_search=search, dt=dt, flops_note="classical forecasters spend no LLM FLOPs")

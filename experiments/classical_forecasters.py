@@ -432,3 +432,18 @@ def select_order(make: Callable[[int], ClassicalForecaster], orders: Iterable[in
         raise ValueError("select_order: truth contains NaN or inf")
     scores = {p: float(np.mean((make(p).predict(contexts, truth.shape[1]) - truth) ** 2)) for p in orders}
     return min(orders, key=lambda p: (scores[p], p)), scores
+
+
+def validated_forecasters(val_contexts: np.ndarray, val_truth: np.ndarray, orders, dt: float, log: bool = False,
+                          ode: bool = True) -> tuple[list, dict]:
+    """Persistence, AR(p), VAR(p) with p chosen among ``orders`` by MSE on the validation contexts [n, C, 2] and
+    truth [n, H, 2], and (if ``ode``) the Lotka–Volterra ODE with time step ``dt``. Returns ``(forecasters,
+    {"ar"|"var": {"chosen": p, "mse_by_order": {p: MSE}}})``."""
+    search = {}
+    for name, make in (("ar", lambda p: AR(p, log=log)), ("var", lambda p: VAR(p, log=log))):
+        chosen, scores = select_order(make, orders, val_contexts, val_truth)
+        search[name] = {"chosen": chosen, "mse_by_order": scores}
+        print(f"{name.upper()} order on the validation split: p = {chosen} "
+              f"(MSE by p: {', '.join(f'{p}: {v:.4f}' for p, v in scores.items())})")
+    forecasters = [Persistence(), AR(search["ar"]["chosen"], log=log), VAR(search["var"]["chosen"], log=log)]
+    return forecasters + ([LotkaVolterraODE(dt=dt)] if ode else []), search

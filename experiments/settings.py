@@ -422,7 +422,8 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
                        help=f"steps between validation losses (default {t.eval_every}; 0 = start and end only)")
         g.add_argument("--eval-batches", type=int, default=t.eval_batches,
                        help=f"validation subset = this many batches (default {t.eval_batches}; 0 = all)")
-        g.add_argument("--no-eval-at-start", action="store_true", help="skip the step-0 validation loss")
+        g.add_argument("--no-eval-at-start", action="store_true", default=not t.eval_at_start,
+                       help="skip the step-0 validation loss" + ("" if t.eval_at_start else " (this stage's default)"))
         g.add_argument("--early-stop", dest="early_stop_patience", type=int, default=t.early_stop_patience,
                        help="stop after this many evaluations without improvement (default 0 = off)")
         g.add_argument("--restore-best", action="store_true", default=t.restore_best,
@@ -432,7 +433,7 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
         g.add_argument("--loss-vocabulary", default=t.loss_vocabulary, choices=["full", "numeric"],
                        help="training loss over the full vocabulary (default, the coursework's) or only the numeric "
                             "alphabet (a different, cheaper objective)")
-        g.add_argument("--no-progress", action="store_true", help="no progress bar")
+        g.add_argument("--no-progress", action="store_true", default=not t.progress, help="no progress bar")
     if "loss" in groups:
         g = p.add_argument_group("validation loss")
         g.add_argument("--loss-limit", type=_none_or(int), default=ls.loss_limit,

@@ -74,3 +74,56 @@ def test_sweep_resumes_after_a_kill_and_ends_with_the_same_table(tiny_full_vocab
     forecasts = [e for e in (json.loads(line) for line in ledger_part.read_text().splitlines())
                  if e["kind"] == "generate"]
     assert len(forecasts) == 5  # the untrained forecast and four points
+
+
+def test_context_length_study_takes_the_sweeps_choice(tiny_full_vocab, sim_file, tmp_path):
+    from experiments import context_length
+
+    sweep_out = tmp_path / "sweep"
+    ledger = tmp_path / "ledger.jsonl"
+    assert sweep.main(common(tiny_full_vocab, sim_file, sweep_out, ledger)
+                      + ["--lrs", "1e-3", "--ranks", "2,4", "--max-steps", "2", "--checkpoint-every", "1"]) == 0
+    picked = json.loads((sweep_out / "results.json").read_text())["details"]["selection"]["chosen"]
+    out = tmp_path / "ctx"
+    assert context_length.main(common(tiny_full_vocab, sim_file, out, ledger)
+                               + ["--from-sweep", str(sweep_out), "--contexts", "32,48", "--max-steps", "3",
+                                  "--eval-every", "0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["train"]["lr"] == picked["lr"] and results["settings"]["lora"]["rank"] == picked["rank"]
+    rows = results["details"]["contexts"]
+    assert [r["context_length"] for r in rows] == [32, 48] and all(r["steps"] == 3 for r in rows)
+    assert rows[1]["train_flops"] > rows[0]["train_flops"]  # equal steps, unequal compute
+    assert set(results["details"]["untrained_val_loss"]) == {"32", "48"}
+    assert (out / "horizon_mae.png").is_file() and (out / "contexts.csv").is_file()
+    assert results["flops"]["total"] <= results["flops"]["planned"]
+    assert Ledger(ledger).by_stage()["context_length"] == results["flops"]["total"]
+
+
+def test_final_run_resumes_and_evaluates_on_test_beside_classical(tiny_full_vocab, sim_file, tmp_path):
+    from experiments import final
+
+    args = common(tiny_full_vocab, sim_file, tmp_path / "final", tmp_path / "ledger.jsonl") + [
+        "--split", "test", "--lr", "1e-3", "--rank", "2", "--max-steps", "6", "--eval-every", "2",
+        "--checkpoint-every", "2", "--early-stop", "5", "--orders", "1,2"]
+
+    def kill(step):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        final.main(args, on_step=kill)
+    assert final.main(args + ["--resume"]) == 0
+    whole = tmp_path / "whole"
+    assert final.main(common(tiny_full_vocab, sim_file, whole, tmp_path / "l2.jsonl") + args[len(common(
+        tiny_full_vocab, sim_file, whole, tmp_path / "l2.jsonl")):]) == 0
+    resumed = json.loads((tmp_path / "final" / "results.json").read_text())
+    fresh = json.loads((whole / "results.json").read_text())
+    assert set(resumed["evaluations"]) == {"untrained", "lora", "persistence", "ar(1)", "ar(2)", "var(1)",
+                                           "var(2)", "lv_ode"} & set(resumed["evaluations"]) | {"untrained", "lora"}
+    assert {"persistence", "lv_ode"} <= set(resumed["evaluations"]) and len(resumed["evaluations"]) == 6
+    assert resumed["evaluations"]["lora"]["metrics"] == fresh["evaluations"]["lora"]["metrics"]
+    assert resumed["evaluations"]["lora"]["split"] == "test"
+    assert resumed["details"]["training"]["steps"] == 6
+    for name in ("horizon_mae.png", "README.md", "peft_adapter/adapter_config.json"):
+        assert (tmp_path / "final" / name).is_file(), name
+    assert Ledger(tmp_path / "ledger.jsonl").total() == resumed["flops"]["total"]

@@ -1,0 +1,175 @@
+"""The context-length study (coursework 3b): the chosen learning rate and rank trained at several token-window
+lengths for the same number of steps, forecasting the same validation trajectories.
+
+    python -m experiments.context_length --model DIR --data FILE [--from-sweep runs/sweep] [--contexts 128,512,768]
+                                         [--preset cpu] [--resume]
+
+The learning rate and rank come from ``--lr`` / ``--rank`` if given, else from the sweep's selection in
+``--from-sweep`` (its results.json), else the defaults below. Equal steps mean unequal compute: a step at 768 tokens
+costs about six times one at 128, so the table gives each run's FLOPs beside its scores and the forecast MSE per
+PFLOP of training. The per-horizon error curves test the explanation offered for the default run — that short
+windows teach only short-range continuation: if so, the shortest window's error grows fastest with the horizon.
+Resumable like the sweep. Writes under ``--out`` (default ``runs/context_length``): results.json, contexts.csv,
+contexts.json, horizon_mae.png, loss_curves.png, README.md and one directory per context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from . import points, recipes, settings
+from .classical_forecasters import Persistence
+from .evaluation import evaluate
+from .plots import plot_horizon_errors, plot_training_curves
+from .points import forecast_mse
+from .results import Evaluation, write_json
+from .session import Session
+from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
+from .sweep import grid_axis
+
+STAGE = "context_length"
+CONTEXTS = (128, 512, 768)
+#: full scale (a GPU): 1,000 steps per context at batch 4, 100 validation trajectories; lr and rank are priced at
+#: the grid's dearest rank and replaced by the sweep's choice when it is known
+DEFAULTS = {
+    "train": TrainSettings(lr=1e-4, batch_size=4, max_steps=1_000, eval_every=200, eval_batches=8,
+                           eval_at_start=False, checkpoint_every=100),
+    "lora": LoRASettings(rank=8),
+    "forecast": ForecastSettings(limit=100, gen_batch_size=20, plots=2),
+}
+#: this 2-core CPU: 200 steps per context with the numeric-alphabet loss, 50 validation trajectories
+PRESETS = {"cpu": {"train": {"max_steps": 200, "eval_every": 100, "eval_batches": 4, "checkpoint_every": 25,
+                             "loss_vocabulary": "numeric"},
+                   "forecast": {"limit": 50, "gen_batch_size": 25}}}
+
+
+def build_parser(preset: str | None = None):
+    p = settings.parser("python -m experiments.context_length", __doc__.split("\n\n")[0], "run", "data", "forecast",
+                        "lora", "train", defaults=settings.with_preset(DEFAULTS, PRESETS, preset),
+                        forecast_batch_flag="--gen-batch-size", presets=PRESETS, exclude=("lr", "rank"))
+    p.add_argument("--lr", dest="chosen_lr", type=float, default=None,
+                   help="learning rate (default: the sweep's choice, else 1e-4)")
+    p.add_argument("--rank", dest="chosen_rank", type=int, default=None,
+                   help="LoRA rank (default: the sweep's choice, else 8)")
+    p.add_argument("--from-sweep", default=None, help="sweep output directory whose selection gives lr and rank")
+    p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="window lengths (default 128,512,768)")
+    return p
+
+
+def chosen(directory: str | None, stage: str, key: str = "selection") -> dict:
+    """The selection recorded in ``directory``/results.json by ``stage`` ({} if ``directory`` is None).
+
+    Raises UsageError naming the file if it is missing or holds no selection."""
+    if directory is None:
+        return {}
+    path = Path(directory) / "results.json"
+    try:
+        raw = json.loads(path.read_text())
+        return dict(raw["details"][key]["chosen"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise UsageError(f"--from-{stage.replace('_', '-')} {directory}: no {stage} results.json with a selection "
+                         f"there (run python -m experiments.{stage} first)") from None
+
+
+def context_points(lora: LoRASettings, train: TrainSettings, contexts) -> list[points.Point]:
+    return [points.Point(f"context{n}", lora, dataclasses.replace(train, context_length=n)) for n in contexts]
+
+
+def plan(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,
+         contexts=CONTEXTS) -> dict[str, int]:
+    """Planned FLOPs of the whole study from scratch (``experiments.flops`` prices the stage with this)."""
+    return points.plan(config, sizes, forecast, context_points(lora, train, contexts))
+
+
+def markdown(rows: list[dict], untrained: Evaluation, untrained_losses: dict) -> str:
+    fmt = recipes.format_number
+    lines = ["| context | steps | training PFLOPs | val loss (untrained) | forecast MSE | prey MSE | predator MSE | "
+             "prey R² | predator R² | parsed |", "| ---: |" + " ---: |" * 9]
+    for r in rows:
+        lines.append(f"| {r['context_length']} | {r['steps']} | {r['train_flops'] / 1e15:.3f} | {fmt(r['val_loss'])} "
+                     f"({fmt(untrained_losses.get(r['context_length']))}) | {fmt(r['forecast_mse'])} | "
+                     f"{fmt(r['prey_mse'])} | {fmt(r['predator_mse'])} | {fmt(r['prey_r2'], '.3f')} | "
+                     f"{fmt(r['predator_r2'], '.3f')} | {r['parsed_fraction']:.0%} |")
+    lines.append(f"| untrained | 0 | 0 | – | {fmt(forecast_mse(untrained.metrics))} | "
+                 f"{fmt(untrained.metrics['prey']['mse'])} | {fmt(untrained.metrics['predator']['mse'])} | "
+                 f"{fmt(untrained.metrics['prey']['r2'], '.3f')} | {fmt(untrained.metrics['predator']['r2'], '.3f')} "
+                 f"| {untrained.parsed_fraction:.0%} |")
+    return "\n".join(lines)
+
+
+def horizon_growth(metrics: dict) -> float:
+    """How fast the error grows with the horizon: mean MAE (both species) over the last quarter of the steps divided
+    by that over the first quarter."""
+    values = [(a + b) / 2 for a, b in zip(metrics["prey"]["mae_by_step"], metrics["predator"]["mae_by_step"])]
+    q = max(1, len(values) // 4)
+    return float(sum(values[-q:]) / max(sum(values[:q]), 1e-12))
+
+
+def main(argv=None, on_step=None) -> int:
+    preset = settings.preset_name(argv, PRESETS)
+    s = settings.parse(build_parser(preset), argv)
+    contexts = grid_axis(s["contexts"], int, "--contexts")
+    if any(n < 2 for n in contexts):
+        raise UsageError(f"--contexts {s['contexts']!r}: every window must be at least 2 tokens")
+    picked = chosen(s["from_sweep"], "sweep")
+    lr = s["chosen_lr"] if s["chosen_lr"] is not None else picked.get("lr", DEFAULTS["train"].lr)
+    rank = s["chosen_rank"] if s["chosen_rank"] is not None else picked.get("rank", DEFAULTS["lora"].rank)
+    forecast = s["forecast"]
+    lora, train = dataclasses.replace(s["lora"], rank=rank), dataclasses.replace(s["train"], lr=lr)
+    lora.validate()
+    train.validate()
+    session = Session(STAGE, s["run"], s["data"])
+    indices, _, contexts_, truth = session.dataset.forecast_set(forecast)
+    study = context_points(lora, train, contexts)
+    records, untrained, untrained_losses, planned = points.run_all(
+        session, forecast, study, points.study_key(session, forecast, lora, train), on_step=on_step)
+
+    rows = points.table_rows(records)
+    for row, record in zip(rows, records):
+        row["untrained_val_loss"] = untrained_losses[row["context_length"]]
+        row["forecast_mse_gain_per_pflop"] = (forecast_mse(untrained.metrics) - row["forecast_mse"]) / (
+            row["train_flops"] / 1e15)
+        row["horizon_growth"] = horizon_growth(record["evaluation"]["metrics"])
+    best = min(rows, key=lambda r: r["forecast_mse"])
+    selection = {"rule": "lowest validation forecast MSE (mean of prey and predator MSE) at equal steps",
+                 "chosen": {"lr": lr, "rank": rank, "context_length": best["context_length"]}}
+    scale = (f"lr {lr:g}, rank {rank}, {train.max_steps} steps at batch {train.batch_size}, {train.loss_vocabulary} "
+             f"loss; {len(indices)} {forecast.split} trajectories {forecast.context_steps}→{forecast.horizon}; "
+             f"{session.weights}")
+    points.write_csv(session.out / "contexts.csv", rows)
+    curves = {"untrained": untrained.metrics, **{f"context {r['context_length']}": r["evaluation"]["metrics"]
+                                                  for r in records}}
+    plot_horizon_errors(session.out / "horizon_mae.png", curves, f"forecast MAE by step; {scale}")
+    plot_training_curves(session.out / "loss_curves.png",
+                         {f"context {r['context_length']}": session.out / "points" / r["name"] / "training" /
+                          "log.jsonl" for r in records}, f"training loss; {scale}")
+    table = markdown(rows, untrained, untrained_losses)
+    _, _, persistence = evaluate(Persistence(), contexts_, truth, forecast.split, indices)
+
+    results = session.results(forecast=forecast, lora=lora, train=train)
+    results.settings["study"] = {"contexts": list(contexts), "preset": preset, "from_sweep": picked or None}
+    results.evaluations = {"untrained": untrained, **{r["name"]: Evaluation(**r["evaluation"]) for r in records},
+                           "persistence": persistence}
+    results.flops["planned"] = planned
+    for kind, flops in points.charged_flops(records, untrained, session.out / "untrained.json").items():
+        results.add_flops(kind, flops)
+    results.details.update(contexts=rows, selection=selection, scale=scale, table_markdown=table,
+                           untrained_val_loss=untrained_losses)
+    write_json(session.out / "contexts.json", {"scale": scale, "weights": session.weights, "selection": selection,
+                                               "rows": rows})
+    growth = ", ".join(f"{r['context_length']}: {r['horizon_growth']:.2f}" for r in rows)
+    recipes.write_run_readme(
+        session.out / "README.md", "LoRA context-length study", recipes.command_line("experiments.context_length",
+                                                                                     argv),
+        f"{scale}.\n\n{table}\n\nBest at equal steps: context {best['context_length']}. Error growth with the "
+        f"horizon (MAE over the last quarter of the steps / the first quarter): {growth}.\n")
+    session.finish(results)
+    print("\n" + table + f"\n\nbest at equal steps: context {best['context_length']}; horizon growth {growth}")
+    print(f"wrote {session.out}/results.json, contexts.csv, contexts.json, horizon_mae.png, README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    settings.run_cli(main)

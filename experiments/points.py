@@ -1,0 +1,217 @@
+"""Named LoRA runs ("points") on one loaded base model, each trained, forecast and saved in its own directory, so
+that a study of many points (the lr × rank grid, the context-length study) skips finished points and resumes an
+interrupted one exactly. A point is finished when its ``point.json`` exists; until then its ``training/``
+checkpoint is what a ``--resume`` continues from.
+
+    out/untrained.json              the base model's forecast and validation losses, computed once
+    out/points/<name>/point.json    {"settings", "lr", "rank", "context_length", "evaluation", "training", ...}
+    out/points/<name>/training/     the training run (log, checkpoint, adapters, loss curve)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data import Chunks
+
+from . import recipes, settings
+from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
+from .results import Evaluation, write_json
+from .session import Session
+from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
+from .training import checkpoint_step, read_log, validation_loss, validation_subset
+
+
+@dataclass
+class Point:
+    """One LoRA run of a study: its directory name and settings."""
+
+    name: str
+    lora: LoRASettings
+    train: TrainSettings
+
+
+def study_key(session: Session, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings) -> dict:
+    """What every point of a study must share (model, precision, seed, data, forecast and base settings): a point
+    saved under another key is refused rather than mixed into the table. The points' own lr, rank and context length
+    are in their records, not here."""
+    key = settings.as_record(run=session.run, data=session.data_settings, forecast=forecast, lora=lora, train=train)
+    key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
+    # of training, what changes a point's result (not how often it logs, checkpoints or shows progress)
+    key["train"] = {k: key["train"][k] for k in (*TrainSettings.RESUME_FIXED, "max_steps")}
+    return key
+
+
+def scan(session: Session, points: list[Point], key: dict) -> tuple[dict, dict]:
+    """``(finished {name: point record}, start steps {name: checkpoint step, or None if finished})``.
+
+    Raises UsageError if a finished point was made with another study key."""
+    done, start_steps = {}, {}
+    for point in points:
+        path = session.out / "points" / point.name / "point.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record["settings"] != key:
+                raise UsageError(f"{path} was made with other settings than these; use another --out or --overwrite")
+            done[point.name], start_steps[point.name] = record, None
+        elif (session.out / "points" / point.name / "training").exists():
+            start_steps[point.name] = checkpoint_step(session.out / "points" / point.name / "training")
+    return done, start_steps
+
+
+def plan(config, sizes, forecast: ForecastSettings, points: list[Point], start_steps: dict | None = None,
+         untrained: bool = True) -> dict[str, int]:
+    """Planned FLOPs of a study: the untrained forecast and validation loss at each distinct context (once, if
+    ``untrained``) and, for every point not finished (``start_steps[name] is None``), its training from its
+    checkpoint step and its forecast. ``sizes``: :class:`costs.NominalSizes` or :class:`recipes.SessionSizes`."""
+    start_steps = start_steps or {}
+    costs = {"untrained": 0}
+    if untrained:
+        costs["untrained"] = untrained_forecast_cost(config, sizes, forecast) + sum(
+            validation_loss_cost(config, sizes.val_rows(t), t.batch_size, t.context_length)
+            for t in _by_context(points).values())
+    for p in points:
+        if p.name in start_steps and start_steps[p.name] is None:
+            continue
+        costs[p.name] = sum(lora_run_cost(config, sizes, forecast, p.lora, p.train, start_steps.get(p.name, 0))
+                            .values())
+    return costs
+
+
+def _by_context(points: list[Point]) -> dict[tuple, TrainSettings]:
+    return {(p.train.context_length, p.train.stride): p.train for p in points}
+
+
+class ChunkCache:
+    """Training and validation chunks of a session, cut once per (context length, stride)."""
+
+    def __init__(self, session: Session):
+        self.session, self._cache = session, {}
+
+    def __call__(self, train: TrainSettings) -> tuple[Chunks, Chunks]:
+        key = (train.context_length, train.stride)
+        if key not in self._cache:
+            self._cache[key] = recipes.training_chunks(self.session, train)
+        return self._cache[key]
+
+
+def validation_chunks(chunks: Chunks, train: TrainSettings, seed: int) -> Chunks:
+    """The fixed validation subset the training loop evaluates (same draw, same seed)."""
+    idx = validation_subset(len(chunks), train.eval_batches * train.batch_size, seed)
+    return Chunks(chunks.input_ids[idx], chunks.attention_mask[idx])
+
+
+def untrained(session: Session, forecast: ForecastSettings, points: list[Point], chunks: ChunkCache,
+              path: Path) -> tuple[Evaluation, dict[int, float], int]:
+    """The base model's forecast (saved and reused on --resume) and its validation loss at every context length of
+    ``points``, on the same validation subsets the points are scored on. Returns ``(evaluation, {context_length:
+    validation loss}, FLOPs of those losses)``; the evaluation's own ``validation_loss`` is the first context's."""
+    evaluation = recipes.untrained_evaluation(session, forecast, "base model", path, session.run.resume)
+    saved = json.loads(path.read_text())
+    losses, flops = saved.get("validation_loss", {}), saved.get("validation_loss_flops", 0)
+    for (context_length, _), train in _by_context(points).items():
+        if str(context_length) in losses:
+            continue
+        val = validation_chunks(chunks(train)[1], train, session.run.seed)
+        losses[str(context_length)], spent = validation_loss(session.model, val, train.batch_size, session.precision,
+                                                             progress=False)
+        flops += spent
+        saved.update(validation_loss=losses, validation_loss_flops=flops)
+        write_json(path, saved)
+        session.charge("eval", spent, path, what=f"untrained validation loss, context {context_length}")
+    by_context = {int(k): v for k, v in losses.items()}
+    evaluation.validation_loss = by_context[points[0].train.context_length]
+    return evaluation, by_context, flops
+
+
+def run(session: Session, forecast: ForecastSettings, point: Point, chunks: ChunkCache, key: dict,
+        on_step=None, export: bool = False) -> dict:
+    """Train, forecast and save one point (``point.json`` last: its presence means the point is finished), then
+    charge its forecast. Returns the point record."""
+    out = session.out / "points" / point.name
+    if out.exists() and checkpoint_step(out / "training") == 0:
+        shutil.rmtree(out)  # killed before its first checkpoint: nothing was kept or charged, start it again
+    out.mkdir(parents=True, exist_ok=True)
+    t = point.train
+    print(f"\n=== {point.name}: lr {t.lr:g}, rank {point.lora.rank}, context {t.context_length}, "
+          f"{t.max_steps} steps ===")
+    evaluation, summary = recipes.train_and_forecast(session, forecast, point.lora, t, chunks(t), out,
+                                                     f"{t.context_length}-token windows", on_step=on_step,
+                                                     export=export)
+    evaluation.forecaster = point.name
+    losses = [e["loss"] for e in read_log(out / "training" / "log.jsonl") if e["kind"] == "train"]
+    record = {"settings": key, "name": point.name, "lr": t.lr, "rank": point.lora.rank,
+              "context_length": t.context_length, "evaluation": dataclasses.asdict(evaluation),
+              "training": {k: summary[k] for k in ("steps", "epochs", "val_loss", "best_val_loss", "train_flops",
+                                                   "eval_flops", "seconds_this_session")},
+              "train_loss_last_10": float(np.mean(losses[-10:])) if losses else None}
+    path = write_json(out / "point.json", record)
+    session.charge("generate", evaluation.flops, path, what=f"forecast {point.name}")
+    return record
+
+
+def run_all(session: Session, forecast: ForecastSettings, points: list[Point], key: dict, on_step=None,
+            export: bool = False) -> tuple[list[dict], Evaluation, dict, int]:
+    """Check the study's plan against the ledger, then run every point not finished (finished ones are read back).
+    Returns ``(records in the order of points, untrained evaluation, {context: untrained validation loss},
+    planned FLOPs)``. ``on_step(point name, step)`` is called after every training step."""
+    done, start_steps = scan(session, points, key)
+    path = session.out / "untrained.json"
+    reuse = session.run.resume and path.is_file()
+    planned = session.check(plan(session.model.config, recipes.SessionSizes(session), forecast, points, start_steps,
+                                 untrained=not reuse))
+    chunks = ChunkCache(session)
+    reference, untrained_losses, _ = untrained(session, forecast, points, chunks, path)
+    records = []
+    for point in points:
+        if point.name in done:
+            print(f"{point.name}: finished earlier, read back")
+            records.append(done[point.name])
+            continue
+        hook = (lambda step, n=point.name: on_step(n, step)) if on_step else None
+        records.append(run(session, forecast, point, chunks, key, on_step=hook, export=export))
+    return records, reference, untrained_losses, planned
+
+
+def forecast_mse(metrics: dict) -> float:
+    """The selection score of every study: mean over the two species of the forecast MSE (data units²)."""
+    return float((metrics["prey"]["mse"] + metrics["predator"]["mse"]) / 2)
+
+
+def table_rows(records: list[dict]) -> list[dict]:
+    """One flat row per point (for CSV): settings, losses, per-species forecast metrics, FLOPs."""
+    rows = []
+    for r in records:
+        m, e = r["evaluation"]["metrics"], r["evaluation"]
+        rows.append({"name": r["name"], "lr": r["lr"], "rank": r["rank"], "context_length": r["context_length"],
+                     "steps": r["training"]["steps"], "train_loss_last_10": r["train_loss_last_10"],
+                     "val_loss": r["training"]["val_loss"], "forecast_mse": forecast_mse(m),
+                     "prey_mse": m["prey"]["mse"], "predator_mse": m["predator"]["mse"],
+                     "prey_mae": m["prey"]["mae"], "predator_mae": m["predator"]["mae"], "prey_r2": m["prey"]["r2"],
+                     "predator_r2": m["predator"]["r2"], "parsed_fraction": e["parsed_fraction"],
+                     "train_flops": r["training"]["train_flops"] + r["training"]["eval_flops"],
+                     "flops": r["training"]["train_flops"] + r["training"]["eval_flops"] + e["flops"]})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def charged_flops(records: list[dict], reference: Evaluation, path: Path) -> dict[str, int]:
+    """FLOPs of a study by kind, as its parts were charged: generate, train, eval."""
+    saved = json.loads(path.read_text())
+    return {"generate": reference.flops + sum(r["evaluation"]["flops"] for r in records),
+            "train": sum(r["training"]["train_flops"] for r in records),
+            "eval": saved.get("validation_loss_flops", 0) + sum(r["training"]["eval_flops"] for r in records)}
