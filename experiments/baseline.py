@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from . import recipes, settings
-from .costs import validation_loss_cost
+from .costs import baseline_cost
 from .classical_forecasters import Persistence
 from .evaluation import evaluate
 from .session import Session
@@ -22,13 +22,24 @@ from .training import validation_loss
 STAGE = "baseline"
 
 
-def build_parser():
+#: full scale: every validation trajectory, the validation loss over every validation trajectory
+DEFAULTS = {"forecast": settings.ForecastSettings(gen_batch_size=20)}
+#: this 2-core CPU: the same (it takes about 8 minutes in bf16), without the validation loss
+PRESETS = {"cpu": {"loss": {"loss_limit": 0}}}
+
+
+def build_parser(preset: str | None = None):
     return settings.parser("python -m experiments.baseline", __doc__.split("\n\n")[0], "run", "data", "forecast",
-                           "loss")
+                           "loss", defaults=settings.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS)
+
+
+def plan(config, sizes, forecast: settings.ForecastSettings, loss: settings.LossSettings) -> dict[str, int]:
+    """Planned FLOPs of the stage: the forecast and the validation loss."""
+    return baseline_cost(config, sizes, forecast, loss)
 
 
 def main(argv=None) -> int:
-    s = settings.parse(build_parser(), argv)
+    s = settings.parse(build_parser(settings.preset_name(argv, PRESETS)), argv)
     run, data, forecast, loss_settings = s["run"], s["data"], s["forecast"], s["loss"]
     session = Session(STAGE, run, data)
     indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)
@@ -42,12 +53,9 @@ def main(argv=None) -> int:
     if loss_settings.loss_limit != 0:
         loss_chunks = recipes.token_chunks(session, "validation", loss_settings.loss_limit,
                                            loss_settings.loss_context_length)
-    plan = {"forecast": recipes.planned_forecast(session, contexts, forecast)}
-    if loss_chunks is not None:
-        plan["validation loss"] = validation_loss_cost(session.model.config, len(loss_chunks),
-                                                       loss_settings.loss_batch_size, loss_settings.loss_context_length)
     results = session.results(forecast=forecast, loss=loss_settings)
-    results.flops["planned"] = session.check(plan)
+    results.flops["planned"] = session.check(plan(session.model.config, recipes.SessionSizes(session), forecast,
+                                                  loss_settings))
 
     forecaster = recipes.llm_forecaster(session, forecast, "zero-shot")
     zero_shot = recipes.forecast_and_save(session, forecaster, forecast, "",

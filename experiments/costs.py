@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from miniqwen.flops import DEFAULT_LORA_TARGETS, forward_flops, generation_flops, loss_flops
 
-from .settings import ForecastSettings, LoRASettings, TrainSettings
+from .settings import ForecastSettings, LossSettings, LoRASettings, TrainSettings
 
 
 def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int, forecast: ForecastSettings,
@@ -78,8 +78,8 @@ def training_cost(config, train: TrainSettings, lora: LoRASettings, val_rows: in
 # Sizes a plan needs: exact ones from a session's data and tokenizer, or bounds that need neither
 # ---------------------------------------------------------------------------------------------------------------
 
-#: trajectories per split of the coursework's data (1000 systems split 80/10/10)
-SPLIT_TRAJECTORIES = 100
+#: trajectories per split and time steps per trajectory of the coursework's data (1000 systems split 80/10/10)
+SPLIT_TRAJECTORIES, TRAJECTORY_STEPS = 100, 100
 
 
 class NominalSizes:
@@ -100,6 +100,10 @@ class NominalSizes:
     def val_rows(self, train: TrainSettings) -> int:
         return train.eval_batches * train.batch_size
 
+    def loss_chunks(self, loss: LossSettings) -> int:
+        n = min(SPLIT_TRAJECTORIES if loss.loss_limit is None else loss.loss_limit, SPLIT_TRAJECTORIES)
+        return n * -(-(TRAJECTORY_STEPS * self.per_step) // loss.loss_context_length)
+
     def loss_rows(self, train: TrainSettings) -> int | None:
         return self.head_rows if train.loss_vocabulary == "numeric" else None
 
@@ -118,3 +122,21 @@ def untrained_forecast_cost(config, sizes, forecast: ForecastSettings) -> int:
     """FLOPs of forecasting ``forecast``'s trajectories with the base model (no adapters)."""
     return forecast_cost(config, sizes.prompt_lengths(forecast), forecast.horizon, sizes.decimals, forecast,
                          head_rows=sizes.head_rows)
+
+
+def lora_stage_cost(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,
+                    start_step: int = 0, untrained: bool = True) -> dict[str, int]:
+    """A stage of one LoRA run (``lora_default``, ``final``): the untrained forecast (if ``untrained``), training
+    from ``start_step`` (an upper bound: early stopping ignored) and the trained forecast."""
+    run = lora_run_cost(config, sizes, forecast, lora, train, start_step)
+    return {"untrained forecast": untrained_forecast_cost(config, sizes, forecast) if untrained else 0,
+            "training": run["training"], "trained forecast": run["forecast"]}
+
+
+def baseline_cost(config, sizes, forecast: ForecastSettings, loss: LossSettings) -> dict[str, int]:
+    """The zero-shot stage: its forecast and (unless ``loss_limit`` is 0) the validation loss."""
+    costs = {"forecast": untrained_forecast_cost(config, sizes, forecast)}
+    if loss.loss_limit != 0:
+        costs["validation loss"] = validation_loss_cost(config, sizes.loss_chunks(loss), loss.loss_batch_size,
+                                                        loss.loss_context_length)
+    return costs

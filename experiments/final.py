@@ -21,7 +21,7 @@ import sys
 from . import recipes, settings
 from .classical_forecasters import validated_forecasters
 from .context_length import chosen
-from .costs import lora_run_cost, untrained_forecast_cost
+from .costs import lora_stage_cost
 from .plots import plot_horizon_errors
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
@@ -63,9 +63,7 @@ def plan(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: T
          start_step: int = 0, untrained: bool = True) -> dict[str, int]:
     """Planned FLOPs: the untrained test forecast (if ``untrained``), training from ``start_step`` (an upper bound:
     early stopping ignored) and the trained test forecast."""
-    run = lora_run_cost(config, sizes, forecast, lora, train, start_step)
-    return {"untrained forecast": untrained_forecast_cost(config, sizes, forecast) if untrained else 0,
-            "training": run["training"], "trained forecast": run["forecast"]}
+    return lora_stage_cost(config, sizes, forecast, lora, train, start_step, untrained)
 
 
 def main(argv=None, on_step=None) -> int:

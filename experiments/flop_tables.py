@@ -7,41 +7,61 @@ from __future__ import annotations
 from pathlib import Path
 
 from miniqwen.config import ConfigError, Qwen2Config
-from miniqwen.flops import COMPONENTS, DEFAULT_LORA_TARGETS, forward_flops, forward_flops_breakdown, generation_flops
+from miniqwen.flops import COMPONENTS, DEFAULT_LORA_TARGETS, forward_flops, forward_flops_breakdown
 
 from .budget import BUDGET, Ledger, LedgerError
+from .costs import NominalSizes
+from .settings import GROUPS
 
 CONTEXTS = (128, 512, 768)
 LORA_RANKS = (0, 2, 4, 8)
 LORA_TARGETS = DEFAULT_LORA_TARGETS
 
-# Evaluation protocol shared by the stages: 100 validation trajectories, 80 observed steps (~10 tokens a step in
-# the LLMTIME text format -> ~800 prompt tokens), then 20 forecast steps (~200 tokens) generated greedily with the
-# KV cache, one trajectory per batch row (batching changes nothing: cost is linear in rows, padding excepted).
-_EVAL = {"kind": "generate", "runs": 1, "trajectories": 100, "prompt_tokens": 800, "new_tokens": 200}
-_TRAIN = {"kind": "train", "runs": 1, "batch_size": 4, "seq_len": 512, "lora_rank": 4}
+#: the stages of the coursework, in the order they run, that spend FLOPs (classical and report spend none)
+STAGES = ("baseline", "lora_default", "sweep", "context_length", "final")
 
-#: Stage -> parts. Part kinds: "train" (runs × steps × training step at batch_size, seq_len, lora_rank),
-#: "generate" (runs × trajectories × prompt + KV-cached generation), "eval" (runs × sequences × one forward pass
-#: of seq_len tokens with logits everywhere, e.g. a validation loss). Edit freely.
-PLAN: dict[str, list[dict]] = {
-    "baseline": [{**_EVAL, "lora_rank": 0, "note": "untrained Qwen2.5-0.5B-Instruct, zero-shot"}],
-    "lora_default": [
-        {**_TRAIN, "steps": 10_000, "note": "coursework default settings: r=4, batch 4, context 512"},
-        {**_EVAL, "lora_rank": 4},
-    ],
-    "sweep": [
-        {**_TRAIN, "runs": 3, "steps": 300, "lora_rank": r, "note": f"r={r} x lr in (1e-5, 5e-5, 1e-4)"}
-        for r in (2, 4, 8)
-    ] + [{**_EVAL, "runs": 9, "lora_rank": 8, "note": "each of the 9 configs (priced at r=8, the dearest)"}],
-    "context_length": [
-        {**_TRAIN, "steps": 500, "seq_len": n, "lora_rank": 4, "note": f"context {n}, best lr"} for n in CONTEXTS
-    ] + [{**_EVAL, "runs": 3, "lora_rank": 4}],
-    "final": [
-        {**_TRAIN, "steps": 1_000, "lora_rank": 8, "note": "best (rank, lr, context); priced at r=8, context 512"},
-        {**_EVAL, "lora_rank": 8},
-    ],
-}
+
+def stage_plans(config: Qwen2Config, sizes=None) -> dict[str, dict[str, int]]:
+    """``{stage: {part: FLOPs}}``: every stage's plan from scratch, at that stage's own default settings (its
+    ``DEFAULTS``; nothing here can drift from what a stage runs), priced by the stage's own ``plan`` function — the
+    one it checks against the ledger before it starts — with ``sizes`` (default :class:`costs.NominalSizes`: upper
+    bounds on prompt and chunk counts, so no data or tokenizer is needed)."""
+    from . import baseline, context_length, final, lora_default, sweep
+
+    sizes = sizes or NominalSizes()
+
+    def d(stage) -> dict:
+        return {name: stage.DEFAULTS.get(name) or cls() for name, cls in GROUPS.items()}
+
+    b, ld, sw, cl, fi = d(baseline), d(lora_default), d(sweep), d(context_length), d(final)
+    return {
+        "baseline": baseline.plan(config, sizes, b["forecast"], b["loss"]),
+        "lora_default": lora_default.plan(config, sizes, ld["forecast"], ld["lora"], ld["train"]),
+        "sweep": sweep.plan(config, sizes, sw["forecast"], sw["lora"], sw["train"]),
+        "context_length": context_length.plan(config, sizes, cl["forecast"], cl["lora"], cl["train"]),
+        "final": final.plan(config, sizes, fi["forecast"], fi["lora"], fi["train"]),
+    }
+
+
+def stage_settings() -> dict[str, str]:
+    """One line per stage saying what its default settings are (for the plan table)."""
+    from . import context_length, final, lora_default, sweep
+
+    def t(stage, up_to: str = "") -> str:
+        tr = stage.DEFAULTS["train"]
+        return f"batch {tr.batch_size}, {up_to}{tr.max_steps:,} steps"
+
+    sw, fi = sweep.DEFAULTS["train"], final.DEFAULTS["train"]
+    return {
+        "baseline": "zero-shot forecasts of the 100 validation trajectories (80 -> 20 steps) + validation loss",
+        "lora_default": f"lr {lora_default.TRAIN_DEFAULTS.lr:g}, rank 4, context {lora_default.TRAIN_DEFAULTS.context_length}, "
+                        f"{t(lora_default)}; forecasts before and after",
+        "sweep": f"{len(sweep.LRS)} lr x {len(sweep.RANKS)} ranks, context {sw.context_length}, {t(sweep)} per point",
+        "context_length": f"contexts {', '.join(map(str, context_length.CONTEXTS))}, {t(context_length)} each "
+                          f"(priced at rank {context_length.DEFAULTS['lora'].rank})",
+        "final": f"context {fi.context_length}, {t(final, 'up to ')}, rank {final.DEFAULTS['lora'].rank}; "
+                 "test forecasts before and after",
+    }
 
 
 def load_config(model_dir: str | Path | None) -> Qwen2Config:
@@ -95,70 +115,17 @@ def per_token(config: Qwen2Config, context: int = 512) -> dict[str, float]:
     }
 
 
-def part_cost(config: Qwen2Config, part: dict) -> tuple[int, int, str]:
-    """(FLOPs of one unit, number of units, unit name) for one plan part (see :data:`PLAN`).
-
-    Raises:
-        ValueError: unknown ``kind`` or a missing setting (the message names it).
-    """
-    kind, runs = part.get("kind"), part.get("runs", 1)
-    r = part.get("lora_rank", 0)
-    try:
-        if kind == "train":
-            unit = 3 * forward_flops(config, part["batch_size"], part["seq_len"], lora_rank=r,
-                                     lora_targets=LORA_TARGETS)
-            return unit, runs * part["steps"], "train step"
-        if kind == "generate":
-            unit = generation_flops(config, part["prompt_tokens"], part["new_tokens"], 1, lora_rank=r,
-                                    lora_targets=LORA_TARGETS)
-            return unit, runs * part["trajectories"], "trajectory"
-        if kind == "eval":
-            unit = forward_flops(config, 1, part["seq_len"], lora_rank=r, lora_targets=LORA_TARGETS)
-            return unit, runs * part["sequences"], "sequence"
-    except KeyError as err:
-        raise ValueError(f"plan part {part} has no setting {err}") from None
-    raise ValueError(f"plan part {part}: kind must be train, generate or eval, got {kind!r}")
-
-
-def _settings(part: dict) -> str:
-    keys = ("runs", "steps", "batch_size", "seq_len", "trajectories", "prompt_tokens", "new_tokens",
-            "sequences", "lora_rank")
-    text = ", ".join(f"{k}={part[k]}" for k in keys if k in part and not (k == "runs" and part[k] == 1))
-    return text + (f" ({part['note']})" if part.get("note") else "")
-
-
-def plan_costs(config: Qwen2Config, plan: dict[str, list[dict]] = PLAN, budget: int = BUDGET) -> list[dict]:
-    """Cost of every part of ``plan``, in order, with stage subtotals and running totals.
-
-    Returns a list of rows ``{"stage", "kind", "settings", "unit_flops", "units", "flops", "stage_flops",
-    "cumulative", "over_budget"}``; ``over_budget`` is true when the running total passes ``budget``.
-    """
-    rows, cumulative = [], 0
-    for stage, parts in plan.items():
-        stage_total = 0
-        for part in parts:
-            unit, units, unit_name = part_cost(config, part)
-            flops = unit * units
-            stage_total += flops
-            cumulative += flops
-            rows.append({"stage": stage, "kind": part["kind"], "settings": _settings(part), "unit": unit_name,
-                         "unit_flops": unit, "units": units, "flops": flops, "cumulative": cumulative,
-                         "over_budget": cumulative > budget})
-        for row in rows:
-            if row["stage"] == stage:
-                row["stage_flops"] = stage_total
-    return rows
-
-
 def _e(x) -> str:
     return f"{x:.3e}"
 
 
-def render(config: Qwen2Config, source: str, ledger: Ledger, plan=PLAN, budget: int = BUDGET) -> tuple[str, dict]:
-    """(Markdown text, JSON-ready dict) of all four tables. A broken ledger is reported in its section."""
+def render(config: Qwen2Config, source: str, ledger: Ledger, plan: dict | None = None,
+           budget: int = BUDGET) -> tuple[str, dict]:
+    """(Markdown text, JSON-ready dict) of all four tables; ``plan`` defaults to :func:`stage_plans`. A broken
+    ledger is reported in its section."""
     comp = component_tables(config)
     tok = per_token(config)
-    rows = plan_costs(config, plan, budget)
+    plan = plan if plan is not None else stage_plans(config)
     md = [f"# FLOP tables ({source})", "",
           f"L={config.num_hidden_layers}, d={config.hidden_size}, I={config.intermediate_size}, "
           f"Hq={config.num_attention_heads}, Hkv={config.num_key_value_heads}, D={config.head_dim}, "
@@ -183,25 +150,31 @@ def render(config: Qwen2Config, source: str, ledger: Ledger, plan=PLAN, budget: 
            f"| 512-token pass, lm_head on the last position only (prefill) | {_e(tok['last_logit'])} |",
            f"| 512-token pass, no lm_head at all | {_e(tok['no_lm_head'])} |",
            f"| one decode step against 511 cached tokens | {_e(tok['decode_step'])} |",
-           "", "## (c) Planned cost of each stage", "",
-           "| stage | kind | settings | FLOPs / unit | units | FLOPs | % budget | cumulative % |",
-           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for row in rows:
-        flag = " **OVER BUDGET**" if row["over_budget"] else ""
-        md.append(f"| {row['stage']} | {row['kind']} | {row['settings']} | {_e(row['unit_flops'])} / "
-                  f"{row['unit']} | {row['units']:,} | {_e(row['flops'])} | {100 * row['flops'] / budget:.2f}% | "
-                  f"{100 * row['cumulative'] / budget:.1f}%{flag} |")
-    stages: dict[str, int] = {}
-    for row in rows:
-        stages[row["stage"]] = row["stage_flops"]
-    total = sum(stages.values())
-    md += ["", "| stage | FLOPs | % budget |", "| --- | ---: | ---: |"]
-    md += [f"| {s} | {_e(f)} | {100 * f / budget:.2f}%{' **OVER BUDGET alone**' if f > budget else ''} |"
-           for s, f in stages.items()]
-    md.append(f"| **total** | **{_e(total)}** | **{100 * total / budget:.1f}%** |")
+           "", "## (c) The full-scale plan: every stage at its default settings", "",
+           "Each stage's own `plan` function at its own defaults (`python -m experiments.<stage>` with no scale "
+           "options), the same function the stage checks against the ledger before it starts. Prompt and chunk "
+           "counts are upper bounds (every forecast step at its longest), so real runs cost less.", "",
+           "| stage | part | FLOPs | % budget | cumulative % |", "| --- | --- | ---: | ---: | ---: |"]
+    notes = stage_settings()
+    total = 0
+    for stage, parts in plan.items():
+        for part, flops in parts.items():
+            total += flops
+            md.append(f"| {stage} | {part} | {_e(flops)} | {100 * flops / budget:.2f}% | "
+                      f"{100 * total / budget:.1f}%{' **OVER BUDGET**' if total > budget else ''} |")
+    try:
+        spent = ledger.by_stage()
+    except LedgerError:
+        spent = {}
+    md += ["", "| stage | default settings | planned FLOPs | % budget | spent so far (ledger) |",
+           "| --- | --- | ---: | ---: | ---: |"]
+    md += [f"| {st} | {notes.get(st, '')} | {_e(sum(parts.values()))} | {100 * sum(parts.values()) / budget:.1f}% | "
+           f"{_e(spent.get(st, 0))} |" for st, parts in plan.items()]
+    md.append(f"| **total** | | **{_e(total)}** | **{100 * total / budget:.1f}%** | "
+              f"**{_e(sum(spent.values()))}** |")
     if total > budget:
-        md += ["", f"**The plan exceeds the budget by {_e(total - budget)} FLOPs**; shrink steps in PLAN "
-               f"(experiments/flops.py)."]
+        md += ["", f"**The plan exceeds the budget by {_e(total - budget)} FLOPs**; lower the stages' default "
+               "steps."]
     md += ["", f"## (d) Ledger so far ({ledger.path})", ""]
     ledger_json: dict = {"path": str(ledger.path)}
     try:
@@ -215,6 +188,6 @@ def render(config: Qwen2Config, source: str, ledger: Ledger, plan=PLAN, budget: 
         "components": {k: {str(n): v for n, v in table.items()} if k == "forward" else
                        {str(r): {str(n): v for n, v in d.items()} for r, d in table.items()}
                        for k, table in comp.items()},
-        "per_token_512": tok, "plan": plan, "plan_costs": rows, "plan_total": total, "ledger": ledger_json,
+        "per_token_512": tok, "plan": plan, "plan_total": total, "ledger": ledger_json,
     }
     return "\n".join(md) + "\n", data

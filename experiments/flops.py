@@ -9,8 +9,9 @@ closed form :func:`miniqwen.flops.forward_flops_breakdown` (coursework FLOP rule
 modules count), for ``config.json`` in ``--model DIR`` or, without it, :class:`miniqwen.config.Qwen2Config`'s
 defaults (Qwen2.5-0.5B-Instruct). Nothing here runs a model: it takes well under a second.
 
-The plan is :data:`PLAN`, a dict ``stage -> list of parts``; edit it (or pass your own to :func:`plan_costs`) as
-the experiments change. Conventions: training = 3× forward, evaluation/generation = 1× forward.
+The plan is derived, not written down: every stage's own ``plan`` function at the stage's own default settings
+(:func:`flop_tables.stage_plans`), so changing a stage's defaults changes the plan. Conventions: training = 3×
+forward, evaluation/generation = 1× forward.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 from miniqwen.config import ConfigError
 
 from .budget import Ledger
-from .flop_tables import PLAN, load_config, plan_costs, render
+from .flop_tables import load_config, render, stage_plans
 
-__all__ = ["PLAN", "main", "plan_costs"]
+__all__ = ["main", "stage_plans"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """LoRA fine-tuning with the coursework's default hyperparameters (rank 4 on q_proj and v_proj, learning rate 1e-5,
-batch size 4, context length 512, up to 10,000 steps), evaluated like ``experiments.baseline`` before and after.
+batch size 4, context length 512), evaluated like ``experiments.baseline`` before and after. The coursework allows up
+to 10,000 steps; the 1e17 plan (``experiments.flops``) gives this stage 1,000.
 
     python -m experiments.lora_default --model DIR --data FILE [--max-steps N] [--context-length L] [--limit N] …
 
@@ -13,20 +14,33 @@ training/ (log, loss curve, adapters, checkpoint), peft_adapter/ (PEFT format), 
 from __future__ import annotations
 
 from . import recipes, settings
+from .costs import lora_stage_cost
 from .session import Session
 
 STAGE = "lora_default"
-TRAIN_DEFAULTS = settings.TrainSettings(lr=1e-5, batch_size=4, context_length=512, max_steps=10_000, eval_every=500,
-                                        eval_batches=8, checkpoint_every=500)
+TRAIN_DEFAULTS = settings.TrainSettings(lr=1e-5, batch_size=4, context_length=512, max_steps=1_000, eval_every=250,
+                                        eval_batches=8, checkpoint_every=250)
+#: full scale (a GPU); the forecasts cover the whole validation split
+DEFAULTS = {"train": TRAIN_DEFAULTS, "forecast": settings.ForecastSettings(gen_batch_size=20)}
+#: this 2-core CPU: what the committed run used (60 steps at context 256, 20 trajectories)
+PRESETS = {"cpu": {"train": {"context_length": 256, "max_steps": 60, "eval_every": 30, "checkpoint_every": 30},
+                   "forecast": {"limit": 20}}}
 
 
-def build_parser():
+def plan(config, sizes, forecast: settings.ForecastSettings, lora: settings.LoRASettings,
+         train: settings.TrainSettings) -> dict[str, int]:
+    """Planned FLOPs of the stage from scratch (the stage checks the same costs, from its checkpoint if resumed)."""
+    return lora_stage_cost(config, sizes, forecast, lora, train)
+
+
+def build_parser(preset: str | None = None):
     return settings.parser("python -m experiments.lora_default", __doc__.split("\n\n")[0], "run", "data", "forecast",
-                           "lora", "train", defaults={"train": TRAIN_DEFAULTS}, forecast_batch_flag="--gen-batch-size")
+                           "lora", "train", defaults=settings.with_preset(DEFAULTS, PRESETS, preset),
+                           forecast_batch_flag="--gen-batch-size", presets=PRESETS)
 
 
 def main(argv=None) -> int:
-    s = settings.parse(build_parser(), argv)
+    s = settings.parse(build_parser(settings.preset_name(argv, PRESETS)), argv)
     session = Session(STAGE, s["run"], s["data"])
     forecast, lora, train_settings = s["forecast"], s["lora"], s["train"]
     evaluations, summary, planned = recipes.run_lora(session, forecast, lora, train_settings,

@@ -14,7 +14,7 @@ from lora import export_peft, remove_lora
 
 from . import settings as settings_module
 from .classical_forecasters import Persistence
-from .costs import forecast_cost, training_cost
+from .costs import forecast_cost, lora_stage_cost, training_cost
 from .evaluation import (
     Forecaster, LLMForecaster, allowed_token_ids, evaluate, per_trajectory_rows, prompt_lengths, write_csv,
 )
@@ -194,6 +194,9 @@ class SessionSizes:
     def loss_rows(self, train: TrainSettings) -> int | None:
         return self.head_rows if train.loss_vocabulary == "numeric" else None
 
+    def loss_chunks(self, loss) -> int:
+        return len(token_chunks(self.session, "validation", loss.loss_limit, loss.loss_context_length))
+
 
 def untrained_evaluation(session: Session, forecast: ForecastSettings, title: str, path: Path,
                          reuse: bool) -> Evaluation:
@@ -251,13 +254,10 @@ def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, t
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
     chunks = training_chunks(session, train_settings)
     untrained_path = out / "untrained.json"
-    reuse = run.resume and untrained_path.is_file()
     start_step = checkpoint_step(out / "training") if run.resume else 0
-    planned = session.check({
-        "untrained forecast": 0 if reuse else planned_forecast(session, contexts, forecast),
-        "training": planned_training(session, train_settings, lora, len(chunks[1]), start_step),
-        "trained forecast": planned_forecast(session, contexts, forecast, lora),
-    })
+    planned = session.check(lora_stage_cost(session.model.config, SessionSizes(session), forecast, lora,
+                                            train_settings, start_step,
+                                            untrained=not (run.resume and untrained_path.is_file())))
     untrained = untrained_evaluation(session, forecast, title, untrained_path, reuse=run.resume)
     trained, summary = train_and_forecast(session, forecast, lora, train_settings, chunks, out, title)
     evals = [e for e in read_log(out / "training" / "log.jsonl") if e["kind"] == "eval"]

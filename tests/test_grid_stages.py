@@ -127,3 +127,46 @@ def test_final_run_resumes_and_evaluates_on_test_beside_classical(tiny_full_voca
     for name in ("horizon_mae.png", "README.md", "peft_adapter/adapter_config.json"):
         assert (tmp_path / "final" / name).is_file(), name
     assert Ledger(tmp_path / "ledger.jsonl").total() == resumed["flops"]["total"]
+
+
+def test_plan_total_is_the_sum_of_the_stages_own_plans_at_their_defaults(tmp_path):
+    import dataclasses
+
+    from experiments import baseline, context_length, final, flops, lora_default
+    from experiments.costs import NominalSizes
+    from experiments.settings import GROUPS
+    from miniqwen.config import Qwen2Config
+
+    assert flops.main(["--out", str(tmp_path), "--ledger", str(tmp_path / "l.jsonl")]) == 0
+    data = json.loads((tmp_path / "flop_tables.json").read_text())
+    config, sizes = Qwen2Config(), NominalSizes()
+
+    def d(stage):  # what each stage's parser gives when no option is passed
+        parsed = {}
+        for name, cls in GROUPS.items():
+            parsed[name] = stage.DEFAULTS.get(name) or cls()
+        return parsed
+
+    own = {
+        "baseline": baseline.plan(config, sizes, d(baseline)["forecast"], d(baseline)["loss"]),
+        "lora_default": lora_default.plan(config, sizes, *(d(lora_default)[g] for g in ("forecast", "lora", "train"))),
+        "sweep": sweep.plan(config, sizes, *(d(sweep)[g] for g in ("forecast", "lora", "train"))),
+        "context_length": context_length.plan(config, sizes, *(d(context_length)[g] for g in ("forecast", "lora",
+                                                                                             "train"))),
+        "final": final.plan(config, sizes, *(d(final)[g] for g in ("forecast", "lora", "train"))),
+    }
+    assert data["plan_total"] == sum(sum(p.values()) for p in own.values()) <= 10**17
+    assert {k: sum(v.values()) for k, v in data["plan"].items()} == {k: sum(v.values()) for k, v in own.items()}
+    # the parsers' defaults are the DEFAULTS the plan reads
+    for stage, group in ((sweep, "train"), (context_length, "train"), (final, "train"), (lora_default, "train")):
+        parsed = stage.build_parser().parse_args([])
+        assert parsed.max_steps == stage.DEFAULTS[group].max_steps
+        assert parsed.batch_size == stage.DEFAULTS[group].batch_size
+    # a change of a stage's defaults changes the plan
+    before = sum(sum(p.values()) for p in flops.stage_plans(config).values())
+    original = sweep.DEFAULTS["train"]
+    try:
+        sweep.DEFAULTS["train"] = dataclasses.replace(original, max_steps=original.max_steps + 100)
+        assert sum(sum(p.values()) for p in flops.stage_plans(config).values()) > before
+    finally:
+        sweep.DEFAULTS["train"] = original
