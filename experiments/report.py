@@ -4,7 +4,8 @@ FLOP ledger. It runs no model and spends no FLOPs.
     python -m experiments.report [--results results] [--ledger results/flops_ledger.jsonl] [--out REPORT.md]
 
 Sections (each only if its results exist): tokenized examples, zero-shot forecasting, LoRA with the default
-hyperparameters against the untrained model, classical forecasters beside the LLM on the same trajectories (with the
+hyperparameters against the untrained model, the lr × rank grid, the context-length study, the final run on the test
+split, classical forecasters beside the LLM on the same trajectories (with the
 plain verdict of which is better), error by forecast step (PNG), every figure the stages drew, and the FLOP table
 of every experiment against the 1e17 budget.
 """
@@ -55,6 +56,68 @@ def comparison_groups(results: dict[str, Results]) -> dict[tuple, list[tuple[str
     return groups
 
 
+def _image(results_root: Path, run: str, name: str, root: Path, alt: str) -> list[str]:
+    path = (results_root / run / name).resolve()
+    return [f"![{alt}]({os.path.relpath(path, root)})", ""] if path.is_file() else []
+
+
+def grid_section(results: dict[str, Results], results_root: Path, root: Path) -> list[str]:
+    """The lr × rank grid: its table, the selection and whether validation loss agrees, the heat maps."""
+    md = []
+    for run, r in results.items():
+        if r.stage != "sweep":
+            continue
+        sel, d = r.details["selection"], r.details
+        agree = ("Validation loss picks the same point" if sel["same_winner"] else
+                 f"Validation loss would have picked lr {sel['chosen_by_val_loss']['lr']:g}, rank "
+                 f"{sel['chosen_by_val_loss']['rank']}")
+        rho = sel.get("spearman_forecast_mse_vs_val_loss")
+        md += ["## Learning rate × LoRA rank (coursework 3b)", "", f"**{run}** — {d['scale']}.", "",
+               d["table_markdown"], "",
+               f"Selection rule: {sel['rule']} → **lr {sel['chosen']['lr']:g}, rank {sel['chosen']['rank']}**. "
+               f"{agree}; Spearman ρ between the two rankings over the grid = {format_number(rho, '.2f')}. "
+               "The untrained row is the same base model on the same trajectories and validation chunks.", ""]
+        md += _image(results_root, run, "heatmap_forecast_mse.png", root, "forecast MSE heat map")
+        md += _image(results_root, run, "heatmap_val_loss.png", root, "validation loss heat map")
+        md += _image(results_root, run, "loss_curves.png", root, "training curves")
+    return md
+
+
+def context_section(results: dict[str, Results], results_root: Path, root: Path) -> list[str]:
+    """The context-length study: the table at equal steps, compute per run, error growth with the horizon."""
+    md = []
+    for run, r in results.items():
+        if r.stage != "context_length":
+            continue
+        rows, d = r.details["contexts"], r.details
+        md += ["## Context length (coursework 3b)", "", f"**{run}** — {d['scale']}.", "", d["table_markdown"], "",
+               "Equal steps are not equal compute: " + "; ".join(
+                   f"context {x['context_length']}: {x['train_flops'] / 1e15:.3f} PFLOPs of training, forecast MSE "
+                   f"gain over the untrained model {format_number(x['forecast_mse_gain_per_pflop'], '.3g')} per PFLOP"
+                   for x in rows) + ".", "",
+               "Error growth with the horizon (MAE over the last quarter of the forecast steps / the first quarter; "
+               "if short windows teach only short-range continuation, the shortest window grows fastest): "
+               + ", ".join(f"context {x['context_length']}: {x['horizon_growth']:.2f}" for x in rows) + ".", ""]
+        md += _image(results_root, run, "horizon_mae.png", root, "MAE by forecast step per context length")
+    return md
+
+
+def final_section(results: dict[str, Results], results_root: Path, root: Path) -> list[str]:
+    """The final run on the test split beside the untrained model and the classical forecasters."""
+    md = []
+    for run, r in results.items():
+        if r.stage != "final":
+            continue
+        tr = r.details["training"]
+        md += ["## Final run on the test split (coursework 3c)", "", f"**{run}** — {r.details['scale']}; FLOPs "
+               f"{format_number(r.flops.get('total'), '.3g')} (training {format_number(tr.get('train_flops'), '.3g')})"
+               ".", "", r.details["table_markdown"], ""]
+        md += _image(results_root, run, "horizon_mae.png", root, "MAE by forecast step, final run")
+        md += _image(results_root, run, "forecasts_trained.png", root, "final forecasts")
+        md += _image(results_root, run, "training/loss_curve.png", root, "final training curve")
+    return md
+
+
 def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figures: Path, root: Path) -> str:
     """The report's Markdown for ``results`` (``{directory under results_root: Results}``); horizon-error PNGs are
     written to ``figures``; links are relative to ``root`` (the report's directory)."""
@@ -98,7 +161,12 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
                    f"forecasts of {len(trained.trajectories)} {trained.split} trajectories; FLOPs "
                    f"{format_number(r.flops.get('total'), '.3g')}.", "", evaluation_table(r.evaluations), ""]
 
+    md += grid_section(results, results_root, root)
+    md += context_section(results, results_root, root)
+    md += final_section(results, results_root, root)
+
     groups = comparison_groups(results)
+
     def stage_of(label: str) -> str:
         return results[label.split(": ")[0]].stage
 

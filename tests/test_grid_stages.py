@@ -76,18 +76,29 @@ def test_sweep_resumes_after_a_kill_and_ends_with_the_same_table(tiny_full_vocab
     assert len(forecasts) == 5  # the untrained forecast and four points
 
 
-def test_context_length_study_takes_the_sweeps_choice(tiny_full_vocab, sim_file, tmp_path):
-    from experiments import context_length
+@pytest.fixture(scope="module")
+def chain(tiny_full_vocab, sim_file, tmp_path_factory):
+    """sweep -> context_length (from the sweep's choice) -> final (from both), as a user runs them."""
+    from experiments import context_length, final
 
-    sweep_out = tmp_path / "sweep"
-    ledger = tmp_path / "ledger.jsonl"
-    assert sweep.main(common(tiny_full_vocab, sim_file, sweep_out, ledger)
+    root = tmp_path_factory.mktemp("chain")
+    ledger = root / "flops_ledger.jsonl"
+    assert sweep.main(common(tiny_full_vocab, sim_file, root / "sweep", ledger)
                       + ["--lrs", "1e-3", "--ranks", "2,4", "--max-steps", "2", "--checkpoint-every", "1"]) == 0
-    picked = json.loads((sweep_out / "results.json").read_text())["details"]["selection"]["chosen"]
-    out = tmp_path / "ctx"
-    assert context_length.main(common(tiny_full_vocab, sim_file, out, ledger)
-                               + ["--from-sweep", str(sweep_out), "--contexts", "32,48", "--max-steps", "3",
+    assert context_length.main(common(tiny_full_vocab, sim_file, root / "context_length", ledger)
+                               + ["--from-sweep", str(root / "sweep"), "--contexts", "32,48", "--max-steps", "3",
                                   "--eval-every", "0"]) == 0
+    args = common(tiny_full_vocab, sim_file, root / "final", ledger)
+    i = args.index("--context-length")
+    assert final.main(args[:i] + args[i + 2:] + ["--from-sweep", str(root / "sweep"), "--from-context", str(root / "context_length"),
+                         "--split", "test", "--max-steps", "3", "--eval-every", "1", "--orders", "1,2",
+                         ]) == 0
+    return root
+
+
+def test_context_length_study_takes_the_sweeps_choice(chain):
+    picked = json.loads((chain / "sweep" / "results.json").read_text())["details"]["selection"]["chosen"]
+    out = chain / "context_length"
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["train"]["lr"] == picked["lr"] and results["settings"]["lora"]["rank"] == picked["rank"]
     rows = results["details"]["contexts"]
@@ -96,7 +107,23 @@ def test_context_length_study_takes_the_sweeps_choice(tiny_full_vocab, sim_file,
     assert set(results["details"]["untrained_val_loss"]) == {"32", "48"}
     assert (out / "horizon_mae.png").is_file() and (out / "contexts.csv").is_file()
     assert results["flops"]["total"] <= results["flops"]["planned"]
-    assert Ledger(ledger).by_stage()["context_length"] == results["flops"]["total"]
+    assert Ledger(chain / "flops_ledger.jsonl").by_stage()["context_length"] == results["flops"]["total"]
+    # the final run took lr and rank from the sweep and the context length from the study
+    fin = json.loads((chain / "final" / "results.json").read_text())
+    best = results["details"]["selection"]["chosen"]["context_length"]
+    assert fin["settings"]["train"]["context_length"] == best and fin["settings"]["lora"]["rank"] == picked["rank"]
+
+
+def test_report_renders_the_grid_the_context_study_and_the_final_run(chain, tmp_path):
+    from experiments import report
+
+    assert report.main(["--results", str(chain), "--out", str(chain / "REPORT.md")]) == 0
+    text = (chain / "REPORT.md").read_text()
+    for heading in ("## Learning rate × LoRA rank", "## Context length", "## Final run on the test split",
+                    "## Compute"):
+        assert heading in text, heading
+    assert "Selection rule: lowest validation forecast MSE" in text and "heatmap_forecast_mse.png" in text
+    assert "PFLOPs of training" in text and "final/horizon_mae.png" in text
 
 
 def test_final_run_resumes_and_evaluates_on_test_beside_classical(tiny_full_vocab, sim_file, tmp_path):
