@@ -1,0 +1,96 @@
+"""The side-by-side benchmark (miniqwen vs transformers + PEFT) runs end to end on a tiny random model and simulated
+data, and writes every section; no timing is asserted."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_tiny_checkpoint
+from data.simulate import simulate, write_h5
+from experiments import benchmark
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+SMALL = ["--repeats", "1", "--peak-size", "64", "--counting-lengths", "1,8", "--bookkeeping-repeats", "3",
+         "--throughput-batches", "1,2", "--prompt-len", "8", "--new-tokens", "2", "--forward-batch", "2",
+         "--forward-seq", "16", "--train-batch", "2", "--train-context", "16", "--loss-chunks", "2",
+         "--loss-context", "16", "--loss-batch-size", "2", "--trajectories", "3", "--batch1-sample", "1",
+         "--gen-batch-size", "2", "--context-steps", "8", "--horizon", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A 2-layer random Qwen2 with the real 151,936-token vocabulary and the real tokenizer."""
+    path = tmp_path_factory.mktemp("bench-model")
+    write_tiny_checkpoint(path, tie=True, vocab_size=151936, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sim_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench-sim") / "lv.h5"
+    traj, time = simulate(n_systems=40, n_steps=30, t_max=60.0, seed=1)
+    write_h5(path, traj, time)
+    return path
+
+
+def test_benchmark_writes_every_section(tiny_model_dir, sim_file, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = benchmark.main(["--model", str(tiny_model_dir), "--data", str(sim_file), "--out", str(out), *SMALL])
+    assert code == 0
+    results = json.loads((out / "benchmark.json").read_text())
+    for key in ("weights", "model", "device", "dtype", "threads", "torch", "transformers", "peft", "memory_method",
+                "settings", "data", "matmul_peak", "counting_bookkeeping", "counting_overhead", "throughput",
+                "forward", "train", "loss", "forecast", "seconds", "peak_memory_mib_after", "targets"):
+        assert key in results, key
+    assert str(tmp_path) not in (out / "benchmark.json").read_text()  # no machine paths
+    assert results["model"] == tiny_model_dir.name
+    dtypes = ["float32"] + ([results["dtype"]] if results["dtype"] != "float32" else [])
+    assert list(results["matmul_peak"]) == dtypes
+    for section, theirs in (("forward", "transformers"), ("train", "transformers_peft")):
+        assert list(results[section]["by_dtype"]) == dtypes
+        for r in results[section]["by_dtype"].values():
+            for side in ("ours", theirs):
+                assert {"seconds", "seconds_all", "gflops_per_s", "fraction_of_matmul_peak"} <= set(r[side])
+            assert "speedup" in r
+    fp32 = results["forward"]["by_dtype"]["float32"]
+    assert fp32["max_abs_logit_difference"] < 1e-4
+    first = results["train"]["by_dtype"]["float32"]["first_step_loss"]
+    assert first["ours"] == pytest.approx(first["transformers_peft"], rel=1e-5)
+    forecast = results["forecast"]
+    assert forecast["trajectories"] == 3 and forecast["batch1"]["sample"] == 1
+    for side in ("ours", "transformers_batched"):
+        assert 0.0 <= forecast[side]["parsed_fraction"] <= 1.0
+    assert forecast["transformers_constraints"]["allowed_tokens_only"] is True
+    assert {"speedup_vs_transformers_batched", "speedup_vs_transformers_batch1"} <= set(forecast)
+    assert all({"target", "value", "met", "note"} == set(t) for t in results["targets"])
+    assert "| forward" in (out / "benchmark.md").read_text()
+
+
+@torch.no_grad()
+def test_forward_logits_equal_transformers_in_fp32(tiny_model_dir):
+    from experiments import benchmark_hf
+    from miniqwen import load_pretrained
+
+    ours, _ = load_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    theirs = benchmark_hf.load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
+    ids = torch.randint(0, 151936, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(ids), theirs(input_ids=ids, use_cache=False).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_forecasts_agree_with_transformers_generate(tiny_model_dir, sim_file):
+    """Under the same constraints, transformers' generate continues the prompts as miniqwen does (fp32)."""
+    result = benchmark.forecast_side_by_side(tiny_model_dir, str(sim_file), 3, 0, 2, "float32", torch.device("cpu"),
+                                             context_steps=8, horizon=3)
+    assert result["transformers_batched"]["same_text_as_ours"] == 1.0
+    assert result["ours"]["parsed_fraction"] == result["transformers_batched"]["parsed_fraction"]
+
+
+def test_unknown_section_is_a_usage_error():
+    from experiments.settings import UsageError
+
+    with pytest.raises(UsageError, match="--sections"):
+        benchmark.main(["--sections", "forward,nope"])
