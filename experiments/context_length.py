@@ -120,7 +120,9 @@ def main(argv=None, on_step=None) -> int:
     lora, train = dataclasses.replace(s["lora"], rank=rank), dataclasses.replace(s["train"], lr=lr)
     lora.validate()
     train.validate()
-    session = Session(STAGE, s["run"], s["data"])
+    session = Session(STAGE, s["run"], s["data"], trains=True)
+    if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
+        return recipes.follow(session)
     indices, _, contexts_, truth = session.dataset.forecast_set(forecast)
     study = context_points(lora, train, contexts)
     records, untrained, untrained_losses, planned = points.run_all(

@@ -86,7 +86,9 @@ def main(argv=None, on_step=None) -> int:
     if not orders or orders[0] < 1 or 3 * orders[-1] + 2 > forecast.context_steps:
         raise UsageError(f"--orders {s['orders']!r}: integers >= 1 with 3p + 2 <= --context-steps "
                          f"{forecast.context_steps}")
-    session = Session(STAGE, s["run"], s["data"])
+    session = Session(STAGE, s["run"], s["data"], trains=True)
+    if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
+        return recipes.follow(session)
     ds = session.dataset
     indices, _, contexts, truth = ds.forecast_set(forecast)
     chunks = recipes.training_chunks(session, train)

@@ -22,8 +22,9 @@ TRAIN_DEFAULTS = settings.TrainSettings(lr=1e-5, batch_size=4, context_length=51
                                         eval_batches=8, checkpoint_every=250)
 #: full scale (a GPU); the forecasts cover the whole validation split
 DEFAULTS = {"train": TRAIN_DEFAULTS, "forecast": settings.ForecastSettings(gen_batch_size=20)}
-#: this 2-core CPU: what the committed run used (60 steps at context 256, 20 trajectories)
-PRESETS = {"cpu": {"train": {"context_length": 256, "max_steps": 60, "eval_every": 30, "checkpoint_every": 30},
+#: this 2-core CPU: the scale of the committed LoRA runs (60 steps at context 256, 20 trajectories; ~11 min)
+PRESETS = {"cpu": {"train": {"context_length": 256, "max_steps": 60, "eval_every": 30, "eval_batches": 4,
+                             "checkpoint_every": 30},
                    "forecast": {"limit": 20}}}
 
 
@@ -41,7 +42,9 @@ def build_parser(preset: str | None = None):
 
 def main(argv=None) -> int:
     s = settings.parse(build_parser(settings.preset_name(argv, PRESETS)), argv)
-    session = Session(STAGE, s["run"], s["data"])
+    session = Session(STAGE, s["run"], s["data"], trains=True)
+    if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
+        return recipes.follow(session)
     forecast, lora, train_settings = s["forecast"], s["lora"], s["train"]
     evaluations, summary, planned = recipes.run_lora(session, forecast, lora, train_settings,
                                                      f"{forecast.prompt} prompt")

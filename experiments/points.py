@@ -157,17 +157,18 @@ def run(session: Session, forecast: ForecastSettings, point: Point, chunks: Chun
 
 
 def run_all(session: Session, forecast: ForecastSettings, points: list[Point], key: dict, on_step=None,
-            export: bool = False) -> tuple[list[dict], Evaluation, dict, int]:
+            export: bool = False, reference: bool = True) -> tuple[list[dict], Evaluation | None, dict, int]:
     """Check the study's plan against the ledger, then run every point not finished (finished ones are read back).
     Returns ``(records in the order of points, untrained evaluation, {context: untrained validation loss},
-    planned FLOPs)``. ``on_step(point name, step)`` is called after every training step."""
+    planned FLOPs)``. ``on_step(point name, step)`` is called after every training step. ``reference=False`` (a
+    shard of a study, :mod:`experiments.sweep`): no untrained evaluation, returned as ``None`` and ``{}``."""
     done, start_steps = scan(session, points, key)
     path = session.out / "untrained.json"
     reuse = session.run.resume and path.is_file()
     planned = session.check(plan(session.model.config, recipes.SessionSizes(session), forecast, points, start_steps,
-                                 untrained=not reuse))
+                                 untrained=reference and not reuse))
     chunks = ChunkCache(session)
-    reference, untrained_losses, _ = untrained(session, forecast, points, chunks, path)
+    base, untrained_losses = (untrained(session, forecast, points, chunks, path)[:2] if reference else (None, {}))
     records = []
     for point in points:
         if point.name in done:
@@ -176,7 +177,7 @@ def run_all(session: Session, forecast: ForecastSettings, points: list[Point], k
             continue
         hook = (lambda step, n=point.name: on_step(n, step)) if on_step else None
         records.append(run(session, forecast, point, chunks, key, on_step=hook, export=export))
-    return records, reference, untrained_losses, planned
+    return records, base, untrained_losses, planned
 
 
 def forecast_mse(metrics: dict) -> float:

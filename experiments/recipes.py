@@ -22,7 +22,7 @@ from .plots import plot_forecasts
 from .results import Evaluation, write_json
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings
-from .training import checkpoint_step, read_log, train, validation_subset
+from .training import checkpoint_step, distributed, read_log, train, validation_subset
 
 
 def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> LLMForecaster:
@@ -225,14 +225,17 @@ def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRAS
     export it in PEFT format to ``out/peft_adapter`` (if ``export``) and take the adapters off the model again
     (also when something fails).
     Returns ``(Evaluation named "lora" with the final validation loss, training summary)``. Training charges the
-    ledger itself; the forecast's FLOPs are the caller's to charge once its results are written."""
+    ledger itself; the forecast's FLOPs are the caller's to charge once its results are written.
+
+    Under torchrun this runs on rank 0; the other ranks make the same ``train`` call in :func:`follow`."""
     training_dir = out / "training"
     resume = session.run.resume and training_dir.exists()
+    job = dict(train_chunks=chunks[0], val_chunks=chunks[1], settings=train_settings, out_dir=training_dir,
+               lora=lora, seed=session.run.seed, stage=session.stage, precision=session.precision, resume=resume,
+               loss_token_ids=loss_token_ids(session, train_settings))
     try:
-        summary = train(session.model, chunks[0], chunks[1], train_settings, training_dir, lora=lora,
-                        seed=session.run.seed, stage=session.stage, precision=session.precision,
-                        ledger=session.ledger, resume=resume, force=session.run.force, on_step=on_step,
-                        loss_token_ids=loss_token_ids(session, train_settings))
+        with distributed.leading(job):
+            summary = train(session.model, **job, ledger=session.ledger, force=session.run.force, on_step=on_step)
         if export:
             export_peft(session.model, out / "peft_adapter", base_model_name_or_path=session.weights)
         forecaster = llm_forecaster(session, forecast, "lora")
@@ -243,6 +246,18 @@ def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRAS
         remove_lora(session.model)
     trained.validation_loss = summary["val_loss"]
     return trained, summary
+
+
+def follow(session: Session) -> int:
+    """Ranks > 0 of a training stage launched by torchrun: make every ``train`` call rank 0 makes in
+    :func:`train_and_forecast` (no ledger; the loop writes nothing on these ranks), taking the adapters off the model
+    after each, until rank 0's stage is done. Forecasts, results and the ledger are rank 0's alone. Returns 0."""
+    for job in distributed.jobs():
+        try:
+            train(session.model, **job)
+        finally:
+            remove_lora(session.model)
+    return 0
 
 
 def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, train_settings: TrainSettings,

@@ -25,6 +25,7 @@ from miniqwen import load_pretrained
 
 from .budget import Ledger, LedgerError
 from .results import Results
+from .training import distributed
 from .settings import DataSettings, ForecastSettings, RunSettings, UsageError, as_record
 
 
@@ -116,34 +117,46 @@ class Session:
     Args:
         stage: the stage name (ledger entries, ``runs/<stage>`` default output).
         run, data: settings.
-        needs_model: False for stages that never touch the LLM (no model is loaded, no precision resolved).
+        trains: the stage trains, and accepts being launched by torchrun: it joins the process group here, and its
+            ranks > 0 (``is_main`` False) only run rank 0's training jobs (``recipes.follow``); they neither check
+            nor touch ``run.out``. A stage that does not train refuses torchrun.
+        join: ``run.out`` is shared with other jobs (sweep shards): it may hold results or nothing yet.
 
     Raises:
         UsageError: ``run.out`` already holds results and neither ``resume`` nor ``overwrite`` is set, or
-            ``resume`` with nothing in ``run.out`` to resume.
+            ``resume`` with nothing in ``run.out`` to resume (neither when joining); torchrun for a stage that
+            does not train.
         data.DataError: the data file is missing or invalid.
     """
 
-    def __init__(self, stage: str, run: RunSettings, data: DataSettings):
+    def __init__(self, stage: str, run: RunSettings, data: DataSettings, *, trains: bool = False,
+                 join: bool = False):
         self.stage, self.run, self.data_settings = stage, run, data
         self.out = Path(run.out) if run.out else Path("runs") / stage
-        held = self.out.is_dir() and any(self.out.iterdir())
-        if held and not (run.resume or run.overwrite):
+        if distributed.launched():
+            if not trains:
+                raise UsageError(f"experiments.{stage} does not train: run it as one process, not under torchrun")
+            distributed.init(self.device, followers=True)
+        self.is_main = distributed.is_main()
+        held = self.is_main and self.out.is_dir() and any(self.out.iterdir())
+        if held and not (run.resume or run.overwrite or join):
             raise UsageError(f"--out {self.out} already holds results: pass --resume to continue that run, "
                              "--overwrite to replace it, or choose another --out")
-        if run.resume and not held:
+        if self.is_main and run.resume and not held and not join:
             raise UsageError(f"--resume: nothing to resume in {self.out} (it is empty or does not exist)")
         self.dataset = load_dataset(data)
         self.ledger = Ledger(run.ledger)
         if run.overwrite and held:
             shutil.rmtree(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(run.seed)
 
     # ------------------------------------------------------------------ the model, loaded once
     @cached_property
     def device(self) -> torch.device:
-        return torch.device(self.run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        """``run.device`` (None = cuda if available, else cpu); under torchrun, CUDA is ``cuda:LOCAL_RANK``."""
+        return distributed.device(self.run.device)
 
     @cached_property
     def precision(self) -> str:

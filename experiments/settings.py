@@ -493,7 +493,7 @@ def run_cli(main) -> None:
     """Run ``main()`` and turn the errors a user can fix into one clear line on stderr and exit status 2."""
     from lora import AdapterError
 
-    from .training import CheckpointError
+    from .training import CheckpointError, distributed
 
     try:
         sys.exit(main())
@@ -504,3 +504,5 @@ def run_cli(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.finish()  # under torchrun: release the ranks waiting for training jobs, leave the group

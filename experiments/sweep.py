@@ -9,11 +9,18 @@ reports both and says whether they rank the grid the same way. Resumable (``--re
 back, an interrupted point continues from its checkpoint exactly. Writes under ``--out`` (default ``runs/sweep``):
 results.json, grid.csv, grid.json, heatmap_val_loss.png, heatmap_forecast_mse.png, loss_curves.png, README.md,
 untrained.json and one directory per point (training/, per-trajectory CSV, forecast plot, point.json).
+
+Over many jobs: each point is an independent job. ``--shard I/N`` (or, when set, SLURM's SLURM_ARRAY_TASK_ID −
+SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) runs only points I, I+N, I+2N … of the grid; shards share one
+``--out`` and one ``--ledger`` (its file lock serialises their charges) and join that directory as ``--resume``
+would: finished points are read back, interrupted ones continue. Then ``--collect`` computes the untrained reference
+once and writes the same table, heat maps and results.json as one process, or stops naming the unfinished points.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -47,7 +54,32 @@ def build_parser(preset: str | None = None):
                         forecast_batch_flag="--gen-batch-size", presets=PRESETS, exclude=("lr", "rank"))
     p.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates (default 1e-5,5e-5,1e-4)")
     p.add_argument("--ranks", default=",".join(map(str, RANKS)), help="LoRA ranks (default 2,4,8)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only points I, I+N, … of the grid (0-based) in an --out shared with the other shards "
+                        "(default: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when set); then --collect")
+    p.add_argument("--collect", action="store_true",
+                   help="assemble the table, heat maps and results.json from the shards' finished points in --out")
     return p
+
+
+def shard_of(text: str | None, environ=None) -> tuple[int, int] | None:
+    """The share ``(I, N)`` of the grid a job runs: ``--shard I/N`` when given, else SLURM's array task
+    (SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN, of SLURM_ARRAY_TASK_COUNT) when both are set, else None (the whole
+    grid). Raises UsageError for a malformed value or I outside 0..N−1 (an array must be a range like 0-3)."""
+    environ = os.environ if environ is None else environ
+    flag = "--shard"
+    if text is None and "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        text, flag = f"{int(environ['SLURM_ARRAY_TASK_ID']) - first}/{environ['SLURM_ARRAY_TASK_COUNT']}", "SLURM array"
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: must be I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise UsageError(f"{flag} {text!r}: I must be between 0 and N-1")
+    return i, n
 
 
 def grid_axis(text: str, kind, flag: str) -> tuple:
@@ -137,12 +169,32 @@ def main(argv=None, on_step=None) -> int:
     preset = settings.preset_name(argv, PRESETS)
     s = settings.parse(build_parser(preset), argv)
     lrs, ranks = grid_axis(s["lrs"], float, "--lrs"), grid_axis(s["ranks"], int, "--ranks")
-    forecast, lora, train = s["forecast"], s["lora"], s["train"]
-    session = Session(STAGE, s["run"], s["data"])
+    forecast, lora, train, run = s["forecast"], s["lora"], s["train"], s["run"]
+    shard = None if s["collect"] else shard_of(s["shard"])
+    if s["collect"] and s["shard"]:
+        raise UsageError("--collect assembles every shard's points: it takes no --shard")
+    join = shard is not None or s["collect"]
+    if join and run.overwrite:
+        raise UsageError("--overwrite would delete the other shards' points: remove --out by hand to start again")
+    session = Session(STAGE, dataclasses.replace(run, resume=True) if join else run, s["data"], trains=True,
+                      join=join)
+    if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
+        return recipes.follow(session)
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
     grid = grid_points(lora, train, lrs, ranks)
-    records, untrained, _, planned = points.run_all(session, forecast, grid, points.study_key(session, forecast, lora,
-                                                                                              train), on_step=on_step)
+    key = points.study_key(session, forecast, lora, train)
+    if shard is not None:
+        mine = grid[shard[0]::shard[1]]
+        print(f"shard {shard[0]}/{shard[1]}: points {', '.join(p.name for p in mine) or 'none'} of {len(grid)}")
+        points.run_all(session, forecast, mine, key, on_step=on_step, reference=False)
+        print(f"shard {shard[0]}/{shard[1]} done; when every shard is, assemble the table with --collect")
+        return 0
+    if s["collect"]:
+        missing = [p.name for p in grid if p.name not in points.scan(session, grid, key)[0]]
+        if missing:
+            raise UsageError(f"--collect: {len(missing)} of {len(grid)} points are not finished in {session.out}: "
+                             f"{', '.join(missing)} (run their shards first)")
+    records, untrained, _, planned = points.run_all(session, forecast, grid, key, on_step=on_step)
     scale = (f"{train.max_steps} steps, batch {train.batch_size} × {train.context_length} tokens, "
              f"{train.loss_vocabulary} loss; {len(indices)} {forecast.split} trajectories "
              f"{forecast.context_steps}→{forecast.horizon}; {session.weights}")
@@ -153,7 +205,8 @@ def main(argv=None, on_step=None) -> int:
     table = markdown(rows, untrained, chosen["chosen"])
     _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
     results = session.results(forecast=forecast, lora=lora, train=train)
-    results.settings["grid"] = {"lrs": list(lrs), "ranks": list(ranks), "preset": preset}
+    results.settings["grid"] = {"lrs": list(lrs), "ranks": list(ranks), "preset": preset,
+                                "collected_from_shards": s["collect"]}
     results.evaluations = {"untrained": untrained, **{r["name"]: Evaluation(**r["evaluation"])
                                                       for r in records}, "persistence": persistence}
     results.flops["planned"] = planned

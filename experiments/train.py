@@ -3,6 +3,7 @@ use it to kill and resume a real process).
 
     python -m experiments.train --model DIR --train-chunks train.safetensors [--val-chunks val.safetensors] \\
         --out runs/x [--rank 4 --lr 1e-5 --batch-size 4 --max-steps 100 ...] [--resume] [--no-ledger]
+    torchrun --standalone --nproc_per_node 2 -m experiments.train ...   # one run over 2 processes (global batch)
 
 Chunk files hold two int64 tensors ``input_ids`` and ``attention_mask`` [M, L] (:func:`save_chunks`).
 """
@@ -22,7 +23,7 @@ from miniqwen import load_pretrained
 
 from . import settings
 from .budget import Ledger
-from .training import train
+from .training import distributed, train
 
 
 def save_chunks(chunks: Chunks, path: str | os.PathLike) -> None:
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-ledger", action="store_true", help="charge nothing (tiny test models only)")
     p.add_argument("--kill-after-step", type=int, default=None,
                    help="testing aid: SIGKILL this process right after step K (simulates a crash)")
+    p.add_argument("--kill-rank", type=int, default=None,
+                   help="testing aid, under torchrun: only rank R is killed by --kill-after-step (default: every rank)")
     s = settings.parse(p, argv)
     run = s["run"]
     if run.out is None:
@@ -57,16 +60,17 @@ def main(argv=None) -> int:
     train_chunks = load_chunks(s["train_chunks"])
     val_chunks = load_chunks(s["val_chunks"]) if s["val_chunks"] else None
     precision = "float32" if run.precision == "auto" else run.precision
-    model, _ = load_pretrained(run.model, dtype="float32", device=run.device or "cpu")
+    model, _ = load_pretrained(run.model, dtype="float32", device=distributed.device(run.device or "cpu"))
 
     def on_step(step: int) -> None:
-        if step == s["kill_after_step"]:
+        if step == s["kill_after_step"] and s["kill_rank"] in (None, distributed.rank()):
             os.kill(os.getpid(), signal.SIGKILL)
 
     summary = train(model, train_chunks, val_chunks, s["train"], Path(run.out), lora=s["lora"], seed=run.seed,
                     stage=s["stage"], precision=precision, ledger=None if s["no_ledger"] else Ledger(run.ledger),
                     resume=run.resume, force=run.force, on_step=on_step)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("settings", "lora")}, indent=2))
+    if distributed.is_main():
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("settings", "lora")}, indent=2))
     return 0
 
 

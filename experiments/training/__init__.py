@@ -1,5 +1,6 @@
 """Training, one job per file: :mod:`.loop` (the loop and its state), :mod:`.checkpoint` (the only owner of the
-checkpoint layout), :mod:`.loss` (the objective and the validation loss)."""
+checkpoint layout), :mod:`.loss` (the objective and the validation loss),
+:mod:`.distributed` (torchrun + DDP: the process group, sums over ranks)."""
 
 from .checkpoint import CheckpointError, checkpoint_step, find_checkpoint, read_checkpoint
 from .loop import TrainState, read_log, train, validation_subset

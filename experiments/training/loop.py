@@ -14,6 +14,15 @@ FLOPs (coursework rules): every forward runs inside a :class:`miniqwen.flops.Flo
 training step is charged 3× its counted forward (backward = 2× forward), an evaluation 1×. The ledger is charged at
 each checkpoint with what was spent since the last charge, before the checkpoint is written: a crash never loses a
 charge (steps redone after a crash are charged again, an over-count, never an under-count).
+
+Several processes (``torchrun``, :mod:`.distributed`): ``batch_size`` is the *global* batch, split evenly over the
+ranks — rank r takes its contiguous slice of each step's indices from the same epoch permutation — and the model is
+wrapped in ``DistributedDataParallel``. Each rank's loss is its summed token loss × world / (targets of all ranks),
+so DDP's averaged gradient is that of the global batch's token mean, as one process computes it; clipping acts on
+that all-reduced gradient. The counted FLOPs are summed over ranks every step (and the validation loss is computed
+on a shard per rank, with its sums and FLOPs all-reduced), so the ledger gets what one process spending the same
+work would charge. Only rank 0 writes the log, checkpoints, adapters, summary and plot and charges the ledger; the
+loop state is global, so a run resumes with the same or another number of ranks.
 """
 
 from __future__ import annotations
@@ -40,9 +49,10 @@ from miniqwen.flops import FlopCounter
 
 from ..costs import training_cost
 from ..plots import plot_loss_curves
-from ..settings import LoRASettings, TrainSettings, as_record
+from ..settings import LoRASettings, TrainSettings, UsageError, as_record
+from . import distributed
 from .checkpoint import CheckpointError, find_checkpoint, fingerprint, read_checkpoint, restore, write_checkpoint
-from .loss import autocast_context, next_token_loss, validation_loss
+from .loss import autocast_context, next_token_loss, validation_sums
 
 
 @dataclass
@@ -131,13 +141,23 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         CheckpointError: ``resume`` with nothing to resume, or a corrupt checkpoint.
         ValueError: chunk widths differ from ``settings.context_length``, fewer chunks than a batch, a resumed run
             with other settings or data. BudgetExceededError: the plan would exceed the budget.
+        UsageError (a ValueError): under torchrun, ``batch_size`` is not divisible by the number of processes.
+
+    Under torchrun every rank makes this call with the same arguments (see the module docstring); ``ledger`` and
+    ``on_step`` may differ (only rank 0 charges), and every rank returns the same summary.
     """
     lora = lora or LoRASettings()
     settings.validate()
     lora.validate()
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    ledger = ledger if main else None
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     M, B = len(train_chunks), settings.batch_size
+    if B % world:
+        raise UsageError(f"batch size {B} is the global batch, split over the {world} processes torchrun started: "
+                         "it must be divisible by their number")
     for name, chunks in (("training", train_chunks), ("validation", val_chunks)):
         if chunks is not None and len(chunks) and chunks.input_ids.shape[1] != settings.context_length:
             raise ValueError(f"{name} chunks have width {chunks.input_ids.shape[1]}, context_length is "
@@ -150,6 +170,7 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
     head = model.head_rows(loss_token_ids) if loss_token_ids is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
+    distributed.init(device)
     val = None
     if val_chunks is not None and len(val_chunks):
         idx = validation_subset(len(val_chunks), settings.eval_batches * B, seed)
@@ -177,13 +198,17 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         restore(saved, model, optimizer)
         best = saved.best
         st = TrainState(**saved.state["loop"])
-        _truncate_log(log_path, st.step)
-        print(f"resuming {out_dir} from step {st.step} (epoch {st.epoch}, position {st.position})", file=sys.stderr)
+        if main:
+            _truncate_log(log_path, st.step)
+            print(f"resuming {out_dir} from step {st.step} (epoch {st.epoch}, position {st.position})",
+                  file=sys.stderr)
     else:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        atomic_write(log_path, "")
+        if main:
+            atomic_write(log_path, "")
+    net = distributed.data_parallel(model)  # under torchrun: gradients averaged over the ranks in backward
 
     planned = training_cost(model.config, settings, lora, len(val) if val is not None else 0, st.step,
                             len(head.ids) if head is not None else None)
@@ -191,13 +216,17 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         ledger.check(planned, force=force)
 
     def log(entry: dict) -> None:
+        if not main:
+            return
         entry["flops_so_far"] = st.train_flops + st.eval_flops
         with open(log_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
     def evaluate() -> None:
         nonlocal best
-        loss, fwd = validation_loss(model, val, B, precision, progress=False)
+        shard = val if world == 1 else Chunks(val.input_ids[rank::world], val.attention_mask[rank::world])
+        total, count, fwd = distributed.sum_over_ranks(*validation_sums(model, shard, B, precision))
+        loss = total / count if count else float("nan")
         st.eval_flops += fwd
         st.last_val_loss = loss
         if st.best_val_loss is None or loss < st.best_val_loss:
@@ -210,14 +239,14 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         for kind in ("train", "eval"):
             delta = getattr(st, f"{kind}_flops") - getattr(st, f"charged_{kind}")
             if ledger is not None and delta > 0:
-                ledger.charge(stage, delta, kind, run=out_dir.name, step=st.step)
+                ledger.charge(stage, delta, kind, run=f"{out_dir.parent.name}/{out_dir.name}", step=st.step)
                 setattr(st, f"charged_{kind}", getattr(st, f"charged_{kind}") + delta)
 
     # ---- loop
     t0 = time.time()
     if val is not None and st.step == 0 and settings.eval_at_start:  # a resumed run is past step 0
         evaluate()
-    bar = tqdm(total=settings.max_steps, initial=st.step, disable=not settings.progress, desc=stage,
+    bar = tqdm(total=settings.max_steps, initial=st.step, disable=not (settings.progress and main), desc=stage,
                dynamic_ncols=True)
     model.train()
     perm, perm_epoch = None, None
@@ -226,22 +255,24 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
             st.epoch, st.position = st.epoch + 1, 0
         if perm_epoch != st.epoch:
             perm, perm_epoch = epoch_permutation(M, seed, st.epoch), st.epoch
-        idx = perm[st.position:st.position + B]
+        idx = perm[st.position:st.position + B][rank * B // world:(rank + 1) * B // world]  # this rank's share
         st.position += B
         ids, mask = train_chunks.input_ids[idx].to(device), train_chunks.attention_mask[idx].to(device)
 
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():  # even if the caller disabled autograd globally
             with FlopCounter() as counter, autocast_context(device, precision):
-                loss_sum, n = next_token_loss(model, ids, mask, head)
-            loss = loss_sum / max(n, 1)
+                loss_sum, n = next_token_loss(net, ids, mask, head)
+            # all ranks: targets, forward FLOPs, loss; DDP then averages sum_r ∇(loss_sum_r · world / n) over ranks
+            n, forward, loss_total = distributed.sum_over_ranks(n, counter.total, float(loss_sum.detach()))
+            loss = loss_sum / (max(n, 1) / world)
             loss.backward()
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         st.step += 1
-        st.train_flops += 3 * counter.total
-        loss_value = float(loss.detach())
+        st.train_flops += 3 * forward
+        loss_value = float(loss.detach()) if world == 1 else loss_total / max(n, 1)
         log({"kind": "train", "step": st.step, "loss": loss_value, "lr": settings.lr, "tokens": n})
 
         last = st.step == settings.max_steps
@@ -251,7 +282,8 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
                 st.stopped_early = True
         if st.step % settings.checkpoint_every == 0 or last or st.stopped_early:
             charge()  # first: a crash between the two can only make a resumed run charge redone work again
-            write_checkpoint(out_dir, model, optimizer, {**record, "loop": dataclasses.asdict(st)}, best)
+            if main:
+                write_checkpoint(out_dir, model, optimizer, {**record, "loop": dataclasses.asdict(st)}, best)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", flops=f"{st.train_flops + st.eval_flops:.3g}")
         if on_step is not None:
@@ -262,11 +294,13 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
     charge()  # anything not yet charged (e.g. max_steps already reached at resume)
 
     # ---- outputs
-    save_adapter(model, out_dir / "adapter")
-    if best is not None:
-        save_adapter(model, out_dir / "best_adapter", state=best)
-        if settings.restore_best:
-            load_lora_state_dict(model, best, source="best validation weights")
+    if main:
+        save_adapter(model, out_dir / "adapter")
+        if best is not None:
+            save_adapter(model, out_dir / "best_adapter", state=best)
+    if best is not None and settings.restore_best:
+        load_lora_state_dict(model, best, source="best validation weights")
+    distributed.barrier()  # rank 0's log is complete before the other ranks read it
     losses = [e["loss"] for e in read_log(log_path) if e["kind"] == "train"]
     summary = {
         "stage": stage, "steps": st.step, "epochs": st.epoch + st.position / M, "train_chunks": M,
@@ -274,11 +308,12 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         "val_loss": st.last_val_loss, "best_val_loss": st.best_val_loss, "best_step": st.best_step,
         "stopped_early": st.stopped_early, "train_flops": st.train_flops, "eval_flops": st.eval_flops,
         "total_flops": st.train_flops + st.eval_flops, "planned_flops_this_session": planned,
-        "trainable_parameters": count_trainable_parameters(model),
+        "trainable_parameters": count_trainable_parameters(model), "processes": world,
         "seconds_this_session": round(time.time() - t0, 2), **record,
     }
-    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    plot_loss_curves(log_path, out_dir / "loss_curve.png", title=stage)
+    if main:
+        atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_loss_curves(log_path, out_dir / "loss_curve.png", title=stage)
     return summary
 
 

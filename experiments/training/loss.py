@@ -57,7 +57,6 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, precision))
 
 
-@torch.no_grad()
 def validation_loss(model: nn.Module, chunks: Chunks, batch_size: int, precision: str = "float32",
                     progress: bool = True) -> tuple[float, int]:
     """Mean token-level cross-entropy of ``model`` over all of ``chunks`` (padding masked), on the model's device.
@@ -65,6 +64,16 @@ def validation_loss(model: nn.Module, chunks: Chunks, batch_size: int, precision
     Returns ``(loss, forward_flops)``: the loss (nats/token; sum over all targets / their number, nan if none) and
     the FLOPs counted for the forwards + loss (1× convention: what an evaluation costs).
     """
+    total, count, flops_ = validation_sums(model, chunks, batch_size, precision, progress)
+    return (total / count if count else float("nan")), flops_
+
+
+@torch.no_grad()
+def validation_sums(model: nn.Module, chunks: Chunks, batch_size: int, precision: str = "float32",
+                    progress: bool = False) -> tuple[float, int, int]:
+    """``(sum of the token losses, number of targets, forward FLOPs)`` of ``model`` over ``chunks`` [M, L] in
+    batches of ``batch_size``: what :func:`validation_loss` divides, and what ranks sum when each evaluates a shard
+    (every counted FLOP is proportional to the rows, so the shards' FLOPs add up to the whole set's)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -79,4 +88,4 @@ def validation_loss(model: nn.Module, chunks: Chunks, batch_size: int, precision
             total += float(loss_sum)
             count += n
     model.train(was_training)
-    return (total / count if count else float("nan")), counter.total
+    return total, count, counter.total
