@@ -180,7 +180,6 @@ def main(argv=None, on_step=None) -> int:
                       join=join)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return recipes.follow(session)
-    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
     grid = grid_points(lora, train, lrs, ranks)
     key = points.study_key(session, forecast, lora, train)
     if shard is not None:
@@ -195,18 +194,26 @@ def main(argv=None, on_step=None) -> int:
             raise UsageError(f"--collect: {len(missing)} of {len(grid)} points are not finished in {session.out}: "
                              f"{', '.join(missing)} (run their shards first)")
     records, untrained, _, planned = points.run_all(session, forecast, grid, key, on_step=on_step)
+    write_results(session, records, untrained, planned, forecast, lora, train, lrs, ranks,
+                  {"preset": preset, "collected_from_shards": s["collect"]}, argv)
+    return 0
+
+
+def write_results(session: Session, records: list[dict], untrained: Evaluation, planned: int,
+                  forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings, lrs, ranks, grid: dict,
+                  argv) -> None:
+    """The grid's table (CSV, JSON, Markdown), selection, heat maps, README.md and results.json."""
+    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
     scale = (f"{train.max_steps} steps, batch {train.batch_size} × {train.context_length} tokens, "
              f"{train.loss_vocabulary} loss; {len(indices)} {forecast.split} trajectories "
              f"{forecast.context_steps}→{forecast.horizon}; {session.weights}")
-
     rows = points.table_rows(records)
     chosen = selection(rows)
     write_outputs(session, rows, lrs, ranks, untrained, scale)
     table = markdown(rows, untrained, chosen["chosen"])
     _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
     results = session.results(forecast=forecast, lora=lora, train=train)
-    results.settings["grid"] = {"lrs": list(lrs), "ranks": list(ranks), "preset": preset,
-                                "collected_from_shards": s["collect"]}
+    results.settings["grid"] = {"lrs": list(lrs), "ranks": list(ranks), **grid}
     results.evaluations = {"untrained": untrained, **{r["name"]: Evaluation(**r["evaluation"])
                                                       for r in records}, "persistence": persistence}
     results.flops["planned"] = planned
@@ -226,7 +233,6 @@ def main(argv=None, on_step=None) -> int:
     session.finish(results)  # every part was charged as it finished
     print("\n" + table + f"\n\nchosen: lr {chosen['chosen']['lr']:g}, rank {chosen['chosen']['rank']} ({verdict})")
     print(f"wrote {session.out}/results.json, grid.csv, grid.json, heat maps, README.md")
-    return 0
 
 
 if __name__ == "__main__":
