@@ -11,6 +11,13 @@ import numpy as np
 SPECIES = ("prey", "predator")
 
 
+def _wrap(title: str, width: int) -> str:
+    """``title`` broken into lines of at most ``width`` characters, each line kept (long scale labels fit)."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
+
+
 def _figure(width: float, height: float):
     """A matplotlib Figure with an Agg canvas, or None without matplotlib."""
     try:
@@ -105,7 +112,7 @@ def plot_training_curves(path: Path, logs: dict[str, Path], title: str) -> bool:
             ax.plot(steps, losses, "o--", color=colour, lw=1, ms=4, label=f"{label} (validation)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title, 100), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -129,7 +136,7 @@ def plot_horizon_errors(path: Path, curves: dict[str, dict], title: str, metric:
         ax.set_ylabel(metric.upper())
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, 120), fontsize=9)
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
     return True
@@ -152,7 +159,7 @@ def plot_heatmap(path: Path, values: np.ndarray, rows: list, cols: list, row_lab
             if np.isfinite(values[i, j]):
                 ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", color="white", fontsize=8)
     fig.colorbar(im, ax=ax)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title, 60), fontsize=8)
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
     return True

@@ -72,7 +72,7 @@ def grid_section(results: dict[str, Results], results_root: Path, root: Path) ->
                  f"Validation loss would have picked lr {sel['chosen_by_val_loss']['lr']:g}, rank "
                  f"{sel['chosen_by_val_loss']['rank']}")
         rho = sel.get("spearman_forecast_mse_vs_val_loss")
-        md += ["## Learning rate × LoRA rank (coursework 3b)", "", f"**{run}** — {d['scale']}.", "",
+        md += ["## Learning rate × LoRA rank (coursework 3b)", "", f"**{run}** — {d['scale'].rstrip('.')}.", "",
                d["table_markdown"], "",
                f"Selection rule: {sel['rule']} → **lr {sel['chosen']['lr']:g}, rank {sel['chosen']['rank']}**. "
                f"{agree}; Spearman ρ between the two rankings over the grid = {format_number(rho, '.2f')}. "
@@ -90,7 +90,8 @@ def context_section(results: dict[str, Results], results_root: Path, root: Path)
         if r.stage != "context_length":
             continue
         rows, d = r.details["contexts"], r.details
-        md += ["## Context length (coursework 3b)", "", f"**{run}** — {d['scale']}.", "", d["table_markdown"], "",
+        md += ["## Context length (coursework 3b)", "", f"**{run}** — {d['scale'].rstrip('.')}.", "",
+               d["table_markdown"], "",
                "Equal steps are not equal compute: " + "; ".join(
                    f"context {x['context_length']}: {x['train_flops'] / 1e15:.3f} PFLOPs of training, forecast MSE "
                    f"gain over the untrained model {format_number(x['forecast_mse_gain_per_pflop'], '.3g')} per PFLOP"
@@ -109,7 +110,8 @@ def final_section(results: dict[str, Results], results_root: Path, root: Path) -
         if r.stage != "final":
             continue
         tr = r.details["training"]
-        md += ["## Final run on the test split (coursework 3c)", "", f"**{run}** — {r.details['scale']}; FLOPs "
+        md += ["## Final run on the test split (coursework 3c)", "",
+               f"**{run}** — {r.details['scale'].rstrip('.')}; FLOPs "
                f"{format_number(r.flops.get('total'), '.3g')} (training {format_number(tr.get('train_flops'), '.3g')})"
                ".", "", r.details["table_markdown"], ""]
         md += _image(results_root, run, "horizon_mae.png", root, "MAE by forecast step, final run")
