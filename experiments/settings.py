@@ -425,14 +425,15 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
         g.add_argument("--no-eval-at-start", action="store_true", default=not t.eval_at_start,
                        help="skip the step-0 validation loss" + ("" if t.eval_at_start else " (this stage's default)"))
         g.add_argument("--early-stop", dest="early_stop_patience", type=int, default=t.early_stop_patience,
-                       help="stop after this many evaluations without improvement (default 0 = off)")
-        g.add_argument("--restore-best", action="store_true", default=t.restore_best,
-                       help="end with the best-validation-loss adapter")
+                       help=f"stop after this many evaluations without improvement (default "
+                            f"{t.early_stop_patience}; 0 = off)")
+        g.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=t.restore_best,
+                       help=f"end with the best-validation-loss adapter (default {t.restore_best})")
         g.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
                        help=f"steps between checkpoints (default {t.checkpoint_every})")
         g.add_argument("--loss-vocabulary", default=t.loss_vocabulary, choices=["full", "numeric"],
-                       help="training loss over the full vocabulary (default, the coursework's) or only the numeric "
-                            "alphabet (a different, cheaper objective)")
+                       help="training loss over the full vocabulary (the coursework's) or only the numeric alphabet "
+                            f"(a different, cheaper objective; default {t.loss_vocabulary})")
         g.add_argument("--no-progress", action="store_true", default=not t.progress, help="no progress bar")
     if "loss" in groups:
         g = p.add_argument_group("validation loss")
