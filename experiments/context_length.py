@@ -16,12 +16,10 @@ contexts.json, horizon_mae.png, loss_curves.png, README.md and one directory per
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 from . import points, recipes, settings
 from .classical_forecasters import Persistence
-from .evaluation import evaluate
+from .evaluation import evaluate, write_csv
 from .plots import plot_horizon_errors, plot_training_curves
 from .points import forecast_mse
 from .results import Evaluation, write_json
@@ -49,28 +47,9 @@ def build_parser(preset: str | None = None):
     p = settings.parser("python -m experiments.context_length", __doc__.split("\n\n")[0], "run", "data", "forecast",
                         "lora", "train", defaults=settings.with_preset(DEFAULTS, PRESETS, preset),
                         forecast_batch_flag="--gen-batch-size", presets=PRESETS, exclude=("lr", "rank"))
-    p.add_argument("--lr", dest="chosen_lr", type=float, default=None,
-                   help="learning rate (default: the sweep's choice, else 1e-4)")
-    p.add_argument("--rank", dest="chosen_rank", type=int, default=None,
-                   help="LoRA rank (default: the sweep's choice, else 8)")
-    p.add_argument("--from-sweep", default=None, help="sweep output directory whose selection gives lr and rank")
+    points.add_choice_options(p, DEFAULTS)
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="window lengths (default 128,512,768)")
     return p
-
-
-def chosen(directory: str | None, stage: str, key: str = "selection") -> dict:
-    """The selection recorded in ``directory``/results.json by ``stage`` ({} if ``directory`` is None).
-
-    Raises UsageError naming the file if it is missing or holds no selection."""
-    if directory is None:
-        return {}
-    path = Path(directory) / "results.json"
-    try:
-        raw = json.loads(path.read_text())
-        return dict(raw["details"][key]["chosen"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise UsageError(f"--from-{stage.replace('_', '-')} {directory}: no {stage} results.json with a selection "
-                         f"there (run python -m experiments.{stage} first)") from None
 
 
 def context_points(lora: LoRASettings, train: TrainSettings, contexts) -> list[points.Point]:
@@ -113,13 +92,9 @@ def main(argv=None, on_step=None) -> int:
     contexts = grid_axis(s["contexts"], int, "--contexts")
     if any(n < 2 for n in contexts):
         raise UsageError(f"--contexts {s['contexts']!r}: every window must be at least 2 tokens")
-    picked = chosen(s["from_sweep"], "sweep")
-    lr = s["chosen_lr"] if s["chosen_lr"] is not None else picked.get("lr", DEFAULTS["train"].lr)
-    rank = s["chosen_rank"] if s["chosen_rank"] is not None else picked.get("rank", DEFAULTS["lora"].rank)
-    forecast = s["forecast"]
-    lora, train = dataclasses.replace(s["lora"], rank=rank), dataclasses.replace(s["train"], lr=lr)
-    lora.validate()
-    train.validate()
+    picked = points.chosen(s["from_sweep"], "sweep")
+    lora, train = points.choose(s, picked, DEFAULTS)
+    lr, rank, forecast = train.lr, lora.rank, s["forecast"]
     session = Session(STAGE, s["run"], s["data"], trains=True)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return recipes.follow(session)
@@ -140,7 +115,7 @@ def main(argv=None, on_step=None) -> int:
     scale = (f"lr {lr:g}, rank {rank}, {train.max_steps} steps at batch {train.batch_size}, {train.loss_vocabulary} "
              f"loss; {len(indices)} {forecast.split} trajectories {forecast.context_steps}→{forecast.horizon}; "
              f"{session.weights}")
-    points.write_csv(session.out / "contexts.csv", rows)
+    write_csv(session.out / "contexts.csv", rows)
     curves = {"untrained": untrained.metrics, **{f"context {r['context_length']}": r["evaluation"]["metrics"]
                                                   for r in records}}
     plot_horizon_errors(session.out / "horizon_mae.png", curves, f"forecast MAE by step; {scale}")

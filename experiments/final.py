@@ -18,9 +18,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from . import recipes, settings
+from . import points, recipes, settings
 from .classical_forecasters import validated_forecasters
-from .context_length import chosen
 from .costs import lora_stage_cost
 from .plots import plot_horizon_errors
 from .session import Session
@@ -47,11 +46,7 @@ def build_parser(preset: str | None = None):
     p = settings.parser("python -m experiments.final", __doc__.split("\n\n")[0], "run", "data", "forecast", "lora",
                         "train", defaults=settings.with_preset(DEFAULTS, PRESETS, preset),
                         forecast_batch_flag="--gen-batch-size", presets=PRESETS, exclude=("lr", "rank"))
-    p.add_argument("--lr", dest="chosen_lr", type=float, default=None,
-                   help="learning rate (default: the sweep's choice, else 1e-4)")
-    p.add_argument("--rank", dest="chosen_rank", type=int, default=None,
-                   help="LoRA rank (default: the sweep's choice, else 8)")
-    p.add_argument("--from-sweep", default=None, help="sweep output directory whose selection gives lr and rank")
+    points.add_choice_options(p, DEFAULTS)
     p.add_argument("--from-context", default=None,
                    help="context-length study directory whose selection gives --context-length")
     p.add_argument("--orders", default=",".join(map(str, range(1, 21))),
@@ -70,17 +65,13 @@ def main(argv=None, on_step=None) -> int:
     preset = settings.preset_name(argv, PRESETS)
     p = build_parser(preset)
     s = settings.parse(p, argv)
-    picked = {**chosen(s["from_sweep"], "sweep"), **chosen(s["from_context"], "context_length")}
+    picked = {**points.chosen(s["from_sweep"], "sweep"), **points.chosen(s["from_context"], "context_length")}
     words = sys.argv[1:] if argv is None else argv
     explicit_context = any(a == "--context-length" or a.startswith("--context-length=") for a in words)
-    lora = dataclasses.replace(s["lora"], rank=s["chosen_rank"] if s["chosen_rank"] is not None else
-                               picked.get("rank", DEFAULTS["lora"].rank))
-    train = dataclasses.replace(
-        s["train"], lr=s["chosen_lr"] if s["chosen_lr"] is not None else picked.get("lr", DEFAULTS["train"].lr),
-        context_length=s["train"].context_length if explicit_context or "context_length" not in picked
-        else picked["context_length"])
-    lora.validate()
-    train.validate()
+    lora, train = points.choose(s, picked, DEFAULTS)
+    if not explicit_context and "context_length" in picked:
+        train = dataclasses.replace(train, context_length=picked["context_length"])
+        train.validate()
     orders = sorted({int(x) for x in s["orders"].split(",") if x.strip().isdigit()})
     forecast = s["forecast"]
     if not orders or orders[0] < 1 or 3 * orders[-1] + 2 > forecast.context_steps:

@@ -48,6 +48,43 @@ def study_key(session: Session, forecast: ForecastSettings, lora: LoRASettings, 
     return key
 
 
+def add_choice_options(p, defaults: dict) -> None:
+    """``--lr``, ``--rank`` and ``--from-sweep`` for a stage that trains the sweep's chosen point (explicit options
+    win over the sweep's choice, which wins over ``defaults``; see :func:`choose`)."""
+    p.add_argument("--lr", dest="chosen_lr", type=float, default=None,
+                   help=f"learning rate (default: the sweep's choice, else {defaults['train'].lr:g})")
+    p.add_argument("--rank", dest="chosen_rank", type=int, default=None,
+                   help=f"LoRA rank (default: the sweep's choice, else {defaults['lora'].rank})")
+    p.add_argument("--from-sweep", default=None, help="sweep output directory whose selection gives lr and rank")
+
+
+def chosen(directory: str | None, stage: str, key: str = "selection") -> dict:
+    """The selection recorded in ``directory``/results.json by ``stage`` ({} if ``directory`` is None), e.g.
+    ``{"lr": 1e-5, "rank": 2}`` from the sweep or ``{…, "context_length": 512}`` from the context study.
+
+    Raises UsageError naming the file if it is missing or holds no selection."""
+    if directory is None:
+        return {}
+    path = Path(directory) / "results.json"
+    try:
+        raw = json.loads(path.read_text())
+        return dict(raw["details"][key]["chosen"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise UsageError(f"--from-{stage.replace('_', '-')} {directory}: no {stage} results.json with a selection "
+                         f"there (run python -m experiments.{stage} first)") from None
+
+
+def choose(s: dict, picked: dict, defaults: dict) -> tuple[LoRASettings, TrainSettings]:
+    """The parsed ``s["lora"]`` / ``s["train"]`` with lr and rank from ``--lr`` / ``--rank``, else ``picked`` (a
+    selection, :func:`chosen`), else ``defaults``. Raises OptionError (a UsageError) for an invalid value."""
+    lr = s["chosen_lr"] if s["chosen_lr"] is not None else picked.get("lr", defaults["train"].lr)
+    rank = s["chosen_rank"] if s["chosen_rank"] is not None else picked.get("rank", defaults["lora"].rank)
+    lora, train = dataclasses.replace(s["lora"], rank=rank), dataclasses.replace(s["train"], lr=lr)
+    lora.validate()
+    train.validate()
+    return lora, train
+
+
 def scan(session: Session, points: list[Point], key: dict) -> tuple[dict, dict]:
     """``(finished {name: point record}, start steps {name: checkpoint step, or None if finished})``.
 
@@ -199,15 +236,6 @@ def table_rows(records: list[dict]) -> list[dict]:
                      "train_flops": r["training"]["train_flops"] + r["training"]["eval_flops"],
                      "flops": r["training"]["train_flops"] + r["training"]["eval_flops"] + e["flops"]})
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def charged_flops(records: list[dict], reference: Evaluation, path: Path) -> dict[str, int]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import points, recipes, settings
 from .classical_forecasters import Persistence
-from .evaluation import evaluate
+from .evaluation import evaluate, write_csv
 from .plots import plot_heatmap, plot_training_curves
 from .points import forecast_mse
 from .results import Evaluation, write_json
@@ -133,7 +133,7 @@ def selection(rows: list[dict]) -> dict:
 
 def write_outputs(session: Session, rows: list[dict], lrs, ranks, untrained: Evaluation, scale: str) -> None:
     """grid.csv, heat maps of validation loss and forecast MSE, the training curves of every point."""
-    points.write_csv(session.out / "grid.csv", rows)
+    write_csv(session.out / "grid.csv", rows)
     cell = {(r["lr"], r["rank"]): r for r in rows}
     for key, label in (("val_loss", "validation loss (nats/token)"), ("forecast_mse", "forecast MSE")):
         values = np.array([[cell[(lr, k)][key] if (lr, k) in cell else np.nan for k in ranks] for lr in lrs],

@@ -75,3 +75,23 @@ def real_model_dir():
     if not Path(path).is_dir():
         pytest.fail(f"MINIQWEN_TEST_MODEL={path} is not a directory")
     return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_full_vocab(tmp_path_factory, tokenizer_dir):
+    """A 2-layer random Qwen2 with the real 151,936-token vocabulary, so the real tokenizer's ids fit (read only)."""
+    path = tmp_path_factory.mktemp("tiny-full-vocab")
+    write_tiny_checkpoint(path, tie=True, vocab_size=151936, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sim_file(tmp_path_factory):
+    """A small simulated Lotka-Volterra file in the coursework's schema: 40 systems x 30 steps (read only)."""
+    from data.simulate import simulate, write_h5
+
+    path = tmp_path_factory.mktemp("sim") / "lv.h5"
+    traj, time = simulate(n_systems=40, n_steps=30, t_max=60.0, seed=1)
+    write_h5(path, traj, time)
+    return path

@@ -6,8 +6,6 @@ import json
 import pytest
 import torch
 
-from conftest import write_tiny_checkpoint
-from data.simulate import simulate, write_h5
 from experiments import benchmark
 
 pytest.importorskip("transformers")
@@ -20,26 +18,11 @@ SMALL = ["--repeats", "1", "--peak-size", "64", "--counting-lengths", "1,8", "--
          "--gen-batch-size", "2", "--context-steps", "8", "--horizon", "3", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer_dir):
-    """A 2-layer random Qwen2 with the real 151,936-token vocabulary and the real tokenizer."""
-    path = tmp_path_factory.mktemp("bench-model")
-    write_tiny_checkpoint(path, tie=True, vocab_size=151936, hidden_size=32, intermediate_size=48,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    return path
 
 
-@pytest.fixture(scope="module")
-def sim_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench-sim") / "lv.h5"
-    traj, time = simulate(n_systems=40, n_steps=30, t_max=60.0, seed=1)
-    write_h5(path, traj, time)
-    return path
-
-
-def test_benchmark_writes_every_section(tiny_model_dir, sim_file, tmp_path, capsys):
+def test_benchmark_writes_every_section(tiny_full_vocab, sim_file, tmp_path, capsys):
     out = tmp_path / "bench"
-    code = benchmark.main(["--model", str(tiny_model_dir), "--data", str(sim_file), "--out", str(out), *SMALL])
+    code = benchmark.main(["--model", str(tiny_full_vocab), "--data", str(sim_file), "--out", str(out), *SMALL])
     assert code == 0
     results = json.loads((out / "benchmark.json").read_text())
     for key in ("weights", "model", "device", "dtype", "threads", "torch", "transformers", "peft", "memory_method",
@@ -47,7 +30,7 @@ def test_benchmark_writes_every_section(tiny_model_dir, sim_file, tmp_path, caps
                 "forward", "train", "loss", "forecast", "seconds", "peak_memory_mib_after", "targets"):
         assert key in results, key
     assert str(tmp_path) not in (out / "benchmark.json").read_text()  # no machine paths
-    assert results["model"] == tiny_model_dir.name
+    assert results["model"] == tiny_full_vocab.name
     dtypes = ["float32"] + ([results["dtype"]] if results["dtype"] != "float32" else [])
     assert list(results["matmul_peak"]) == dtypes
     for section, theirs in (("forward", "transformers"), ("train", "transformers_peft")):
@@ -71,19 +54,19 @@ def test_benchmark_writes_every_section(tiny_model_dir, sim_file, tmp_path, caps
 
 
 @torch.no_grad()
-def test_forward_logits_equal_transformers_in_fp32(tiny_model_dir):
+def test_forward_logits_equal_transformers_in_fp32(tiny_full_vocab):
     from experiments import benchmark_hf
     from miniqwen import load_pretrained
 
-    ours, _ = load_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
-    theirs = benchmark_hf.load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
+    ours, _ = load_pretrained(tiny_full_vocab, dtype=torch.float32, device="cpu")
+    theirs = benchmark_hf.load_model(tiny_full_vocab, torch.float32, torch.device("cpu"))
     ids = torch.randint(0, 151936, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ours(ids), theirs(input_ids=ids, use_cache=False).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_greedy_forecasts_agree_with_transformers_generate(tiny_model_dir, sim_file):
+def test_greedy_forecasts_agree_with_transformers_generate(tiny_full_vocab, sim_file):
     """Under the same constraints, transformers' generate continues the prompts as miniqwen does (fp32)."""
-    result = benchmark.forecast_side_by_side(tiny_model_dir, str(sim_file), 3, 0, 2, "float32", torch.device("cpu"),
+    result = benchmark.forecast_side_by_side(tiny_full_vocab, str(sim_file), 3, 0, 2, "float32", torch.device("cpu"),
                                              context_steps=8, horizon=3)
     assert result["transformers_batched"]["same_text_as_ours"] == 1.0
     assert result["ours"]["parsed_fraction"] == result["transformers_batched"]["parsed_fraction"]

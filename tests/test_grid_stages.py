@@ -5,26 +5,10 @@ import json
 
 import pytest
 
-from conftest import write_tiny_checkpoint
-from data.simulate import simulate, write_h5
 from experiments import sweep
 from experiments.budget import Ledger
 
 
-@pytest.fixture(scope="module")
-def tiny_full_vocab(tmp_path_factory, tokenizer_dir):
-    path = tmp_path_factory.mktemp("tiny-full-vocab")
-    write_tiny_checkpoint(path, tie=True, vocab_size=151936, hidden_size=32, intermediate_size=48,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sim_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sim") / "lv.h5"
-    traj, time = simulate(n_systems=40, n_steps=30, t_max=60.0, seed=1)
-    write_h5(path, traj, time)
-    return path
 
 
 def common(model, data, out, ledger):
