@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .budget import BUDGET, Ledger, LedgerError
+from .context_length import horizon_growth
 from .plots import plot_horizon_errors
 from .recipes import evaluation_table, format_number
 from .results import Evaluation, Results, find_results
@@ -98,7 +99,9 @@ def context_section(results: dict[str, Results], results_root: Path, root: Path)
                    for x in rows) + ".", "",
                "Error growth with the horizon (MAE over the last quarter of the forecast steps / the first quarter; "
                "if short windows teach only short-range continuation, the shortest window grows fastest): "
-               + ", ".join(f"context {x['context_length']}: {x['horizon_growth']:.2f}" for x in rows) + ".", ""]
+               + ", ".join([f"untrained: {horizon_growth(r.evaluations['untrained'].metrics):.2f}"]
+                           * ("untrained" in r.evaluations)
+                           + [f"context {x['context_length']}: {x['horizon_growth']:.2f}" for x in rows]) + ".", ""]
         md += _image(results_root, run, "horizon_mae.png", root, "MAE by forecast step per context length")
     return md
 

@@ -77,14 +77,18 @@ def _linear(layer: nn.Linear, x: torch.Tensor, component: str) -> torch.Tensor:
 class KVCache:
     """Pre-allocated key/value cache for incremental decoding.
 
-    ``k[i]``, ``v[i]``: [B, num_key_value_heads, max_len, head_dim] for layer i, in ``dtype`` (the model's);
+    ``k[i]``, ``v[i]``: [B, num_key_value_heads, head_dim, max_len] for layer i, in ``dtype`` (the model's);
     ``length`` tokens per row are filled. Keys are cached *after* RoPE, so a cached token never needs re-rotating.
+    Both are stored transposed (tokens on the last axis): the filled part ``[..., :length]`` is then a matrix that
+    a batched matmul reads in place, while a slice ``[:, :, :length]`` of the usual [.., max_len, head_dim] layout
+    is copied by PyTorch's CPU bf16 matmul at every decoding step (measured on Qwen2.5-0.5B's shapes, 20 rows ×
+    900 cached tokens, bf16, 2 cores: attention 63–74 ms of a decoding step before, 42–50 ms after; README, Speed).
     The cache keeps its own length: a forward pass writes every layer at ``length`` (:meth:`update`), and writing
     the last layer completes the pass, so ``length`` then grows by the pass's T new tokens.
     """
 
     def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, dtype=torch.float32, device=None):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (batch_size, config.num_key_value_heads, config.head_dim, max_len)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
@@ -92,7 +96,8 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write layer ``layer``'s new ``k, v`` [B, Hkv, T, D] after the cached ones; return that layer's keys and
-        values so far, [B, Hkv, length + T, D] each. After the last layer, ``length`` advances by T.
+        values so far, [B, Hkv, length + T, D] each (views of the transposed store; ``k, v`` themselves when the
+        cache was empty). After the last layer, ``length`` advances by T.
 
         Raises:
             ValueError: if the cache would hold more than ``max_len`` tokens, or ``k`` is not in the cache's dtype
@@ -103,11 +108,13 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
         if k.dtype != self.k[layer].dtype:
             raise ValueError(f"keys are {k.dtype} but the KV cache holds {self.k[layer].dtype}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+        self.k[layer][..., start:end] = k.transpose(-1, -2)
+        self.v[layer][..., start:end] = v.transpose(-1, -2)
         if layer == len(self.k) - 1:
             self.length = end
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if start == 0:  # nothing was cached: the new keys are all of them, already in SDPA's layout
+            return k, v
+        return self.k[layer][..., :end].transpose(-1, -2), self.v[layer][..., :end].transpose(-1, -2)
 
     def repeat_interleave(self, n: int) -> None:
         """Repeat every row ``n`` times (row b -> rows b·n … b·n+n−1), e.g. to draw n samples per prompt."""
@@ -121,13 +128,15 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
     ``q`` [B, Hq, 1, D]; ``k``, ``v`` [B, Hkv, S, D]; ``mask`` [B, 1, 1, S] boolean (True = may attend). The Hq/Hkv
     query heads of a group become the rows of one matmul against their shared key head (a view, no copy); scores
-    and softmax are computed in float32. Returns [B, Hq, 1, D] in ``v``'s dtype.
+    and softmax are computed in float32. Both matmuls take the cache's transposed store ([.., D, S], see
+    :class:`KVCache`) as it is: ``q kᵀ``, and ``(vᵀ pᵀ)ᵀ`` for the values. Returns [B, Hq, 1, D] in ``v``'s dtype.
     """
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
     scores = torch.matmul(q.reshape(B, Hkv, Hq // Hkv, D), k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(B, Hq, 1, D)
+    out = torch.matmul(v.transpose(-1, -2), probs.transpose(-1, -2))  # [B, Hkv, D, G]
+    return out.transpose(-1, -2).reshape(B, Hq, 1, D)
 
 
 class Qwen2Attention(nn.Module):

@@ -263,3 +263,17 @@ def test_numeric_vocabulary_loss_is_a_softmax_over_those_tokens_and_counted(tmp_
     assert summary["planned_flops_this_session"] == summary["total_flops"]
     with pytest.raises(ValueError, match="loss_token_ids"):
         train(tiny_lora_model(), chunks, chunks, config(loss_vocabulary="numeric"), tmp_path / "b")
+
+
+def test_compiled_training_matches_eager_and_counts_the_same(tmp_path):
+    """--compile: torch.compile'd steps give the eager run's losses (to rounding) and exactly its counted FLOPs."""
+    chunks = random_chunks(3, seed=2, min_len=48, max_len=49)
+    summaries, losses = {}, {}
+    for mode in (False, True):
+        torch._dynamo.reset()
+        out = tmp_path / ("compiled" if mode else "eager")
+        summaries[mode] = train(tiny_lora_model(), chunks, chunks, config(max_steps=3, eval_every=0, compile=mode),
+                                out)
+        losses[mode] = [e["loss"] for e in read_log(out / "log.jsonl") if e["kind"] == "train"]
+    assert summaries[True]["train_flops"] == summaries[False]["train_flops"] > 0
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

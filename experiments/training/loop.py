@@ -209,6 +209,8 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         if main:
             atomic_write(log_path, "")
     net = distributed.data_parallel(model)  # under torchrun: gradients averaged over the ranks in backward
+    if settings.compile:
+        net = torch.compile(net)  # the training steps only; evaluation and generation stay eager
 
     planned = training_cost(model.config, settings, lora, len(val) if val is not None else 0, st.step,
                             len(head.ids) if head is not None else None)
