@@ -140,7 +140,7 @@ def main(argv=None, on_step=None) -> int:
     recipes.write_run_readme(
         session.out / "README.md", "LoRA context-length study", recipes.command_line("experiments.context_length",
                                                                                      argv),
-        f"{scale.rstrip('.')}.\n\n{table}\n\nBest at equal steps: context {best['context_length']}. Error growth with the "
+        f"{scale}.\n\n{table}\n\nBest at equal steps: context {best['context_length']}. Error growth with the "
         f"horizon (MAE over the last quarter of the steps / the first quarter): {growth}.\n")
     session.finish(results)
     print("\n" + table + f"\n\nbest at equal steps: context {best['context_length']}; horizon growth {growth}")

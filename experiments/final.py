@@ -130,7 +130,7 @@ def main(argv=None, on_step=None) -> int:
     results.details.update(training=summary, order_search=search, scale=scale, table_markdown=table)
     results.seconds["training_this_session"] = summary["seconds_this_session"]
     recipes.write_run_readme(session.out / "README.md", "Final LoRA run on the test split",
-                             recipes.command_line("experiments.final", argv), f"{scale.rstrip('.')}.\n\n{table}\n")
+                             recipes.command_line("experiments.final", argv), f"{scale}.\n\n{table}\n")
     session.finish(results)
     print("\n" + table)
     print(f"\nFLOPs {results.flops['total']:.3e}; wrote {session.out}/results.json, README.md, training/, "

@@ -91,6 +91,9 @@ def context_section(results: dict[str, Results], results_root: Path, root: Path)
         if r.stage != "context_length":
             continue
         rows, d = r.details["contexts"], r.details
+        growth = [f"context {x['context_length']}: {x['horizon_growth']:.2f}" for x in rows]
+        if "untrained" in r.evaluations:
+            growth.insert(0, f"untrained: {horizon_growth(r.evaluations['untrained'].metrics):.2f}")
         md += ["## Context length (coursework 3b)", "", f"**{run}** — {d['scale'].rstrip('.')}.", "",
                d["table_markdown"], "",
                "Equal steps are not equal compute: " + "; ".join(
@@ -99,9 +102,7 @@ def context_section(results: dict[str, Results], results_root: Path, root: Path)
                    for x in rows) + ".", "",
                "Error growth with the horizon (MAE over the last quarter of the forecast steps / the first quarter; "
                "if short windows teach only short-range continuation, the shortest window grows fastest): "
-               + ", ".join([f"untrained: {horizon_growth(r.evaluations['untrained'].metrics):.2f}"]
-                           * ("untrained" in r.evaluations)
-                           + [f"context {x['context_length']}: {x['horizon_growth']:.2f}" for x in rows]) + ".", ""]
+               + ", ".join(growth) + ".", ""]
         md += _image(results_root, run, "horizon_mae.png", root, "MAE by forecast step per context length")
     return md
 

@@ -94,11 +94,12 @@ def seed_everything(seed: int) -> None:
 
 def weights_label(model: str) -> str:
     """What the weights are, for results: the first line of a PROVENANCE.txt beside them (the offline dequantized
-    build writes one), else ``model`` as given (a Hub repo id, or a directory's name)."""
+    build writes one), without its closing full stop so that it reads inside a sentence, else ``model`` as given (a
+    Hub repo id, or a directory's name)."""
     path = Path(model)
     provenance = path / "PROVENANCE.txt"
     if provenance.is_file():
-        return provenance.read_text().splitlines()[0]
+        return provenance.read_text().splitlines()[0].rstrip(".")
     return path.name if path.is_dir() else str(model)
 
 

@@ -227,7 +227,7 @@ def write_results(session: Session, records: list[dict], untrained: Evaluation, 
                f"{chosen['chosen_by_val_loss']['rank']} instead.")
     recipes.write_run_readme(
         session.out / "README.md", "LoRA grid: learning rate × rank", recipes.command_line("experiments.sweep", argv),
-        f"{scale.rstrip('.')}.\n\nSelection: {chosen['rule']} → lr {chosen['chosen']['lr']:g}, rank {chosen['chosen']['rank']}. "
+        f"{scale}.\n\nSelection: {chosen['rule']} → lr {chosen['chosen']['lr']:g}, rank {chosen['chosen']['rank']}. "
         f"{verdict} Spearman ρ(forecast MSE, validation loss) = "
         f"{recipes.format_number(chosen['spearman_forecast_mse_vs_val_loss'], '.2f')}.\n\n{table}\n")
     session.finish(results)  # every part was charged as it finished

@@ -86,12 +86,17 @@ def tiny_full_vocab(tmp_path_factory, tokenizer_dir):
     return path
 
 
+def write_sim_file(path: Path, n_systems: int, n_steps: int, t_max: float, seed: int) -> Path:
+    """Simulate ``n_systems`` Lotka-Volterra trajectories of ``n_steps`` steps over [0, t_max] and write them to
+    ``path`` in the coursework's HDF5 schema; return ``path``."""
+    from data.simulate import simulate, write_h5
+
+    traj, time = simulate(n_systems=n_systems, n_steps=n_steps, t_max=t_max, seed=seed)
+    write_h5(path, traj, time)
+    return path
+
+
 @pytest.fixture(scope="session")
 def sim_file(tmp_path_factory):
     """A small simulated Lotka-Volterra file in the coursework's schema: 40 systems x 30 steps (read only)."""
-    from data.simulate import simulate, write_h5
-
-    path = tmp_path_factory.mktemp("sim") / "lv.h5"
-    traj, time = simulate(n_systems=40, n_steps=30, t_max=60.0, seed=1)
-    write_h5(path, traj, time)
-    return path
+    return write_sim_file(tmp_path_factory.mktemp("sim") / "lv.h5", n_systems=40, n_steps=30, t_max=60.0, seed=1)

@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from data.simulate import simulate, write_h5
+from conftest import write_sim_file
 from experiments import classical, report, settings
 from experiments.budget import Ledger, LedgerError
 from experiments.results import Evaluation, Results, find_results
@@ -13,10 +13,8 @@ from experiments.session import Session
 
 @pytest.fixture(scope="module")
 def sim_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sim") / "lv.h5"
-    traj, time = simulate(n_systems=60, n_steps=40, t_max=80.0, seed=3)
-    write_h5(path, traj, time)
-    return path
+    """Longer than conftest's file: the classical stage below forecasts 30 -> 5 steps."""
+    return write_sim_file(tmp_path_factory.mktemp("sim") / "lv.h5", n_systems=60, n_steps=40, t_max=80.0, seed=3)
 
 
 def metrics(value):
