@@ -268,7 +268,7 @@ class TrainSettings:
         _int("checkpoint_every", self.checkpoint_every, 1)
         _choice("loss_vocabulary", self.loss_vocabulary, ("full", "numeric"))
         if not isinstance(self.compile, bool):
-            raise OptionError("compile", self.compile, "true or false")
+            raise OptionError("compile", self.compile, "must be True or False")
         if self.early_stop_patience and not self.eval_every:
             raise UsageError("early stopping (--early-stop) needs periodic evaluations: set --eval-every > 0")
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import REPO, write_tiny_checkpoint
 from data.chunks import make_chunks
 from experiments.budget import BUDGET, BudgetExceededError, Ledger
-from experiments.settings import LoRASettings, TrainSettings
+from experiments.settings import LoRASettings, OptionError, TrainSettings
 from experiments.train import save_chunks
 from experiments.training import next_token_loss, read_log, train as train_loop, validation_loss
 from lora import apply_lora, load_adapter, lora_state_dict
@@ -277,3 +277,5 @@ def test_compiled_training_matches_eager_and_counts_the_same(tmp_path):
         losses[mode] = [e["loss"] for e in read_log(out / "log.jsonl") if e["kind"] == "train"]
     assert summaries[True]["train_flops"] == summaries[False]["train_flops"] > 0
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    with pytest.raises(OptionError, match=r"^compile='yes': must be True or False$"):
+        config(compile="yes").validate()
