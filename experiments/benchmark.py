@@ -6,10 +6,11 @@ asserted in tests).
 Sections (``--sections``, default all), each a plain function returning a JSON-ready dict:
 
 * ``peak`` — this machine's matmul peak: an n × n square matmul in float32 and in the default dtype (GFLOP/s =
-  2n³ / s), the denominator of every "fraction of peak" below.
+  2n³ / s), the denominator of every "fraction of peak" below; and its memory read bandwidth (summing 1 GiB).
 * ``counting`` — the overhead of FLOP counting: a forward pass timed with and without a
   :class:`miniqwen.flops.FlopCounter`, and the counter's bookkeeping alone on a 24-layer model too narrow to hide it.
-* ``throughput`` — miniqwen's prefill tokens/s and KV-cached decoding tokens/s at several batch sizes.
+* ``throughput`` — miniqwen's prefill tokens/s and KV-cached decoding tokens/s at several batch sizes, and the
+  rate at which a decoding step reads the weights (GB/s, and the fraction of the memory bandwidth with ``peak``).
 * ``forward`` / ``train`` — one forward pass, and one LoRA training step (rank 4 on q, v; AdamW; clipping), of
   miniqwen and of transformers(+PEFT) in float32 and in the default dtype, with the logits' / losses' agreement,
   peak memory and the fraction of the matmul peak reached (FLOPs from :mod:`miniqwen.flops`'s closed forms).
@@ -224,6 +225,28 @@ def matmul_peak(size: int, dtypes: list[str], repeats: int, device: torch.device
 
 
 @torch.no_grad()
+def memory_bandwidth(mib: int, repeats: int, device: torch.device) -> dict:
+    """``{"mib", "gb_per_s_read" (median), "seconds_all"}``: summing a ``mib``-MiB float32 tensor on ``device``
+    reads it once (GB = 10⁹ bytes); what decoding's weight reads are compared with. A copy, which also writes,
+    gave about half this rate here."""
+    x = torch.ones(mib * MIB // 4, device=device)
+    x.sum()  # warm-up
+    seconds = [_time(lambda: x.sum(), device) for _ in range(max(repeats, 3))]
+    return {"mib": mib, "gb_per_s_read": mib * MIB / statistics.median(seconds) / 1e9, "seconds_all": seconds}
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of parameters one decoding step reads: every parameter once, except the token embedding, of which a
+    step reads only its rows (a tied ``lm_head`` is that same matrix, read whole)."""
+    params = {id(p): p for p in model.parameters()}  # a tied matrix once
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    if not model.config.tie_word_embeddings:
+        embedding = model.model.embed_tokens.weight
+        total -= embedding.numel() * embedding.element_size()
+    return total
+
+
+@torch.no_grad()
 def counting_overhead(model, batch: int, seq_len: int, repeats: int) -> dict:
     """Median seconds of one forward pass [batch, seq_len] without and with a FlopCounter, and the overhead."""
     device = next(model.parameters()).device
@@ -253,7 +276,8 @@ def counting_bookkeeping(repeats: int = 300) -> dict:
 
 @torch.no_grad()
 def throughput(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    """Prefill tokens/s over ``batch × prompt_len`` and decode tokens/s over ``new_tokens`` cached steps."""
+    """Prefill tokens/s over ``batch × prompt_len`` and decode tokens/s over ``new_tokens`` cached steps (full
+    output head), and the rate at which decoding reads the weights (:func:`decode_weight_bytes` per step)."""
     device = next(model.parameters()).device
     cache = KVCache(model.config, batch, prompt_len + new_tokens, dtype=next(model.parameters()).dtype,
                     device=device)
@@ -261,9 +285,11 @@ def throughput(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
     prefill = _time(lambda: model(ids, cache=cache, logits_to_keep=1), device)
     step = torch.randint(0, 1000, (batch, 1), device=device)
     decode_s = _time(lambda: [model(step, cache=cache) for _ in range(new_tokens)], device)
+    weights = decode_weight_bytes(model)
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * new_tokens / decode_s,
-            "decode_seconds_per_step": decode_s / new_tokens}
+            "decode_seconds_per_step": decode_s / new_tokens, "weight_bytes_per_step": weights,
+            "weights_gb_per_s": weights * new_tokens / decode_s / 1e9}
 
 
 @torch.no_grad()
@@ -481,6 +507,12 @@ def check_targets(results: dict) -> list[dict]:
         ours_p, their_p = f["ours"]["parsed_fraction"], f["transformers_batched"]["parsed_fraction"]
         add("same parse rate as transformers generate", ours_p - their_p, ours_p >= their_p,
             f"ours {ours_p:.0%}, transformers {their_p:.0%}")
+    batch1 = [r for r in results.get("throughput", []) if r["batch"] == 1 and "fraction_of_memory_bandwidth" in r]
+    if batch1:
+        fraction = batch1[0]["fraction_of_memory_bandwidth"]
+        add("decoding at batch 1 reads the weights at >= 60% of the memory bandwidth", fraction, fraction >= 0.6,
+            f"{batch1[0]['weights_gb_per_s']:.1f} GB/s of weights, "
+            f"memory read at {results['memory_bandwidth']['gb_per_s_read']:.1f} GB/s")
     bf16 = results.get("forward", {}).get("by_dtype", {}).get("bfloat16", {}).get("ours", {})
     if "fraction_of_matmul_peak" in bf16:
         add("bf16 forward >= 70% of the bf16 matmul peak", bf16["fraction_of_matmul_peak"],
@@ -519,6 +551,12 @@ def markdown(results: dict) -> str:
             lines += [f"| same, batch 1 (extrapolated from {f['batch1']['sample']}) | {f['dtype']} | "
                       f"{_duration(b1['ours'])} | {_duration(b1['transformers'])} | "
                       f"{f['speedup_vs_transformers_batch1']:.1f}× (vs ours batched) |"]
+    for r in results.get("throughput", []):
+        share = (f" ({r['fraction_of_memory_bandwidth']:.0%} of the read bandwidth)"
+                 if "fraction_of_memory_bandwidth" in r else "")
+        lines += [f"| decoding step, batch {r['batch']}, full head (miniqwen only) | {results['dtype']} | "
+                  f"{1e3 * r['decode_seconds_per_step']:.0f} ms, weights read at {r['weights_gb_per_s']:.1f} GB/s"
+                  f"{share} | | |"]
     if "matmul_peak" in results:
         lines += ["", "Matmul peak: " + ", ".join(f"{d} {r['gflops_per_s']:.0f} GFLOP/s ({r['size']}²)"
                                                   for d, r in results["matmul_peak"].items()) + "."]
@@ -552,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--repeats", type=int, default=3, help="timed repeats per measurement, after a warm-up (default 3)")
     a("--out", type=Path, default=Path("runs/benchmark"), help="output directory (default runs/benchmark)")
     a("--peak-size", type=int, default=2048, help="n of the n × n matmul peak (default 2048)")
+    a("--bandwidth-mib", type=int, default=1024, help="MiB copied to measure memory bandwidth (default 1024)")
     a("--counting-lengths", type=_ints, default=[1, 128, 512], help="forward lengths timed with/without counting")
     a("--bookkeeping-repeats", type=int, default=300, help="repeats of the counting bookkeeping (default 300)")
     a("--throughput-batches", type=_ints, default=[1, 8, 20], help="decode batch sizes (default 1,8,20)")
@@ -579,9 +618,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or not sections:
         raise UsageError(f"--sections {args.sections!r}: must be comma-separated names among {', '.join(SECTIONS)}")
-    for name in ("repeats", "peak_size", "bookkeeping_repeats", "prompt_len", "new_tokens", "forward_batch",
-                 "forward_seq", "train_batch", "train_context", "loss_batch_size", "trajectories", "gen_batch_size",
-                 "context_steps", "horizon"):
+    for name in ("repeats", "peak_size", "bandwidth_mib", "bookkeeping_repeats", "prompt_len", "new_tokens",
+                 "forward_batch", "forward_seq", "train_batch", "train_context", "loss_batch_size", "trajectories",
+                 "gen_batch_size", "context_steps", "horizon"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.batch1_sample < 0 or args.loss_chunks < 0 or args.decimals < 0 or (args.threads or 1) < 1:
@@ -607,6 +646,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         if section == "peak":
             results["matmul_peak"] = matmul_peak(args.peak_size, dtypes, args.repeats, device)
+            results["memory_bandwidth"] = memory_bandwidth(args.bandwidth_mib, args.repeats, device)
         elif section == "counting":
             results["counting_bookkeeping"] = counting_bookkeeping(args.bookkeeping_repeats)
             model = load_pretrained(model_dir, dtype=getattr(torch, default), device=device)[0]
@@ -617,6 +657,10 @@ def main(argv=None) -> int:
             model = load_pretrained(model_dir, dtype=getattr(torch, default), device=device)[0]
             results["throughput"] = [throughput(model, b, args.prompt_len, args.new_tokens)
                                      for b in args.throughput_batches]
+            if "memory_bandwidth" in results:
+                for r in results["throughput"]:
+                    r["fraction_of_memory_bandwidth"] = (r["weights_gb_per_s"]
+                                                         / results["memory_bandwidth"]["gb_per_s_read"])
             del model
             _free()
         elif section == "forward":

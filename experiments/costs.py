@@ -14,7 +14,7 @@ def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int
     """Upper bound on the FLOPs of :class:`evaluation.LLMForecaster` for prompts of ``prompt_lengths`` tokens.
 
     Prompts are batched by length as the forecaster does, each batch costed with
-    :func:`miniqwen.flops.generation_flops` at its longest prompt, every row assumed to generate the full
+    :func:`miniqwen.flops.generation_flops` for its prompts' lengths, every row assumed to generate the full
     ``max_tokens_per_step(decimals) · horizon`` tokens. ``lora`` adds the adapters' cost; ``head_rows`` = rows of
     the output head computed while decoding (None = the whole vocabulary).
     """
@@ -26,7 +26,7 @@ def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int
     total = 0
     for start in range(0, len(lens), forecast.gen_batch_size):
         batch = lens[start : start + forecast.gen_batch_size]
-        total += generation_flops(config, max(batch), max_new, len(batch), rank, targets or DEFAULT_LORA_TARGETS,
+        total += generation_flops(config, batch, max_new, len(batch), rank, targets or DEFAULT_LORA_TARGETS,
                                   num_samples=forecast.samples, head_rows=head_rows)
     return total
 

@@ -58,6 +58,7 @@ active (modules check :func:`counting` first).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 _ACTIVE: list["FlopCounter"] = []
 
@@ -327,7 +328,7 @@ def training_flops(
 
 def generation_flops(
     config,
-    prompt_len: int,
+    prompt_len: int | Sequence[int],
     new_tokens: int,
     batch_size: int = 1,
     lora_rank: int = 0,
@@ -336,27 +337,33 @@ def generation_flops(
     *,
     head_rows: int | None = None,
 ) -> int:
-    """FLOPs (int) of generating ``new_tokens`` tokens after a ``prompt_len``-token prompt with a KV cache, as
-    :func:`miniqwen.generate.generate` does it: one prefill pass over the ``batch_size`` prompts with
+    """FLOPs (int) of generating ``new_tokens`` tokens after prompts of ``prompt_len`` tokens with a KV cache, as
+    :func:`miniqwen.generate.generate` does it: one prefill pass per prompt, alone and unpadded, with
     ``logits_to_keep=1`` (gives token 1); the cache is then copied ``num_samples`` times and ``new_tokens − 1``
-    one-token passes run on ``batch_size · num_samples`` rows, the i-th (i = 1 …) attending to
-    ``prompt_len + i`` keys. The last generated token is never fed back. With ``allowed_token_ids``, generate
-    computes only those rows of lm_head: pass ``head_rows`` = the number of distinct allowed ids (None = V,
-    unconstrained).
+    one-token passes run on ``batch_size · num_samples`` rows, the i-th (i = 1 …) attending to L + i keys, L the
+    longest prompt (the rows are left-padded for decoding: padding costs like real tokens there). The last
+    generated token is never fed back. With ``allowed_token_ids``, generate computes only those rows of lm_head:
+    pass ``head_rows`` = the number of distinct allowed ids (None = V, unconstrained).
 
-    Rows share one (left-padded) length ``prompt_len``: padding costs like real tokens. This is the cost when no
-    row stops early; with EOS / stop tokens ending every row before ``new_tokens``, the loop ends sooner and the
-    real cost is lower (count it with a :class:`FlopCounter` to charge the exact figure).
+    ``prompt_len``: an int, every one of the ``batch_size`` prompts that long; or each prompt's length (then
+    ``batch_size`` is their number). This is the cost when no row stops early; with EOS / stop tokens ending every
+    row before ``new_tokens``, the loop ends sooner and the real cost is lower (count it with a
+    :class:`FlopCounter` to charge the exact figure).
 
     Raises:
-        ValueError: as :func:`forward_flops`, and for ``new_tokens < 1`` or ``num_samples < 1``.
+        ValueError: as :func:`forward_flops`, for ``new_tokens < 1`` or ``num_samples < 1``, and for a list of
+            lengths that is empty or whose number differs from a ``batch_size`` other than 1.
     """
     for name, value in (("new_tokens", new_tokens), ("num_samples", num_samples)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    total = forward_flops(config, batch_size, prompt_len, lora_rank, 0, 1, lora_targets, head_rows=head_rows)
+    lengths = [prompt_len] * batch_size if isinstance(prompt_len, int) else list(prompt_len)
+    if not lengths or (not isinstance(prompt_len, int) and batch_size not in (1, len(lengths))):
+        raise ValueError(f"prompt_len: {len(lengths)} lengths for batch_size {batch_size}")
+    batch_size, longest = len(lengths), max(lengths)
+    total = sum(forward_flops(config, 1, n, lora_rank, 0, 1, lora_targets, head_rows=head_rows) for n in lengths)
     for i in range(1, new_tokens):
-        total += forward_flops(config, batch_size * num_samples, 1, lora_rank, prompt_len + i - 1, 1, lora_targets,
+        total += forward_flops(config, batch_size * num_samples, 1, lora_rank, longest + i - 1, 1, lora_targets,
                                head_rows=head_rows)
     return total
 

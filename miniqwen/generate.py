@@ -64,12 +64,12 @@ def generate(
     stop_count: int = 1,
     progress: bool = False,
 ) -> list[list[int]]:
-    """Continue every prompt, all rows at once, with a KV cache (one forward over the prompts, then one token
-    per step).
+    """Continue every prompt with a KV cache: one forward per prompt (each alone, unpadded), then one token per
+    step for all rows at once.
 
     Args:
-        prompts: token ids per prompt; rows are left-padded with ``pad_token_id`` (masked out, positions shifted,
-            so each row gets what it would get alone).
+        prompts: token ids per prompt; their caches are laid out left-padded for decoding (pad slots masked out,
+            positions counted over real tokens, so each row gets what it would get alone).
         max_new_tokens: hard cap on generated tokens per row.
         eos_token_ids: a row stops after producing one of these (it is not included in the output).
         temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature).
@@ -100,11 +100,9 @@ def generate(
     device = next(model.parameters()).device
     dtype = model.model.embed_tokens.weight.dtype
     B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, L), pad_token_id, dtype=torch.long, device=device)
     # attention mask over prompt + generated tokens, allocated once: step i marks column L + i real
     attend = torch.zeros((B, L + max_new_tokens), dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
-        ids[row, L - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
         attend[row, L - len(prompt):L] = True
 
     head = None if allowed_token_ids is None else model.head_rows(allowed_token_ids)
@@ -114,8 +112,18 @@ def generate(
         generator.manual_seed(0 if seed is None else seed)
     eos = torch.as_tensor(sorted(set(eos_token_ids)) or [-1], device=device)
 
+    # Prefill each prompt alone: no padding is computed and attention takes the plain causal pattern (SDPA's fast
+    # path); on 2 CPU cores 10 forecast prompts took 17 % less time than as one left-padded batch (README, Speed).
+    # Each prompt's keys and values then go into its row of the batch cache, right-aligned as left padding would
+    # put them (the pad slots are masked by ``attend``), and decoding runs on all rows at once.
     cache = KVCache(model.config, B, L + max_new_tokens, dtype=dtype, device=device)
-    logits = model(ids, attend[:, :L], cache, logits_to_keep=1, head_rows=head)[:, -1]
+    logits = []
+    for b, prompt in enumerate(prompts):
+        row = KVCache(model.config, 1, len(prompt), dtype=dtype, device=device)
+        ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=device)
+        logits.append(model(ids, None, row, logits_to_keep=1, head_rows=head)[:, -1])
+        cache.put_row(b, row, L)
+    logits = torch.cat(logits)  # [B, V or K]
     if num_samples > 1:  # encode each prompt once, then copy its cache for every sample
         cache.repeat_interleave(num_samples)
         attend = attend.repeat_interleave(num_samples, dim=0)

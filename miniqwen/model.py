@@ -116,6 +116,23 @@ class KVCache:
             return k, v
         return self.k[layer][..., :end].transpose(-1, -2), self.v[layer][..., :end].transpose(-1, -2)
 
+    def put_row(self, b: int, row: "KVCache", end: int) -> None:
+        """Copy the single-row cache ``row`` (e.g. one prompt prefilled alone) into row ``b``, its tokens ending at
+        token ``end``: the layout of a left-padded prompt. ``length`` becomes ``end``; the pad slots before a
+        shorter row's tokens hold zeros, so mask them (attention_mask 0) in every later pass.
+
+        Raises ValueError if ``row`` has more than one row, more than ``end`` tokens, or ``end`` > ``max_len``.
+        """
+        if row.k[0].shape[0] != 1:
+            raise ValueError("KVCache.put_row takes a single-row cache")
+        if row.length > end or end > self.max_len:
+            raise ValueError(f"KVCache.put_row: {row.length} tokens ending at {end} do not fit (max_len "
+                             f"{self.max_len})")
+        for store, filled in ((self.k, row.k), (self.v, row.v)):
+            for layer, t in enumerate(filled):
+                store[layer][b, ..., end - row.length:end] = t[0, ..., :row.length]
+        self.length = end
+
     def repeat_interleave(self, n: int) -> None:
         """Repeat every row ``n`` times (row b -> rows b·n … b·n+n−1), e.g. to draw n samples per prompt."""
         self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
@@ -206,7 +223,11 @@ class Qwen2MLP(nn.Module):
         if flops.counting():
             flops.count("mlp.act", 13 * gate.numel())  # x / (1 + exp(-x)): negate, exp, add, divide
             flops.count("mlp.mul", gate.numel())
-        return _linear(self.down_proj, F.silu(gate) * up, "mlp.down_proj")
+        if torch.is_grad_enabled():
+            hidden = F.silu(gate) * up
+        else:  # inference: overwrite gate in place (a fresh [B, T, intermediate] tensor costs more than the math)
+            hidden = F.silu(gate, inplace=True).mul_(up)
+        return _linear(self.down_proj, hidden, "mlp.down_proj")
 
 
 class Qwen2DecoderLayer(nn.Module):

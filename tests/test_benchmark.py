@@ -11,7 +11,7 @@ from experiments import benchmark
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-SMALL = ["--repeats", "1", "--peak-size", "64", "--counting-lengths", "1,8", "--bookkeeping-repeats", "3",
+SMALL = ["--repeats", "1", "--peak-size", "64", "--bandwidth-mib", "1", "--counting-lengths", "1,8", "--bookkeeping-repeats", "3",
          "--throughput-batches", "1,2", "--prompt-len", "8", "--new-tokens", "2", "--forward-batch", "2",
          "--forward-seq", "16", "--train-batch", "2", "--train-context", "16", "--loss-chunks", "2",
          "--loss-context", "16", "--loss-batch-size", "2", "--trajectories", "3", "--batch1-sample", "1",
@@ -33,6 +33,9 @@ def test_benchmark_writes_every_section(tiny_full_vocab, sim_file, tmp_path, cap
     assert results["model"] == tiny_full_vocab.name
     dtypes = ["float32"] + ([results["dtype"]] if results["dtype"] != "float32" else [])
     assert list(results["matmul_peak"]) == dtypes
+    assert results["memory_bandwidth"]["gb_per_s_read"] > 0
+    for r in results["throughput"]:
+        assert r["weights_gb_per_s"] > 0 and r["fraction_of_memory_bandwidth"] > 0
     for section, theirs in (("forward", "transformers"), ("train", "transformers_peft")):
         assert list(results[section]["by_dtype"]) == dtypes
         for r in results[section]["by_dtype"].values():
@@ -77,3 +80,16 @@ def test_unknown_section_is_a_usage_error():
 
     with pytest.raises(UsageError, match="--sections"):
         benchmark.main(["--sections", "forward,nope"])
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decode_weight_bytes_counts_every_matrix_once_but_the_embedding(tie):
+    from miniqwen import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    d, i, kv = 16, 24, 2 * 4  # kv = num_key_value_heads · head_dim
+    layer = (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * i + 2 * d  # q, k, v (+ biases), o, MLP, 2 norms
+    head = 100 * d  # lm_head, read whole; the untied embedding is not counted (a step reads B of its rows)
+    assert benchmark.decode_weight_bytes(model) == 2 * (2 * layer + d + head)

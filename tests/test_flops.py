@@ -107,6 +107,14 @@ def test_closed_form_head_rows():
         forward_flops(c, 6, 1, cache_len=5 + i, logits_to_keep=1, head_rows=4) for i in range(3))
     assert generation_flops(c, 5, 4, 2, num_samples=3, head_rows=4) == g
     assert generation_flops(c, 5, 4, 2, 0, ("q_proj", "v_proj"), 3) == generation_flops(c, 5, 4, 2, num_samples=3)
+    # prompts of different lengths: each prefilled alone at its length, decoding over the longest (left-padded)
+    g = forward_flops(c, 1, 5, logits_to_keep=1) + forward_flops(c, 1, 2, logits_to_keep=1) + sum(
+        forward_flops(c, 2, 1, cache_len=5 + i, logits_to_keep=1) for i in range(3))
+    assert generation_flops(c, [5, 2], 4) == generation_flops(c, [5, 2], 4, 2) == g
+    assert generation_flops(c, [5, 5], 4) == generation_flops(c, 5, 4, 2)
+    for lengths, batch in (([], 1), ([5, 2], 3)):
+        with pytest.raises(ValueError, match="prompt_len"):
+            generation_flops(c, lengths, 4, batch)
     # Qwen2.5-0.5B decode step constrained to 13 tokens (digits . , ;), as in forward_flops_breakdown's docstring
     q = Qwen2Config()
     assert forward_flops_breakdown(q, 1, 1, cache_len=511, head_rows=13)["lm_head"] == 13 * 1791 == 23_283
@@ -493,14 +501,14 @@ def test_generate_costs_generation_flops(num_samples):
 
     gen = pytest.importorskip("miniqwen.generate", reason="miniqwen/generate.py not written yet")
     model = build("tied_gqa2")
-    prompts = [[1, 2, 3, 4], [5, 6, 7]]  # the second is left-padded to 4
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]  # prefilled alone, then the second is left-padded to 4 for decoding
     with torch.no_grad(), FlopCounter() as fc:
         out = gen.generate(model, prompts, 5, pad_token_id=0, num_samples=num_samples)
     assert len(out) == 2 * num_samples and all(len(o) == 5 for o in out)
-    assert fc.total == generation_flops(model.config, 4, 5, batch_size=2, num_samples=num_samples)
+    assert fc.total == generation_flops(model.config, [4, 3], 5, batch_size=2, num_samples=num_samples)
     # constrained to some tokens: only those rows of lm_head are computed, and generation_flops(head_rows=) agrees
     with torch.no_grad(), FlopCounter() as fc:
         out = gen.generate(model, prompts, 5, pad_token_id=0, num_samples=num_samples, temperature=1.0,
                            allowed_token_ids=[7, 3, 30, 3])
     assert len(out) == 2 * num_samples and all(len(o) == 5 and set(o) <= {3, 7, 30} for o in out)
-    assert fc.total == generation_flops(model.config, 4, 5, batch_size=2, num_samples=num_samples, head_rows=3)
+    assert fc.total == generation_flops(model.config, [4, 3], 5, num_samples=num_samples, head_rows=3)

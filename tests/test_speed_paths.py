@@ -158,9 +158,11 @@ def test_constrained_generation_costs_generation_flops_with_head_rows(num_sample
                        num_samples=num_samples, temperature=1.0 if num_samples > 1 else 0.0)
     assert all(len(row) == 6 for row in out)
     cfg = model.config
-    assert fc.total == generation_flops(cfg, 5, 6, 2, num_samples=num_samples, head_rows=4)
+    # each prompt is prefilled alone at its own length; decoding attends over the longest (left-padded) one
+    assert fc.total == generation_flops(cfg, [5, 2], 6, 2, num_samples=num_samples, head_rows=4)
+    assert fc.total < generation_flops(cfg, 5, 6, 2, num_samples=num_samples, head_rows=4)  # padding prefilled
     assert fc.counts["lm_head"] == (2 + 5 * 2 * num_samples) * 4 * (2 * 64 - 1)
-    assert fc.total < generation_flops(cfg, 5, 6, 2, num_samples=num_samples)
+    assert fc.total < generation_flops(cfg, [5, 2], 6, 2, num_samples=num_samples)
 
 
 # ------------------------------------------------------------------------------------- mask and KV cache
@@ -211,6 +213,33 @@ def test_kv_cache_advances_its_own_length():
         KVCache(cfg, 1, 4).update(0, k[:1].bfloat16(), k[:1].bfloat16())
 
 
+def test_prompts_prefilled_alone_make_the_left_padded_cache():
+    """KVCache.put_row lays single-row caches out as one left-padded batch: the same keys and values (up to float
+    rounding) as prefilling the padded batch, zeros in the pad slots."""
+    model = tiny_model(False, 3)
+    cfg, prompts = model.config, [[5, 6, 7, 8, 9], [10, 11]]
+    joined = KVCache(cfg, 2, 9)
+    for b, p in enumerate(prompts):
+        row = KVCache(cfg, 1, len(p))
+        model(torch.tensor([p]), cache=row)
+        joined.put_row(b, row, 5)
+    ids, mask = left_padded(prompts)
+    batched = KVCache(cfg, 2, 9)
+    model(ids, mask, batched)
+    assert joined.length == batched.length == 5
+    for layer in range(cfg.num_hidden_layers):
+        for a, b in ((joined.k[layer], batched.k[layer]), (joined.v[layer], batched.v[layer])):
+            torch.testing.assert_close(a[0], b[0])
+            torch.testing.assert_close(a[1, ..., 3:5], b[1, ..., 3:5])
+            assert not a[1, ..., :3].any() and not a[..., 5:].any()
+    with pytest.raises(ValueError, match="do not fit"):
+        joined.put_row(0, row, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        joined.put_row(0, row, 10)
+    with pytest.raises(ValueError, match="single-row"):
+        joined.put_row(0, batched, 5)
+
+
 # ------------------------------------------------------------------------------------------------- bf16
 
 
@@ -233,7 +262,7 @@ def test_bf16_weights_on_cpu(tie):
     assert torch.isfinite(got).all() and err.max() < 0.02 * ref.abs().max() and err.mean() < 0.02 * ref.abs().mean()
     with FlopCounter() as gen16:
         out = generate(model, [[5, 6, 7, 8, 9], [10, 11, 12]], 8, pad_token_id=0)
-    assert gen16.total == gen32.total == generation_flops(model.config, 5, 8, 2)
+    assert gen16.total == gen32.total == generation_flops(model.config, [5, 3], 8, 2)
     assert [len(row) for row in out] == [8, 8]
     allowed = [3, 4, 5, 40]
     constrained = generate(model, [[5, 6, 7, 8, 9], [10, 11, 12]], 8, pad_token_id=0, allowed_token_ids=allowed)
