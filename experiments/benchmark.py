@@ -590,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--repeats", type=int, default=3, help="timed repeats per measurement, after a warm-up (default 3)")
     a("--out", type=Path, default=Path("runs/benchmark"), help="output directory (default runs/benchmark)")
     a("--peak-size", type=int, default=2048, help="n of the n × n matmul peak (default 2048)")
-    a("--bandwidth-mib", type=int, default=1024, help="MiB read (summed) to measure the memory read bandwidth (default 1024)")
+    a("--bandwidth-mib", type=int, default=1024,
+      help="MiB read (summed) to measure the memory read bandwidth (default 1024)")
     a("--counting-lengths", type=_ints, default=[1, 128, 512], help="forward lengths timed with/without counting")
     a("--bookkeeping-repeats", type=int, default=300, help="repeats of the counting bookkeeping (default 300)")
     a("--throughput-batches", type=_ints, default=[1, 8, 20], help="decode batch sizes (default 1,8,20)")
