@@ -11,8 +11,8 @@ from experiments import benchmark
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-SMALL = ["--repeats", "1", "--peak-size", "64", "--bandwidth-mib", "1", "--counting-lengths", "1,8", "--bookkeeping-repeats", "3",
-         "--throughput-batches", "1,2", "--prompt-len", "8", "--new-tokens", "2", "--forward-batch", "2",
+SMALL = ["--repeats", "1", "--peak-size", "64", "--bandwidth-mib", "1", "--counting-lengths", "1,8",
+         "--bookkeeping-repeats", "3", "--throughput-batches", "1,2", "--prompt-len", "8", "--new-tokens", "2", "--forward-batch", "2",
          "--forward-seq", "16", "--train-batch", "2", "--train-context", "16", "--loss-chunks", "2",
          "--loss-context", "16", "--loss-batch-size", "2", "--trajectories", "3", "--batch1-sample", "1",
          "--gen-batch-size", "2", "--context-steps", "8", "--horizon", "3", "--device", "cpu"]
