@@ -23,7 +23,7 @@ STAGE = "baseline"
 
 
 #: full scale: every validation trajectory, the validation loss over every validation trajectory
-DEFAULTS = {"forecast": settings.ForecastSettings(gen_batch_size=20)}
+DEFAULTS = {"forecast": settings.ForecastSettings(gen_batch_size=100)}
 #: this 2-core CPU: the same (it takes about 8 minutes in bf16), without the validation loss
 PRESETS = {"cpu": {"loss": {"loss_limit": 0}}}
 

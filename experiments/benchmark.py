@@ -46,6 +46,7 @@ from data import Chunks, chunk_texts, decode
 from lora import apply_lora
 from miniqwen import (
     FlopCounter, KVCache, Qwen2Config, Qwen2ForCausalLM, QwenTokenizer, cpu_supports_bf16, generate, load_pretrained,
+    packed_weights,
 )
 from miniqwen.flops import DEFAULT_LORA_TARGETS, forward_flops, loss_flops
 from miniqwen.loading import DEFAULT_MODEL, resolve_model_dir
@@ -277,14 +278,17 @@ def counting_bookkeeping(repeats: int = 300) -> dict:
 @torch.no_grad()
 def throughput(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
     """Prefill tokens/s over ``batch × prompt_len`` and decode tokens/s over ``new_tokens`` cached steps (full
-    output head), and the rate at which decoding reads the weights (:func:`decode_weight_bytes` per step)."""
+    output head), and the rate at which decoding reads the weights (:func:`decode_weight_bytes` per step); with
+    the weights packed and the cache shaped as :func:`miniqwen.generate` has them
+    (:func:`miniqwen.model.packed_weights`, ``KVCache(fixed_shape=True)``)."""
     device = next(model.parameters()).device
     cache = KVCache(model.config, batch, prompt_len + new_tokens, dtype=next(model.parameters()).dtype,
-                    device=device)
+                    device=device, fixed_shape=True)
     ids = torch.randint(0, 1000, (batch, prompt_len), device=device)
-    prefill = _time(lambda: model(ids, cache=cache, logits_to_keep=1), device)
     step = torch.randint(0, 1000, (batch, 1), device=device)
-    decode_s = _time(lambda: [model(step, cache=cache) for _ in range(new_tokens)], device)
+    with packed_weights(model, batch, lm_head=True):
+        prefill = _time(lambda: model(ids, cache=cache, logits_to_keep=1), device)
+        decode_s = _time(lambda: [model(step, cache=cache) for _ in range(new_tokens)], device)
     weights = decode_weight_bytes(model)
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * new_tokens / decode_s,

@@ -35,7 +35,7 @@ DEFAULTS = {
     "train": TrainSettings(lr=1e-4, batch_size=4, max_steps=1_000, eval_every=200, eval_batches=8,
                            eval_at_start=False, checkpoint_every=100),
     "lora": LoRASettings(rank=8),
-    "forecast": ForecastSettings(limit=100, gen_batch_size=20, plots=2),
+    "forecast": ForecastSettings(limit=100, gen_batch_size=100, plots=2),
 }
 #: this 2-core CPU: 200 steps per context with the numeric-alphabet loss, 50 validation trajectories
 PRESETS = {"cpu": {"train": {"max_steps": 200, "eval_every": 100, "eval_batches": 4, "checkpoint_every": 25,

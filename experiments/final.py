@@ -33,7 +33,7 @@ DEFAULTS = {
     "train": TrainSettings(lr=1e-4, batch_size=4, context_length=768, max_steps=3_000, eval_every=100,
                            eval_batches=8, early_stop_patience=5, restore_best=True, checkpoint_every=100),
     "lora": LoRASettings(rank=8),
-    "forecast": ForecastSettings(split="test", limit=None, gen_batch_size=20, plots=4),
+    "forecast": ForecastSettings(split="test", limit=None, gen_batch_size=100, plots=4),
 }
 #: this 2-core CPU: up to 1,000 steps at batch 4 × 512 tokens with the numeric-alphabet loss (several sittings:
 #: --resume continues from the last checkpoint)

@@ -21,7 +21,7 @@ STAGE = "lora_default"
 TRAIN_DEFAULTS = settings.TrainSettings(lr=1e-5, batch_size=4, context_length=512, max_steps=1_000, eval_every=250,
                                         eval_batches=8, checkpoint_every=250)
 #: full scale (a GPU); the forecasts cover the whole validation split
-DEFAULTS = {"train": TRAIN_DEFAULTS, "forecast": settings.ForecastSettings(gen_batch_size=20)}
+DEFAULTS = {"train": TRAIN_DEFAULTS, "forecast": settings.ForecastSettings(gen_batch_size=100)}
 #: this 2-core CPU: the scale of the committed LoRA runs (60 steps at context 256, 20 trajectories; ~11 min)
 PRESETS = {"cpu": {"train": {"context_length": 256, "max_steps": 60, "eval_every": 30, "eval_batches": 4,
                              "checkpoint_every": 30},

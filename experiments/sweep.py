@@ -40,7 +40,7 @@ RANKS = (2, 4, 8)
 DEFAULTS = {
     "train": TrainSettings(batch_size=4, context_length=512, max_steps=500, eval_every=100, eval_batches=8,
                            eval_at_start=False, checkpoint_every=100),
-    "forecast": ForecastSettings(limit=100, gen_batch_size=20, plots=2),
+    "forecast": ForecastSettings(limit=100, gen_batch_size=100, plots=2),
 }
 #: this 2-core CPU: 100 steps per point at context 256 with the numeric-alphabet loss, 50 trajectories
 PRESETS = {"cpu": {"train": {"context_length": 256, "max_steps": 100, "eval_every": 0, "eval_batches": 4,

@@ -5,11 +5,11 @@ from .device import cpu_supports_bf16, default_compute_dtype
 from .flops import FlopCounter
 from .generate import generate, token_ids_for
 from .loading import DEFAULT_MODEL, WeightsError, load_pretrained
-from .model import HeadRows, KVCache, Qwen2ForCausalLM
+from .model import HeadRows, KVCache, Qwen2ForCausalLM, packed_weights
 from .tokenizer import QwenTokenizer, chat_prompt
 
 __all__ = [
     "ConfigError", "DEFAULT_MODEL", "FlopCounter", "HeadRows", "KVCache", "Qwen2Config", "Qwen2ForCausalLM",
     "QwenTokenizer", "WeightsError", "chat_prompt", "cpu_supports_bf16", "default_compute_dtype", "generate",
-    "load_pretrained", "token_ids_for",
+    "load_pretrained", "packed_weights", "token_ids_for",
 ]

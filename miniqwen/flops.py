@@ -340,10 +340,11 @@ def generation_flops(
     """FLOPs (int) of generating ``new_tokens`` tokens after prompts of ``prompt_len`` tokens with a KV cache, as
     :func:`miniqwen.generate.generate` does it: one prefill pass per prompt, alone and unpadded, with
     ``logits_to_keep=1`` (gives token 1); the cache is then copied ``num_samples`` times and ``new_tokens − 1``
-    one-token passes run on ``batch_size · num_samples`` rows, the i-th (i = 1 …) attending to L + i keys, L the
-    longest prompt (the rows are left-padded for decoding: padding costs like real tokens there). The last
-    generated token is never fed back. With ``allowed_token_ids``, generate computes only those rows of lm_head:
-    pass ``head_rows`` = the number of distinct allowed ids (None = V, unconstrained).
+    one-token passes run on ``batch_size · num_samples`` rows, each attending to all L + ``new_tokens`` slots of
+    the cache (L the longest prompt; ``KVCache(fixed_shape=True)``: the rows are left-padded and the slots not
+    yet filled are masked, but both cost like real keys). The last generated token is never fed back. With
+    ``allowed_token_ids``, generate computes only those rows of lm_head: pass ``head_rows`` = the number of
+    distinct allowed ids (None = V, unconstrained).
 
     ``prompt_len``: an int, every one of the ``batch_size`` prompts that long; or each prompt's length (then
     ``batch_size`` is their number). This is the cost when no row stops early; with EOS / stop tokens ending every
@@ -363,8 +364,8 @@ def generation_flops(
     batch_size, longest = len(lengths), max(lengths)
     total = sum(forward_flops(config, 1, n, lora_rank, 0, 1, lora_targets, head_rows=head_rows) for n in lengths)
     for i in range(1, new_tokens):
-        total += forward_flops(config, batch_size * num_samples, 1, lora_rank, longest + i - 1, 1, lora_targets,
-                               head_rows=head_rows)
+        total += forward_flops(config, batch_size * num_samples, 1, lora_rank, longest + new_tokens - 1, 1,
+                               lora_targets, head_rows=head_rows)
     return total
 
 

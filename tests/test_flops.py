@@ -102,14 +102,15 @@ def test_closed_form_head_rows():
     assert forward_flops_breakdown(c, 2, 3, head_rows=11) == full == forward_flops_breakdown(c, 2, 3, head_rows=None)
     assert forward_flops_breakdown(c, 1, 3, logits_to_keep=1, head_rows=3)["lm_head"] == 1 * 3 * 15
     assert forward_flops(c, 2, 3, head_rows=4) == forward_flops(c, 2, 3) - 2 * 3 * (11 - 4) * 15
-    # generation: every pass (prefill with 1 logit, then one-token steps) uses R rows
-    g = forward_flops(c, 2, 5, logits_to_keep=1, head_rows=4) + sum(
-        forward_flops(c, 6, 1, cache_len=5 + i, logits_to_keep=1, head_rows=4) for i in range(3))
+    # generation: every pass (prefill with 1 logit, then one-token steps) uses R rows; each of the 3 steps attends
+    # over the whole cache of 5 + 4 slots (KVCache(fixed_shape=True))
+    g = forward_flops(c, 2, 5, logits_to_keep=1, head_rows=4) + 3 * forward_flops(
+        c, 6, 1, cache_len=5 + 4 - 1, logits_to_keep=1, head_rows=4)
     assert generation_flops(c, 5, 4, 2, num_samples=3, head_rows=4) == g
     assert generation_flops(c, 5, 4, 2, 0, ("q_proj", "v_proj"), 3) == generation_flops(c, 5, 4, 2, num_samples=3)
     # prompts of different lengths: each prefilled alone at its length, decoding over the longest (left-padded)
-    g = forward_flops(c, 1, 5, logits_to_keep=1) + forward_flops(c, 1, 2, logits_to_keep=1) + sum(
-        forward_flops(c, 2, 1, cache_len=5 + i, logits_to_keep=1) for i in range(3))
+    g = forward_flops(c, 1, 5, logits_to_keep=1) + forward_flops(c, 1, 2, logits_to_keep=1) + 3 * forward_flops(
+        c, 2, 1, cache_len=5 + 4 - 1, logits_to_keep=1)
     assert generation_flops(c, [5, 2], 4) == generation_flops(c, [5, 2], 4, 2) == g
     assert generation_flops(c, [5, 5], 4) == generation_flops(c, 5, 4, 2)
     for lengths, batch in (([], 1), ([5, 2], 3)):
@@ -141,9 +142,8 @@ def test_closed_form_scaling_and_monotonicity():
     assert forward_flops(c, 1, 1, cache_len=10) < forward_flops(c, 1, 1, cache_len=11)
     ranks = [forward_flops(c, 1, 512, lora_rank=r) for r in (0, 2, 4, 8)]
     assert ranks == sorted(ranks) and len(set(ranks)) == 4
-    # generation = prefill (1 logit) + (new − 1) one-token steps
-    g = forward_flops(c, 1, 800, logits_to_keep=1) + sum(
-        forward_flops(c, 1, 1, cache_len=800 + i, logits_to_keep=1) for i in range(199))
+    # generation = prefill (1 logit) + (new − 1) one-token steps, each over all 800 + 200 cache slots
+    g = forward_flops(c, 1, 800, logits_to_keep=1) + 199 * forward_flops(c, 1, 1, cache_len=999, logits_to_keep=1)
     assert generation_flops(c, 800, 200) == g
 
 
@@ -260,17 +260,26 @@ def test_counter_equals_closed_form_with_cache(name, rank):
     fc, logits = counted(model, ids, cache=cache, logits_to_keep=1)
     assert cache.length == P
     assert fc.breakdown() == nonzero(forward_flops_breakdown(cfg, B, P, lora_rank=rank, logits_to_keep=1))
-    total = fc.total
+    steps = []
     for step in range(3):
         nxt = logits[:, -1:].argmax(-1)
         fc, logits = counted(model, nxt, cache=cache)
         assert fc.breakdown() == nonzero(forward_flops_breakdown(cfg, B, 1, lora_rank=rank, cache_len=P + step))
-        total += fc.total
-    assert total == generation_flops(cfg, P, 4, batch_size=B, lora_rank=rank)
+        steps.append(logits)
     # a multi-token chunk on top of the cache (S = cache_len + T)
     chunk = torch.randint(0, cfg.vocab_size, (B, 3), generator=torch.Generator().manual_seed(3))
     fc, _ = counted(model, chunk, cache=cache, logits_to_keep=2)
     assert fc.total == forward_flops(cfg, B, 3, lora_rank=rank, cache_len=P + 3, logits_to_keep=2)
+    # generate's cache (fixed_shape): every one-token step attends over all P + 4 slots, counted so; same logits
+    cache = mq.KVCache(cfg, B, P + 4, dtype=torch.float32, fixed_shape=True)
+    fc, logits = counted(model, ids, cache=cache, logits_to_keep=1)
+    total = fc.total
+    for step in range(3):
+        fc, logits = counted(model, logits[:, -1:].argmax(-1), cache=cache)
+        assert fc.breakdown() == nonzero(forward_flops_breakdown(cfg, B, 1, lora_rank=rank, cache_len=P + 3))
+        assert torch.allclose(logits, steps[step], atol=1e-5, rtol=1e-5)
+        total += fc.total
+    assert total == generation_flops(cfg, P, 4, batch_size=B, lora_rank=rank)
 
 
 @pytest.mark.parametrize("name", ["tied_gqa2", "untied_gqa4_hd12"])

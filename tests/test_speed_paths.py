@@ -11,7 +11,7 @@ import miniqwen.device as mdevice
 from miniqwen import FlopCounter, HeadRows, KVCache, Qwen2Config, Qwen2ForCausalLM, generate
 from miniqwen.flops import forward_flops, generation_flops
 from miniqwen.generate import sampling_probs
-from miniqwen.model import attention_mask_and_positions
+from miniqwen.model import attention_mask_and_positions, packed_weights
 
 
 @pytest.fixture(autouse=True)
@@ -267,6 +267,40 @@ def test_bf16_weights_on_cpu(tie):
     allowed = [3, 4, 5, 40]
     constrained = generate(model, [[5, 6, 7, 8, 9], [10, 11, 12]], 8, pad_token_id=0, allowed_token_ids=allowed)
     assert constrained == full_head_greedy(model, [[5, 6, 7, 8, 9], [10, 11, 12]], 8, allowed)
+
+
+def test_packed_weights_give_bit_identical_bf16_logits_and_are_dropped_after():
+    """Inside packed_weights every bf16 projection carries a packed copy and the logits (prefill and a cached
+    decoding step) are bit-identical to the plain ones; gradients bypass the packing; after the block the copies
+    are gone. float32 weights are left unpacked."""
+    model = tiny_model(False, 12).to(torch.bfloat16)
+    ids, mask = left_padded([[5, 6, 7, 8, 9], [10, 11, 12]])
+    projections = [m for name, m in model.named_modules() if name.endswith("_proj")]
+
+    def prefill_and_step():
+        cache = KVCache(model.config, 2, 6, dtype=torch.bfloat16)
+        first = model(ids, mask, cache)
+        step = model(torch.tensor([[3], [4]]), torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1), cache)
+        return first, step
+
+    plain = prefill_and_step()
+    with packed_weights(model, 2):
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("this torch build has no oneDNN")
+        assert all("packed_weight" in m.__dict__ for m in projections) and len(projections) == 21
+        packed = prefill_and_step()
+        with torch.enable_grad():
+            x = torch.randn(1, 4, 64, dtype=torch.bfloat16, requires_grad=True)
+            model.model.layers[0].mlp(x).float().sum().backward()
+            assert x.grad is not None and model.model.layers[0].mlp.up_proj.weight.grad is not None
+    assert all(torch.equal(a, b) for a, b in zip(plain, packed))
+    assert not any("packed_weight" in m.__dict__ for m in model.modules())
+    with packed_weights(model, lm_head=True):
+        assert "packed_weight" in model.lm_head.__dict__
+        assert torch.equal(model(ids, mask), plain[0])
+    model32 = tiny_model(False, 12)
+    with packed_weights(model32, lm_head=True):
+        assert not any("packed_weight" in m.__dict__ for m in model32.modules())
 
 
 # -------------------------------------------------------------------------------------------- dtype helpers
