@@ -129,12 +129,13 @@ class KVCache:
     The cache keeps its own length: a forward pass writes every layer at ``length`` (:meth:`update`), and writing
     the last layer completes the pass, so ``length`` then grows by the pass's T new tokens.
 
-    With ``fixed_shape``, a one-token pass attends over all ``max_len`` slots, the unfilled ones masked out: every
-    decoding step then has the same shapes, so the matmuls read the store without copying it (and, we think,
-    oneDNN reuses one kernel instead of building one per cache length). The result is the same up to rounding (masked slots
-    get probability 0), and the FLOPs are those of ``max_len`` keys (counted so). On 2 CPU cores in bf16, a score
-    matmul of Qwen2.5-0.5B at batch 1 took 35 µs at a fixed length against 50–83 µs with the length growing, and
-    the decoding of 100 forecasts (batch 100) 89 s instead of 116 s (README, Speed).
+    With ``fixed_shape``, a one-token pass attends over all ``max_len`` slots, the unfilled ones masked out
+    (:meth:`keys_attended`): every decoding step then has the same shapes, so the matmuls read the store without
+    copying it (and, we think, oneDNN reuses one kernel instead of building one per cache length). The result is
+    the same up to rounding (masked slots get probability 0), and the FLOPs are those of ``max_len`` keys (counted
+    so). On 2 CPU cores in bf16, a score matmul of Qwen2.5-0.5B at batch 1 took 35 µs at a fixed length against
+    50–83 µs with the length growing, and the decoding of 100 forecasts (batch 100) 89 s instead of 116 s (README,
+    Speed).
     """
 
     def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, dtype=torch.float32, device=None,
@@ -146,6 +147,14 @@ class KVCache:
         self.length = 0
         self.fixed_shape = fixed_shape
 
+    def keys_attended(self, T: int) -> int:
+        """How many key slots the next pass of T new tokens attends to: ``length + T``, or all ``max_len`` for a
+        one-token pass after cached tokens when ``fixed_shape`` (the slots beyond ``length + T`` are then masked).
+        """
+        if self.fixed_shape and T == 1 and self.length > 0:
+            return self.max_len
+        return self.length + T
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write layer ``layer``'s new ``k, v`` [B, Hkv, T, D] after the cached ones; return that layer's keys and
         values so far, [B, Hkv, length + T, D] each (views of the transposed store; ``k, v`` themselves when the
@@ -156,7 +165,7 @@ class KVCache:
             ValueError: if the cache would hold more than ``max_len`` tokens, or ``k`` is not in the cache's dtype
                 (make the cache with the model's dtype).
         """
-        start, end = self.length, self.length + k.shape[2]
+        start, end, attended = self.length, self.length + k.shape[2], self.keys_attended(k.shape[2])
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
         if k.dtype != self.k[layer].dtype:
@@ -167,9 +176,7 @@ class KVCache:
             self.length = end
         if start == 0:  # nothing was cached: the new keys are all of them, already in SDPA's layout
             return k, v
-        if self.fixed_shape and end - start == 1:
-            end = self.max_len
-        return self.k[layer][..., :end].transpose(-1, -2), self.v[layer][..., :end].transpose(-1, -2)
+        return self.k[layer][..., :attended].transpose(-1, -2), self.v[layer][..., :attended].transpose(-1, -2)
 
     def put_row(self, b: int, row: "KVCache", end: int) -> None:
         """Copy the single-row cache ``row`` (e.g. one prompt prefilled alone) into row ``b``, its tokens ending at
@@ -429,8 +436,9 @@ class Qwen2ForCausalLM(nn.Module):
         if attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
         mask, positions = attention_mask_and_positions(attention_mask, past)
-        if cache is not None and cache.fixed_shape and T == 1 and past > 0:  # attend over every slot, unfilled masked
-            mask = torch.cat([mask, mask.new_zeros(B, 1, 1, max(cache.max_len - S, 0))], dim=-1)
+        unwritten = cache.keys_attended(T) - S if cache is not None else 0  # > 0 only with fixed_shape
+        if unwritten > 0:  # attended to, but masked
+            mask = torch.cat([mask, mask.new_zeros(B, 1, T, unwritten)], dim=-1)
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
