@@ -362,11 +362,10 @@ def generation_flops(
     if not lengths or (not isinstance(prompt_len, int) and batch_size not in (1, len(lengths))):
         raise ValueError(f"prompt_len: {len(lengths)} lengths for batch_size {batch_size}")
     batch_size, longest = len(lengths), max(lengths)
-    total = sum(forward_flops(config, 1, n, lora_rank, 0, 1, lora_targets, head_rows=head_rows) for n in lengths)
-    for i in range(1, new_tokens):
-        total += forward_flops(config, batch_size * num_samples, 1, lora_rank, longest + new_tokens - 1, 1,
-                               lora_targets, head_rows=head_rows)
-    return total
+    prefill = sum(forward_flops(config, 1, n, lora_rank, 0, 1, lora_targets, head_rows=head_rows) for n in lengths)
+    step = forward_flops(config, batch_size * num_samples, 1, lora_rank, longest + new_tokens - 1, 1, lora_targets,
+                         head_rows=head_rows)  # every step attends over the whole cache: all steps cost the same
+    return prefill + (new_tokens - 1) * step
 
 
 def loss_flops(vocab_size: int, n_tokens: int) -> int:
