@@ -4,12 +4,14 @@ from .config import ConfigError, Qwen2Config
 from .device import cpu_supports_bf16, default_compute_dtype
 from .flops import FlopCounter
 from .generate import generate, token_ids_for
+from .kv_cache import KVCache
 from .loading import DEFAULT_MODEL, WeightsError, load_pretrained
-from .model import HeadRows, KVCache, Qwen2ForCausalLM, packed_weights
+from .model import HeadRows, Qwen2ForCausalLM, Qwen2Model
+from .packing import PackedLinear, packed_weights
 from .tokenizer import QwenTokenizer, chat_prompt
 
 __all__ = [
-    "ConfigError", "DEFAULT_MODEL", "FlopCounter", "HeadRows", "KVCache", "Qwen2Config", "Qwen2ForCausalLM",
-    "QwenTokenizer", "WeightsError", "chat_prompt", "cpu_supports_bf16", "default_compute_dtype", "generate",
-    "load_pretrained", "packed_weights", "token_ids_for",
+    "ConfigError", "DEFAULT_MODEL", "FlopCounter", "HeadRows", "KVCache", "PackedLinear", "Qwen2Config",
+    "Qwen2ForCausalLM", "Qwen2Model", "QwenTokenizer", "WeightsError", "chat_prompt", "cpu_supports_bf16",
+    "default_compute_dtype", "generate", "load_pretrained", "packed_weights", "token_ids_for",
 ]

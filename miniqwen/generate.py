@@ -8,7 +8,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .model import KVCache, Qwen2ForCausalLM, packed_weights
+from .kv_cache import KVCache
+from .model import Qwen2ForCausalLM
+from .packing import packed_weights
 
 
 def token_ids_for(tokenizer, pieces: Iterable[str]) -> list[int]:
@@ -66,8 +68,9 @@ def generate(
 ) -> list[list[int]]:
     """Continue every prompt with a KV cache: one forward per prompt (each alone, unpadded), then one token per
     step for all rows at once, each step attending over the whole pre-allocated cache (``KVCache(fixed_shape=True)``:
-    the same shapes every step). On CPU in bf16 the projections run from pre-packed weights meanwhile
-    (:func:`~miniqwen.model.packed_weights`: the same tokens, faster decoding, a copy of the weights).
+    the same shapes every step). On CPU in bf16 the projections are swapped for pre-packed ones meanwhile and put
+    back afterwards (:func:`~miniqwen.packing.packed_weights`: the same tokens, faster decoding, a copy of the
+    weights).
 
     Args:
         prompts: token ids per prompt; their caches are laid out left-padded for decoding (pad slots masked out,

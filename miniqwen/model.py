@@ -6,12 +6,13 @@ RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head. Module and parameter n
 Hugging Face state dict (``model.layers.3.self_attn.q_proj.weight`` …), so official safetensors load unchanged.
 
 Every module reports its FLOPs to :mod:`miniqwen.flops` (the coursework's rules) from the shapes it actually sees.
+Only the architecture is here: attention kernels in :mod:`miniqwen.attention`, the KV cache in :mod:`miniqwen.kv_cache`,
+packed CPU weights (swapped in by ``generate``) in :mod:`miniqwen.packing`. A guided forward pass: ``docs/model.md``.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import flops
+from .attention import attention
 from .config import Qwen2Config
+from .kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -65,157 +68,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor, component: str) -> torch.Tensor:
-    """``layer(x)``, with the matmul (and bias) FLOPs recorded under ``component``; through the layer's pre-packed
-    weight when :func:`packed_weights` has given it one and no gradient is being recorded."""
+def _linear(layer: nn.Module, x: torch.Tensor, component: str) -> torch.Tensor:
+    """``layer(x)``, with the matmul (and bias) FLOPs recorded under ``component``: from ``in_features``,
+    ``out_features`` and ``bias``, which stand-ins for an ``nn.Linear`` (LoRA, packed weights) have too."""
     if flops.counting():
         rows = x.numel() // x.shape[-1]
         flops.count_matmul(component, rows, layer.in_features, layer.out_features)
         if layer.bias is not None:
             flops.count(component, rows * layer.out_features)
-    packed = layer.__dict__.get("packed_weight")
-    if packed is not None and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
     return layer(x)
-
-
-@contextmanager
-def packed_weights(model: nn.Module, batch_size: int = 1, lm_head: bool = False):
-    """Within the ``with`` block, run the decoder's bf16 projections on CPU from weights pre-packed for oneDNN.
-
-    PyTorch's CPU bf16 ``F.linear`` calls oneDNN, which re-lays the weight out into its blocked format at every
-    call; for one token per row that re-packing, not the arithmetic, bounds the speed. Packing once (the same
-    oneDNN ops inductor's ``freezing`` uses, ``torch.ops.mkldnn._reorder_linear_weight``) took a decoding step at
-    batch 1 from 60-72 to 42-47 ms on 2 cores (README, Speed), and the outputs are bit-identical: it is the same
-    kernel, only without the per-call reordering (tested). Only ``nn.Linear`` projections (``q/k/v/o_proj``,
-    ``gate/up/down_proj``, and ``lm_head`` if asked) in bf16 on CPU are packed, and only when this torch build has
-    oneDNN; anything else (float32, whose ``F.linear`` goes to MKL and would round differently; CUDA; LoRA-wrapped
-    projections) runs as before, so the block is always safe to enter. Costs a copy of those weights (0.7 GB for
-    Qwen2.5-0.5B, ~0.3 s) until the block ends. The weights must not change inside the block; gradients bypass
-    the packing.
-
-    Args:
-        model: a :class:`Qwen2ForCausalLM`.
-        batch_size: the rows each matmul will see, a hint to oneDNN's layout choice (results do not depend on it).
-        lm_head: pack the full output head too (its V × hidden_size copy: worth it when decoding uses all V
-            logits, not with :class:`HeadRows`).
-    """
-    candidates = [proj for layer in model.model.layers
-                  for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                               layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
-    candidates += [model.lm_head] if lm_head else []
-    has_onednn = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                  and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-    layers = [proj for proj in candidates if has_onednn and type(proj) is nn.Linear
-              and proj.weight.device.type == "cpu" and proj.weight.dtype == torch.bfloat16]
-    try:
-        for proj in layers:
-            proj.packed_weight = torch.ops.mkldnn._reorder_linear_weight(proj.weight.detach(), batch_size)
-        yield model
-    finally:
-        for proj in layers:
-            proj.__dict__.pop("packed_weight", None)
-
-
-class KVCache:
-    """Pre-allocated key/value cache for incremental decoding.
-
-    ``k[i]``, ``v[i]``: [B, num_key_value_heads, head_dim, max_len] for layer i, in ``dtype`` (the model's);
-    ``length`` tokens per row are filled. Keys are cached *after* RoPE, so a cached token never needs re-rotating.
-    Both are stored transposed (tokens on the last axis): the filled part ``[..., :length]`` is then a matrix that
-    a batched matmul reads in place, while a slice ``[:, :, :length]`` of the usual [.., max_len, head_dim] layout
-    is copied by PyTorch's CPU bf16 matmul at every decoding step (measured on Qwen2.5-0.5B's shapes, 20 rows ×
-    900 cached tokens, bf16, 2 cores: attention 63–74 ms of a decoding step before, 42–50 ms after; README, Speed).
-    The cache keeps its own length: a forward pass writes every layer at ``length`` (:meth:`update`), and writing
-    the last layer completes the pass, so ``length`` then grows by the pass's T new tokens.
-
-    With ``fixed_shape``, a one-token pass attends over all ``max_len`` slots, the unfilled ones masked out
-    (:meth:`keys_attended`): every decoding step then has the same shapes, so the matmuls read the store without
-    copying it (and, we think, oneDNN reuses one kernel instead of building one per cache length). The result is
-    the same up to rounding (masked slots get probability 0), and the FLOPs are those of ``max_len`` keys (counted
-    so). On 2 CPU cores in bf16, a score matmul of Qwen2.5-0.5B at batch 1 took 35 µs at a fixed length against
-    50–83 µs with the length growing, and the decoding of 100 forecasts (batch 100) 89 s instead of 116 s (README,
-    Speed).
-    """
-
-    def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, dtype=torch.float32, device=None,
-                 fixed_shape: bool = False):
-        shape = (batch_size, config.num_key_value_heads, config.head_dim, max_len)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.max_len = max_len
-        self.length = 0
-        self.fixed_shape = fixed_shape
-
-    def keys_attended(self, T: int) -> int:
-        """How many key slots the next pass of T new tokens attends to: ``length + T``, or all ``max_len`` for a
-        one-token pass after cached tokens when ``fixed_shape`` (the slots beyond ``length + T`` are then masked).
-        """
-        if self.fixed_shape and T == 1 and self.length > 0:
-            return self.max_len
-        return self.length + T
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write layer ``layer``'s new ``k, v`` [B, Hkv, T, D] after the cached ones; return that layer's keys and
-        values so far, [B, Hkv, length + T, D] each (views of the transposed store; ``k, v`` themselves when the
-        cache was empty; all ``max_len`` slots when T = 1 and ``fixed_shape``). After the last layer, ``length``
-        advances by T.
-
-        Raises:
-            ValueError: if the cache would hold more than ``max_len`` tokens, or ``k`` is not in the cache's dtype
-                (make the cache with the model's dtype).
-        """
-        start, end, attended = self.length, self.length + k.shape[2], self.keys_attended(k.shape[2])
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
-        if k.dtype != self.k[layer].dtype:
-            raise ValueError(f"keys are {k.dtype} but the KV cache holds {self.k[layer].dtype}")
-        self.k[layer][..., start:end] = k.transpose(-1, -2)
-        self.v[layer][..., start:end] = v.transpose(-1, -2)
-        if layer == len(self.k) - 1:
-            self.length = end
-        if start == 0:  # nothing was cached: the new keys are all of them, already in SDPA's layout
-            return k, v
-        return self.k[layer][..., :attended].transpose(-1, -2), self.v[layer][..., :attended].transpose(-1, -2)
-
-    def put_row(self, b: int, row: "KVCache", end: int) -> None:
-        """Copy the single-row cache ``row`` (e.g. one prompt prefilled alone) into row ``b``, its tokens ending at
-        token ``end``: the layout of a left-padded prompt. ``length`` becomes ``end``; the pad slots before a
-        shorter row's tokens hold zeros, so mask them (attention_mask 0) in every later pass.
-
-        Raises ValueError if ``row`` has more than one row, more than ``end`` tokens, or ``end`` > ``max_len``.
-        """
-        if row.k[0].shape[0] != 1:
-            raise ValueError("KVCache.put_row takes a single-row cache")
-        if row.length > end or end > self.max_len:
-            raise ValueError(f"KVCache.put_row: {row.length} tokens ending at {end} do not fit (max_len "
-                             f"{self.max_len})")
-        for store, filled in ((self.k, row.k), (self.v, row.v)):
-            for layer, t in enumerate(filled):
-                store[layer][b, ..., end - row.length:end] = t[0, ..., :row.length]
-        self.length = end
-
-    def repeat_interleave(self, n: int) -> None:
-        """Repeat every row ``n`` times (row b -> rows b·n … b·n+n−1), e.g. to draw n samples per prompt."""
-        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
-        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
-
-
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    """``softmax(q kᵀ · scale, masked) v`` for one query position per row, with grouped-query heads.
-
-    ``q`` [B, Hq, 1, D]; ``k``, ``v`` [B, Hkv, S, D]; ``mask`` [B, 1, 1, S] boolean (True = may attend). The Hq/Hkv
-    query heads of a group become the rows of one matmul against their shared key head (a view, no copy); scores
-    and softmax are computed in float32. Both matmuls take the cache's transposed store ([.., D, S], see
-    :class:`KVCache`) as it is: ``q kᵀ``, and ``(vᵀ pᵀ)ᵀ`` for the values. Returns [B, Hq, 1, D] in ``v``'s dtype.
-    """
-    B, Hq, _, D = q.shape
-    Hkv = k.shape[1]
-    scores = torch.matmul(q.reshape(B, Hkv, Hq // Hkv, D), k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
-    out = torch.matmul(v.transpose(-1, -2), probs.transpose(-1, -2))  # [B, Hkv, D, G]
-    return out.transpose(-1, -2).reshape(B, Hq, 1, D)
 
 
 class Qwen2Attention(nn.Module):
@@ -235,7 +96,6 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.gqa = self.n_heads != self.n_kv_heads
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         """``x`` [B, T, d] -> [B, T, d]; ``cos, sin`` [B, 1, T, D] (:func:`rope_cos_sin`); ``mask`` [B, 1, T, S]
@@ -257,14 +117,8 @@ class Qwen2Attention(nn.Module):
             flops.count("attn.mask", heads * T * S)
             flops.count("attn.softmax", heads * (11 * T * S + T * (S - 1)))
             flops.count_matmul("attn.values", T, S, D, batch=heads)
-        # softmax(q kᵀ / √D + mask) v; the mask is boolean (True = may attend). Each group of Hq/Hkv query heads
-        # reads its shared key/value head in place: the same result as repeating k and v per query head (what
-        # transformers does), without copying the whole cache at every step.
-        if T == 1:  # a decoding step: one grouped matmul is ~10x faster than the fused kernel on CPU in bf16
-            out = single_query_attention(q, k, v, mask, self.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                                 enable_gqa=self.gqa)
+        # softmax(q kᵀ / √D + mask) v, each group of Hq/Hkv query heads reading its shared key/value head
+        out = attention(q, k, v, mask, self.scale)  # [B, Hq, T, D]
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return _linear(self.o_proj, out, "attn.o_proj")
 
@@ -287,7 +141,7 @@ class Qwen2MLP(nn.Module):
             flops.count("mlp.mul", gate.numel())
         if torch.is_grad_enabled():
             hidden = F.silu(gate) * up
-        else:  # inference: overwrite gate in place (a fresh [B, T, intermediate] tensor costs more than the math)
+        else:  # inference: the same values, computed in gate's memory instead of a fresh [B, T, I] tensor
             hidden = F.silu(gate, inplace=True).mul_(up)
         return _linear(self.down_proj, hidden, "mlp.down_proj")
 
@@ -309,17 +163,8 @@ class Qwen2DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Qwen2Model(nn.Module):
-    """The decoder stack without the output head (HF prefix ``model.``)."""
-
-    def __init__(self, config: Qwen2Config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-def attention_mask_and_positions(attention_mask: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_mask_and_positions(attention_mask: torch.Tensor,
+                                 past: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The attention pattern and RoPE positions of T new tokens after ``past`` cached ones.
 
     Args:
@@ -348,6 +193,39 @@ def attention_mask_and_positions(attention_mask: torch.Tensor, past: int) -> tup
     mask = ((key <= query) & valid[:, None, :]) | (key == query)  # [B, T, S]
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
     return mask[:, None], positions
+
+
+class Qwen2Model(nn.Module):
+    """The decoder stack without the output head (HF prefix ``model.``): token ids -> hidden states."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """``input_ids`` [B, T] -> hidden states [B, T, hidden_size], after the final norm. ``attention_mask``,
+        ``cache`` and the errors raised as in :meth:`Qwen2ForCausalLM.forward`."""
+        cfg = self.config
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.bool, device=input_ids.device)
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
+        mask, positions = attention_mask_and_positions(attention_mask, past)
+        if cache is not None:
+            mask = cache.widen_mask(mask)  # a fixed-shape cache may be read beyond its S filled slots
+
+        x = self.embed_tokens(input_ids)  # [B, T, d]
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)
 
 
 @dataclass(frozen=True)
@@ -414,8 +292,8 @@ class Qwen2ForCausalLM(nn.Module):
                 tokens too; padding may be on the left (generation) or the right (training). Positions are counted
                 over real tokens only, so a left-padded row gets the same logits as the unpadded row.
                 ``None`` = no padding.
-            cache: a :class:`KVCache`; the new tokens are appended to it (its ``length`` grows by T) and attend
-                to everything cached.
+            cache: a :class:`~miniqwen.kv_cache.KVCache`; the new tokens are appended to it (its ``length`` grows
+                by T) and attend to everything cached.
             logits_to_keep: compute logits only for the last this-many positions (0 = all), as in transformers;
                 generation needs only the last one, which saves the large vocab projection on the prompt.
             head_rows: compute logits only for these vocabulary ids (:meth:`head_rows`), K instead of V columns.
@@ -427,24 +305,7 @@ class Qwen2ForCausalLM(nn.Module):
         Raises:
             ValueError: if ``attention_mask`` does not cover cached + new tokens, or the cache overflows.
         """
-        cfg = self.config
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        S = past + T
-        if attention_mask is None:
-            attention_mask = torch.ones(B, S, dtype=torch.bool, device=input_ids.device)
-        if attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
-        mask, positions = attention_mask_and_positions(attention_mask, past)
-        unwritten = cache.keys_attended(T) - S if cache is not None else 0  # > 0 only with fixed_shape
-        if unwritten > 0:  # attended to, but masked
-            mask = torch.cat([mask, mask.new_zeros(B, 1, T, unwritten)], dim=-1)
-
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
-        x = self.model.norm(x)
+        x = self.model(input_ids, attention_mask, cache)  # [B, T, d]
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         if head_rows is None:

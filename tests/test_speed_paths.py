@@ -11,7 +11,8 @@ import miniqwen.device as mdevice
 from miniqwen import FlopCounter, HeadRows, KVCache, Qwen2Config, Qwen2ForCausalLM, generate
 from miniqwen.flops import forward_flops, generation_flops
 from miniqwen.generate import sampling_probs
-from miniqwen.model import attention_mask_and_positions, packed_weights
+from miniqwen.model import attention_mask_and_positions
+from miniqwen.packing import PackedLinear, packed_weights
 
 
 @pytest.fixture(autouse=True)
@@ -270,12 +271,17 @@ def test_bf16_weights_on_cpu(tie):
 
 
 def test_packed_weights_give_bit_identical_bf16_logits_and_are_dropped_after():
-    """Inside packed_weights every bf16 projection carries a packed copy and the logits (prefill and a cached
-    decoding step) are bit-identical to the plain ones; gradients bypass the packing; after the block the copies
-    are gone. float32 weights are left unpacked."""
+    """Inside packed_weights every bf16 projection is swapped for a packed copy (PackedLinear) and the logits
+    (prefill and a cached decoding step) are bit-identical to the plain ones; gradients bypass the packing; after
+    the block the original modules are back. float32 weights are left unpacked."""
     model = tiny_model(False, 12).to(torch.bfloat16)
     ids, mask = left_padded([[5, 6, 7, 8, 9], [10, 11, 12]])
-    projections = [m for name, m in model.named_modules() if name.endswith("_proj")]
+
+    def projections(of):
+        return [m for name, m in of.named_modules() if name.endswith("_proj")]
+
+    originals = projections(model)
+    state = model.state_dict()
 
     def prefill_and_step():
         cache = KVCache(model.config, 2, 6, dtype=torch.bfloat16)
@@ -287,20 +293,23 @@ def test_packed_weights_give_bit_identical_bf16_logits_and_are_dropped_after():
     with packed_weights(model, 2):
         if not torch.backends.mkldnn.is_available():
             pytest.skip("this torch build has no oneDNN")
-        assert all("packed_weight" in m.__dict__ for m in projections) and len(projections) == 21
+        assert all(isinstance(m, PackedLinear) for m in projections(model)) and len(projections(model)) == 21
+        assert model.state_dict().keys() == state.keys()  # the same parameters, under the same names
         packed = prefill_and_step()
         with torch.enable_grad():
             x = torch.randn(1, 4, 64, dtype=torch.bfloat16, requires_grad=True)
             model.model.layers[0].mlp(x).float().sum().backward()
             assert x.grad is not None and model.model.layers[0].mlp.up_proj.weight.grad is not None
     assert all(torch.equal(a, b) for a, b in zip(plain, packed))
-    assert not any("packed_weight" in m.__dict__ for m in model.modules())
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert all(a is b for a, b in zip(projections(model), originals)) and len(projections(model)) == 21
     with packed_weights(model, lm_head=True):
-        assert "packed_weight" in model.lm_head.__dict__
+        assert isinstance(model.lm_head, PackedLinear)
         assert torch.equal(model(ids, mask), plain[0])
+    assert type(model.lm_head) is torch.nn.Linear
     model32 = tiny_model(False, 12)
     with packed_weights(model32, lm_head=True):
-        assert not any("packed_weight" in m.__dict__ for m in model32.modules())
+        assert not any(isinstance(m, PackedLinear) for m in model32.modules())
 
 
 # -------------------------------------------------------------------------------------------- dtype helpers

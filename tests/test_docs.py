@@ -1,0 +1,80 @@
+"""docs/model.md stays true: its Python blocks run, in order, as one script, and its FLOP tables and figures are the
+counter's closed form for Qwen2.5-0.5B."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from miniqwen.config import Qwen2Config
+from miniqwen.flops import COMPONENTS, forward_flops_breakdown
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "model.md"
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table as its rows of cells (header and separator rows included)."""
+    found, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+def number(cell: str) -> int:
+    return int(cell.strip("*").replace(",", ""))
+
+
+def test_the_guides_code_runs(tmp_path):
+    blocks = python_blocks(GUIDE.read_text())
+    assert len(blocks) >= 5
+    script = tmp_path / "guide.py"
+    script.write_text("\n\n".join(blocks))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_guides_flop_tables_are_the_closed_form():
+    text = GUIDE.read_text()
+    cfg = Qwen2Config()  # Qwen2.5-0.5B
+    L, d, N = cfg.num_hidden_layers, cfg.hidden_size, 512
+    closed = forward_flops_breakdown(cfg, 1, N)
+    final_norm = N * (4 * d + 11)
+    by_header = {rows[0][-1]: rows[2:] for rows in tables(text)}
+    per_layer = by_header["FLOPs per layer (B = 1, T = 512)"]
+    whole = by_header["FLOPs, whole model (B = 1, T = 512)"]
+
+    layer_total = 0
+    for step, component, flops in per_layer[:-1]:
+        name = component.strip("`")
+        want = (closed[name] - (final_norm if name == "norm" else 0)) // L
+        assert number(flops) == want, (step, flops, want)
+        layer_total += number(flops)
+    assert {row[1].strip("`") for row in per_layer[:-1]} == {n for n in COMPONENTS if closed[n]} - {"lm_head"}
+    assert number(per_layer[-1][-1]) == layer_total
+
+    rows = {row[0]: number(row[-1]) for row in whole}
+    assert rows["embedding lookup"] == closed["embedding"] == 0
+    assert rows["24 decoder layers"] == L * layer_total
+    assert rows["final RMSNorm"] == final_norm
+    assert rows["lm_head, all 512 positions"] == closed["lm_head"]
+    assert rows["**forward pass**"] == sum(closed.values()) == L * layer_total + final_norm + closed["lm_head"]
+
+    prefill = sum(forward_flops_breakdown(cfg, 1, N, logits_to_keep=1).values())
+    step = sum(forward_flops_breakdown(cfg, 1, 1, cache_len=N - 1).values())
+    for figure in (prefill, step):
+        assert f"{figure:,}" in text
+    assert step * N == sum(closed.values())  # "the same per token as the full pass"

@@ -1,0 +1,109 @@
+"""The shape of the code, read from the source (AST only, nothing is imported): model.py stays the architecture
+alone and short, and the packages miniqwen, lora and data import one way, without cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("miniqwen", "lora", "data")
+#: Which of the other packages each one may import.
+ALLOWED = {"miniqwen": set(), "data": set(), "lora": {"miniqwen"}}
+MODEL = ROOT / "miniqwen" / "model.py"
+MAX_MODEL_LINES = 320
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    """``{dotted name: file}`` of every module in the three packages (a package is its ``__init__``)."""
+    return {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The modules of the three packages that ``path`` (module ``name``) imports, anywhere in the file (a deferred
+    import inside a function counts: it hides a cycle, it does not remove it). ``from pkg import x`` names the
+    submodule ``pkg.x`` when there is one, else ``pkg`` itself."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in known else target)
+    return {m for m in found if m.split(".")[0] in PACKAGES}
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: {m for m in imports(name, path, known) if m != name} for name, path in known.items()}
+
+
+def test_model_has_no_torch_ops():
+    tree = ast.parse(MODEL.read_text())
+    uses = [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr == "ops"
+            and isinstance(node.value, ast.Name) and node.value.id == "torch"]
+    uses += [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and (node.module or "").startswith("torch") and any(a.name == "ops" for a in node.names)]
+    uses += [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Import)
+             and any(a.name.startswith("torch.ops") for a in node.names)]
+    assert not uses, f"miniqwen/model.py uses torch.ops on lines {uses}: kernels belong outside the model file"
+
+
+def test_model_file_is_short():
+    lines = MODEL.read_text().count("\n")  # what `wc -l` reports
+    assert lines <= MAX_MODEL_LINES, f"miniqwen/model.py has {lines} lines (at most {MAX_MODEL_LINES})"
+
+
+def test_packages_import_one_way():
+    wrong = sorted((name, target) for name, targets in graph().items() for target in targets
+                   if target.split(".")[0] != name.split(".")[0]
+                   and target.split(".")[0] not in ALLOWED[name.split(".")[0]])
+    assert not wrong, f"imports against miniqwen <- lora, data alone: {wrong}"
+
+
+def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Cycles met by a depth-first search (each as the list of modules around it, first = last); [] if none."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once explored
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for start in sorted(edges):
+        if start not in state:
+            visit(start, [start])
+    return cycles
+
+
+def test_no_import_cycles():
+    cycles = find_cycles(graph())
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_import_graph_sees_the_imports():
+    """The checks above are only as good as the graph: spot-check edges that exist."""
+    edges = graph()
+    assert {"miniqwen.attention", "miniqwen.config", "miniqwen.flops", "miniqwen.kv_cache"} <= edges["miniqwen.model"]
+    assert "miniqwen.flops" in edges["lora.layers"]
+    assert "miniqwen.model" in edges["miniqwen"] and "data.chunks" in edges["data"]
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
