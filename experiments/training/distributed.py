@@ -54,9 +54,12 @@ def is_main() -> bool:
 
 
 def device(requested: str | None = None) -> torch.device:
-    """The device this rank computes on: ``requested`` (None = cuda if available, else cpu); under torchrun a CUDA
-    device becomes ``cuda:LOCAL_RANK`` (one GPU per process, whatever index was asked for)."""
-    d = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device this rank computes on: ``requested`` (None or "auto" = cuda if available, else mps if available,
+    else cpu: ``miniqwen.device.resolve_device``); under torchrun a CUDA device becomes ``cuda:LOCAL_RANK`` (one GPU
+    per process, whatever index was asked for)."""
+    from miniqwen.device import resolve_device
+
+    d = resolve_device(requested)
     if launched() and d.type == "cuda":
         d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return d
