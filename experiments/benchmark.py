@@ -23,7 +23,8 @@ Timings are medians of ``--repeats`` runs after a warm-up, the two implementatio
 goes first) so that drifts in machine load hit both; the 100-trajectory forecasts run once each. ``counting``,
 ``throughput`` and ``forecast`` run in the default dtype (``--precision``). Peak memory is measured per call (see
 :func:`memory_method`) and, for the whole process, after each section. Writes ``<out>/benchmark.json`` and a
-README-ready ``<out>/benchmark.md``; the targets of the speed issue are reported as met / not met. Nothing is
+README-ready ``<out>/benchmark.md`` (an existing pair is replaced only with ``--overwrite``, which is checked, with
+every option, before any section runs); the targets of the speed issue are reported as met / not met. Nothing is
 charged to the FLOP ledger (a benchmark is not an experiment; the forecast's counted FLOPs are recorded).
 """
 
@@ -48,6 +49,7 @@ from miniqwen import (
     FlopCounter, KVCache, Qwen2Config, Qwen2ForCausalLM, QwenTokenizer, cpu_supports_bf16, generate, load_pretrained,
     packed_weights,
 )
+from miniqwen.atomic import atomic_write
 from miniqwen.flops import DEFAULT_LORA_TARGETS, forward_flops, loss_flops
 from miniqwen.loading import DEFAULT_MODEL, resolve_model_dir
 from miniqwen.tokenizer import END_OF_TEXT, IM_END
@@ -57,7 +59,7 @@ from .evaluation import LLMForecaster, allowed_token_ids, fill_missing, forecast
     max_tokens_per_step
 from .results import write_json
 from .session import load_dataset, resolve_precision, weights_label
-from .settings import MODEL_ENV_VAR, DataSettings, ForecastSettings, UsageError, run_cli
+from .settings import MODEL_ENV_VAR, ArgumentParser, DataSettings, ForecastSettings, UsageError, run_cli
 from .training.loss import autocast_context, next_token_loss, validation_loss
 
 SECTIONS = ("peak", "counting", "throughput", "forward", "train", "loss", "forecast")
@@ -581,7 +583,7 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--model", default=os.environ.get(MODEL_ENV_VAR, DEFAULT_MODEL),
       help=f"HF-layout model directory or Hub repo id (default: ${MODEL_ENV_VAR} or {DEFAULT_MODEL})")
@@ -593,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sections", default=",".join(SECTIONS), help=f"comma-separated, any of {','.join(SECTIONS)} (default all)")
     a("--repeats", type=int, default=3, help="timed repeats per measurement, after a warm-up (default 3)")
     a("--out", type=Path, default=Path("runs/benchmark"), help="output directory (default runs/benchmark)")
+    a("--overwrite", action="store_true", help="replace a benchmark.json / benchmark.md already in --out")
     a("--peak-size", type=int, default=2048, help="n of the n × n matmul peak (default 2048)")
     a("--bandwidth-mib", type=int, default=1024,
       help="MiB read (summed) to measure the memory read bandwidth (default 1024)")
@@ -617,8 +620,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+OUTPUTS = ("benchmark.json", "benchmark.md")
+
+
+def check_device(name: str | None) -> None:
+    """Refuse (UsageError naming --device) a device that is not cpu, cuda or cuda:N, or CUDA where there is none."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: must be cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available on this machine (use cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse (UsageError naming --out) an output directory that is a file, or already holds a benchmark (unless
+    ``overwrite``), or cannot be written — before any section runs; then create it."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory: choose another --out")
+    held = [name for name in OUTPUTS if (out / name).exists()]
+    if held and not overwrite:
+        raise UsageError(f"--out {out} already holds {' and '.join(held)}: pass --overwrite to replace "
+                         f"{'them' if len(held) > 1 else 'it'}, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create it ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: not writable")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.out = args.out.expanduser()
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be an integer >= 1 (or left out for torch's choice)")
+    for name, low in (("counting_lengths", 1), ("throughput_batches", 1)):
+        values = getattr(args, name)
+        if not values or min(values) < low:
+            raise UsageError(f"--{name.replace('_', '-')} {','.join(map(str, values)) or repr('')}: must be "
+                             f"comma-separated integers >= {low}")
+    if args.loss_context < 2:
+        raise UsageError(f"--loss-context {args.loss_context}: must be >= 2 (a chunk needs a token to predict)")
+    check_device(args.device)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or not sections:
@@ -628,9 +678,11 @@ def main(argv=None) -> int:
                  "gen_batch_size", "context_steps", "horizon"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    if args.batch1_sample < 0 or args.loss_chunks < 0 or args.decimals < 0 or (args.threads or 1) < 1:
-        raise UsageError("--batch1-sample, --loss-chunks and --decimals must be >= 0 and --threads >= 1")
+    for name in ("batch1_sample", "loss_chunks", "decimals"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
     hf.require(*sorted({m for s in sections for m in NEEDS_TRANSFORMERS.get(s, ())}))
+    check_out(args.out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -643,7 +695,8 @@ def main(argv=None) -> int:
                "machine": platform.processor() or platform.machine(),
                "cpu_native_bf16": cpu_supports_bf16(), "torch": torch.__version__, **hf.versions(),
                "python": platform.python_version(), "memory_method": memory_method(device), "sections": sections,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("model", "data", "out", "sections")}}
+               "settings": {k: v for k, v in vars(args).items()
+                            if k not in ("model", "data", "out", "sections", "overwrite")}}
     if {"forward", "train", "loss", "forecast"} & set(sections):
         results["data"] = load_dataset(DataSettings(data=args.data, decimals=args.decimals)).record()
     results["seconds"], results["peak_memory_mib_after"] = {}, {}
@@ -685,10 +738,9 @@ def main(argv=None) -> int:
         results["peak_memory_mib_after"][section] = process_peak_mib(device)
         print(f"{section}: done in {results['seconds'][section]:.0f} s")
     results["targets"] = check_targets(results)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "benchmark.json", results)
     table = markdown(results)
-    (args.out / "benchmark.md").write_text(table)
+    atomic_write(args.out / "benchmark.md", table)
     print(table)
     print(f"wrote {args.out / 'benchmark.json'} and {args.out / 'benchmark.md'}")
     return 0

@@ -12,8 +12,8 @@ of every experiment against the 1e17 budget.
 
 from __future__ import annotations
 
-import argparse
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from .context_length import horizon_growth
 from .plots import plot_horizon_errors
 from .recipes import evaluation_table, format_number
 from .results import Evaluation, Results, find_results
-from .settings import run_cli
+from .settings import ArgumentParser, UsageError, run_cli
 
 
 def _score(e: Evaluation) -> float:
@@ -227,21 +227,26 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default="results", help="directory searched for results.json (default results)")
     p.add_argument("--ledger", default=None, help="FLOP ledger (default: <results>/flops_ledger.jsonl)")
     p.add_argument("--out", default="REPORT.md", help="report file (default REPORT.md)")
     args = p.parse_args(argv)
-    root_results = Path(args.results)
+    root_results = Path(args.results).expanduser()
     if not root_results.is_dir():
-        from .settings import UsageError
-
         raise UsageError(f"--results {root_results}: not a directory")
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory: give the report's file name (e.g. {out / 'REPORT.md'})")
+    ledger_path = Path(args.ledger).expanduser() if args.ledger else root_results / "flops_ledger.jsonl"
+    if args.ledger and not ledger_path.exists():  # a typo would otherwise report "total 0 FLOPs"
+        raise UsageError(f"--ledger {ledger_path}: no such file")
+    if ledger_path.exists() and not stat.S_ISREG(ledger_path.stat().st_mode):  # a FIFO would block the read
+        raise UsageError(f"{'--ledger ' if args.ledger else 'ledger '}{ledger_path}: not a regular file")
     results = find_results(root_results)
-    out = Path(args.out)
     figures = root_results / "report"
     figures.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(args.ledger or root_results / "flops_ledger.jsonl")
+    ledger = Ledger(ledger_path)
     text = render(results, ledger, root_results, figures, out.resolve().parent)
     out.write_text(text)
     print(f"wrote {out} from {len(results)} results under {root_results}")

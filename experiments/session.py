@@ -10,10 +10,14 @@ one path for compute: plan -> check -> spend -> write results -> charge.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import json
+import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
@@ -22,6 +26,8 @@ import torch
 
 from data import LotkaVolterraData, encode, fit_scale, load_trajectories, resolve_data_path, split_indices
 from miniqwen import load_pretrained
+from miniqwen.atomic import atomic_write
+from miniqwen.loading import resolve_model_dir, weights_fingerprint
 
 from .budget import Ledger, LedgerError
 from .results import Results
@@ -34,7 +40,8 @@ class Dataset:
     """The validated data, its 80/10/10 split by trajectory, and the LLMTIME scale fitted on the training split.
 
     Attributes: ``data`` (trajectories [N, T, 2], time [T]), ``splits`` ({name: indices}), ``llmtime_scale``
-    (data units per text unit), ``sha256`` of the file, ``decimals`` of the LLMTIME text.
+    (data units per text unit), ``sha256`` of the file, ``decimals`` of the LLMTIME text and its ``encoding``
+    ("decimal" or "integer", ``data.llmtime.encode``).
     """
 
     data: LotkaVolterraData
@@ -42,6 +49,7 @@ class Dataset:
     llmtime_scale: float
     sha256: str
     decimals: int
+    encoding: str = "decimal"
 
     def trajectories(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(indices (n,), trajectories [n, T, 2])`` of the first ``limit`` trajectories of ``split``."""
@@ -50,7 +58,8 @@ class Dataset:
 
     def texts(self, split: str, limit: int | None = None) -> list[str]:
         """LLMTIME text of whole trajectories of ``split`` (the training and validation-loss corpus)."""
-        return [encode(t, self.llmtime_scale, self.decimals) for t in self.trajectories(split, limit)[1]]
+        return [encode(t, self.llmtime_scale, self.decimals, self.encoding)
+                for t in self.trajectories(split, limit)[1]]
 
     def forecast_set(self, forecast: ForecastSettings):
         """``(indices (n,), trajectories [n, T, 2], contexts [n, C, 2], truth [n, H, 2] float64)`` for
@@ -70,9 +79,10 @@ class Dataset:
         return indices, trajectories, contexts, truth
 
     def record(self) -> dict:
-        """What results say about the data: file name (no directory), checksum, scale, size."""
+        """What results say about the data: file name (no directory), checksum, scale, text format, size."""
         return {"file": self.data.path.name, "sha256": self.sha256, "llmtime_scale": self.llmtime_scale,
-                "decimals": self.decimals, "n_trajectories": self.data.n_systems, "n_steps": self.data.n_steps}
+                "decimals": self.decimals, "encoding": self.encoding, "n_trajectories": self.data.n_systems,
+                "n_steps": self.data.n_steps}
 
 
 def load_dataset(settings: DataSettings) -> Dataset:
@@ -82,7 +92,7 @@ def load_dataset(settings: DataSettings) -> Dataset:
     splits = split_indices(data.n_systems)
     scale = fit_scale(data.trajectories[splits["train"]], settings.scale_quantile, settings.scale_target)
     sha = hashlib.sha256(data.path.read_bytes()).hexdigest()
-    return Dataset(data, splits, scale, sha, settings.decimals)
+    return Dataset(data, splits, scale, sha, settings.decimals, settings.encoding)
 
 
 def seed_everything(seed: int) -> None:
@@ -96,7 +106,7 @@ def weights_label(model: str) -> str:
     """What the weights are, for results: the first line of a PROVENANCE.txt beside them (the offline dequantized
     build writes one), without its closing full stop so that it reads inside a sentence, else ``model`` as given (a
     Hub repo id, or a directory's name)."""
-    path = Path(model)
+    path = Path(model).expanduser()
     provenance = path / "PROVENANCE.txt"
     if provenance.is_file():
         return provenance.read_text().splitlines()[0].rstrip(".")
@@ -104,12 +114,149 @@ def weights_label(model: str) -> str:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"`` -> "bfloat16" on CUDA and on CPUs with native bf16 matrix products, else "float32"."""
+    """``precision`` as given, or for ``"auto"`` the dtype :func:`miniqwen.device.default_compute_dtype` picks on
+    ``device``: "bfloat16" on CUDA GPUs of compute capability >= 8.0 and on CPUs with native bf16 matrix products,
+    "float16" on older CUDA GPUs (T4, V100) and on Apple silicon (MPS), else "float32"."""
     if precision != "auto":
         return precision
     from miniqwen.device import default_compute_dtype
 
     return str(default_compute_dtype(device)).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run directories: a stage writes, resumes and removes only a directory a stage made
+# ---------------------------------------------------------------------------------------------------------------
+
+#: the run record a Session keeps in every run directory it makes: stage, settings, data and weights identity
+RECORD = "run.json"
+#: top-level names the stages write in a run directory (a record's ``written`` list adds what a finished run held)
+STAGE_FILES = ("run.json", "results.json", "README.md", "untrained.json", "training", "points", "peft_adapter",
+               "grid.csv", "grid.json", "contexts.csv", "contexts.json", "search.csv", "per_trajectory*.csv",
+               "generations*.jsonl", "forecasts*.png", "horizon_*.png", "heatmap_*.png", "loss_curve*.png",
+               "rungs.png", ".*.tmp")
+#: what an interrupted run of a stage that trains leaves before its results.json (runs made before run records)
+_PARTIAL_RUN = ("untrained.json", "training", "points")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunDirectory:
+    """What an output directory holds. ``kind``: "empty" (absent, empty, or only a run record), "run" (made by a
+    stage: it has a run record), "legacy" (made by a stage before run records: a results.json naming its stage, or
+    an interrupted training run's files) or "foreign" (anything else). ``stage`` is the stage that made it (None if
+    unknown), ``entries`` its top-level names."""
+
+    path: Path
+    kind: str
+    stage: str | None = None
+    record: dict | None = None
+    entries: list[str] = field(default_factory=list)
+    results: dict | None = None
+
+    def listing(self, names: list[str] | None = None, limit: int = 5) -> str:
+        names = self.entries if names is None else names
+        return ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+    def not_written_by_a_stage(self) -> list[str]:
+        """Top-level entries no stage wrote: neither a stage's file name nor listed in the record."""
+        written = set((self.record or {}).get("written") or [])
+        return [n for n in self.entries
+                if n not in written and not any(fnmatch.fnmatchcase(n, pattern) for pattern in STAGE_FILES)]
+
+
+def _read_json(path: Path):
+    try:
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _dig(value, *keys):
+    """``value[k1][k2]…`` through JSON objects, or None where a level is missing or not an object (for records and
+    results files a user may have edited)."""
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _object(value) -> dict | None:
+    return value if isinstance(value, dict) and value else None
+
+
+def inspect_out(out: Path, option: str = "--out") -> RunDirectory:
+    """Classify ``out`` (see :class:`RunDirectory`), following a symbolic link to its target.
+
+    Raises UsageError: ``out`` is not a directory (a file, a link to nothing), cannot be listed, or holds a run
+    record that is not one.
+    """
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"{option} {out} is a symbolic link to {os.readlink(out)}, which does not exist")
+    if not out.exists():
+        return RunDirectory(out, "empty")
+    if not out.is_dir():
+        raise UsageError(f"{option} {out} is a file, not a directory: choose another {option}")
+    try:  # an atomic write's temporary file (another job writing the record this instant) is nobody's content
+        entries = sorted(n for n in os.listdir(out) if not fnmatch.fnmatchcase(n, ".*.tmp"))
+    except OSError as err:
+        raise UsageError(f"{option} {out}: cannot list it ({err.strerror})") from None
+    if not entries:
+        return RunDirectory(out, "empty")
+    if RECORD in entries:
+        record = _read_json(out / RECORD)
+        if not (isinstance(record, dict) and isinstance(record.get("stage"), str)
+                and record.get("made_by") == "miniqwen"):
+            raise UsageError(f"{option} {out}: {out / RECORD} is not a miniqwen run record (damaged or not ours): "
+                             f"choose another {option}")
+        if entries == [RECORD]:  # made, then refused or stopped before it wrote anything
+            return RunDirectory(out, "empty", record["stage"], record, entries)
+        return RunDirectory(out, "run", record["stage"], record, entries)
+    results = _read_json(out / "results.json") if "results.json" in entries else None
+    if isinstance(results, dict) and isinstance(results.get("stage"), str):
+        return RunDirectory(out, "legacy", results["stage"], None, entries, results)
+    if "results.json" not in entries and any(n in entries for n in _PARTIAL_RUN):
+        return RunDirectory(out, "legacy", None, None, entries)
+    return RunDirectory(out, "foreign", None, None, entries)
+
+
+def _protected(path: Path) -> str | None:
+    """Why ``path`` (resolved) must never be emptied: the root, the home directory, the repository, the current
+    directory or one of its parents; else None."""
+    cwd = Path.cwd().resolve()
+    if path == Path(path.anchor):
+        return "the file-system root"
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError, OSError):
+        home = None
+    if path == home:
+        return "your home directory"
+    if path == cwd:
+        return "the current directory"
+    if path in cwd.parents:
+        return "a parent of the current directory"
+    if path == REPO_ROOT or path in REPO_ROOT.parents:
+        return "the repository" if path == REPO_ROOT else "a parent of the repository"
+    return None
+
+
+def _empty_run_directory(out: Path) -> None:
+    """Remove everything in ``out`` (a run directory; a link's target), not ``out`` itself; links are removed, not
+    followed. Raises UsageError naming what could not be removed."""
+    for child in sorted(out.iterdir()):
+        try:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        except OSError as err:
+            raise UsageError(f"--overwrite: cannot remove {child} ({err.strerror or err})") from None
+
+
+def _model_name(model) -> str | None:
+    return Path(str(model)).name if model else None
 
 
 class Session:
@@ -123,35 +270,148 @@ class Session:
             nor touch ``run.out``. A stage that does not train refuses torchrun.
         join: ``run.out`` is shared with other jobs (sweep shards): it may hold results or nothing yet.
 
+    ``run.out`` is a run directory: the Session keeps a run record (:data:`RECORD`: the stage, the settings, the data
+    checksum and the weights' identity) in every one it makes, and only a directory a stage made is resumed (by the
+    same stage, on the same data and weights) or emptied by ``--overwrite``; anything else is refused before any
+    work. A directory made before run records (a results.json naming its stage, or an interrupted training run) is
+    accepted as that stage's.
+
     Raises:
-        UsageError: ``run.out`` already holds results and neither ``resume`` nor ``overwrite`` is set, or
-            ``resume`` with nothing in ``run.out`` to resume (neither when joining); torchrun for a stage that
-            does not train.
+        UsageError: ``run.out`` holds files no stage wrote, or another stage's run, or results and neither
+            ``resume`` nor ``overwrite`` is set (neither when joining); ``resume`` for a stage that does not train,
+            with nothing in ``run.out`` to resume, or on other data or weights than the run's; ``overwrite`` of the
+            current directory, a parent of it, the repository, the home directory or the root; torchrun for a stage
+            that does not train; ``run.out`` cannot be created.
         data.DataError: the data file is missing or invalid.
     """
 
     def __init__(self, stage: str, run: RunSettings, data: DataSettings, *, trains: bool = False,
                  join: bool = False):
         self.stage, self.run, self.data_settings = stage, run, data
-        self.out = Path(run.out) if run.out else Path("runs") / stage
+        self.out = Path(run.out).expanduser() if run.out else Path("runs") / stage
+        if run.resume and not trains and not join:
+            raise UsageError(f"--resume: experiments.{stage} has nothing to resume (it does not train); run it "
+                             "again with --overwrite to replace its results, or choose another --out")
         if distributed.launched():
             if not trains:
                 raise UsageError(f"experiments.{stage} does not train: run it as one process, not under torchrun")
             distributed.init(self.device, followers=True)
         self.is_main = distributed.is_main()
-        held = self.is_main and self.out.is_dir() and any(self.out.iterdir())
-        if held and not (run.resume or run.overwrite or join):
-            raise UsageError(f"--out {self.out} already holds results: pass --resume to continue that run, "
-                             "--overwrite to replace it, or choose another --out")
-        if self.is_main and run.resume and not held and not join:
-            raise UsageError(f"--resume: nothing to resume in {self.out} (it is empty or does not exist)")
+        self._record: dict | None = None
+        found = self._check_out(trains, join) if self.is_main else None
         self.dataset = load_dataset(data)
         self.ledger = Ledger(run.ledger)
-        if run.overwrite and held:
-            shutil.rmtree(self.out)
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        if found is not None:
+            if (run.resume or join) and found.kind in ("run", "legacy"):
+                self._check_same_run(found)
+            if run.overwrite and found.kind in ("run", "legacy"):
+                _empty_run_directory(self.out)
+                found = RunDirectory(self.out, "empty")
+            self._make_out(found)
         seed_everything(run.seed)
+
+    # ------------------------------------------------------------------ the run directory
+    def _check_out(self, trains: bool, join: bool) -> RunDirectory:
+        """What ``--out`` holds, refused (UsageError) unless this run may use it as asked; changes nothing."""
+        run, out, stage = self.run, self.out, self.stage
+        found = inspect_out(out)
+        if found.kind == "foreign":
+            raise UsageError(f"--out {out} holds files no stage wrote ({found.listing()}): choose another --out")
+        if found.kind == "empty":
+            if run.resume and not join:
+                raise UsageError(f"--resume: nothing to resume in {out} (it is empty or does not exist)")
+            return found
+        made_by = found.stage or "training"
+        if found.stage is not None and found.stage != stage and (run.resume or join):
+            raise UsageError(f"--out {out} holds a {found.stage} run, not a {stage} run: --resume continues only "
+                             f"a run of the same stage; choose another --out")
+        if not (run.resume or run.overwrite or join):
+            advice = "--resume to continue it, " if trains and found.stage in (None, stage) else ""
+            raise UsageError(f"--out {out} already holds a {made_by} run ({found.listing()}): pass {advice}"
+                             "--overwrite to replace it, or choose another --out")
+        if run.overwrite:
+            why = _protected(out.resolve())
+            if why:
+                raise UsageError(f"--overwrite: --out {out} is {why}, which a stage never empties: choose another "
+                                 "--out")
+            extra = found.not_written_by_a_stage()
+            if extra:
+                raise UsageError(f"--overwrite: --out {out} holds a {made_by} run but also files no stage wrote "
+                                 f"({found.listing(extra)}): move them away or choose another --out")
+        return found
+
+    def _check_same_run(self, found: RunDirectory) -> None:
+        """Refuse (UsageError) to continue ``found`` on other data or other weights, before anything is spent."""
+        out, record = self.out, found.record or {}
+        data = _object(_dig(record, "data")) or _object(_dig(found.results, "data")) or {}
+        if isinstance(data.get("sha256"), str) and data["sha256"] != self.dataset.sha256:
+            raise UsageError(f"--resume: --out {out} was run on data {data.get('file')} (sha256 "
+                             f"{data['sha256'][:12]}…), not on {self.dataset.data.path.name} (sha256 "
+                             f"{self.dataset.sha256[:12]}…): pass the same --data, or choose another --out")
+        recorded = _object(_dig(record, "weights"))
+        if recorded:
+            mine = self.weights_identity
+            if recorded.get("sha256") != mine["sha256"]:
+                raise UsageError(f"--model {self.run.model}: --out {out} was run on other weights "
+                                 f"({recorded.get('label')}, sha256 {str(recorded.get('sha256'))[:12]}…; these are "
+                                 f"{mine['label']}, sha256 {mine['sha256'][:12]}…): resume with the same --model, "
+                                 "or choose another --out")
+        elif found.kind == "legacy":  # made before run records: compare the model's name as its results record it
+            saved = [_dig(found.results, "settings", "run", "model"),
+                     _dig(_read_json(out / "untrained.json"), "settings", "run", "model")]
+            names = {_model_name(m) for m in saved if isinstance(m, str) and m}
+            if names and _model_name(self.run.model) not in names:
+                raise UsageError(f"--model {self.run.model}: --out {out} was run on other weights "
+                                 f"({', '.join(sorted(names))}): resume with the same --model, or choose another "
+                                 "--out")
+
+    def _make_out(self, found: RunDirectory) -> None:
+        """Create ``--out`` (a link's target) and its run record, or keep the record of the run being continued."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if found.kind == "run":  # the same stage's run, continued (any other was refused or emptied)
+                self._record = found.record
+                return
+            record = {"made_by": "miniqwen", "stage": self.stage,
+                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "settings": as_record(run=self.run, data=self.data_settings),
+                      "data": {"file": self.dataset.data.path.name, "sha256": self.dataset.sha256},
+                      "weights": None, "written": []}
+            if found.kind == "legacy":
+                record["continues"] = "a run made before run records"
+            self._write_record(record)
+        except OSError as err:
+            where = err.filename or self.out
+            raise UsageError(f"--out {self.out}: cannot write {where} ({err.strerror or err})") from None
+
+    def _write_record(self, record: dict) -> None:
+        atomic_write(self.out / RECORD, json.dumps(record, indent=2) + "\n")
+        self._record = record
+
+    @cached_property
+    def weights_identity(self) -> dict:
+        """What the weights are: their label and :func:`miniqwen.loading.weights_fingerprint` (config.json, the
+        tensor index and a sample of the data; the tensors are not read)."""
+        return {"label": self.weights, "name": _model_name(self.run.model),
+                "sha256": weights_fingerprint(resolve_model_dir(self.run.model))}
+
+    def _record_weights(self) -> None:
+        """Put the weights' identity in the run record when they are first loaded (refusing other weights than
+        the ones a joined run, e.g. another shard, already recorded)."""
+        if not self.is_main or self._record is None:
+            return
+        record = _read_json(self.out / RECORD)
+        record = record if isinstance(record, dict) else dict(self._record)
+        recorded, mine = _object(_dig(record, "weights")), self.weights_identity
+        if recorded and recorded.get("sha256") != mine["sha256"]:
+            raise UsageError(f"--model {self.run.model}: --out {self.out} was run on other weights "
+                             f"({recorded.get('label')}): use the same --model, or choose another --out")
+        if not recorded:
+            record["weights"] = mine
+            try:
+                self._write_record(record)
+            except OSError as err:
+                raise UsageError(f"--out {self.out}: cannot write {self.out / RECORD} ({err.strerror})") from None
 
     # ------------------------------------------------------------------ the model, loaded once
     @cached_property
@@ -166,7 +426,9 @@ class Session:
 
     @cached_property
     def _loaded(self):
-        model, tokenizer = load_pretrained(self.run.model, dtype=getattr(torch, self.precision), device=self.device)
+        model_dir = resolve_model_dir(self.run.model)
+        self._record_weights()  # also refuses a config.json or weights file that is not a regular file
+        model, tokenizer = load_pretrained(model_dir, dtype=getattr(torch, self.precision), device=self.device)
         print(f"model: {self.weights} — computing on {self.device} in {self.precision}")
         return model.eval(), tokenizer
 
@@ -204,6 +466,16 @@ class Session:
         Raises LedgerError (after the results are on disk) naming the results file and the FLOPs not recorded.
         """
         path = results.write(self.out / "results.json")
+        if self._record is not None:  # what the finished run holds is the stage's, for a later --overwrite
+            try:
+                record = _read_json(self.out / RECORD)
+                record = record if isinstance(record, dict) else dict(self._record)
+                ledger = os.path.realpath(self.ledger.path)  # a ledger kept in --out is the user's, not the run's
+                record["written"] = sorted(n for n in os.listdir(self.out)
+                                           if os.path.realpath(self.out / n) not in (ledger, ledger + ".lock"))
+                self._write_record(record)
+            except OSError:
+                pass  # the results are written; without the list, --overwrite goes by the stages' file names
         for kind, flops in (charge or {}).items():
             self.charge(kind, flops, path)
         return path

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
+import struct
 from pathlib import Path
 
 import torch
@@ -31,15 +34,20 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise WeightsError(f"{name}: no such model directory, and it is not a Hub repo id of the form owner/name")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
     except Exception as err:  # network, auth, offline-cache miss: all mean the same thing to the user
+        if getattr(constants, "HF_HUB_OFFLINE", False) and "Incomplete" not in type(err).__name__:
+            why = (f"{name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
+                   "forbids downloading it")
+        else:
+            why = f"could not get {name!r} from the Hugging Face Hub ({type(err).__name__}: {err})"
         raise WeightsError(
-            f"could not get {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). Without Hub access, "
-            "pass --model DIR with a local copy (config.json, model.safetensors, tokenizer.json); on this project's "
-            "machines ../shared/tools/get-qwen-weights builds one."
+            " ".join(why.split()) + ". Without Hub access, pass --model DIR with a local copy (config.json, "
+            "model.safetensors, tokenizer.json); on this project's machines ../shared/tools/get-qwen-weights builds "
+            "one."
         ) from None
 
 
@@ -101,12 +109,97 @@ def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
             if not tensor.is_floating_point():
                 raise WeightsError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected floating point "
                                    "(quantized or corrupt weights?)")
+            bad = _count_non_finite(tensor)
+            if bad:
+                raise WeightsError(f"{file}: tensor {name} holds {bad} NaN or infinite values of "
+                                   f"{tensor.numel()} (corrupt weights?)")
         state.update(tensors)
     if weight_map is not None:
         absent = sorted(set(weight_map) - set(state))
         if absent:
             raise WeightsError(f"{index}: {len(absent)} tensors listed but not found in shards: {absent[:10]}")
     return state
+
+
+def _count_non_finite(tensor: torch.Tensor, block: int = 1 << 24) -> int:
+    """How many NaN/inf values ``tensor`` holds. A finite sum proves there are none (one fast reduction; NaN and inf
+    propagate into it); otherwise they are counted in blocks (a sum can also overflow on finite values)."""
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return 0
+    flat = tensor.reshape(-1)
+    bad = 0
+    for start in range(0, flat.numel(), block):
+        part = flat[start:start + block]
+        if not bool(torch.isfinite(part).all()):
+            bad += int((~torch.isfinite(part)).sum())
+    return bad
+
+
+def _regular_file(path: Path) -> bool:
+    """``path`` exists and is a regular file (following links): never a FIFO or device, which could block a read."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    """``(header, data_start)`` of a safetensors file: the JSON header (tensor name -> dtype, shape, offsets) and
+    the byte offset where the tensor data begins. Reads only the header. Raises WeightsError naming ``file``."""
+    if not _regular_file(file):
+        raise WeightsError(f"{file}: not a regular file (the weights must be a safetensors file)")
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} does not fit in the file ({size} bytes)")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{file}: cannot read safetensors ({err})") from None
+    return header, 8 + n
+
+
+def weights_fingerprint(model_dir: str | os.PathLike, sample: int = 1 << 16) -> str:
+    """SHA-256 that identifies a weights directory without reading the tensors: config.json's bytes, the tensor
+    index of every safetensors file (names, dtypes, shapes, from the headers) and, per file, its size and the first
+    and last ``sample`` bytes of its tensor data (so that two checkpoints of one architecture, e.g. another
+    fine-tune or seed, differ). Renaming or moving the directory does not change it.
+
+    Raises WeightsError / ConfigError naming the file for a missing config.json (or one that is not a regular
+    file), no weights, or an unreadable safetensors header.
+    """
+    model_dir = Path(model_dir)
+    config = model_dir / "config.json"
+    if not _regular_file(config):
+        raise ConfigError(f"{config}: missing or not a regular file")
+    h = hashlib.sha256()
+    h.update(b"config.json\0" + config.read_bytes())
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_index(index).values()))
+    elif (model_dir / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        raise WeightsError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    for shard in shards:
+        file = model_dir / shard
+        header, start = _safetensors_header(file)
+        tensors = sorted((k, v.get("dtype"), v.get("shape")) for k, v in header.items()
+                         if k != "__metadata__" and isinstance(v, dict))
+        size = file.stat().st_size
+        h.update(json.dumps([shard, tensors, size]).encode())
+        with open(file, "rb") as fh:
+            fh.seek(start)
+            h.update(fh.read(sample))
+            fh.seek(max(start, size - sample))
+            h.update(fh.read(sample))
+    return h.hexdigest()
 
 
 def describe_mismatch(expected: dict, state: dict, found: str = "file", wanted: str = "model",
@@ -196,4 +289,5 @@ def load_pretrained(
     return model.eval(), tokenizer
 
 
-__all__ = ["ConfigError", "WeightsError", "load_pretrained", "resolve_model_dir", "DEFAULT_MODEL"]
+__all__ = ["ConfigError", "WeightsError", "load_pretrained", "resolve_model_dir", "weights_fingerprint",
+           "DEFAULT_MODEL"]

@@ -283,6 +283,64 @@ def test_tensor_in_two_shards_or_not_float(tmp_path):
         load_pretrained(tmp_path, device="cpu")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tiny_checkpoint, tmp_path, value):
+    path, _ = tiny_checkpoint
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((path / name).read_bytes())
+    tensors = load_file(str(path / "model.safetensors"))
+    bad = "model.layers.1.mlp.down_proj.weight"
+    tensors[bad] = tensors[bad].clone()
+    tensors[bad][3, 5] = value
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WeightsError) as err:
+        load_pretrained(tmp_path, device="cpu")
+    msg = one_line(err)
+    assert bad in msg and str(tmp_path / "model.safetensors") in msg and "NaN or infinite" in msg, msg
+
+
+def test_non_finite_weights_stop_a_stage_with_one_line_and_no_charge(tiny_full_vocab, sim_file, tmp_path, capsys):
+    from experiments import baseline
+    from experiments.settings import run_cli
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (model / name).write_bytes((tiny_full_vocab / name).read_bytes())
+    tensors = load_file(str(tiny_full_vocab / "model.safetensors"))
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.charge("earlier", 10, "train")
+    before = ledger.path.read_bytes()
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: baseline.main(["--model", str(model), "--data", str(sim_file), "--ledger", str(ledger.path),
+                                       "--out", str(tmp_path / "out"), "--device", "cpu", "--limit", "1",
+                                       "--context-steps", "5", "--horizon", "2", "--loss-limit", "0"]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and "model.norm.weight" in lines[0], lines
+    assert ledger.path.read_bytes() == before
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_weights_fingerprint_names_the_weights_not_the_directory(tiny_checkpoint, tmp_path):
+    from conftest import write_tiny_checkpoint
+
+    path, _ = tiny_checkpoint
+    copy = tmp_path / "renamed"
+    copy.mkdir()
+    for f in path.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert loading.weights_fingerprint(copy) == loading.weights_fingerprint(path)
+    other = tmp_path / "other"
+    write_tiny_checkpoint(other, tie=json.loads((path / "config.json").read_text())["tie_word_embeddings"], seed=5)
+    assert loading.weights_fingerprint(other) != loading.weights_fingerprint(path)  # same shapes, other values
+    (copy / "config.json").unlink()
+    os.mkfifo(copy / "config.json")  # reading a FIFO would block: it is refused as not a regular file
+    with pytest.raises(ConfigError, match="not a regular file"):
+        loading.weights_fingerprint(copy)
+
+
 def test_bad_dtype_argument(tmp_path):
     with pytest.raises(ValueError, match="unknown dtype 'nn'"):
         load_pretrained(tmp_path, dtype="nn", device="cpu")

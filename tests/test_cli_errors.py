@@ -2,6 +2,7 @@
 or any FLOP is spent, and nothing already on disk (results, ledger, checkpoints) changes."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -213,3 +214,119 @@ def test_resume_from_a_corrupt_checkpoint_exits_2_and_changes_nothing(setup, tin
     code, err = run(train_cli.main, [*argv, "--max-steps", "4", "--resume"], capsys)
     assert code == 2 and "adapter.safetensors" in err and "checksum" in err, err
     assert ledger.read_text() == ledger_before
+
+
+# ------------------------------------------------------------------------------- issue 20: silent wrong results
+
+def _edit_state(state: dict, edit: str) -> dict:
+    if edit.startswith("legacy "):  # a checkpoint written before state.json had its own checksum
+        state.pop("state_sha256")
+        edit = edit.removeprefix("legacy ")
+    if edit == "step 1000":
+        state["loop"]["step"] = 1000
+    elif edit == "step -3":
+        state["loop"]["step"] = -3
+    elif edit == "unknown key":
+        state["loop"]["steps_done"] = 4
+    elif edit == "no rng":
+        del state["rng"]
+    elif edit == "no settings":
+        del state["settings"]
+    return state
+
+
+@pytest.mark.parametrize("edit", ["step 1000", "step -3", "unknown key", "no rng", "no settings",
+                                  "legacy step 1000", "legacy step -3", "legacy unknown key", "legacy no rng",
+                                  "legacy no settings"])
+def test_an_edited_state_json_is_refused_not_believed(tmp_path, edit):
+    model, chunks, settings = tiny_run(tmp_path)
+    out = tmp_path / "run"
+    train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
+    file = out / "checkpoint" / "state.json"
+    file.write_text(json.dumps(_edit_state(json.loads(file.read_text()), edit)))
+    saved = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
+    model2, _, settings2 = tiny_run(tmp_path, max_steps=6)
+    with pytest.raises(CheckpointError) as info:
+        train(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
+    message = str(info.value)
+    assert "state.json" in message and "\n" not in message, message
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == saved
+
+
+def test_a_checkpoint_written_before_the_state_checksum_still_resumes(tmp_path):
+    model, chunks, settings = tiny_run(tmp_path)
+    out = tmp_path / "run"
+    train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
+    file = out / "checkpoint" / "state.json"
+    state = json.loads(file.read_text())
+    state.pop("state_sha256")
+    file.write_text(json.dumps(state))
+    model2, _, settings2 = tiny_run(tmp_path, max_steps=6)
+    summary = train(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
+    assert summary["steps"] == 6
+
+
+def test_an_edited_state_json_exits_2_naming_it_and_changes_nothing(setup, tiny_dir, tmp_path, capsys):
+    from experiments import train as train_cli
+    from experiments.train import save_chunks
+
+    g = torch.Generator().manual_seed(2)
+    save_chunks(make_chunks([torch.randint(1, 128, (40,), generator=g).tolist() for _ in range(6)], 16),
+                tmp_path / "chunks.safetensors")
+    ledger = tmp_path / "ledger.jsonl"
+    argv = ["--model", str(tiny_dir), "--train-chunks", str(tmp_path / "chunks.safetensors"), "--out",
+            str(tmp_path / "run"), "--ledger", str(ledger), "--context-length", "16", "--batch-size", "2",
+            "--checkpoint-every", "1", "--eval-every", "0", "--no-progress", "--precision", "float32"]
+    assert train_cli.main([*argv, "--max-steps", "2"]) == 0
+    file = tmp_path / "run" / "checkpoint" / "state.json"
+    state = json.loads(file.read_text())
+    state["loop"]["step"] = 1000
+    file.write_text(json.dumps(state))
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+    ledger_before = ledger.read_text()
+    code, err = run(train_cli.main, [*argv, "--max-steps", "4", "--resume"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(file) in err and "checksum" in err, err
+    assert ledger.read_text() == ledger_before
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("stage,argv,option", [
+    ("final", ["--context-len", "40"], "--context-len"), ("final", ["--max-step", "3"], "--max-step"),
+    ("baseline", ["--lim", "3"], "--lim"), ("lora_default", ["--pre", "cpu"], "--pre"),
+    ("report", ["--led", "x.jsonl"], "--led"),
+])
+def test_abbreviated_options_are_refused_not_guessed(setup, tmp_path, capsys, stage, argv, option):
+    import importlib
+
+    main = importlib.import_module(f"experiments.{stage}").main
+    ledger_before = (setup / "ledger.jsonl").read_text()
+    out = tmp_path / "out"
+    common = ["--results", str(tmp_path)] if stage == "report" else [
+        "--model", str(tmp_path / "no-model"), "--data", str(setup / "lv.h5"), "--ledger",
+        str(setup / "ledger.jsonl")]
+    code, err = run(main, [*common, "--out", str(out), *argv], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], err
+    assert "no-model" not in err and not out.exists()
+    assert (setup / "ledger.jsonl").read_text() == ledger_before
+
+
+def test_report_refuses_a_ledger_that_is_not_there_or_not_a_file(tmp_path, capsys):
+    from experiments import report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "flops_ledger.jsonl").write_text("")
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    for ledger, words in ((tmp_path / "flops_ledgr.jsonl", ["--ledger", "flops_ledgr.jsonl", "no such file"]),
+                          (fifo, ["--ledger", "fifo.jsonl", "not a regular file"]),
+                          (tmp_path, ["--ledger", "not a regular file"])):
+        code, err = run(report.main, ["--results", str(results), "--ledger", str(ledger), "--out",
+                                      str(tmp_path / "REPORT.md")], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), err
+    code, err = run(report.main, ["--results", str(results), "--out", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--out" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.jsonl", "results"]
+    assert [p.name for p in results.iterdir()] == ["flops_ledger.jsonl"]  # not even the figures directory

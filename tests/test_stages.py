@@ -43,12 +43,12 @@ def test_results_round_trip(tmp_path):
 def test_session_refuses_an_output_directory_that_holds_results(sim_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "results.json").write_text("{}")
+    (out / "results.json").write_text('{"stage": "s"}')  # a stage's results (any other file is the user's)
     run = settings.RunSettings(out=str(out), ledger=str(tmp_path / "l.jsonl"))
     data = settings.DataSettings(data=str(sim_file))
     with pytest.raises(settings.UsageError, match="--overwrite"):
         Session("s", run, data)
-    assert (out / "results.json").read_text() == "{}"
+    assert (out / "results.json").read_text() == '{"stage": "s"}'
     with pytest.raises(settings.UsageError, match="nothing to resume"):
         Session("s", settings.RunSettings(out=str(tmp_path / "empty"), resume=True), data)
     Session("s", settings.RunSettings(out=str(out), overwrite=True), data)

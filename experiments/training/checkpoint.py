@@ -7,7 +7,8 @@
         rng.safetensors                             torch CPU (and CUDA) generator states
         state.json                                  loop state (step, data position, FLOPs and what was charged,
                                                     early stopping), settings, data fingerprints, Python/NumPy RNG
-                                                    states, and the SHA-256 of every file above
+                                                    states, the SHA-256 of every file above and of
+                                                    its own content (``state_sha256``)
 
 A new checkpoint is written to ``checkpoint.tmp/``, read back and verified against its checksums, and only then
 takes the place of the previous one (which is renamed ``checkpoint.old/`` for the moment of the swap and removed
@@ -37,6 +38,7 @@ from miniqwen.atomic import atomic_write
 
 CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 TENSOR_FILES = ("adapter.safetensors", "optimizer.safetensors", "best_adapter.safetensors", "rng.safetensors")
+STATE_CHECKSUM = "state_sha256"  # state.json's checksum of its own content
 
 
 class CheckpointError(ValueError):
@@ -115,7 +117,8 @@ def write_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: to
     rng_tensors, rng_json = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     files = {name: _sha256(tmp / name) for name in TENSOR_FILES if (tmp / name).is_file()}
-    atomic_write(tmp / "state.json", json.dumps({**state, "rng": rng_json, "files": files}) + "\n")
+    body = json.loads(json.dumps({**state, "rng": rng_json, "files": files}))  # the checksum is of what is read back
+    atomic_write(tmp / "state.json", json.dumps({**body, STATE_CHECKSUM: _state_checksum(body)}) + "\n")
     read_checkpoint(tmp)  # verify before it replaces the previous checkpoint
     if final.exists():
         if old.exists():
@@ -125,6 +128,56 @@ def write_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: to
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+def _state_checksum(body: dict) -> str:
+    """SHA-256 of state.json's content (every key but the checksum itself), in a canonical JSON form."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_state(file: Path, state: dict, optimizer: dict[str, torch.Tensor]) -> None:
+    """Refuse a state.json that was edited by hand or does not fit its own tensors: its checksum, the keys a resume
+    needs and the loop counters (integers >= 0, no unknown field); one written before it had a checksum must also
+    have the optimizer's own step count as its step."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{file}: {why} — the checkpoint cannot be trusted; start again with --overwrite")
+
+    if STATE_CHECKSUM in state:
+        body = {k: v for k, v in state.items() if k != STATE_CHECKSUM}
+        if state[STATE_CHECKSUM] != _state_checksum(body):
+            raise bad("checksum does not match its content (edited or damaged)")
+    missing = [k for k in ("loop", "rng", "settings", "files") if k not in state]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    rng = state["rng"]
+    if not (isinstance(rng, dict) and isinstance(rng.get("python"), list) and isinstance(rng.get("numpy"), list)):
+        raise bad("'rng' must hold the python and numpy generator states")
+    if not isinstance(state["settings"], dict):
+        raise bad("'settings' must be an object")
+    loop = state["loop"]
+    if not isinstance(loop, dict):
+        raise bad("'loop' must be an object")
+    from .loop import TrainState  # here: loop imports this module
+
+    known = {f for f in TrainState.__dataclass_fields__}
+    unknown = sorted(set(loop) - known)
+    if unknown:
+        raise bad(f"unknown loop field(s) {', '.join(map(repr, unknown))}")
+    for key in ("step", "epoch", "position", "train_flops", "eval_flops", "charged_train", "charged_eval",
+                "evals_since_best"):
+        value = loop.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad(f"loop.{key} = {value!r} must be an integer >= 0")
+    if STATE_CHECKSUM in state:
+        return
+    # written before state.json had a checksum: its step must be the optimizer's own count (AdamW's steps, in the
+    # checksummed optimizer.safetensors; under float16's gradient scaler, less the steps it skipped)
+    scaler = state.get("grad_scaler")
+    skipped = scaler.get("skipped_steps", 0) if isinstance(scaler, dict) else 0
+    steps = [int(v.reshape(-1)[0].item()) for k, v in optimizer.items() if k.endswith(".step") and v.numel()]
+    counted = max(steps, default=0)
+    if not isinstance(skipped, int) or counted != loop.get("step", 0) - skipped:
+        raise bad(f"loop.step = {loop.get('step', 0)} but the optimizer state has taken {counted} steps")
 
 
 def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -173,6 +226,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     for name in ("adapter.safetensors", "optimizer.safetensors", "rng.safetensors"):
         if name not in tensors:
             raise CheckpointError(f"{path}: the checkpoint has no {name}")
+    _check_state(path / "state.json", state, tensors["optimizer.safetensors"])
     return Checkpoint(path, state, tensors["adapter.safetensors"], tensors["optimizer.safetensors"],
                       tensors.get("best_adapter.safetensors"), tensors["rng.safetensors"])
 
