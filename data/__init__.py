@@ -4,15 +4,15 @@ Independent of the model code: tokenization takes any object with
 ``encode(text: str) -> list[int]``.
 
 * :mod:`data.lotka_volterra` – load/validate the HDF5 file and split it.
-* :mod:`data.llmtime` – LLMTIME scaling and text encoding/decoding
-  (Gruver et al. 2023, NeurIPS, section 3).
+* :mod:`data.llmtime` – LLMTIME scaling and text encoding/decoding, with or without
+  the decimal point (``ENCODINGS``; Gruver et al. 2023, NeurIPS, section 3).
 * :mod:`data.chunks` – tokenized fixed-length training windows.
 * :mod:`data.simulate` – synthetic data in the same schema
   (``python -m data.simulate --out data/lotka_volterra_data.h5``).
 """
 
 from .chunks import Chunks, chunk_texts, make_chunks, tokenize_texts
-from .llmtime import Decoded, decode, encode, fit_scale
+from .llmtime import ENCODINGS, Decoded, decode, encode, fit_scale
 from .lotka_volterra import (
     DATA_ENV_VAR,
     SPLITS,
@@ -25,6 +25,7 @@ from .lotka_volterra import (
 
 __all__ = [
     "DATA_ENV_VAR",
+    "ENCODINGS",
     "SPLITS",
     "Chunks",
     "DataError",

@@ -1,12 +1,16 @@
 """Classical forecasters beside the LLM, on the same trajectories and with the same metrics: persistence, AR(p) per
 species and VAR(p) over both species (least squares on each trajectory's own observed context; p chosen on the
-validation split), and the Lotka–Volterra ODE fitted to each context.
+validation split), the Lotka–Volterra ODE fitted to each context, and context parroting (copy what followed the best
+match of the last m steps within the context; m chosen on the validation split).
 
-    python -m experiments.classical --data FILE [--splits validation,test] [--orders 1,2,...,20] [--no-ode]
+    python -m experiments.classical --data FILE [--splits validation,test] [--orders 1,2,...,20]
+        [--parrot-lengths 1,2,3,5,8,12,16,20] [--no-ode]
 
-Writes ``results.json`` (one evaluation per forecaster and split, keyed ``"<forecaster>/<split>"``), the order
-search, per-trajectory CSVs and forecast plots under ``--out`` (default ``runs/classical``). These forecasters run no
-language model: they spend no FLOPs of the 1e17 budget and charge nothing to the ledger.
+Writes ``results.json`` (one evaluation per forecaster and split, keyed ``"<forecaster>/<split>"``; in ``details``
+the order search and, per split, paired comparisons of every forecaster with the best one — bootstrap intervals,
+wins, medians, blow-ups, see :mod:`experiments.compare`), ``README.md`` (the tables), per-trajectory CSVs and forecast
+plots under ``--out`` (default ``runs/classical``). These forecasters run no language model: they spend no FLOPs of
+the 1e17 budget and charge nothing to the ledger.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import dataclasses
 
 from . import recipes, settings
 from .classical_forecasters import validated_forecasters
+from .compare import compare_to_best, comparison_table
 from .session import Session
 
 STAGE = "classical"
+PARROT_LENGTHS = (1, 2, 3, 5, 8, 12, 16, 20)
 
 
 def build_parser():
@@ -25,6 +31,9 @@ def build_parser():
     p.add_argument("--splits", default="validation,test", help="comma-separated splits (default validation,test)")
     p.add_argument("--orders", default=",".join(map(str, range(1, 21))),
                    help="AR/VAR orders to choose from on the validation split (default 1..20)")
+    p.add_argument("--parrot-lengths", default=None,
+                   help="context-parroting match lengths m to choose from on the validation split (default "
+                        f"{','.join(map(str, PARROT_LENGTHS))}, those below --context-steps)")
     p.add_argument("--log", action="store_true", help="fit AR/VAR to log-populations (default: populations)")
     p.add_argument("--no-ode", action="store_true", help="skip the Lotka-Volterra ODE fit (the slowest forecaster)")
     return p
@@ -37,27 +46,28 @@ def main(argv=None) -> int:
     bad = [x for x in splits if x not in settings.SPLITS] or ([] if splits else ["(none)"])
     if bad:
         raise settings.UsageError(f"--splits {s['splits']!r}: each must be one of {', '.join(settings.SPLITS)}")
-    try:
-        orders = sorted({int(x) for x in s["orders"].split(",") if x.strip()})
-    except ValueError:
-        orders = []
-    largest = (forecast.context_steps - 2) // 3  # a VAR(p) with intercept needs 3p + 2 observed steps
-    if not orders or orders[0] < 1 or orders[-1] > largest:
-        raise settings.UsageError(f"--orders {s['orders']!r}: integers between 1 and {largest} (a VAR(p) fitted to "
-                                  f"{forecast.context_steps} observed steps needs 3p + 2 of them)")
+    C = forecast.context_steps
+    orders = integers("--orders", s["orders"], (C - 2) // 3,  # a VAR(p) with intercept needs 3p + 2 observed steps
+                      f"a VAR(p) fitted to {C} observed steps needs 3p + 2 of them")
+    lengths = [m for m in PARROT_LENGTHS if m < C] if s["parrot_lengths"] is None else \
+        integers("--parrot-lengths", s["parrot_lengths"], C - 1, f"a match of m steps needs m + 1 of the {C} observed")
     session = Session(STAGE, run, data)
     ds = session.dataset
     dt = float(ds.data.time[1] - ds.data.time[0])
 
-    # choose p for AR and VAR on the validation split (its trajectories and horizon)
+    # choose p for AR and VAR and m for parroting on the validation split (its trajectories and horizon)
     _, _, contexts, truth = ds.forecast_set(dataclasses.replace(forecast, split="validation"))
-    forecasters, search = validated_forecasters(contexts, truth, orders, dt, log=s["log"], ode=not s["no_ode"])
+    forecasters, search = validated_forecasters(contexts, truth, orders, dt, log=s["log"], ode=not s["no_ode"],
+                                                parrot_lengths=lengths)
     results = session.results(forecast=forecast)
     results.weights = None  # no language model
     results.details.update(order_search=search, dt=dt, flops_note="classical forecasters spend no LLM FLOPs")
     results.flops["planned"] = 0
+    comparisons, readme = {}, ["Chosen on the validation split: " + ", ".join(
+        f"{name} {'m' if name == 'parrot' else 'p'} = {v['chosen']}" for name, v in search.items()) + "."]
     for split in splits:
         fs = dataclasses.replace(forecast, split=split)
+        indices, _, _, split_truth = ds.forecast_set(fs)
         for forecaster in forecasters:
             tag = f"{forecaster.name}_{split}".replace("(", "").replace(")", "")
             evaluation = recipes.forecast_and_save(session, forecaster, fs, tag, f"{forecaster.name}, {split}",
@@ -67,10 +77,34 @@ def main(argv=None) -> int:
             recipes.print_evaluation(evaluation)
             if forecaster.n_fallback:
                 print(f"  ({forecaster.n_fallback} trajectories fell back to persistence)")
+        # paired comparisons with the best forecaster of this split, trajectory by trajectory
+        comparisons[split] = compare_to_best({f.name: f.last_prediction for f in forecasters}, split_truth, indices,
+                                             seed=run.seed)
+        table = comparison_table(comparisons[split]["comparisons"])
+        scores = recipes.evaluation_table({f.name: results.evaluations[f"{f.name}/{split}"] for f in forecasters})
+        readme += [f"## {split} split: {len(indices)} trajectories, {C} steps observed → {forecast.horizon} forecast",
+                   scores, f"Best: {comparisons[split]['best']}. Paired comparisons:", table]
+        print(f"\n{split}: paired comparisons with the best forecaster\n{table}")
+    body = "\n\n".join(readme)
+    results.details.update(comparisons=comparisons, table_markdown=body)
+    recipes.write_run_readme(session.out / "README.md", "Classical forecasters",
+                             recipes.command_line("experiments.classical", argv), body)
     results.add_flops("generate", 0)
     session.finish(results)
-    print(f"wrote {session.out}/results.json (no FLOPs charged: no language model was run)")
+    print(f"wrote {session.out}/results.json and README.md (no FLOPs charged: no language model was run)")
     return 0
+
+
+def integers(option: str, text: str, largest: int, why: str) -> list[int]:
+    """The sorted distinct integers of a comma-separated ``text``; UsageError naming ``option`` unless all are in
+    ``1..largest`` (``why`` says where the bound comes from)."""
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1 or values[-1] > largest:
+        raise settings.UsageError(f"{option} {text!r}: integers between 1 and {largest} ({why})")
+    return values
 
 
 if __name__ == "__main__":

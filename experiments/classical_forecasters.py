@@ -3,7 +3,7 @@
 Data convention (shared by every forecaster): ``contexts`` is a float array ``[n, C, 2]`` — n trajectories,
 C observed time steps, column 0 prey, column 1 predator (populations, > 0) — and ``predict(contexts, H)``
 returns float64 ``[n, H, 2]``, the H steps right after each context. Each trajectory is fitted on its own
-context only (no pooling across trajectories), by least squares:
+context only (no pooling across trajectories), by least squares (parroting: by a nearest-window search):
 
 * ``Persistence`` — the last observed value, repeated (the "naive" forecast; Hyndman & Athanasopoulos,
   *Forecasting: Principles and Practice*, §5.2).
@@ -12,6 +12,9 @@ context only (no pooling across trajectories), by least squares:
   Analysis*, ch. 4 and 11). ``log=True`` fits on log-populations and exponentiates the forecasts.
 * ``LotkaVolterraODE`` — the Lotka–Volterra equations (Lotka 1925; Volterra 1926) fitted with
   ``scipy.optimize.least_squares`` and integrated with ``scipy.integrate.solve_ivp``.
+* ``ContextParroting(m)`` — copy what followed the earlier stretch of the context that best matches its last m
+  steps, repeated with the period this match implies (Zhang & Gilpin 2025, "context parroting"); no fitted
+  parameters but m, which is chosen on the validation split.
 
 No forecast is ever NaN: when a trajectory's fit fails, or its forecast is non-finite or absurd (any
 ``|value| > ABSURD_FACTOR * max |context|``), that trajectory gets the persistence forecast and is counted in
@@ -60,8 +63,10 @@ class ClassicalForecaster:
     """Base class. Subclasses set ``name`` and ``min_context`` and implement ``_predict_one``.
 
     ``predict(contexts [n, C, 2], horizon H) -> [n, H, 2]`` float64, never NaN (see the module docstring for the
-    persistence fallback); ``n_fallback`` counts the trajectories that fell back in the last call;
-    ``settings()`` gives the JSON-serialisable parameters.
+    persistence fallback); ``n_fallback`` counts the trajectories that fell back in the last call and
+    ``last_prediction`` is that call's ``[n, H, 2]`` result (None before the first call), so that a stage can compare
+    forecasters trajectory by trajectory without forecasting twice; ``settings()`` gives the JSON-serialisable
+    parameters.
     """
 
     name: str = "classical"
@@ -69,6 +74,7 @@ class ClassicalForecaster:
 
     def __init__(self) -> None:
         self._n_fallback = 0
+        self.last_prediction: np.ndarray | None = None
 
     @property
     def n_fallback(self) -> int:
@@ -94,6 +100,7 @@ class ClassicalForecaster:
         h = _as_int(horizon, "horizon", 1)
         out = np.empty((x.shape[0], h, 2))
         self._n_fallback = 0
+        self.last_prediction = None
         for i, ctx in enumerate(x):
             try:
                 with np.errstate(all="ignore"):
@@ -105,6 +112,7 @@ class ClassicalForecaster:
                 f = np.repeat(ctx[-1:], h, axis=0)
                 self._n_fallback += 1
             out[i] = f
+        self.last_prediction = out
         return out
 
     def forecast(self, contexts: np.ndarray, horizon: int):
@@ -404,6 +412,92 @@ class LotkaVolterraODE(ClassicalForecaster):
         return np.exp(z[C:])
 
 
+# ----------------------------------------------------------------------------- context parroting
+
+PARROT_TIE_TOLERANCE = 1e-9
+"""Match distances within ``PARROT_TIE_TOLERANCE * |last m steps|`` of the smallest count as ties (see
+``parrot_match``)."""
+
+
+def parrot_match(context: np.ndarray, m: int) -> tuple[int, int, float]:
+    """The earlier window of ``context`` that best matches its last ``m`` steps (the search of ``ContextParroting``).
+
+    Candidates are the windows ``context[j-m+1 : j+1]`` ending at every ``j`` from ``m - 1`` to ``C - 2`` (so that at
+    least the step ``j + 1`` that followed is known; the last one overlaps the query). The distance is the Euclidean
+    norm of the difference over all ``m x 2`` values, in data units (prey and predator unscaled). Distances within
+    ``PARROT_TIE_TOLERANCE`` times the norm of the query of the smallest one are ties, and ties go to the most recent
+    window (the shortest lag), so that float rounding in a periodic series does not pick a multiple of its period.
+
+    Args:
+        context: ``[C, 2]`` (prey, predator), finite. m: match length, ``1 <= m <= C - 1``.
+    Returns:
+        ``(j, lag, distance)``: the end position of the matched window, ``lag = C - 1 - j`` (>= 1, the period the
+        match implies, in time steps) and its distance (data units).
+    Raises:
+        ValueError: context not ``[C, 2]`` or not finite, bad m, or ``C < m + 1``.
+    """
+    x = np.asarray(context, dtype=np.float64)
+    m = _as_int(m, "m", 1)
+    if x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError(f"parrot_match: context must have shape [C, 2], got {x.shape}")
+    C = x.shape[0]
+    if C < m + 1:
+        raise ValueError(f"parrot_match: a match of m = {m} steps needs at least {m + 1} time steps, got C = {C}")
+    if not np.isfinite(x).all():
+        raise ValueError("parrot_match: context contains NaN or inf")
+    query = x[C - m:]
+    windows = np.lib.stride_tricks.sliding_window_view(x[:C - 1], m, axis=0)  # [C - m, 2, m]; k ends at k + m - 1
+    distance = np.sqrt(((windows - query.T) ** 2).sum(axis=(1, 2)))
+    tied = np.flatnonzero(distance <= distance.min() + PARROT_TIE_TOLERANCE * np.linalg.norm(query))
+    j = int(tied[-1]) + m - 1
+    return j, C - 1 - j, float(distance[j - m + 1])
+
+
+class ContextParroting(ClassicalForecaster):
+    """Context parroting: continue each context by copying what followed its best match within the context itself.
+
+    Source: Y. Zhang & W. Gilpin, "Zero-shot forecasting of chaotic systems", ICLR 2025 (where parroting is
+    identified as what time-series foundation models do when forecasting from context), and "Context parroting: a
+    simple but tough-to-beat baseline for foundation models in scientific machine learning", arXiv:2505.11349
+    (2025), the section that defines the parroting model (section numbers not checked against the PDFs here).
+
+    For one context ``x [C, 2]`` (prey, predator, data units): ``parrot_match`` finds the window ``x[j-m+1 : j+1]``
+    (``j <= C - 2``) nearest (Euclidean, over its ``m x 2`` values) to the last m steps ``x[C-m : C]``; the match
+    implies the period ``p = C - 1 - j`` time steps, and forecast step ``h = 0, 1, ..., H - 1`` is
+    ``x[j + 1 + (h mod p)]``: the values that followed the match, in order, and once the copy reaches the end of the
+    context, the same ``p`` values again. An exactly periodic series of period P is therefore continued exactly
+    (its last window recurs P steps earlier, the most recent exact match). A match at ``j = C - 2`` (lag 1) gives
+    the persistence forecast.
+
+    Args: m: match length in time steps (>= 1); the only parameter, chosen on the validation split like an AR
+    order (``select_order``). Name ``"parrot(m)"``; needs ``C >= m + 1`` (ValueError otherwise). Forecasts are
+    copies of context values, so they are always finite and never fall back. After ``predict``, ``lags`` holds
+    the implied period p of each trajectory (int ``[n]``).
+    """
+
+    def __init__(self, m: int) -> None:
+        super().__init__()
+        self.m = _as_int(m, "m", 1)
+        self.name = f"parrot({self.m})"
+        self.min_context = self.m + 1
+        self.lags = np.zeros(0, dtype=int)
+        self._lags: list[int] = []
+
+    def settings(self) -> dict:
+        return {"name": "parrot", "m": self.m}
+
+    def predict(self, contexts: np.ndarray, horizon: int) -> np.ndarray:
+        self._lags, self.lags = [], np.zeros(0, dtype=int)
+        out = super().predict(contexts, horizon)
+        self.lags = np.array(self._lags, dtype=int)
+        return out
+
+    def _predict_one(self, context, horizon):
+        j, lag, _ = parrot_match(context, self.m)
+        self._lags.append(lag)
+        return context[j + 1 + np.arange(horizon) % lag]
+
+
 def select_order(make: Callable[[int], ClassicalForecaster], orders: Iterable[int], contexts: np.ndarray,
                  truth: np.ndarray) -> tuple[int, dict[int, float]]:
     """Pick the order p (e.g. on the validation split) whose forecaster ``make(p)`` forecasts best.
@@ -435,15 +529,20 @@ def select_order(make: Callable[[int], ClassicalForecaster], orders: Iterable[in
 
 
 def validated_forecasters(val_contexts: np.ndarray, val_truth: np.ndarray, orders, dt: float, log: bool = False,
-                          ode: bool = True) -> tuple[list, dict]:
+                          ode: bool = True, parrot_lengths: Iterable[int] | None = None) -> tuple[list, dict]:
     """Persistence, AR(p), VAR(p) with p chosen among ``orders`` by MSE on the validation contexts [n, C, 2] and
-    truth [n, H, 2], and (if ``ode``) the Lotka–Volterra ODE with time step ``dt``. Returns ``(forecasters,
-    {"ar"|"var": {"chosen": p, "mse_by_order": {p: MSE}}})``."""
+    truth [n, H, 2], (if ``ode``) the Lotka–Volterra ODE with time step ``dt``, and (if ``parrot_lengths`` is given)
+    ``ContextParroting(m)`` with m chosen among ``parrot_lengths`` the same way. Returns ``(forecasters,
+    {"ar"|"var"|"parrot": {"chosen": p or m, "mse_by_order": {p or m: MSE}}})``."""
     search = {}
-    for name, make in (("ar", lambda p: AR(p, log=log)), ("var", lambda p: VAR(p, log=log))):
-        chosen, scores = select_order(make, orders, val_contexts, val_truth)
+    makers = [("ar", "p", lambda p: AR(p, log=log), orders), ("var", "p", lambda p: VAR(p, log=log), orders)]
+    if parrot_lengths is not None:
+        makers.append(("parrot", "m", ContextParroting, parrot_lengths))
+    for name, symbol, make, candidates in makers:
+        chosen, scores = select_order(make, candidates, val_contexts, val_truth)
         search[name] = {"chosen": chosen, "mse_by_order": scores}
-        print(f"{name.upper()} order on the validation split: p = {chosen} "
-              f"(MSE by p: {', '.join(f'{p}: {v:.4f}' for p, v in scores.items())})")
+        print(f"{name.upper()} {'order' if symbol == 'p' else 'match length'} on the validation split: "
+              f"{symbol} = {chosen} (MSE by {symbol}: {', '.join(f'{p}: {v:.4f}' for p, v in scores.items())})")
     forecasters = [Persistence(), AR(search["ar"]["chosen"], log=log), VAR(search["var"]["chosen"], log=log)]
-    return forecasters + ([LotkaVolterraODE(dt=dt)] if ode else []), search
+    forecasters += [LotkaVolterraODE(dt=dt)] if ode else []
+    return forecasters + ([ContextParroting(search["parrot"]["chosen"])] if "parrot" in search else []), search

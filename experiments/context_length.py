@@ -25,7 +25,7 @@ from .points import forecast_mse
 from .results import Evaluation, write_json
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
-from .sweep import grid_axis
+from .points import grid_axis
 
 STAGE = "context_length"
 CONTEXTS = (128, 512, 768)

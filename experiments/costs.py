@@ -10,18 +10,19 @@ from .settings import ForecastSettings, LossSettings, LoRASettings, TrainSetting
 
 
 def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int, forecast: ForecastSettings,
-                  lora: LoRASettings | None = None, head_rows: int | None = None) -> int:
+                  lora: LoRASettings | None = None, head_rows: int | None = None, encoding: str = "decimal") -> int:
     """Upper bound on the FLOPs of :class:`evaluation.LLMForecaster` for prompts of ``prompt_lengths`` tokens.
 
     Prompts are batched by length as the forecaster does, each batch costed with
     :func:`miniqwen.flops.generation_flops` for its prompts' lengths, every row assumed to generate the full
-    ``max_tokens_per_step(decimals) · horizon`` tokens. ``lora`` adds the adapters' cost; ``head_rows`` = rows of
-    the output head computed while decoding (None = the whole vocabulary).
+    ``max_tokens_per_step(decimals, encoding) · horizon`` tokens. ``lora`` adds the adapters' cost; ``head_rows`` =
+    rows of the output head computed while decoding (None = the whole vocabulary); ``encoding``: the LLMTIME text's,
+    "decimal" or "integer".
     """
     from .evaluation import max_tokens_per_step
 
     lens = sorted(prompt_lengths)
-    max_new = max_tokens_per_step(decimals) * horizon
+    max_new = max_tokens_per_step(decimals, encoding) * horizon
     rank, targets = (lora.rank, tuple(lora.targets)) if lora else (0, ())
     total = 0
     for start in range(0, len(lens), forecast.gen_batch_size):
@@ -85,13 +86,15 @@ SPLIT_TRAJECTORIES, TRAJECTORY_STEPS = 100, 100
 class NominalSizes:
     """Upper bounds on the sizes a plan depends on, without data or a tokenizer (what ``experiments.flops``
     plans with): every prompt step at :func:`evaluation.max_tokens_per_step` tokens, every split of
-    :data:`SPLIT_TRAJECTORIES` trajectories, the validation subset always full, the numeric head's rows."""
+    :data:`SPLIT_TRAJECTORIES` trajectories, the validation subset always full, the numeric head's rows
+    (for the LLMTIME text's ``decimals`` and ``encoding``, "decimal" or "integer")."""
 
-    def __init__(self, decimals: int = 2):
-        from .evaluation import NUMERIC_ALPHABET, max_tokens_per_step
+    def __init__(self, decimals: int = 2, encoding: str = "decimal"):
+        from .evaluation import max_tokens_per_step, numeric_alphabet
 
-        self.decimals, self.per_step = decimals, max_tokens_per_step(decimals)
-        self.head_rows = len(NUMERIC_ALPHABET) + 2  # the alphabet, end and padding tokens
+        self.decimals, self.encoding = decimals, encoding
+        self.per_step = max_tokens_per_step(decimals, encoding)
+        self.head_rows = len(numeric_alphabet(encoding)) + 2  # the alphabet, end and padding tokens
 
     def prompt_lengths(self, forecast: ForecastSettings) -> list[int]:
         n = min(forecast.limit or SPLIT_TRAJECTORIES, SPLIT_TRAJECTORIES)
@@ -115,13 +118,14 @@ def lora_run_cost(config, sizes, forecast: ForecastSettings, lora: LoRASettings,
     :class:`NominalSizes` or a session's exact sizes (``recipes.SessionSizes``)."""
     return {"training": training_cost(config, train, lora, sizes.val_rows(train), start_step, sizes.loss_rows(train)),
             "forecast": forecasts * forecast_cost(config, sizes.prompt_lengths(forecast), forecast.horizon,
-                                                  sizes.decimals, forecast, lora, head_rows=sizes.head_rows)}
+                                                  sizes.decimals, forecast, lora, head_rows=sizes.head_rows,
+                                                  encoding=sizes.encoding)}
 
 
 def untrained_forecast_cost(config, sizes, forecast: ForecastSettings) -> int:
     """FLOPs of forecasting ``forecast``'s trajectories with the base model (no adapters)."""
     return forecast_cost(config, sizes.prompt_lengths(forecast), forecast.horizon, sizes.decimals, forecast,
-                         head_rows=sizes.head_rows)
+                         head_rows=sizes.head_rows, encoding=sizes.encoding)
 
 
 def lora_stage_cost(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,

@@ -19,13 +19,14 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from data import decode, encode
+from data import ENCODINGS, decode, encode
 from miniqwen import FlopCounter, chat_prompt, generate, token_ids_for
 from miniqwen.tokenizer import END_OF_TEXT, IM_END
 
 from .results import Evaluation
 
 NUMERIC_ALPHABET = list("0123456789") + [".", ",", ";"]
+"""What LLMTIME text in the "decimal" encoding is written with (:func:`numeric_alphabet` for either encoding)."""
 SPECIES = ("prey", "predator")
 
 
@@ -72,51 +73,70 @@ class Forecaster(Protocol):
 # The LLM forecaster (LLMTIME, Gruver et al. 2023)
 # ---------------------------------------------------------------------------------------------------------------
 
-def forecast_prompt(context: np.ndarray, llmtime_scale: float, decimals: int, horizon: int, mode: str) -> str:
+def forecast_prompt(context: np.ndarray, llmtime_scale: float, decimals: int, horizon: int, mode: str,
+                    encoding: str = "decimal") -> str:
     """The text the model continues for one trajectory.
 
-    ``context`` [C, 2] in data units. ``mode="raw"``: the LLMTIME string of the context followed by ";" — the
-    model simply continues the sequence (Gruver et al. 2023). ``mode="chat"``: the same string inside a Qwen chat
-    turn that asks for the next ``horizon`` steps in the same format; the assistant's answer is the forecast.
-    Raises ValueError for another mode.
+    ``context`` [C, 2] in data units, written in ``encoding`` ("decimal" or "integer", :func:`data.llmtime.encode`).
+    ``mode="raw"``: the LLMTIME string of the context followed by ";" — the model simply continues the sequence
+    (Gruver et al. 2023). ``mode="chat"``: the same string inside a Qwen chat turn that asks for the next
+    ``horizon`` steps in the same format; the assistant's answer is the forecast.
+    Raises ValueError for another mode or encoding.
     """
-    series = encode(context, llmtime_scale, decimals) + ";"
+    series = encode(context, llmtime_scale, decimals, encoding) + ";"
     if mode == "raw":
         return series
     if mode == "chat":
+        written = (f"with {decimals} decimals" if encoding == "decimal" else
+                   f"as whole numbers, {10 ** decimals} times the value (no decimal point)")
         return chat_prompt(
             "Below is a predator-prey time series: one time step per ';'-separated entry, each written as "
-            f"'prey,predator' with {decimals} decimals. Continue it with the next {horizon} time steps in exactly "
+            f"'prey,predator' {written}. Continue it with the next {horizon} time steps in exactly "
             f"the same format. Answer with the numbers only.\n\n{series}"
         )
     raise ValueError(f"unknown prompt mode {mode!r} (raw or chat)")
 
 
-def max_tokens_per_step(decimals: int) -> int:
-    """Generous token budget for one "prey,pred;" step: up to 3 integer digits, the point and decimals per value
-    (Qwen tokenizes digits one by one), plus "," and ";"."""
-    return 2 * (3 + 1 + decimals) + 2
+def max_tokens_per_step(decimals: int, encoding: str = "decimal") -> int:
+    """Generous token budget for one "prey,pred;" step: up to 3 integer digits, the point ("decimal" encoding only)
+    and ``decimals`` digits per value (Qwen tokenizes digits one by one), plus "," and ";". Raises ValueError for an
+    unknown encoding."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r} ({', '.join(ENCODINGS)})")
+    return 2 * (3 + (encoding == "decimal") + decimals) + 2
 
 
-def allowed_token_ids(tokenizer) -> list[int]:
-    """Vocabulary ids generation may emit: the numeric alphabet (digits . , ;) and the end tokens."""
-    return token_ids_for(tokenizer, NUMERIC_ALPHABET) + [tokenizer.eos_token_id, tokenizer.pad_token_id]
+def numeric_alphabet(encoding: str = "decimal") -> list[str]:
+    """The characters LLMTIME text in ``encoding`` is written with: digits, "," and ";", and "." for "decimal"
+    (:data:`NUMERIC_ALPHABET`); the "integer" encoding has no point. Raises ValueError for an unknown encoding."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r} ({', '.join(ENCODINGS)})")
+    return [c for c in NUMERIC_ALPHABET if encoding == "decimal" or c != "."]
+
+
+def allowed_token_ids(tokenizer, encoding: str = "decimal") -> list[int]:
+    """Vocabulary ids generation may emit: the numeric alphabet of ``encoding`` (digits , ; and, for "decimal", the
+    point) and the end tokens. With "integer" a "." could only make a step invalid, so it is not offered."""
+    return token_ids_for(tokenizer, numeric_alphabet(encoding)) + [tokenizer.eos_token_id, tokenizer.pad_token_id]
 
 
 def prompt_lengths(tokenizer, contexts: np.ndarray, llmtime_scale: float, decimals: int, horizon: int,
-                   prompt: str) -> list[int]:
+                   prompt: str, encoding: str = "decimal") -> list[int]:
     """Token count of each context's prompt (what the cost plan needs)."""
-    return [len(tokenizer.encode(forecast_prompt(c, llmtime_scale, decimals, horizon, prompt))) for c in contexts]
+    return [len(tokenizer.encode(forecast_prompt(c, llmtime_scale, decimals, horizon, prompt, encoding)))
+            for c in contexts]
 
 
 @dataclass
 class LLMForecaster:
-    """Forecasts by continuing LLMTIME text with ``model`` (constrained to digits, ".", ",", ";" and end tokens).
+    """Forecasts by continuing LLMTIME text with ``model`` (constrained to digits, ",", ";", end tokens and, in the
+    "decimal" ``encoding``, "."; :func:`allowed_token_ids`).
 
     ``samples`` = 1: greedy; N > 1: N samples at ``temperature`` / ``top_p`` per trajectory, combined by the
     element-wise median (the LLMTIME point forecast, Gruver et al. 2023, section 3). Prompts are batched
     ``batch_size`` at a time, sorted by length (less left padding). Every row stops after ``horizon`` ";" (or
-    ``max_tokens_per_step(decimals) · horizon`` tokens); unparseable output is counted, never raised.
+    ``max_tokens_per_step(decimals, encoding) · horizon`` tokens); unparseable output is counted, never raised.
+    ``encoding``: "decimal" or "integer", how the prompt is written and the output read (:mod:`data.llmtime`).
     """
 
     model: object
@@ -130,15 +150,16 @@ class LLMForecaster:
     batch_size: int = 8
     seed: int = 0
     name: str = "llm"
+    encoding: str = "decimal"
 
     def forecast(self, contexts: np.ndarray, horizon: int) -> Forecasts:
         """``contexts`` [n, C, 2] data units -> :class:`Forecasts` of ``horizon`` steps (FLOPs counted)."""
         tok = self.tokenizer
-        allowed = allowed_token_ids(tok)
+        allowed = allowed_token_ids(tok, self.encoding)
         semicolon = tok.token_to_id(";")
         eos = [tok.eos_token_id, tok.token_to_id(END_OF_TEXT), tok.token_to_id(IM_END)]
-        prompts = [tok.encode(forecast_prompt(c, self.llmtime_scale, self.decimals, horizon, self.prompt))
-                   for c in contexts]
+        prompts = [tok.encode(forecast_prompt(c, self.llmtime_scale, self.decimals, horizon, self.prompt,
+                                              self.encoding)) for c in contexts]
         n, samples = len(prompts), self.samples
         out = np.full((n, samples, horizon, 2), np.nan)
         texts: list[list[str]] = [[] for _ in range(n)]
@@ -150,7 +171,8 @@ class LLMForecaster:
             for start in range(0, n, self.batch_size):
                 rows = order[start : start + self.batch_size]
                 generated = generate(
-                    self.model, [prompts[i] for i in rows], max_tokens_per_step(self.decimals) * horizon,
+                    self.model, [prompts[i] for i in rows],
+                    max_tokens_per_step(self.decimals, self.encoding) * horizon,
                     pad_token_id=tok.pad_token_id, eos_token_ids=eos,
                     temperature=0.0 if samples == 1 else self.temperature, top_p=self.top_p, num_samples=samples,
                     seed=self.seed + start, allowed_token_ids=allowed, stop_token_id=semicolon, stop_count=horizon,
@@ -159,7 +181,8 @@ class LLMForecaster:
                 for j, i in enumerate(rows):
                     for s in range(samples):
                         text = tok.decode(generated[j * samples + s])
-                        decoded = decode(text, self.llmtime_scale, expected_steps=horizon)
+                        decoded = decode(text, self.llmtime_scale, expected_steps=horizon,
+                                         encoding=self.encoding, decimals=self.decimals)
                         out[i, s] = decoded.values
                         n_invalid[i] += decoded.n_invalid
                         n_missing[i] += decoded.n_missing

@@ -79,11 +79,17 @@ def plot_loss_curves(log_path: str | Path, png_path: str | Path, title: str = ""
     if evals:
         steps, losses = zip(*evals)
         ax.plot(steps, losses, "o-", color="tab:orange", lw=1.5, ms=4, label="validation loss")
+    scores = [(e["step"], e["forecast_score"]) for e in entries if e["kind"] == "eval" and "forecast_score" in e]
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    if scores:  # the validation forecast score on its own axis
+        right = ax.twinx()
+        right.plot(*zip(*scores), "s-", color="tab:green", lw=1.5, ms=4, label="validation forecast score")
+        right.set_ylabel("forecast score (median MSE / persistence's)")
+        right.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(str(png_path), dpi=120)
     return True
@@ -113,6 +119,29 @@ def plot_training_curves(path: Path, logs: dict[str, Path], title: str) -> bool:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title(_wrap(title, 100), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    return True
+
+
+def plot_rungs(path: Path, rows: list[dict], title: str) -> bool:
+    """A successive-halving search: each point's score (``rows`` of ``halving.table_rows``: name, steps, score)
+    against the steps it was trained for, one line per point, log-scaled steps."""
+    fig = _figure(7, 4.2)
+    if fig is None or not rows:
+        return False
+    ax = fig.add_subplot()
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    for name, colour in zip(names, [f"C{i}" for i in range(len(names))]):
+        mine = sorted((r["steps"], r["score"]) for r in rows if r["name"] == name)
+        ax.plot(*zip(*mine), "o-", color=colour, lw=1.2, ms=4, label=name)
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="persistence")
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("score (median MSE / persistence's, mean of species)")
+    ax.set_title(_wrap(title, 90), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()

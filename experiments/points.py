@@ -48,6 +48,33 @@ def study_key(session: Session, forecast: ForecastSettings, lora: LoRASettings, 
     return key
 
 
+def grid_axis(text: str, kind, flag: str) -> tuple:
+    """Comma-separated values of a grid axis, each valid for its field. Raises UsageError naming ``flag``."""
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: must be comma-separated {kind.__name__}s") from None
+    check = TrainSettings if kind is float else LoRASettings
+    for v in values:
+        try:
+            dataclasses.replace(check(), **{"lr" if kind is float else "rank": v}).validate()
+        except settings.OptionError as err:
+            raise UsageError(f"{flag} {text!r}: {v} {err.allowed}") from None
+    if not values or len(set(values)) != len(values):
+        raise UsageError(f"{flag} {text!r}: must be distinct values, at least one")
+    return values
+
+
+def point_name(lr: float, rank: int) -> str:
+    return f"lr{lr:g}_rank{rank}"
+
+
+def grid_points(lora: LoRASettings, train: TrainSettings, lrs, ranks) -> list[Point]:
+    """The grid's points, learning rate outer, rank inner."""
+    return [Point(point_name(lr, rank), dataclasses.replace(lora, rank=rank), dataclasses.replace(train, lr=lr))
+            for lr in lrs for rank in ranks]
+
+
 def add_choice_options(p, defaults: dict) -> None:
     """``--lr``, ``--rank`` and ``--from-sweep`` for a stage that trains the sweep's chosen point (explicit options
     win over the sweep's choice, which wins over ``defaults``; see :func:`choose`)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from data import Chunks, chunk_texts
-from lora import export_peft, remove_lora
+from lora import export_peft, merged, remove_lora
 
 from . import settings as settings_module
 from .classical_forecasters import Persistence
@@ -26,30 +26,37 @@ from .training import checkpoint_step, distributed, read_log, train, validation_
 
 
 def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> LLMForecaster:
-    """The session's model as a forecaster with ``forecast``'s prompt, sampling and batch settings."""
+    """The session's model as a forecaster with ``forecast``'s prompt, sampling and batch settings and the
+    dataset's LLMTIME scale, decimals and encoding."""
     return LLMForecaster(session.model, session.tokenizer, session.dataset.llmtime_scale, session.dataset.decimals,
                          forecast.prompt, forecast.samples, forecast.temperature, forecast.top_p,
-                         forecast.gen_batch_size, session.run.seed, name=name)
+                         forecast.gen_batch_size, session.run.seed, name=name, encoding=session.dataset.encoding)
 
 
 def planned_forecast(session: Session, contexts: np.ndarray, forecast: ForecastSettings,
                      lora: LoRASettings | None = None) -> int:
     """Upper bound on the FLOPs of forecasting ``contexts`` with the session's model (+ ``lora``)."""
-    lens = prompt_lengths(session.tokenizer, contexts, session.dataset.llmtime_scale, session.dataset.decimals,
-                          forecast.horizon, forecast.prompt)
-    return forecast_cost(session.model.config, lens, forecast.horizon, session.dataset.decimals, forecast, lora,
-                         head_rows=len(set(allowed_token_ids(session.tokenizer))))
+    ds = session.dataset
+    lens = prompt_lengths(session.tokenizer, contexts, ds.llmtime_scale, ds.decimals, forecast.horizon,
+                          forecast.prompt, ds.encoding)
+    return forecast_cost(session.model.config, lens, forecast.horizon, ds.decimals, forecast, lora,
+                         head_rows=len(set(allowed_token_ids(session.tokenizer, ds.encoding))), encoding=ds.encoding)
 
 
 def forecast_and_save(session: Session, forecaster: Forecaster, forecast: ForecastSettings, tag: str,
                       title: str, settings: dict | None = None, write_texts: bool = True,
-                      weights: str | None = "session", out: Path | None = None) -> Evaluation:
+                      weights: str | None = "session", out: Path | None = None,
+                      predictions: dict | None = None) -> Evaluation:
     """Forecast ``forecast``'s trajectories with ``forecaster``, score them and write, under the session's output
     directory, ``per_trajectory[_<tag>].csv``, ``generations[_<tag>].jsonl`` (if it writes text) and
     ``forecasts[_<tag>].png`` (titled with ``weights``: the session's weights label unless given, None for
-    forecasters that use no weights), or under ``out`` if given. Returns the :class:`results.Evaluation`."""
+    forecasters that use no weights), or under ``out`` if given. Returns the :class:`results.Evaluation`; the
+    predictions [n, H, 2] (data units, unparsed steps filled by persistence) go into ``predictions`` under the
+    forecaster's name if a dict is given (for paired comparisons)."""
     indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)
     forecasts, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices, settings)
+    if predictions is not None:
+        predictions[evaluation.forecaster] = pred
     out, suffix = out or session.out, f"_{tag}" if tag else ""
     write_csv(out / f"per_trajectory{suffix}.csv", per_trajectory_rows(indices, pred, truth, forecasts))
     if write_texts and any(forecasts.texts):
@@ -83,7 +90,8 @@ def show_examples(session: Session, split: str, steps: int = 5) -> list[dict]:
     indices, trajectories = session.dataset.trajectories(split, 2)
     examples = []
     for idx, traj in zip(indices, trajectories):
-        text = encode(traj[:steps], session.dataset.llmtime_scale, session.dataset.decimals)
+        text = encode(traj[:steps], session.dataset.llmtime_scale, session.dataset.decimals,
+                      session.dataset.encoding)
         ids = session.tokenizer.encode(text)
         examples.append({"trajectory": int(idx), "raw": traj[:steps].tolist(), "text": text, "token_ids": ids})
         print(f"\nexample: trajectory {idx}, first {steps} steps")
@@ -154,9 +162,11 @@ def training_chunks(session: Session, train_settings: TrainSettings) -> tuple[Ch
 
 
 def loss_token_ids(session: Session, train_settings: TrainSettings) -> list[int] | None:
-    """The restricted training-loss vocabulary (numeric alphabet + end tokens) when ``loss_vocabulary`` is
-    "numeric", else None (the full vocabulary)."""
-    return allowed_token_ids(session.tokenizer) if train_settings.loss_vocabulary == "numeric" else None
+    """The restricted training-loss vocabulary (the dataset encoding's numeric alphabet + end tokens) when
+    ``loss_vocabulary`` is "numeric", else None (the full vocabulary)."""
+    if train_settings.loss_vocabulary != "numeric":
+        return None
+    return allowed_token_ids(session.tokenizer, session.dataset.encoding)
 
 
 def planned_training(session: Session, train_settings: TrainSettings, lora: LoRASettings, n_val_chunks: int,
@@ -174,15 +184,15 @@ class SessionSizes:
     data and tokenizer; the same interface as :class:`costs.NominalSizes`."""
 
     def __init__(self, session: Session):
-        self.session, self.decimals = session, session.dataset.decimals
-        self.head_rows = len(set(allowed_token_ids(session.tokenizer)))
+        self.session, self.decimals, self.encoding = session, session.dataset.decimals, session.dataset.encoding
+        self.head_rows = len(set(allowed_token_ids(session.tokenizer, self.encoding)))
         self._val_chunks: dict[tuple, int] = {}
 
     def prompt_lengths(self, forecast: ForecastSettings) -> list[int]:
         ds = self.session.dataset
         contexts = ds.forecast_set(forecast)[2]
         return prompt_lengths(self.session.tokenizer, contexts, ds.llmtime_scale, ds.decimals, forecast.horizon,
-                              forecast.prompt)
+                              forecast.prompt, ds.encoding)
 
     def val_rows(self, train: TrainSettings) -> int:
         key = (train.context_length, train.stride)
@@ -199,49 +209,62 @@ class SessionSizes:
 
 
 def untrained_evaluation(session: Session, forecast: ForecastSettings, title: str, path: Path,
-                         reuse: bool) -> Evaluation:
+                         reuse: bool, predictions: dict | None = None) -> Evaluation:
     """The untrained model's forecast of ``forecast``'s trajectories, saved in ``path`` (JSON) and charged; with
     ``reuse`` a saved one made with the same model, precision, seed, data and forecast settings is read back
-    instead (what --resume does)."""
+    instead (what --resume does). Its predictions [n, H, 2] are saved with it and put into ``predictions`` (if a
+    dict is given) under "untrained" (an older file without them gives none)."""
     key = settings_module.as_record(run=session.run, data=session.data_settings, forecast=forecast)
     key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
     saved = json.loads(path.read_text()) if reuse and path.is_file() else None
     if saved and saved["settings"] == key:
         print(f"reusing the untrained evaluation in {path}")
+        if predictions is not None and "predictions" in saved:
+            predictions["untrained"] = np.asarray(saved["predictions"], dtype=np.float64)
         return Evaluation(**saved["untrained"])
     forecaster = llm_forecaster(session, forecast, "untrained")
+    made: dict = {}
     untrained = forecast_and_save(session, forecaster, forecast, "untrained", f"untrained, {title}",
-                                  write_texts=False, out=path.parent)
-    write_json(path, {"settings": key, "untrained": dataclasses.asdict(untrained)})
+                                  write_texts=False, out=path.parent, predictions=made)
+    write_json(path, {"settings": key, "untrained": dataclasses.asdict(untrained),
+                      "predictions": made["untrained"].tolist()})
+    if predictions is not None:
+        predictions.update(made)
     session.charge("generate", untrained.flops, path, what="untrained forecast")
     return untrained
 
 
 def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRASettings,
                        train_settings: TrainSettings, chunks: tuple[Chunks, Chunks], out: Path, title: str, *,
-                       on_step=None, export: bool = True) -> tuple[Evaluation, dict]:
+                       on_step=None, export: bool = True, predictions: dict | None = None,
+                       resume: bool | None = None, forecast_score=None) -> tuple[Evaluation, dict]:
     """Train LoRA ``lora`` on the session's model in ``out/training`` (resuming its checkpoint if there is one and
-    the session resumes), forecast ``forecast``'s trajectories with it (files under ``out``, tag "trained"),
+    the session resumes), forecast ``forecast``'s trajectories with it on merged weights (:func:`lora.merged`;
+    files under ``out``, tag "trained"),
     export it in PEFT format to ``out/peft_adapter`` (if ``export``) and take the adapters off the model again
-    (also when something fails).
+    (also when something fails). ``resume`` (default: the session's ``--resume``) continues a checkpoint in
+    ``out/training``; ``forecast_score`` is passed to ``training.train`` (a validation forecast score at every
+    evaluation).
     Returns ``(Evaluation named "lora" with the final validation loss, training summary)``. Training charges the
     ledger itself; the forecast's FLOPs are the caller's to charge once its results are written.
 
     Under torchrun this runs on rank 0; the other ranks make the same ``train`` call in :func:`follow`."""
     training_dir = out / "training"
-    resume = session.run.resume and training_dir.exists()
+    resume = (session.run.resume if resume is None else resume) and training_dir.exists()
     job = dict(train_chunks=chunks[0], val_chunks=chunks[1], settings=train_settings, out_dir=training_dir,
                lora=lora, seed=session.run.seed, stage=session.stage, precision=session.precision, resume=resume,
                loss_token_ids=loss_token_ids(session, train_settings))
     try:
         with distributed.leading(job):
-            summary = train(session.model, **job, ledger=session.ledger, force=session.run.force, on_step=on_step)
+            summary = train(session.model, **job, ledger=session.ledger, force=session.run.force, on_step=on_step,
+                            forecast_score=forecast_score)
         if export:
             export_peft(session.model, out / "peft_adapter", base_model_name_or_path=session.weights)
         forecaster = llm_forecaster(session, forecast, "lora")
-        trained = forecast_and_save(session, forecaster, forecast, "trained",
-                                    f"LoRA r={lora.rank}, lr {train_settings.lr:g}, {summary['steps']} steps, {title}",
-                                    write_texts=False, out=out)
+        with merged(session.model):  # W + BA·scale in plain linear layers: the fast inference paths apply
+            trained = forecast_and_save(session, forecaster, forecast, "trained",
+                                        f"LoRA r={lora.rank}, lr {train_settings.lr:g}, {summary['steps']} steps, "
+                                        f"{title}", write_texts=False, out=out, predictions=predictions)
     finally:
         remove_lora(session.model)
     trained.validation_loss = summary["val_loss"]

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import DataError
+from data import ENCODINGS, DataError
 from miniqwen import ConfigError, WeightsError
 from miniqwen.flops import DEFAULT_LORA_TARGETS, LORA_TARGETS
 from miniqwen.loading import DEFAULT_MODEL
@@ -85,9 +85,12 @@ class RunSettings:
 
     Attributes:
         model: HF-layout model directory or Hub repo id.
-        device: "cpu", "cuda" or "cuda:N"; None = cuda if available, else cpu.
-        precision: compute dtype — "auto" (bf16 on CUDA and on CPUs with native bf16 matmuls, else float32),
-            "float32", "bfloat16" or "float16". Weights are held in it; training also autocasts to it.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps" (Apple silicon); None or "auto" = cuda if available, else
+            mps if available, else cpu (``miniqwen.device.resolve_device``).
+        precision: compute dtype — "auto" (bf16 on CUDA GPUs of compute capability >= 8.0 and on CPUs with native
+            bf16 matmuls; float16 on older CUDA GPUs such as the T4 and V100 and on MPS; else float32), "float32",
+            "bfloat16" or "float16". Weights are held in it; training also autocasts to it (float16 with a gradient
+            scaler). Should float16 overflow, float32 is the fallback (``miniqwen.device`` explains).
         seed: seeds Python, NumPy and torch, the data order, LoRA's initialisation and sampling.
         out: output directory (None = ``runs/<stage>``).
         ledger: FLOP ledger file (None = ``$MINIQWEN_LEDGER`` or ``runs/flops_ledger.jsonl``).
@@ -108,17 +111,27 @@ class RunSettings:
     def validate(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
         _int("seed", self.seed, 0)
-        if self.device is not None:
+        from miniqwen import device as devices
+
+        if self.device not in (None, "auto"):
             import torch
 
+            kinds = "must be auto, cpu, cuda, cuda:N or mps"
             try:
                 device = torch.device(self.device)
             except (RuntimeError, ValueError):
-                raise OptionError("device", self.device, "must be cpu, cuda or cuda:N") from None
-            if device.type not in ("cpu", "cuda"):
-                raise OptionError("device", self.device, "must be cpu, cuda or cuda:N")
+                raise OptionError("device", self.device, kinds) from None
+            if device.type not in ("cpu", "cuda", "mps"):
+                raise OptionError("device", self.device, kinds)
             if device.type == "cuda" and not torch.cuda.is_available():
-                raise OptionError("device", self.device, "CUDA is not available on this machine (use cpu)")
+                raise OptionError("device", self.device, "CUDA is not available on this machine (use auto or cpu)")
+            if device.type == "mps" and not devices.mps_available():
+                raise OptionError("device", self.device,
+                                  "MPS (Apple silicon's GPU) is not available on this machine (use auto or cpu)")
+        if self.precision == "bfloat16":
+            why = devices.unsupported_precision(devices.resolve_device(self.device), self.precision)
+            if why:
+                raise OptionError("precision", self.precision, why)
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite cannot be used together")
 
@@ -133,12 +146,17 @@ class DataSettings:
         decimals: decimals per value in the text.
         scale_quantile, scale_target: LLMTIME scale = ``scale_quantile`` quantile of the training values /
             ``scale_target`` (Gruver et al. 2023, section 3).
+        encoding: "decimal" (``1.23,0.05``) or "integer" (``123,5``: the same digits without the point and leading
+            zeros, LLMTIME's own encoding; 7.2 instead of 10.0 tokens per step at 2 decimals), see
+            ``data.llmtime.encode``. Recorded only when not "decimal" (:func:`as_record`), so records made before
+            the option existed still match.
     """
 
     data: str | None = None
     decimals: int = 2
     scale_quantile: float = 0.99
     scale_target: float = 10.0
+    encoding: str = "decimal"
 
     def validate(self) -> None:
         _int("decimals", self.decimals, 0)
@@ -146,6 +164,7 @@ class DataSettings:
             raise OptionError("decimals", self.decimals, "must be between 0 and 8")
         _float("scale_quantile", self.scale_quantile, 0.0, 1.0, low_open=True)
         _float("scale_target", self.scale_target, 0.0, low_open=True)
+        _choice("encoding", self.encoding, ENCODINGS)
 
 
 @dataclass
@@ -216,6 +235,9 @@ class TrainSettings:
             eval_at_start: evaluate before the first step.
         early_stop_patience: stop after this many evaluations without a new best (0 = off); restore_best: put the
             best-validation weights back into the model at the end.
+        select_by: what "best" means for early stopping and ``restore_best``: "loss" (the validation loss) or
+            "forecast" (the validation forecast score a stage computes at every evaluation, e.g.
+            ``halving.forecast_scorer``; both are logged either way when the stage gives a scorer).
         checkpoint_every: checkpoint (and charge the ledger) every this many steps and after the last.
         loss_vocabulary: "full" (the coursework's loss: softmax over the whole vocabulary) or "numeric" (softmax
             over the numeric alphabet only: a different objective that also skips most of the output head; the
@@ -241,6 +263,7 @@ class TrainSettings:
     eval_at_start: bool = True
     early_stop_patience: int = 0
     restore_best: bool = False
+    select_by: str = "loss"
     checkpoint_every: int = 500
     loss_vocabulary: str = "full"
     compile: bool = False
@@ -248,7 +271,7 @@ class TrainSettings:
 
     #: fields that define the optimisation trajectory: a resumed run must use the same values
     RESUME_FIXED = ("lr", "batch_size", "context_length", "stride", "train_limit", "weight_decay", "betas", "eps",
-                    "max_grad_norm", "eval_batches", "loss_vocabulary")
+                    "max_grad_norm", "eval_batches", "loss_vocabulary", "select_by")
 
     def validate(self) -> None:
         _float("lr", self.lr, 0.0, 1.0, low_open=True)
@@ -267,6 +290,7 @@ class TrainSettings:
         _int("early_stop_patience", self.early_stop_patience, 0)
         _int("checkpoint_every", self.checkpoint_every, 1)
         _choice("loss_vocabulary", self.loss_vocabulary, ("full", "numeric"))
+        _choice("select_by", self.select_by, ("loss", "forecast"))
         if not isinstance(self.compile, bool):
             raise OptionError("compile", self.compile, "must be True or False")
         if self.early_stop_patience and not self.eval_every:
@@ -300,6 +324,8 @@ def as_record(**settings) -> dict:
     out = {}
     for group, s in settings.items():
         d = dataclasses.asdict(s)
+        if isinstance(s, DataSettings) and s.encoding == "decimal":
+            del d["encoding"]  # the default, left out: keys and records made before --encoding existed still match
         for key in ("model", "data", "out", "ledger"):
             if d.get(key) and os.sep in str(d[key]) and Path(str(d[key])).exists():
                 d[key] = Path(str(d[key])).name
@@ -318,6 +344,19 @@ def _none_or(kind):
     return convert
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--context-len`` is not taken for ``--context-length``: a stage that checks
+    which options were given explicitly matches their full spelling) whose errors are a :class:`UsageError`: one
+    line "error: …" and exit status 2 through :func:`run_cli`, like every other refusal."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def preset_name(argv, presets: dict | None) -> str | None:
     """The ``--preset NAME`` given in ``argv`` (None if absent or the stage has no presets).
 
@@ -325,7 +364,7 @@ def preset_name(argv, presets: dict | None) -> str | None:
     """
     if not presets:
         return None
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     if known.preset is not None and known.preset not in presets:
@@ -354,7 +393,7 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
     ``exclude`` leaves out options of these field names (a grid sets ``lr`` and ``rank`` itself).
     """
     d = {name: (defaults or {}).get(name) or cls() for name, cls in GROUPS.items()}
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = ArgumentParser(prog=prog, description=description)
     if presets:
         p.add_argument("--preset", choices=list(presets), default=None,
                        help="scaled-down defaults: " + "; ".join(
@@ -366,9 +405,13 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
         g = p.add_argument_group("run")
         g.add_argument("--model", default=os.environ.get(MODEL_ENV_VAR, r.model),
                        help=f"HF-layout model directory or Hub repo id (default: ${MODEL_ENV_VAR} or {r.model})")
-        g.add_argument("--device", default=r.device, help="cpu, cuda or cuda:N (default: cuda if available)")
+        g.add_argument("--device", default=r.device,
+                       help="auto, cpu, cuda, cuda:N or mps (Apple silicon) (default: auto = cuda if available, "
+                            "else mps if available, else cpu)")
         g.add_argument("--precision", default=r.precision, choices=PRECISIONS,
-                       help="compute dtype; auto = bf16 on CUDA and on CPUs with native bf16, else float32")
+                       help="compute dtype; auto = bf16 on CUDA GPUs of compute capability >= 8.0 and on CPUs with "
+                            "native bf16, float16 on older CUDA GPUs (T4, V100) and on Apple silicon, else float32; "
+                            "should float16 overflow, use float32")
         g.add_argument("--seed", type=int, default=r.seed, help=f"random seed (default {r.seed})")
         g.add_argument("--out", default=r.out, help="output directory (default: runs/<stage>)")
         g.add_argument("--ledger", default=r.ledger,
@@ -385,6 +428,9 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
                        help="LLMTIME scale = this quantile of the training values / --scale-target (default 0.99)")
         g.add_argument("--scale-target", type=float, default=dt.scale_target,
                        help="value the quantile maps to (default 10)")
+        g.add_argument("--encoding", default=dt.encoding, choices=ENCODINGS,
+                       help="how values are written: decimal (1.23,0.05) or integer (123,5: no decimal point, no "
+                            f"leading zeros, as in LLMTIME; fewer tokens per step) (default {dt.encoding})")
     if "forecast" in groups:
         g = p.add_argument_group("forecasting")
         g.add_argument("--split", default=f.split, choices=SPLITS, help=f"trajectories to forecast (default {f.split})")
@@ -435,6 +481,9 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
                             f"{t.early_stop_patience}; 0 = off)")
         g.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=t.restore_best,
                        help=f"end with the best-validation-loss adapter (default {t.restore_best})")
+        g.add_argument("--select-by", default=t.select_by, choices=["loss", "forecast"],
+                       help="best adapter (early stopping, --restore-best) by validation loss or by validation "
+                            f"forecast error where the stage measures it (default {t.select_by})")
         g.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
                        help=f"steps between checkpoints (default {t.checkpoint_every})")
         g.add_argument("--loss-vocabulary", default=t.loss_vocabulary, choices=["full", "numeric"],
@@ -510,8 +559,25 @@ def run_cli(main) -> None:
             CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # the file system (read-only, full, not a directory, permissions): one line, the path
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
         distributed.finish()  # under torchrun: release the ranks waiting for training jobs, leave the group
+
+
+def given(p: argparse.ArgumentParser, argv, dest: str) -> bool:
+    """Whether the option that sets ``dest`` appears in ``argv`` (default ``sys.argv[1:]``) in any spelling
+    argparse accepts (``--context-length 40``, ``--context-length=40``, an accepted abbreviation): "an explicit
+    option wins over a value read from an earlier stage's results"."""
+    unset = object()
+    p.set_defaults(**{dest: unset})
+    try:
+        args, _ = p.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        p.set_defaults(**{dest: None})
+    return getattr(args, dest, unset) is not unset

@@ -28,7 +28,7 @@ from . import points, recipes, settings
 from .classical_forecasters import Persistence
 from .evaluation import evaluate, write_csv
 from .plots import plot_heatmap, plot_training_curves
-from .points import forecast_mse
+from .points import forecast_mse, grid_axis, grid_points, point_name
 from .results import Evaluation, write_json
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
@@ -80,33 +80,6 @@ def shard_of(text: str | None, environ=None) -> tuple[int, int] | None:
     if not 0 <= i < n:
         raise UsageError(f"{flag} {text!r}: I must be between 0 and N-1")
     return i, n
-
-
-def grid_axis(text: str, kind, flag: str) -> tuple:
-    """Comma-separated values of a grid axis, each valid for its field. Raises UsageError naming ``flag``."""
-    try:
-        values = tuple(kind(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: must be comma-separated {kind.__name__}s") from None
-    check = TrainSettings if kind is float else LoRASettings
-    for v in values:
-        try:
-            dataclasses.replace(check(), **{"lr" if kind is float else "rank": v}).validate()
-        except settings.OptionError as err:
-            raise UsageError(f"{flag} {text!r}: {v} {err.allowed}") from None
-    if not values or len(set(values)) != len(values):
-        raise UsageError(f"{flag} {text!r}: must be distinct values, at least one")
-    return values
-
-
-def point_name(lr: float, rank: int) -> str:
-    return f"lr{lr:g}_rank{rank}"
-
-
-def grid_points(lora: LoRASettings, train: TrainSettings, lrs, ranks) -> list[points.Point]:
-    """The grid's points, learning rate outer, rank inner."""
-    return [points.Point(point_name(lr, rank), dataclasses.replace(lora, rank=rank), dataclasses.replace(train, lr=lr))
-            for lr in lrs for rank in ranks]
 
 
 def plan(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings, lrs=LRS,

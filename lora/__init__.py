@@ -20,6 +20,7 @@ from .layers import (
     lora_modules,
     lora_parameter_count,
     merge_lora,
+    merged,
     remove_lora,
     unmerge_lora,
 )
@@ -27,5 +28,5 @@ from .layers import (
 __all__ = [
     "AdapterError", "LoRALinear", "apply_lora", "count_trainable_parameters", "export_peft", "load_adapter",
     "load_lora_state_dict", "lora_modules", "lora_parameter_count", "lora_settings", "lora_state_dict",
-    "merge_lora", "read_adapter_config", "remove_lora", "save_adapter", "unmerge_lora",
+    "merge_lora", "merged", "read_adapter_config", "remove_lora", "save_adapter", "unmerge_lora",
 ]

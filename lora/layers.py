@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -236,3 +238,32 @@ def unmerge_lora(model: nn.Module) -> None:
     """:meth:`LoRALinear.unmerge` on every adapter of ``model``."""
     for m in lora_modules(model).values():
         m.unmerge()
+
+
+@contextmanager
+def merged(model: nn.Module):
+    """Forecast on merged weights: inside the ``with`` block every adapter is replaced by a plain ``nn.Linear``
+    whose weight is a new tensor ``W + (alpha/r)·BA`` (in W's dtype), so the model runs — and the FLOP counter
+    counts — as the base architecture with no LoRA branch, and the fast inference paths that act on ``nn.Linear``
+    apply. On exit the adapters are put back untouched: the base weight W was never modified, so training can go on
+    bit-exactly (unlike :func:`merge_lora`, whose add-then-subtract rounds W in bf16). Costs one extra copy of the
+    wrapped projections' weights while inside. A model without adapters is left as it is.
+
+    The outputs equal the unmerged adapter's up to floating-point rounding of the summed weight (Hu et al. 2021,
+    section 4.1: "no additional inference latency")."""
+    swapped = {}
+    with torch.no_grad():
+        for name, lora in lora_modules(model).items():
+            weight = lora.weight if lora.merged else lora.weight + lora.delta_weight().to(lora.weight.dtype)
+            linear = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            linear.bias = None if lora.bias is None else nn.Parameter(lora.bias.detach(), requires_grad=False)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, linear)
+            swapped[name] = (parent, child, lora)
+    try:
+        yield model
+    finally:
+        for parent, child, lora in swapped.values():
+            setattr(parent, child, lora)

@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
+from experiments import classical, settings
 from experiments.classical_forecasters import (
     AR,
     VAR,
     ClassicalForecaster,
+    ContextParroting,
     LotkaVolterraODE,
     Persistence,
     fit_ar,
     fit_lotka_volterra,
     fit_var,
+    parrot_match,
     select_order,
+    validated_forecasters,
 )
 
 DT = 200 / 99  # the coursework grid: 100 steps over t = 0..200
@@ -169,7 +173,7 @@ def test_explosive_fit_falls_back():
     assert model.n_fallback == 0
 
 
-@pytest.mark.parametrize("model", [Persistence(), AR(2), VAR(2), LotkaVolterraODE()])
+@pytest.mark.parametrize("model", [Persistence(), AR(2), VAR(2), LotkaVolterraODE(), ContextParroting(3)])
 def test_bad_shapes_raise(model):
     with pytest.raises(ValueError, match=r"\[n, C, 2\]"):
         model.predict(np.ones((10, 2)), 5)
@@ -200,9 +204,90 @@ def test_too_short_contexts_raise():
 
 
 def test_api_surface():
-    for model in [Persistence(), AR(3), VAR(2, log=True), LotkaVolterraODE(DT)]:
+    for model in [Persistence(), AR(3), VAR(2, log=True), LotkaVolterraODE(DT), ContextParroting(4)]:
         assert isinstance(model, ClassicalForecaster)
         json.dumps(model.settings())
     assert AR(3).settings() == {"name": "ar", "p": 3, "intercept": True, "log": False}
     assert VAR(2, log=True).name == "var(2)-log"
     assert LotkaVolterraODE().name == "lv_ode"
+    assert ContextParroting(4).settings() == {"name": "parrot", "m": 4}
+    assert ContextParroting(4).name == "parrot(4)"
+
+
+# ----------------------------------------------------------------------------- context parroting
+
+
+@pytest.mark.parametrize("period, m", [(7, 1), (7, 3), (12, 5), (5, 12)])
+def test_parroting_continues_a_periodic_series_exactly(period, m):
+    rng = np.random.default_rng(6)
+    pattern = rng.uniform(0.5, 3.0, size=(period, 2))  # one period, distinct values
+    series = np.tile(pattern, (140 // period + 1, 1))[:140]
+    contexts, truth = np.stack([series[:80], series[3:83]]), np.stack([series[80:130], series[83:133]])
+    model = ContextParroting(m)
+    out = model.predict(contexts, 50)  # 50 > period: the copy wraps round several times
+    np.testing.assert_array_equal(out, truth)
+    assert model.lags.tolist() == [period, period] and model.n_fallback == 0
+    np.testing.assert_array_equal(model.last_prediction, out)
+
+
+def test_parroting_period_of_a_float_periodic_series():
+    t = np.arange(120)
+    series = np.stack([2 + np.sin(2 * np.pi * t / 10), 2 + np.cos(2 * np.pi * t / 10 + 0.3)], axis=1)
+    model = ContextParroting(3)
+    out = model.predict(series[None, :80], 40)
+    assert model.lags.tolist() == [10]  # rounding ties go to the most recent match, not 20, 30, ...
+    np.testing.assert_allclose(out[0], series[80:], rtol=0, atol=1e-12)
+
+
+def test_parrot_match_by_hand():
+    context = np.array([[1, 1], [5, 5], [2, 2], [9, 9], [1.1, 1], [4, 4], [1, 1.2]], dtype=float)
+    # m = 1: the last step (1, 1.2) is nearest to (1, 1) at j = 0 (distance 0.2) -> lag 6
+    j, lag, distance = parrot_match(context, 1)
+    assert (j, lag) == (0, 6) and distance == pytest.approx(0.2)
+    np.testing.assert_array_equal(ContextParroting(1).predict(context[None], 8)[0],
+                                  context[[1, 2, 3, 4, 5, 6, 1, 2]])  # what followed, then wrapped with period 6
+    # a constant series matches its most recent window: persistence
+    j, lag, distance = parrot_match(np.ones((10, 2)), 4)
+    assert (j, lag, distance) == (8, 1, 0.0)
+    with pytest.raises(ValueError, match="at least 5 time steps"):
+        parrot_match(np.ones((4, 2)), 4)
+    with pytest.raises(ValueError, match="at least 5 time steps"):
+        ContextParroting(4).predict(np.ones((1, 4, 2)), 3)
+    with pytest.raises(ValueError, match="m must be"):
+        ContextParroting(0)
+
+
+def figure_eight(steps, shift, period=20):
+    """A Lissajous figure of eight (2 + sin θ, 2 + sin 2θ), ``period`` steps per loop: it passes (2, 2) twice per
+    loop, going different ways, so one step cannot tell where the trajectory goes next."""
+    theta = 2 * np.pi * (np.arange(steps) + shift) / period
+    return np.stack([2 + np.sin(theta), 2 + np.sin(2 * theta)], axis=1)
+
+
+def test_parroting_match_length_chosen_on_validation():
+    rng = np.random.default_rng(7)
+    # half the contexts end exactly on the crossing, where one step (m = 1) matches the wrong branch half a loop back
+    shifts = [1, 11] * 8 + list(range(2, 10))
+    series = np.stack([figure_eight(100, s) for s in shifts]) + 1e-3 * rng.standard_normal((len(shifts), 100, 2))
+    contexts, truth = series[:, :80], series[:, 80:]
+    best, scores = select_order(ContextParroting, [1, 2, 3, 5, 8], contexts, truth)
+    assert best >= 2 and scores[1] > 10 * scores[best]
+    model = ContextParroting(best)
+    model.predict(contexts, 20)
+    assert (model.lags % 20 == 0).all()  # whole loops back (with noise, not always the most recent one)
+    forecasters, search = validated_forecasters(contexts, truth, [1, 2], DT, ode=False, parrot_lengths=[1, 2, 3])
+    assert search["parrot"]["chosen"] >= 2 and set(search["parrot"]["mse_by_order"]) == {1, 2, 3}
+    assert forecasters[-1].name == f"parrot({search['parrot']['chosen']})"
+    assert "parrot" not in validated_forecasters(contexts, truth, [1], DT, ode=False)[1]  # opt-in
+
+
+@pytest.mark.parametrize("value", ["0", "1,x", "", "80"])
+def test_parrot_lengths_option_is_validated(value, capsys):
+    argv = ["--context-steps", "80", "--parrot-lengths", value]
+    with pytest.raises(settings.UsageError, match=r"^--parrot-lengths .*between 1 and 79"):
+        classical.main(argv)
+    with pytest.raises(SystemExit) as exit_info:
+        settings.run_cli(lambda: classical.main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --parrot-lengths") and "\n" not in err

@@ -17,6 +17,7 @@ from lora import (
     lora_parameter_count,
     lora_state_dict,
     merge_lora,
+    merged,
     save_adapter,
     unmerge_lora,
 )
@@ -68,6 +69,38 @@ def test_fresh_lora_leaves_output_unchanged_and_base_frozen():
     assert layer.weight is base.weight  # the base parameter is taken over, not copied
     # Kaiming-uniform with a=√5 on [r, in]: bound = 1/√in
     assert layer.lora_A.weight.abs().max() <= 1 / 10 ** 0.5
+
+
+def test_merged_context_forecasts_like_the_adapter_and_leaves_it_untouched():
+    """Forecasts run on merged weights (W + BA·scale in plain nn.Linear modules): the same logits and greedy tokens
+    as the unmerged adapter (float32 rounding), the base model's FLOP count, and afterwards the very same adapter
+    modules with bit-identical weights (training can continue exactly)."""
+    from miniqwen import generate
+
+    model = tiny_model()
+    apply_lora(model, rank=4, alpha=8, targets=("q_proj", "v_proj"))
+    randomize_lora(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = lora_modules(model)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged = model(ids)
+        tokens = generate(model, [ids[0].tolist(), ids[1].tolist()], 6, pad_token_id=0)
+        with merged(model):
+            assert not lora_modules(model) and all(type(m) is nn.Linear for n, m in model.named_modules()
+                                                   if n.endswith(("q_proj", "v_proj")))
+            inside = model(ids)
+            with FlopCounter() as fc:
+                model(ids)
+            assert tokens == generate(model, [ids[0].tolist(), ids[1].tolist()], 6, pad_token_id=0)
+    base = tiny_model()
+    with torch.no_grad(), FlopCounter() as fc_base:
+        base(ids)
+    assert fc.total == fc_base.total and "lora" not in {k for k, v in fc.counts.items() if v}
+    torch.testing.assert_close(inside, unmerged, atol=1e-5, rtol=1e-5)
+    assert lora_modules(model) == modules
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_merge_unmerge_round_trip():

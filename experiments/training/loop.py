@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -45,6 +46,7 @@ from data.chunks import Chunks
 from lora import apply_lora, count_trainable_parameters, load_lora_state_dict, lora_modules, lora_settings, \
     lora_state_dict, save_adapter
 from miniqwen.atomic import atomic_write
+from miniqwen.device import FLOAT16_OVERFLOW
 from miniqwen.flops import FlopCounter
 
 from ..costs import training_cost
@@ -66,7 +68,8 @@ class TrainState:
     eval_flops: int = 0
     charged_train: int = 0     # what the ledger already holds of the two above
     charged_eval: int = 0
-    best_val_loss: float | None = None
+    best_val_loss: float | None = None         # at the best step: the lowest unless select_by is "forecast"
+    best_forecast_score: float | None = None   # at the best step (when the stage gives a forecast scorer)
     best_step: int | None = None
     evals_since_best: int = 0
     last_val_loss: float | None = None
@@ -119,7 +122,7 @@ def _attach(model: nn.Module, lora: LoRASettings, seed: int) -> None:
 def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, settings: TrainSettings,
           out_dir: str | os.PathLike, *, lora: LoRASettings | None = None, seed: int = 0, stage: str = "train",
           precision: str = "float32", ledger=None, resume: bool = False, force: bool = False, on_step=None,
-          loss_token_ids: list[int] | None = None) -> dict:
+          loss_token_ids: list[int] | None = None, forecast_score=None) -> dict:
     """Train LoRA adapters of ``lora`` on ``model`` (attached here if the model has none) over token chunks.
 
     Args:
@@ -133,6 +136,9 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         on_step: called with the step number after each step (tests use it to simulate a crash).
         loss_token_ids: the vocabulary of the training loss when ``settings.loss_vocabulary`` is "numeric" (e.g.
             the digits, ".", ",", ";" and the end token); the validation loss always uses the full vocabulary.
+        forecast_score: ``model -> (score, FLOPs)``, called at every evaluation with the adapters attached (e.g. a
+            validation forecast error, lower is better); logged beside the validation loss as ``forecast_score``,
+            its FLOPs counted as evaluation, and the criterion of "best" when ``settings.select_by`` is "forecast".
 
     Returns the summary dict (also ``summary.json``).
 
@@ -166,6 +172,9 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         raise ValueError(f"{M} training chunks cannot fill a batch of {B}")
     if (settings.loss_vocabulary == "numeric") != (loss_token_ids is not None):
         raise ValueError('loss_token_ids must be given exactly when settings.loss_vocabulary is "numeric"')
+    if settings.select_by == "forecast" and forecast_score is None:
+        raise UsageError('select_by "forecast" (--select-by forecast) needs a stage that measures the validation '
+                         "forecast error during training")
     _attach(model, lora, seed)
     head = model.head_rows(loss_token_ids) if loss_token_ids is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -177,6 +186,10 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         val = Chunks(val_chunks.input_ids[idx], val_chunks.attention_mask[idx])
     optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
                                   weight_decay=settings.weight_decay)
+    # float16 only: scale the loss so that small gradients survive float16, skip steps whose gradients overflowed
+    # (counted: AdamW's own step count then trails the loop's by skipped_steps, recorded with the scaler's state)
+    scaler = torch.amp.GradScaler(device.type) if precision == "float16" else None
+    skipped_steps = 0
     record = {**as_record(settings=settings, lora=lora), "seed": seed,
               "data": {"train": fingerprint(train_chunks), "val": fingerprint(val)}}
     log_path = out_dir / "log.jsonl"
@@ -196,6 +209,9 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         saved = read_checkpoint(ckpt)
         _check_same_run(ckpt, saved.state, record)
         restore(saved, model, optimizer)
+        if scaler is not None and saved.state.get("grad_scaler"):
+            scaler.load_state_dict(saved.state["grad_scaler"])
+            skipped_steps = saved.state["grad_scaler"].get("skipped_steps", 0)
         best = saved.best
         st = TrainState(**saved.state["loop"])
         if main:
@@ -231,11 +247,21 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         loss = total / count if count else float("nan")
         st.eval_flops += fwd
         st.last_val_loss = loss
-        if st.best_val_loss is None or loss < st.best_val_loss:
-            st.best_val_loss, st.best_step, st.evals_since_best, best = loss, st.step, 0, lora_state_dict(model)
+        entry = {"kind": "eval", "step": st.step, "val_loss": loss}
+        score = None
+        if forecast_score is not None:
+            score, spent = forecast_score(model)
+            entry["forecast_score"], st.eval_flops = score, st.eval_flops + spent
+        if settings.select_by == "forecast":
+            better = st.best_forecast_score is None or score < st.best_forecast_score
+        else:
+            better = st.best_val_loss is None or loss < st.best_val_loss
+        if better:
+            st.best_val_loss, st.best_forecast_score = loss, score
+            st.best_step, st.evals_since_best, best = st.step, 0, lora_state_dict(model)
         else:
             st.evals_since_best += 1
-        log({"kind": "eval", "step": st.step, "val_loss": loss})
+        log(entry)
 
     def charge() -> None:
         for kind in ("train", "eval"):
@@ -268,10 +294,22 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
             # all ranks: targets, forward FLOPs, loss; DDP then averages sum_r ∇(loss_sum_r · world / n) over ranks
             n, forward, loss_total = distributed.sum_over_ranks(n, counter.total, float(loss_sum.detach()))
             loss = loss_sum / (max(n, 1) / world)
-            loss.backward()
+            if scaler is None:
+                loss.backward()
+            else:
+                if not math.isfinite(loss_total):
+                    raise UsageError(f"training loss {loss_total} at step {st.step + 1}: {FLOAT16_OVERFLOW}")
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip (and AdamW) see the true gradients
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped if the scaled gradients overflowed: the scale then backs off
+            scaler.update()
+            skipped_steps += scaler.get_scale() < scale
         st.step += 1
         st.train_flops += 3 * forward
         loss_value = float(loss.detach()) if world == 1 else loss_total / max(n, 1)
@@ -285,7 +323,10 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         if st.step % settings.checkpoint_every == 0 or last or st.stopped_early:
             charge()  # first: a crash between the two can only make a resumed run charge redone work again
             if main:
-                write_checkpoint(out_dir, model, optimizer, {**record, "loop": dataclasses.asdict(st)}, best)
+                scaling = {} if scaler is None else {
+                    "grad_scaler": {**scaler.state_dict(), "skipped_steps": skipped_steps}}
+                write_checkpoint(out_dir, model, optimizer, {**record, "loop": dataclasses.asdict(st), **scaling},
+                                 best)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", flops=f"{st.train_flops + st.eval_flops:.3g}")
         if on_step is not None:
@@ -307,7 +348,8 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
     summary = {
         "stage": stage, "steps": st.step, "epochs": st.epoch + st.position / M, "train_chunks": M,
         "val_chunks_evaluated": len(val) if val is not None else 0, "last_train_loss": losses[-1] if losses else None,
-        "val_loss": st.last_val_loss, "best_val_loss": st.best_val_loss, "best_step": st.best_step,
+        "val_loss": st.last_val_loss, "best_val_loss": st.best_val_loss,
+        "best_forecast_score": st.best_forecast_score, "best_step": st.best_step, "select_by": settings.select_by,
         "stopped_early": st.stopped_early, "train_flops": st.train_flops, "eval_flops": st.eval_flops,
         "total_flops": st.train_flops + st.eval_flops, "planned_flops_this_session": planned,
         "trainable_parameters": count_trainable_parameters(model), "processes": world,
@@ -322,8 +364,9 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
 def _check_same_run(ckpt: Path, saved: dict, now: dict) -> None:
     """Refuse to resume with settings that change the optimisation, other adapters, seed or data."""
     fixed = TrainSettings.RESUME_FIXED
-    changed = [f"{k}: checkpoint {saved['settings'].get(k)!r} vs now {now['settings'][k]!r}"
-               for k in fixed if saved["settings"].get(k) != now["settings"][k]]
+    default = {f.name: f.default for f in dataclasses.fields(TrainSettings)}  # fields added since a checkpoint
+    changed = [f"{k}: checkpoint {saved['settings'].get(k, default[k])!r} vs now {now['settings'][k]!r}"
+               for k in fixed if saved["settings"].get(k, default[k]) != now["settings"][k]]
     changed += [f"lora: checkpoint {saved['lora']} vs now {now['lora']}"] if saved["lora"] != now["lora"] else []
     changed += [f"seed: checkpoint {saved['seed']} vs now {now['seed']}"] if saved["seed"] != now["seed"] else []
     if changed:

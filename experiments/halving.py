@@ -1,0 +1,250 @@
+"""Successive halving over LoRA points: every point trained to N steps and scored, the best 1/η continued to ηN from
+their own checkpoints, and so on, so that the compute goes to the settings that are still in the race.
+
+Source: Jamieson & Talwalkar, "Non-stochastic best arm identification and hyperparameter optimization" (AISTATS
+2016), Algorithm 1 (successive halving), here with a fixed number of rungs as in the inner loop of Hyperband (Li et
+al., JMLR 18(185), 2018, Algorithm 1, one bracket). Points and their directories are :mod:`experiments.points`':
+
+    out/points/<name>/training/                 one training run per point, continued rung after rung
+    out/points/<name>/rung<k>.json              the point's score at rung k (its presence: rung k is done for it)
+    out/points/<name>/per_trajectory_rung<k>.csv
+
+Continuing a point from rung k to rung k+1 resumes its checkpoint with a larger ``max_steps``: the learning rate is
+constant (:class:`settings.TrainSettings` has no schedule), and the validation loss taken at the end of a rung
+changes no weight, so a point taken to ηN in two rungs is bit-identical to one trained to ηN straight (tested).
+
+The score (lower is better) is robust to the one blown-up forecast that can move a mean: for each species, the
+median over the validation trajectories of the per-trajectory forecast MSE, divided by the same median of
+persistence (the last observed value repeated) on the same trajectories, then averaged over the two species — so
+prey, whose values are larger, does not outweigh predator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+
+from lora import merged, remove_lora
+
+from . import points, recipes
+from .classical_forecasters import Persistence
+from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
+from .evaluation import SPECIES, evaluate, per_trajectory_rows, write_csv
+from .points import ChunkCache, Point
+from .results import write_json
+from .session import Session
+from .settings import ForecastSettings, UsageError
+from .training import checkpoint_step, distributed, train
+
+SCORE_RULE = ("mean over prey and predator of (median over trajectories of the per-trajectory forecast MSE) / "
+              "(the same median of persistence)")
+
+
+def schedule(n_points: int, min_steps: int, eta: int, rungs: int) -> list[tuple[int, int]]:
+    """``[(steps, points trained to them), …]`` per rung: rung k trains ``max(1, n_points // eta**k)`` points to
+    ``min_steps · eta**k`` steps; e.g. 9 points, N = 100, η = 3, 3 rungs → ``[(100, 9), (300, 3), (900, 1)]``.
+
+    Raises UsageError if a value is not a positive integer (η ≥ 2) or a rung would keep as many points as the one
+    before it while points remain to be dropped (too many rungs for ``n_points``)."""
+    for name, value, low in (("--min-steps", min_steps, 1), ("--eta", eta, 2), ("--rungs", rungs, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UsageError(f"{name} {value!r}: must be an integer >= {low}")
+    out = [(min_steps * eta**k, max(1, n_points // eta**k)) for k in range(rungs)]
+    if n_points > 1 and any(out[k][1] == out[k - 1][1] for k in range(1, rungs)):
+        raise UsageError(f"--rungs {rungs}: with {n_points} points and --eta {eta} a rung would keep as many points "
+                         f"as the one before it; use at most {1 + int(math.log(n_points, eta) + 1e-9)} rungs")
+    return out
+
+
+def per_trajectory_mse(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+    """``{species: [n] MSE over the horizon of each trajectory}`` of ``pred`` and ``truth`` [n, H, 2] (data units²)."""
+    return {name: ((pred[..., k] - truth[..., k]) ** 2).mean(axis=1) for k, name in enumerate(SPECIES)}
+
+
+def robust_score(mse: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """:data:`SCORE_RULE`: ``mse`` and ``reference`` are :func:`per_trajectory_mse` of a forecaster and of
+    persistence on the same trajectories. Dimensionless; 1.0 is as good as persistence, 0 is perfect."""
+    return float(np.mean([np.median(mse[s]) / max(float(np.median(reference[s])), 1e-12) for s in SPECIES]))
+
+
+def forecast_scorer(session: Session, forecast: ForecastSettings):
+    """A ``model -> (score, FLOPs)`` for ``training.train(forecast_score=…)``: the :data:`SCORE_RULE` score of the
+    model (adapters merged, :func:`lora.merged`) on ``forecast``'s trajectories, e.g. a fixed validation subset,
+    greedy; persistence's per-trajectory errors on them are computed once."""
+    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+    _, reference_pred, _ = evaluate(Persistence(), contexts, truth, forecast.split, indices)
+    reference = per_trajectory_mse(reference_pred, truth)
+
+    def score(model) -> tuple[float, int]:
+        forecaster = recipes.llm_forecaster(session, forecast, "validation score")
+        forecaster.model = model
+        with merged(model):
+            _, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices)
+        return robust_score(per_trajectory_mse(pred, truth), reference), evaluation.flops
+
+    return score
+
+
+def rung_path(session: Session, name: str, rung: int) -> Path:
+    return session.out / "points" / name / f"rung{rung}.json"
+
+
+def survivors(records: list[dict], kept: int) -> list[str]:
+    """Names of the ``kept`` best records by score (ties: the order of the grid, which is the records' order)."""
+    order = sorted(range(len(records)), key=lambda i: (_finite(records[i]["score"]), i))
+    return [records[i]["name"] for i in order[:kept]]
+
+
+def _finite(x) -> float:
+    return x if x is not None and math.isfinite(x) else math.inf
+
+
+def train_point(session: Session, point: Point, chunks, on_step=None) -> dict:
+    """Train ``point`` to ``point.train.max_steps`` in ``out/points/<name>/training``, continuing its checkpoint
+    if it has one; the adapters stay on the model (the caller forecasts, then removes them). Returns the summary."""
+    out = session.out / "points" / point.name / "training"
+    job = dict(train_chunks=chunks[0], val_chunks=chunks[1], settings=point.train, out_dir=out, lora=point.lora,
+               seed=session.run.seed, stage=session.stage, precision=session.precision,
+               resume=checkpoint_step(out) > 0, loss_token_ids=recipes.loss_token_ids(session, point.train))
+    with distributed.leading(job):
+        return train(session.model, **job, ledger=session.ledger, force=session.run.force, on_step=on_step)
+
+
+def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: int, chunks: ChunkCache,
+             key: dict, reference: dict[str, np.ndarray], on_step=None) -> dict:
+    """Train ``point`` to its rung's steps, forecast the validation subset with it and write its rung record
+    (``rung<k>.json`` last, then the forecast is charged). Returns the record."""
+    out = session.out / "points" / point.name
+    if out.exists() and checkpoint_step(out / "training") == 0 and rung == 0:
+        import shutil
+
+        shutil.rmtree(out)  # killed before its first checkpoint: nothing was kept or charged
+    out.mkdir(parents=True, exist_ok=True)
+    t = point.train
+    print(f"\n=== rung {rung}: {point.name} (lr {t.lr:g}, rank {point.lora.rank}) to step {t.max_steps} ===")
+    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+    try:
+        summary = train_point(session, point, chunks(t), on_step)
+        forecaster = recipes.llm_forecaster(session, forecast, point.name)
+        forecasts, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices)
+    finally:
+        remove_lora(session.model)
+    evaluation.validation_loss = summary["val_loss"]
+    mse = per_trajectory_mse(pred, truth)
+    write_csv(out / f"per_trajectory_rung{rung}.csv", per_trajectory_rows(indices, pred, truth, forecasts))
+    record = {"settings": key, "name": point.name, "rung": rung, "steps": summary["steps"], "lr": t.lr,
+              "rank": point.lora.rank, "context_length": t.context_length, "score": robust_score(mse, reference),
+              "median_mse": {s: float(np.median(v)) for s, v in mse.items()}, "val_loss": summary["val_loss"],
+              "evaluation": dataclasses.asdict(evaluation),
+              "training": {k: summary[k] for k in ("steps", "epochs", "train_flops", "eval_flops",
+                                                   "seconds_this_session")}}
+    path = write_json(rung_path(session, point.name, rung), record)
+    session.charge("generate", evaluation.flops, path, what=f"forecast {point.name} at rung {rung}")
+    print(f"{point.name} at step {record['steps']}: score {record['score']:.4f}, validation loss "
+          f"{record['val_loss']:.4f}, prey MSE {evaluation.metrics['prey']['mse']:.4f}, predator MSE "
+          f"{evaluation.metrics['predator']['mse']:.4f}")
+    return record
+
+
+def read_rung(session: Session, name: str, rung: int, key: dict) -> dict | None:
+    """The rung record of point ``name`` if it was written (None otherwise).
+
+    Raises UsageError naming the file if it is unreadable or was made with other settings."""
+    import json
+
+    path = rung_path(session, name, rung)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        same = record["settings"] == key
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{path}: not a readable rung record (delete it to redo that rung)") from None
+    if not same:
+        raise UsageError(f"{path} was made with other settings than these; use another --out or --overwrite")
+    return record
+
+
+def plan_rung(session: Session, forecast: ForecastSettings, alive: list[Point]) -> dict[str, int]:
+    """FLOPs of one rung: each point's training from its checkpoint step to the rung's steps, and its forecast of
+    the validation subset (points whose rung record exists cost nothing)."""
+    sizes = recipes.SessionSizes(session)
+    costs = {}
+    for p in alive:
+        start = checkpoint_step(session.out / "points" / p.name / "training")
+        costs[p.name] = sum(lora_run_cost(session.model.config, sizes, forecast, p.lora, p.train, start).values())
+    return costs
+
+
+def plan(config, sizes, forecast: ForecastSettings, grid: list[Point], rungs: list[tuple[int, int]]) -> dict[str, int]:
+    """Upper bound on a whole search from scratch, before anyone knows which points survive: rung k is priced as
+    its ``kept`` most expensive points trained from the previous rung's steps to its own, plus their forecasts; and
+    the untrained model's forecast and validation loss that every score is shown beside."""
+    t = grid[0].train
+    costs = {"untrained": untrained_forecast_cost(config, sizes, forecast) + validation_loss_cost(
+        config, sizes.val_rows(t), t.batch_size, t.context_length)}
+    previous = 0
+    for k, (steps, kept) in enumerate(rungs):
+        each = sorted((sum(lora_run_cost(config, sizes, forecast, p.lora,
+                                         dataclasses.replace(p.train, max_steps=steps), previous).values())
+                       for p in grid), reverse=True)
+        costs[f"rung {k}"], previous = int(sum(each[:kept])), steps
+    return costs
+
+
+def run(session: Session, forecast: ForecastSettings, grid: list[Point], rungs: list[tuple[int, int]], key: dict,
+        on_step=None) -> list[list[dict]]:
+    """Run (or read back) every rung in order: rung 0 over ``grid``, rung k over the best of rung k − 1. Each rung's
+    plan is checked against the ledger before it starts. Returns the rung records, rung by rung, in grid order.
+    ``on_step(point name, step)`` is called after every training step (tests simulate a kill with it)."""
+    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+    _, reference_pred, _ = evaluate(Persistence(), contexts, truth, forecast.split, indices)
+    reference = per_trajectory_mse(reference_pred, truth)
+    chunks, done, alive = ChunkCache(session), [], list(grid)
+    for k, (steps, kept) in enumerate(rungs):
+        if k:
+            names = survivors(done[-1], kept)
+            alive = [p for p in grid if p.name in names]
+        alive = [dataclasses.replace(p, train=dataclasses.replace(p.train, max_steps=steps)) for p in alive]
+        todo = [p for p in alive if read_rung(session, p.name, k, key) is None]
+        print(f"\nrung {k}: {len(alive)} points to {steps} steps ({len(alive) - len(todo)} done earlier)")
+        if todo:
+            session.check(plan_rung(session, forecast, todo))
+        records = []
+        for p in alive:
+            record = read_rung(session, p.name, k, key)
+            if record is None:
+                hook = (lambda step, n=p.name: on_step(n, step)) if on_step else None
+                record = run_rung(session, forecast, p, k, chunks, key, reference, on_step=hook)
+            records.append(record)
+        done.append(records)
+    return done
+
+
+def table_rows(rungs: list[list[dict]]) -> list[dict]:
+    """One flat row per point and rung (for CSV and the Markdown table)."""
+    rows = []
+    for records in rungs:
+        for r in records:
+            m = r["evaluation"]["metrics"]
+            rows.append({"rung": r["rung"], "name": r["name"], "lr": r["lr"], "rank": r["rank"], "steps": r["steps"],
+                         "score": r["score"], "val_loss": r["val_loss"],
+                         "prey_median_mse": r["median_mse"]["prey"],
+                         "predator_median_mse": r["median_mse"]["predator"], "prey_mse": m["prey"]["mse"],
+                         "predator_mse": m["predator"]["mse"], "prey_r2": m["prey"]["r2"],
+                         "predator_r2": m["predator"]["r2"], "parsed_fraction": r["evaluation"]["parsed_fraction"],
+                         "train_flops": r["training"]["train_flops"] + r["training"]["eval_flops"],
+                         "forecast_flops": r["evaluation"]["flops"]})
+    return rows
+
+
+def study_key(session: Session, forecast: ForecastSettings, base: Point, rungs: list[tuple[int, int]], eta: int) -> dict:
+    """What every rung record of a search must share: the points' study key (:func:`points.study_key`, with the
+    last rung's steps) and the schedule."""
+    key = points.study_key(session, forecast, base.lora,
+                           dataclasses.replace(base.train, max_steps=rungs[-1][0]))
+    key["search"] = {"rungs": [list(r) for r in rungs], "eta": eta, "score": SCORE_RULE}
+    return key

@@ -1,0 +1,124 @@
+"""A LoRA search that can tell settings apart: successive halving over the learning-rate × rank grid — every point
+trained to N steps and scored on a fixed validation subset, the best 1/η continued to ηN from its own checkpoint, the
+best of those to η²N (Jamieson & Talwalkar 2016; one bracket of Hyperband, Li et al. 2018).
+
+    python -m experiments.search --model DIR --data FILE [--preset cpu] [--lrs 1e-5,5e-5,1e-4] [--ranks 2,4,8]
+                                 [--min-steps 100] [--eta 3] [--rungs 3] [--resume]
+
+Rungs are judged by validation forecast error, robustly: for each species the median over trajectories of the
+per-trajectory MSE, relative to persistence's, averaged over the two species (:data:`halving.SCORE_RULE`); the
+validation loss is reported beside it. The learning rate is constant, so a point continued over rungs is the point
+trained straight to the same step. The whole search is priced (an upper bound) before it starts and each rung again
+before its training. Resumable (``--resume``): finished rungs are read back and an interrupted point continues from its
+checkpoint exactly. The coursework's equal-steps grid is ``experiments.sweep``. Writes under ``--out`` (default
+``runs/search``): results.json, search.csv, rungs.png, README.md, untrained.json and one directory per point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import halving, points, recipes, settings
+from .evaluation import write_csv
+from .plots import plot_rungs
+from .results import Evaluation
+from .session import Session
+from .settings import ForecastSettings, LoRASettings, TrainSettings
+
+STAGE = "search"
+#: full scale (a GPU): rungs of 300 / 900 / 2,700 steps at the coursework's batch 4 × context 512, 100 validation
+#: trajectories
+DEFAULTS = {
+    "train": TrainSettings(batch_size=4, context_length=512, max_steps=2_700, eval_every=0, eval_batches=8,
+                           eval_at_start=False, checkpoint_every=100),
+    "forecast": ForecastSettings(limit=100, gen_batch_size=100, plots=0),
+}
+MIN_STEPS = {None: 300, "cpu": 100}
+#: this 2-core CPU: rungs of 100 / 300 / 900 steps at context 512 with the numeric-alphabet loss, 50 validation
+#: trajectories (several sittings: --resume)
+PRESETS = {"cpu": {"train": {"eval_batches": 4, "checkpoint_every": 25, "loss_vocabulary": "numeric"},
+                   "forecast": {"limit": 50, "gen_batch_size": 50}}}
+
+
+def build_parser(preset: str | None = None):
+    p = settings.parser("python -m experiments.search", __doc__.split("\n\n")[0], "run", "data", "forecast", "lora",
+                        "train", defaults=settings.with_preset(DEFAULTS, PRESETS, preset),
+                        forecast_batch_flag="--gen-batch-size", presets=PRESETS, exclude=("lr", "rank"))
+    p.add_argument("--lrs", default="1e-5,5e-5,1e-4", help="learning rates (default 1e-5,5e-5,1e-4)")
+    p.add_argument("--ranks", default="2,4,8", help="LoRA ranks (default 2,4,8)")
+    p.add_argument("--min-steps", type=int, default=MIN_STEPS[preset],
+                   help=f"steps of the first rung, N (default {MIN_STEPS[preset]})")
+    p.add_argument("--eta", type=int, default=3, help="rung k trains 1/eta^k of the points to N·eta^k steps (default 3)")
+    p.add_argument("--rungs", type=int, default=3, help="number of rungs (default 3)")
+    return p
+
+
+def main(argv=None, on_step=None) -> int:
+    """Run the search. ``on_step(point_name, step)`` is called after every training step (tests simulate a kill)."""
+    preset = settings.preset_name(argv, PRESETS)
+    s = settings.parse(build_parser(preset), argv)
+    lrs, ranks = points.grid_axis(s["lrs"], float, "--lrs"), points.grid_axis(s["ranks"], int, "--ranks")
+    forecast, lora, train = s["forecast"], s["lora"], s["train"]
+    grid = points.grid_points(lora, train, lrs, ranks)
+    rungs = halving.schedule(len(grid), s["min_steps"], s["eta"], s["rungs"])
+    session = Session(STAGE, s["run"], s["data"], trains=True)
+    if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
+        return recipes.follow(session)
+    key = halving.study_key(session, forecast, grid[0], rungs, s["eta"])
+    sizes = recipes.SessionSizes(session)
+    planned = session.check(halving.plan(session.model.config, sizes, forecast, grid, rungs))
+    untrained, _, loss_flops = points.untrained(session, forecast, grid, points.ChunkCache(session),
+                                       session.out / "untrained.json")
+    done = halving.run(session, forecast, grid, rungs, key, on_step=on_step)
+    write_results(session, done, untrained, loss_flops, planned, forecast, lora, train, rungs, s, preset, argv)
+    return 0
+
+
+def write_results(session: Session, done: list[list[dict]], untrained: Evaluation, untrained_loss_flops: int,
+                  planned: int,
+                  forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings, rungs, s: dict, preset,
+                  argv) -> None:
+    """search.csv, rungs.png, README.md (the table) and results.json; the winner is the best point of the last
+    rung."""
+    rows = halving.table_rows(done)
+    winner = min(done[-1], key=lambda r: halving._finite(r["score"]))
+    fmt = recipes.format_number
+    scale = (f"rungs {', '.join(f'{n} points × {steps} steps' for steps, n in rungs)}; batch {train.batch_size} × "
+             f"{train.context_length} tokens, {train.loss_vocabulary} loss, constant lr; {len(untrained.trajectories)} "
+             f"{forecast.split} trajectories {forecast.context_steps}→{forecast.horizon}; {session.weights}")
+    write_csv(session.out / "search.csv", rows)
+    plot_rungs(session.out / "rungs.png", rows, f"successive halving; {scale}")
+    lines = ["| rung | point | steps | score | val loss | prey median MSE | predator median MSE | prey R² | "
+             "predator R² | parsed |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        bold = "**" if r["name"] == winner["name"] and r["rung"] == winner["rung"] else ""
+        lines.append(f"| {r['rung']} | {bold}{r['name']}{bold} | {r['steps']} | {bold}{fmt(r['score'])}{bold} | "
+                     f"{fmt(r['val_loss'])} | {fmt(r['prey_median_mse'])} | {fmt(r['predator_median_mse'])} | "
+                     f"{fmt(r['prey_r2'], '.3f')} | {fmt(r['predator_r2'], '.3f')} | {r['parsed_fraction']:.0%} |")
+    table = "\n".join(lines)
+    chosen = {"rule": f"best score at the last rung; score = {halving.SCORE_RULE}",
+              "chosen": {"lr": winner["lr"], "rank": winner["rank"], "context_length": winner["context_length"],
+                         "steps": winner["steps"], "point": winner["name"]}}
+    results = session.results(forecast=forecast, lora=lora, train=train)
+    results.settings["search"] = {"lrs": sorted({r["lr"] for r in rows}), "ranks": sorted({r["rank"] for r in rows}),
+                                  "min_steps": s["min_steps"], "eta": s["eta"], "rungs": [list(r) for r in rungs],
+                                  "preset": preset}
+    results.evaluations = {"untrained": untrained, **{f"{r['name']}@{r['steps']}": Evaluation(**r["evaluation"])
+                                                      for records in done for r in records}}
+    results.flops["planned"] = planned
+    last = {r["name"]: r for records in done for r in records}  # each point's training totals at its last rung
+    results.add_flops("generate", untrained.flops + sum(r["forecast_flops"] for r in rows))
+    results.add_flops("train", sum(r["training"]["train_flops"] for r in last.values()))
+    results.add_flops("eval", sum(r["training"]["eval_flops"] for r in last.values()) + untrained_loss_flops)
+    results.details.update(rows=rows, selection=chosen, scale=scale, table_markdown=table)
+    recipes.write_run_readme(session.out / "README.md", "LoRA search: successive halving over learning rate × rank",
+                             recipes.command_line("experiments.search", argv),
+                             f"{scale}.\n\nSelection: {chosen['rule']} → {winner['name']} at {winner['steps']} steps."
+                             f"\n\n{table}\n")
+    session.finish(results)  # every part was charged as it finished
+    print("\n" + table + f"\n\nchosen: {winner['name']} ({winner['steps']} steps)")
+    print(f"wrote {session.out}/results.json, search.csv, rungs.png, README.md")
+
+
+if __name__ == "__main__":
+    settings.run_cli(main)

@@ -1,0 +1,115 @@
+"""An LLM forecaster beside the classical ones on the same trajectories: the classical forecasters (orders and the
+parroting length chosen on the validation split), their scores, and paired comparisons with bootstrap intervals
+(:mod:`experiments.compare`) of the LLM against every other forecaster.
+
+A claim that one forecaster beats another rests on the per-trajectory differences: the tables give the mean
+difference with its paired 95 % interval (resampling trajectories), the median difference, the win count and the
+blow-ups, never a mean alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import compare, recipes
+from .classical_forecasters import validated_forecasters
+from .evaluation import evaluate
+from .results import Evaluation
+from .session import Session
+from .settings import ForecastSettings, UsageError
+
+#: match lengths the parroting forecaster chooses m from on the validation split
+PARROT_LENGTHS = (1, 2, 3, 5, 8, 12, 16, 20)
+
+
+def parse_orders(text: str, context_steps: int, option: str = "--orders") -> list[int]:
+    """Comma-separated AR/VAR orders, each an integer ≥ 1 with 3p + 2 ≤ ``context_steps`` (enough rows to fit).
+
+    Raises UsageError naming ``option`` for anything else (not silently dropped)."""
+    try:
+        orders = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        orders = []
+    if not orders or orders[0] < 1 or 3 * orders[-1] + 2 > context_steps:
+        raise UsageError(f"{option} {text!r}: integers >= 1 with 3p + 2 <= --context-steps {context_steps}")
+    return orders
+
+
+def classical(session: Session, forecast: ForecastSettings, orders, predictions: dict,
+              parrot_lengths=PARROT_LENGTHS) -> tuple[dict[str, Evaluation], dict, dict]:
+    """Persistence, AR, VAR, the Lotka–Volterra fit and context parroting on ``forecast``'s trajectories, chosen on
+    the whole validation split, forecast and saved (per-trajectory CSVs under the session's output). Adds each one's
+    predictions [n, H, 2] to ``predictions``. Returns ``({name: Evaluation}, the order search, {name: forecaster})``."""
+    ds = session.dataset
+    _, _, val_contexts, val_truth = ds.forecast_set(dataclasses.replace(forecast, split="validation", limit=None))
+    dt = float(ds.data.time[1] - ds.data.time[0])
+    lengths = [m for m in parrot_lengths if m < forecast.context_steps]
+    forecasters, search = validated_forecasters(val_contexts, val_truth, orders, dt, parrot_lengths=lengths)
+    evaluations = {}
+    for forecaster in forecasters:
+        tag = forecaster.name.replace("(", "").replace(")", "").replace(" ", "_")
+        evaluations[forecaster.name] = recipes.forecast_and_save(
+            session, forecaster, dataclasses.replace(forecast, plots=0), tag, forecaster.name,
+            settings=forecaster.settings(), weights=None, predictions=predictions)
+    return evaluations, search, {f.name: f for f in forecasters}
+
+
+def comparisons(predictions: dict[str, np.ndarray], truth: np.ndarray, indices, reference: str,
+                seed: int = 0) -> list[dict]:
+    """:func:`compare.compare_forecasts` of ``reference`` (A) against every other forecaster (B) in
+    ``predictions`` ({name: [n, H, 2]}, the same trajectories as ``truth``)."""
+    return [compare.compare_forecasts(predictions[reference], pred, truth, names=(reference, name),
+                                      indices=indices, seed=seed)
+            for name, pred in predictions.items() if name != reference]
+
+
+def best_classical(evaluations: dict[str, Evaluation]) -> dict[str, str]:
+    """``{species: name}`` of the classical forecaster with the lowest MSE of that species (LLM entries, named
+    "lora" or "untrained", are skipped)."""
+    rivals = {k: e for k, e in evaluations.items() if k not in ("lora", "untrained")}
+    return {s: min(rivals, key=lambda k: rivals[k].metrics[s]["mse"]) for s in ("prey", "predator")}
+
+
+def indices_range(text: str, n_systems: int, option: str = "--peer-indices") -> np.ndarray:
+    """``"A-B"`` (inclusive) → trajectory indices A..B. Raises UsageError naming ``option`` if malformed or outside
+    the file's 0..n_systems−1."""
+    try:
+        a, b = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: must be a range like 850-999") from None
+    if not 0 <= a <= b < n_systems:
+        raise UsageError(f"{option} {text!r}: must lie within 0-{n_systems - 1} with the first <= the last")
+    return np.arange(a, b + 1)
+
+
+def on_indices(session: Session, forecasters: dict, forecast: ForecastSettings, indices: np.ndarray,
+               known: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[dict[str, Evaluation], dict, np.ndarray]:
+    """Score ``forecasters`` ({name: forecaster}) on the trajectories ``indices`` (any split), reusing the
+    predictions already made for some of them: ``known`` = {name: (their indices, predictions [m, H, 2])}; only the
+    remaining trajectories are forecast. Returns ``({name: Evaluation}, {name: predictions [n, H, 2]}, truth)``."""
+    data = session.dataset.data.trajectories
+    C, H = forecast.context_steps, forecast.horizon
+    truth = data[indices, C:C + H].astype(np.float64)
+    evaluations, predictions = {}, {}
+    for name, forecaster in forecasters.items():
+        have_idx, have_pred = known.get(name, (np.array([], int), np.zeros((0, H, 2))))
+        position = {int(i): k for k, i in enumerate(have_idx)}
+        missing = np.array([i for i in indices if int(i) not in position], dtype=int)
+        pred = np.zeros((len(indices), H, 2))
+        flops = 0
+        if len(missing):
+            _, new, e = evaluate(forecaster, data[missing, :C], data[missing, C:C + H].astype(np.float64),
+                                 "mixed", missing)
+            fill = {int(i): k for k, i in enumerate(missing)}
+            flops = e.flops
+        for k, i in enumerate(indices):
+            pred[k] = have_pred[position[int(i)]] if int(i) in position else new[fill[int(i)]]
+        from .evaluation import forecast_metrics
+
+        evaluations[name] = Evaluation(forecaster=name, split="mixed", trajectories=[int(i) for i in indices],
+                                       context_steps=C, horizon=H, metrics=forecast_metrics(pred, truth),
+                                       flops=int(flops))
+        predictions[name] = pred
+    return evaluations, predictions, truth

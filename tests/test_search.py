@@ -1,0 +1,89 @@
+"""Successive halving (experiments.search) on a tiny random model and simulated data: the schedule, the robust
+score, rungs that continue points exactly (a point taken to 3N in two rungs equals one trained to 3N straight), and a
+kill inside a rung that resumes to the same table."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import halving, search
+from experiments.budget import Ledger
+from experiments.settings import UsageError
+from safetensors.torch import load_file
+
+from test_grid_stages import Killed, common
+
+
+def search_args(model, data, out, ledger):
+    return common(model, data, out, ledger) + ["--lrs", "1e-3,1e-2", "--ranks", "2,4", "--min-steps", "2",
+                                               "--eta", "2", "--rungs", "2", "--checkpoint-every", "1"]
+
+
+def test_schedule_keeps_one_over_eta_and_multiplies_the_steps():
+    assert halving.schedule(9, 100, 3, 3) == [(100, 9), (300, 3), (900, 1)]
+    assert halving.schedule(4, 2, 2, 2) == [(2, 4), (4, 2)]
+    assert halving.schedule(1, 5, 3, 2) == [(5, 1), (15, 1)]
+    with pytest.raises(UsageError, match="--rungs 4"):
+        halving.schedule(9, 100, 3, 4)
+    with pytest.raises(UsageError, match="--eta 1"):
+        halving.schedule(9, 100, 1, 3)
+    with pytest.raises(UsageError, match="--min-steps 0"):
+        halving.schedule(9, 0, 3, 3)
+
+
+def test_robust_score_is_relative_to_persistence_and_ignores_one_blow_up():
+    reference = {"prey": np.array([1.0, 1.0, 1.0]), "predator": np.array([0.1, 0.1, 0.1])}
+    assert halving.robust_score(reference, reference) == pytest.approx(1.0)
+    half = {"prey": np.array([0.5, 0.5, 0.5]), "predator": np.array([0.05, 0.05, 0.05])}
+    assert halving.robust_score(half, reference) == pytest.approx(0.5)
+    blown = {"prey": np.array([0.5, 0.5, 1e6]), "predator": np.array([0.05, 0.05, 0.05])}
+    assert halving.robust_score(blown, reference) == pytest.approx(0.5)
+    records = [{"name": "a", "score": 0.7}, {"name": "b", "score": float("nan")}, {"name": "c", "score": 0.7},
+               {"name": "d", "score": 0.2}]
+    assert halving.survivors(records, 2) == ["d", "a"]  # NaN last, ties in grid order
+
+
+def test_search_continues_points_exactly_and_resumes_after_a_kill(tiny_full_vocab, sim_file, tmp_path):
+    whole, ledger_whole = tmp_path / "whole", tmp_path / "whole.jsonl"
+    assert search.main(search_args(tiny_full_vocab, sim_file, whole, ledger_whole)) == 0
+    results = json.loads((whole / "results.json").read_text())
+    rows = results["details"]["rows"]
+    assert [r["rung"] for r in rows] == [0, 0, 0, 0, 1, 1]
+    assert all(r["steps"] == 2 for r in rows[:4]) and all(r["steps"] == 4 for r in rows[4:])
+    kept = halving.survivors([r for r in rows if r["rung"] == 0], 2)
+    assert [r["name"] for r in rows[4:]] == [n for n in ["lr0.001_rank2", "lr0.001_rank4", "lr0.01_rank2",
+                                                         "lr0.01_rank4"] if n in kept]
+    assert results["details"]["selection"]["chosen"]["point"] in kept
+    assert Ledger(ledger_whole).total() == results["flops"]["total"] <= results["flops"]["planned"]
+    for name in ("search.csv", "README.md", "untrained.json"):
+        assert (whole / name).is_file(), name
+
+    # a point taken to 4 steps over two rungs has the weights of one trained to 4 steps straight
+    from experiments import sweep
+
+    name = rows[4]["name"]
+    straight = tmp_path / "straight"
+    lr, rank = rows[4]["lr"], rows[4]["rank"]
+    args = common(tiny_full_vocab, sim_file, straight, tmp_path / "straight.jsonl")
+    assert sweep.main(args + ["--lrs", f"{lr:g}", "--ranks", str(rank), "--max-steps", "4", "--eval-every", "0",
+                              "--checkpoint-every", "1", "--no-eval-at-start"]) == 0
+    a = load_file(whole / "points" / name / "training" / "adapter" / "adapter.safetensors")
+    b = load_file(straight / "points" / name / "training" / "adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # killed inside rung 1 (after step 3 of its first point, checkpointed at 3), then resumed: the same table
+    part, ledger_part = tmp_path / "part", tmp_path / "part.jsonl"
+
+    def kill(point, step):
+        if point == name and step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        search.main(search_args(tiny_full_vocab, sim_file, part, ledger_part), on_step=kill)
+    assert (part / "points" / name / "rung0.json").is_file() and not (part / "points" / name / "rung1.json").exists()
+    assert search.main(search_args(tiny_full_vocab, sim_file, part, ledger_part) + ["--resume"]) == 0
+    resumed = json.loads((part / "results.json").read_text())
+    assert resumed["details"]["rows"] == rows
+    assert resumed["details"]["selection"] == results["details"]["selection"]
