@@ -7,6 +7,7 @@ Independent of the model code: tokenization takes any object with
 * :mod:`data.llmtime` – LLMTIME scaling and text encoding/decoding, with or without
   the decimal point (``ENCODINGS``; Gruver et al. 2023, NeurIPS, section 3).
 * :mod:`data.chunks` – tokenized fixed-length training windows.
+* :mod:`data.series` – one two-species series from anyone's CSV (validated cell by cell) or the HDF5 file.
 * :mod:`data.simulate` – synthetic data in the same schema
   (``python -m data.simulate --out data/lotka_volterra_data.h5``).
 """
@@ -22,6 +23,7 @@ from .lotka_volterra import (
     resolve_data_path,
     split_indices,
 )
+from .series import Series, SeriesError, is_hdf5, read_series_csv, read_trajectory
 
 __all__ = [
     "DATA_ENV_VAR",
@@ -31,12 +33,17 @@ __all__ = [
     "DataError",
     "Decoded",
     "LotkaVolterraData",
+    "Series",
+    "SeriesError",
     "chunk_texts",
     "decode",
     "encode",
     "fit_scale",
+    "is_hdf5",
     "load_trajectories",
     "make_chunks",
+    "read_series_csv",
+    "read_trajectory",
     "resolve_data_path",
     "split_indices",
     "tokenize_texts",

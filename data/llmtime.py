@@ -47,9 +47,10 @@ ENCODINGS = ("decimal", "integer")
 """How a value is written: "decimal" = fixed point with the point ("0.45"); "integer" = the same digits without the
 point and without leading zeros ("45"), LLMTIME's encoding (Gruver et al. 2023, section 3). See :func:`encode`."""
 
-# A plain decimal number, optionally with an exponent. Deliberately stricter than
-# float(): it rejects "nan", "inf", "1_000", hex, and embedded whitespace.
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# A plain decimal number, optionally with an exponent, in ASCII digits. Deliberately stricter than
+# float(): it rejects "nan", "inf", "1_000", hex, embedded whitespace and other scripts' digits ("١٫٢",
+# which float() reads; \d would match them).
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # The "integer" encoding's value: ASCII digits only (no sign, point, exponent; \d would admit other scripts' digits).
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -202,8 +203,9 @@ class Decoded:
             units (already multiplied by alpha). Rows of steps that could not
             be parsed, or that were expected but missing, are NaN.
         n_invalid: number of steps present in the text but unparseable (wrong
-            number of fields, not a number, non-finite, negative, empty; for
-            the "integer" encoding also anything but ASCII digits, e.g. a point).
+            number of fields, not a number in ASCII digits, non-finite — also
+            once multiplied by alpha —, negative, empty; for the "integer"
+            encoding also anything but digits, e.g. a point).
         n_missing: number of steps expected (``expected_steps``) but absent.
     """
 
@@ -217,8 +219,9 @@ class Decoded:
         return self.n_invalid == 0 and self.n_missing == 0
 
 
-def _parse_step(step: str, divisor: float | None = None) -> tuple[float, float] | None:
-    """Parse ``"prey,predator"`` into two finite non-negative floats, or None.
+def _parse_step(step: str, divisor: float | None = None, alpha: float = 1.0) -> tuple[float, float] | None:
+    """Parse ``"prey,predator"`` into two finite non-negative floats, each multiplied by ``alpha``, or None
+    (also when a value times ``alpha`` overflows to inf: a number too large to be one is not a forecast).
 
     ``divisor`` None: plain decimal numbers (the "decimal" encoding); else ASCII digit strings (the "integer"
     encoding), each divided by ``divisor`` = 10**decimals."""
@@ -232,7 +235,7 @@ def _parse_step(step: str, divisor: float | None = None) -> tuple[float, float] 
             return None
         # float(digits) / 10**d is the correctly rounded quotient of two exact numbers (for up to 15 digits), i.e.
         # the same float as float("d.dd"); a huge digit string gives inf and is refused below
-        value = float(field) if divisor is None else float(field) / divisor
+        value = (float(field) if divisor is None else float(field) / divisor) * alpha
         if not math.isfinite(value) or value < 0:
             return None
         parsed.append(value + 0.0)  # normalise -0.0 to 0.0
@@ -314,9 +317,9 @@ def decode(text: str, alpha: float, expected_steps: int | None = None, *, encodi
     values = np.full((len(pieces) + n_missing, 2), np.nan, dtype=np.float64)
     n_invalid = 0
     for row, piece in enumerate(pieces):
-        parsed = _parse_step(piece, divisor)
+        parsed = _parse_step(piece, divisor, alpha)
         if parsed is None:
             n_invalid += 1
         else:
             values[row] = parsed
-    return Decoded(values=values * alpha, n_invalid=n_invalid, n_missing=n_missing)
+    return Decoded(values=values, n_invalid=n_invalid, n_missing=n_missing)

@@ -30,6 +30,7 @@ import json
 import math
 import numbers
 import os
+import stat
 import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -64,6 +65,21 @@ def _sci(x: int | float) -> str:
     return f"{x:.3g}" if x == 0 else f"{x:.2e}"
 
 
+def _sci_apart(*values: int) -> list[str]:
+    """``values`` as :func:`_sci` writes them, with as many more significant figures as it takes (up to 7) for
+    values that differ to read differently, else as exact integers ("100,000,000,000,000,001"): a message must
+    not say "from 1.00e+17 to 1.00e+17"."""
+    def apart(texts):
+        return all(texts[i] != texts[j] for i in range(len(values)) for j in range(i)
+                   if values[i] != values[j])
+
+    for digits in range(2, 7):
+        texts = [f"{v:.3g}" if v == 0 else f"{v:.{digits}e}" for v in values]
+        if apart(texts):
+            return texts
+    return [f"{v:,}" for v in values]
+
+
 class Ledger:
     """Append-only FLOP ledger in a JSON-lines file.
 
@@ -77,12 +93,26 @@ class Ledger:
         if path is None:
             path = os.environ.get(ENV_VAR) or DEFAULT_PATH
         self.path = Path(path)
+        self._check_regular()
+
+    def _check_regular(self) -> None:
+        """Raise LedgerError if the ledger exists but is not a regular file (a FIFO would block every read, a
+        directory cannot be one)."""
+        try:
+            mode = os.stat(self.path).st_mode
+        except OSError:
+            return  # absent (an empty ledger) or unreadable: reading says so
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise LedgerError(f"{self._where()}: the ledger is {kind}, not a regular file: give a ledger file "
+                              f"(--ledger or ${ENV_VAR})")
 
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r})"
 
     # ------------------------------------------------------------------ reading
     def _read_text(self) -> str:
+        self._check_regular()  # again: it may have been replaced since
         try:
             return self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -223,11 +253,11 @@ class Ledger:
         _check_budget(budget, self.path)
         spent = self.total()
         after = spent + planned
-        print(f"FLOP budget: planned {_sci(planned)} + ledger {_sci(spent)} = {_sci(after)} "
-              f"of {_sci(budget)} ({100 * after / budget:.1f}%) [{self.path}]")
+        p, s, a, b = _sci_apart(planned, spent, after, budget)
+        print(f"FLOP budget: planned {p} + ledger {s} = {a} of {b} ({100 * after / budget:.1f}%) [{self.path}]")
         if after > budget:
-            msg = (f"planned run ({_sci(planned)} FLOPs) would take the ledger {self.path} from {_sci(spent)} to "
-                   f"{_sci(after)}, over the budget of {_sci(budget)} by {_sci(after - budget)}")
+            msg = (f"planned run ({p} FLOPs) would take the ledger {self.path} from {s} to {a}, over the budget of "
+                   f"{b} by {_sci(after - budget)}")
             if not force:
                 raise BudgetExceededError(msg + "; reduce the run or pass --force to run anyway")
             print(f"WARNING: {msg} (--force given, running anyway)", file=sys.stderr)

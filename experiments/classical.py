@@ -3,7 +3,7 @@ species and VAR(p) over both species (least squares on each trajectory's own obs
 validation split), the Lotka–Volterra ODE fitted to each context, and context parroting (copy what followed the best
 match of the last m steps within the context; m chosen on the validation split).
 
-    python -m experiments.classical --data FILE [--splits validation,test] [--orders 1,2,...,20]
+    python -m experiments.classical --data FILE [--splits validation,test | --split S] [--orders 1,2,...,20]
         [--parrot-lengths 1,2,3,5,8,12,16,20] [--no-ode]
 
 Writes ``results.json`` (one evaluation per forecaster and split, keyed ``"<forecaster>/<split>"``; in ``details``
@@ -21,6 +21,7 @@ from . import recipes, settings
 from .classical_forecasters import validated_forecasters
 from .compare import compare_to_best, comparison_table
 from .session import Session
+from .side_by_side import positive_integers
 
 STAGE = "classical"
 PARROT_LENGTHS = (1, 2, 3, 5, 8, 12, 16, 20)
@@ -42,10 +43,17 @@ def build_parser():
 def main(argv=None) -> int:
     s = settings.parse(build_parser(), argv)
     run, data, forecast = s["run"], s["data"], s["forecast"]
-    splits = [x.strip() for x in s["splits"].split(",") if x.strip()]
+    text = s["splits"]
+    if settings.given(build_parser(), argv, "split"):  # honoured, not ignored: --split S forecasts split S
+        if settings.given(build_parser(), argv, "splits"):
+            raise settings.UsageError(f"--split {forecast.split} and --splits {text!r}: experiments.classical "
+                                      "forecasts the splits in --splits; give one of the two")
+        text = forecast.split
+    splits = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in splits if x not in settings.SPLITS] or ([] if splits else ["(none)"])
     if bad:
-        raise settings.UsageError(f"--splits {s['splits']!r}: each must be one of {', '.join(settings.SPLITS)}")
+        raise settings.UsageError(f"--splits {text!r}: each must be one of {', '.join(settings.SPLITS)}")
+    forecast = dataclasses.replace(forecast, split=splits[0])  # recorded as forecast.split: the first split run
     C = forecast.context_steps
     orders = integers("--orders", s["orders"], (C - 2) // 3,  # a VAR(p) with intercept needs 3p + 2 observed steps
                       f"a VAR(p) fitted to {C} observed steps needs 3p + 2 of them")
@@ -61,6 +69,7 @@ def main(argv=None) -> int:
                                                 parrot_lengths=lengths)
     results = session.results(forecast=forecast)
     results.weights = None  # no language model
+    results.settings["splits"] = splits  # what was forecast (forecast.split is the first)
     results.details.update(order_search=search, dt=dt, flops_note="classical forecasters spend no LLM FLOPs")
     results.flops["planned"] = 0
     comparisons, readme = {}, ["Chosen on the validation split: " + ", ".join(
@@ -98,11 +107,8 @@ def main(argv=None) -> int:
 def integers(option: str, text: str, largest: int, why: str) -> list[int]:
     """The sorted distinct integers of a comma-separated ``text``; UsageError naming ``option`` unless all are in
     ``1..largest`` (``why`` says where the bound comes from)."""
-    try:
-        values = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        values = []
-    if not values or values[0] < 1 or values[-1] > largest:
+    values = positive_integers(text)
+    if not values or values[-1] > largest:
         raise settings.UsageError(f"{option} {text!r}: integers between 1 and {largest} ({why})")
     return values
 

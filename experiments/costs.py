@@ -15,7 +15,8 @@ def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int
 
     Prompts are batched by length as the forecaster does, each batch costed with
     :func:`miniqwen.flops.generation_flops` for its prompts' lengths, every row assumed to generate the full
-    ``max_tokens_per_step(decimals, encoding) · horizon`` tokens. ``lora`` adds the adapters' cost; ``head_rows`` =
+    ``max_tokens_per_step(decimals, encoding) · horizon`` tokens. ``lora`` adds the adapters' cost (and the head
+    bias's add, R per decoded position, with ``lora.head_bias``); ``head_rows`` =
     rows of the output head computed while decoding (None = the whole vocabulary); ``encoding``: the LLMTIME text's,
     "decimal" or "integer".
     """
@@ -28,17 +29,19 @@ def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int
     for start in range(0, len(lens), forecast.gen_batch_size):
         batch = lens[start : start + forecast.gen_batch_size]
         total += generation_flops(config, batch, max_new, len(batch), rank, targets or DEFAULT_LORA_TARGETS,
-                                  num_samples=forecast.samples, head_rows=head_rows)
+                                  num_samples=forecast.samples, head_rows=head_rows,
+                                  head_bias=bool(lora and lora.head_bias))
     return total
 
 
 def chunk_pass_flops(config, batch_size: int, context_length: int, lora: LoRASettings | None = None,
                      loss_rows: int | None = None) -> int:
     """One forward + loss over ``batch_size`` full chunks of ``context_length`` tokens (1× convention); with
-    ``loss_rows`` = K the output head and the softmax cover K tokens only (the restricted loss)."""
+    ``loss_rows`` = K the output head and the softmax cover K tokens only (the restricted loss). ``lora.head_bias``
+    adds the bias's add: V (or K) FLOPs per position."""
     rank, targets = (lora.rank, tuple(lora.targets)) if lora else (0, DEFAULT_LORA_TARGETS)
     return forward_flops(config, batch_size, context_length, lora_rank=rank, lora_targets=targets,
-                         head_rows=loss_rows) + \
+                         head_rows=loss_rows, head_bias=bool(lora and lora.head_bias)) + \
         loss_flops(loss_rows or config.vocab_size, batch_size * (context_length - 1))
 
 

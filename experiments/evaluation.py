@@ -137,6 +137,7 @@ class LLMForecaster:
     ``batch_size`` at a time, sorted by length (less left padding). Every row stops after ``horizon`` ";" (or
     ``max_tokens_per_step(decimals, encoding) · horizon`` tokens); unparseable output is counted, never raised.
     ``encoding``: "decimal" or "integer", how the prompt is written and the output read (:mod:`data.llmtime`).
+    ``progress``: show progress bars.
     """
 
     model: object
@@ -151,6 +152,7 @@ class LLMForecaster:
     seed: int = 0
     name: str = "llm"
     encoding: str = "decimal"
+    progress: bool = True
 
     def forecast(self, contexts: np.ndarray, horizon: int) -> Forecasts:
         """``contexts`` [n, C, 2] data units -> :class:`Forecasts` of ``horizon`` steps (FLOPs counted)."""
@@ -167,7 +169,7 @@ class LLMForecaster:
         counter = FlopCounter()
         order = sorted(range(n), key=lambda i: len(prompts[i]))
         with counter, tqdm(total=n, desc=f"forecasting ({self.name}, {samples} sample{'s' * (samples > 1)})",
-                           unit="traj") as bar:
+                           unit="traj", disable=not self.progress) as bar:
             for start in range(0, n, self.batch_size):
                 rows = order[start : start + self.batch_size]
                 generated = generate(
@@ -176,7 +178,7 @@ class LLMForecaster:
                     pad_token_id=tok.pad_token_id, eos_token_ids=eos,
                     temperature=0.0 if samples == 1 else self.temperature, top_p=self.top_p, num_samples=samples,
                     seed=self.seed + start, allowed_token_ids=allowed, stop_token_id=semicolon, stop_count=horizon,
-                    progress=True,
+                    progress=self.progress,
                 )
                 for j, i in enumerate(rows):
                     for s in range(samples):

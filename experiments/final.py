@@ -86,11 +86,12 @@ def continue_point(search_dir: str, picked: dict, train: TrainSettings, out: Pat
         return json.loads(record_path.read_text())
     source = Path(search_dir) / "points" / picked["point"] / "training"
     theirs = json.loads((Path(search_dir) / "results.json").read_text())["settings"]["train"]
-    differ = [k for k in TrainSettings.RESUME_FIXED if k != "lr" and theirs.get(k) != (
+    theirs = {k: theirs.get(k, getattr(TrainSettings(), k)) for k in TrainSettings.RESUME_FIXED}  # left out: default
+    differ = [k for k in TrainSettings.RESUME_FIXED if k != "lr" and theirs[k] != (
         list(getattr(train, k)) if isinstance(getattr(train, k), tuple) else getattr(train, k))]
     if differ:
         raise UsageError(f"--from-search {search_dir}: the search trained with " + ", ".join(
-            f"{k}={theirs.get(k)!r}" for k in differ) + " — give the same options or --no-continue-search")
+            f"{k}={theirs[k]!r}" for k in differ) + " — give the same options or --no-continue-search")
     checkpoint = find_checkpoint(source)
     if checkpoint is None or (out / "training").exists():
         raise UsageError(f"--from-search {search_dir}: no checkpoint of {picked['point']} in {source}"
@@ -128,8 +129,9 @@ def peer_table(session: Session, forecast: ForecastSettings, peers, predictions:
     outside = sorted(set(peers.tolist()) - set(int(i) for i in indices))
     markdown = (f"### Trajectories {peers[0]}–{peers[-1]} (as published peer runs report)\n\n"
                 f"{len(outside)} of these {len(peers)} trajectories are outside the test split"
-                + (f" ({outside[0]}–{outside[-1]}: validation trajectories, used for selection — the search's "
-                   "rungs and the classical orders were chosen on them)" if outside else "") + ".\n\n"
+                + (f" ({outside[0]}–{outside[-1]}: validation trajectories — the classical orders were chosen on "
+                   "the whole validation split, the search and the adapter on its first trajectories — so this "
+                   "table is not a held-out test)" if outside else "") + ".\n\n"
                 f"{recipes.evaluation_table(evaluations)}\n\n{compare.comparison_table(comparisons, legend=False)}")
     return {"indices": [int(peers[0]), int(peers[-1])], "evaluations": {k: dataclasses.asdict(e) for k, e in
                                                                          evaluations.items()},

@@ -10,8 +10,9 @@ al., JMLR 18(185), 2018, Algorithm 1, one bracket). Points and their directories
     out/points/<name>/per_trajectory_rung<k>.csv
 
 Continuing a point from rung k to rung k+1 resumes its checkpoint with a larger ``max_steps``: the learning rate is
-constant (:class:`settings.TrainSettings` has no schedule), and the validation loss taken at the end of a rung
-changes no weight, so a point taken to ηN in two rungs is bit-identical to one trained to ηN straight (tested).
+constant (the search refuses a schedule that depends on the run's length), and the validation loss taken at the
+end of a rung changes no weight, so a point taken to ηN in two rungs is bit-identical to one trained to ηN straight
+(tested).
 
 The score (lower is better) is robust to the one blown-up forecast that can move a mean: for each species, the
 median over the validation trajectories of the per-trajectory forecast MSE, divided by the same median of
@@ -119,9 +120,7 @@ def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: i
     (``rung<k>.json`` last, then the forecast is charged). Returns the record."""
     out = session.out / "points" / point.name
     if out.exists() and checkpoint_step(out / "training") == 0 and rung == 0:
-        import shutil
-
-        shutil.rmtree(out)  # killed before its first checkpoint: nothing was kept or charged
+        points.clear_point(out)  # killed before its first checkpoint: nothing was kept or charged
     out.mkdir(parents=True, exist_ok=True)
     t = point.train
     print(f"\n=== rung {rung}: {point.name} (lr {t.lr:g}, rank {point.lora.rank}) to step {t.max_steps} ===")
@@ -153,19 +152,23 @@ def read_rung(session: Session, name: str, rung: int, key: dict) -> dict | None:
     """The rung record of point ``name`` if it was written (None otherwise).
 
     Raises UsageError naming the file if it is unreadable or was made with other settings."""
-    import json
-
     path = rung_path(session, name, rung)
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-        same = record["settings"] == key
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"{path}: not a readable rung record (delete it to redo that rung)") from None
-    if not same:
+    record = recipes.read_record(path, _valid_rung, "delete it to redo that rung")
+    if record["settings"] != key:
         raise UsageError(f"{path} was made with other settings than these; use another --out or --overwrite")
     return record
+
+
+def _valid_rung(record: dict) -> None:
+    for k in ("settings", "name", "rung", "steps", "lr", "rank", "score", "val_loss"):
+        record[k]
+    for s in SPECIES:
+        record["median_mse"][s]
+    recipes.valid_evaluation(record["evaluation"])
+    for k in ("train_flops", "eval_flops"):
+        record["training"][k]
 
 
 def plan_rung(session: Session, forecast: ForecastSettings, alive: list[Point]) -> dict[str, int]:

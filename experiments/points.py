@@ -6,13 +6,17 @@ checkpoint is what a ``--resume`` continues from.
     out/untrained.json              the base model's forecast and validation losses, computed once
     out/points/<name>/point.json    {"settings", "lr", "rank", "context_length", "evaluation", "training", ...}
     out/points/<name>/training/     the training run (log, checkpoint, adapters, loss curve)
+    out/points/<name>/.lock         held (``fcntl.flock``) by the one process running the point (:func:`locked`)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import sys
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +30,14 @@ from .results import Evaluation, write_json
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
 from .training import checkpoint_step, read_log, validation_loss, validation_subset
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, as for the ledger
+    fcntl = None
+
+#: the lock file in a point's directory: the process running the point holds it
+LOCK = ".lock"
 
 
 @dataclass
@@ -44,20 +56,27 @@ def study_key(session: Session, forecast: ForecastSettings, lora: LoRASettings, 
     key = settings.as_record(run=session.run, data=session.data_settings, forecast=forecast, lora=lora, train=train)
     key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
     # of training, what changes a point's result (not how often it logs, checkpoints or shows progress)
-    key["train"] = {k: key["train"][k] for k in (*TrainSettings.RESUME_FIXED, "max_steps")}
+    # (a field that as_record leaves out at its default stays out: keys made before it existed still match)
+    key["train"] = {k: key["train"][k] for k in (*TrainSettings.RESUME_FIXED, "max_steps") if k in key["train"]}
     return key
 
 
-def grid_axis(text: str, kind, flag: str) -> tuple:
-    """Comma-separated values of a grid axis, each valid for its field. Raises UsageError naming ``flag``."""
+def grid_axis(text: str, kind, flag: str, field: str | None = None) -> tuple:
+    """Comma-separated values of a grid axis, each valid for its settings ``field`` (default: "lr" for floats,
+    "rank" for integers; e.g. "context_length"). Raises UsageError naming ``flag``."""
     try:
         values = tuple(kind(v) for v in text.split(",") if v.strip())
+        if kind is int and not all(v.strip().isascii() and v.strip().isdigit() for v in text.split(",")
+                                   if v.strip()):
+            raise ValueError(text)  # int() also reads "+2", "1_0" and other scripts' digits
     except ValueError:
-        raise UsageError(f"{flag} {text!r}: must be comma-separated {kind.__name__}s") from None
-    check = TrainSettings if kind is float else LoRASettings
+        raise UsageError(f"{flag} {text!r}: must be comma-separated {'positive integer' if kind is int else 'float'}"
+                         "s") from None
+    field = field or ("lr" if kind is float else "rank")
+    check = LoRASettings if field in {f.name for f in dataclasses.fields(LoRASettings)} else TrainSettings
     for v in values:
         try:
-            dataclasses.replace(check(), **{"lr" if kind is float else "rank": v}).validate()
+            dataclasses.replace(check(), **{field: v}).validate()
         except settings.OptionError as err:
             raise UsageError(f"{flag} {text!r}: {v} {err.allowed}") from None
     if not values or len(set(values)) != len(values):
@@ -70,9 +89,16 @@ def point_name(lr: float, rank: int) -> str:
 
 
 def grid_points(lora: LoRASettings, train: TrainSettings, lrs, ranks) -> list[Point]:
-    """The grid's points, learning rate outer, rank inner."""
-    return [Point(point_name(lr, rank), dataclasses.replace(lora, rank=rank), dataclasses.replace(train, lr=lr))
-            for lr in lrs for rank in ranks]
+    """The grid's points, learning rate outer, rank inner. Raises UsageError if a rank makes ``--lora-alpha``'s
+    update scale absurd (:data:`settings.MAX_LORA_SCALE`)."""
+    out = [Point(point_name(lr, rank), dataclasses.replace(lora, rank=rank), dataclasses.replace(train, lr=lr))
+           for lr in lrs for rank in ranks]
+    for p in out:
+        try:
+            p.lora.validate()
+        except settings.OptionError as err:
+            raise UsageError(f"--lora-alpha {err.value!r} with rank {p.lora.rank}: {err.allowed}") from None
+    return out
 
 
 def add_choice_options(p, defaults: dict) -> None:
@@ -107,9 +133,76 @@ def choose(s: dict, picked: dict, defaults: dict) -> tuple[LoRASettings, TrainSe
     lr = s["chosen_lr"] if s["chosen_lr"] is not None else picked.get("lr", defaults["train"].lr)
     rank = s["chosen_rank"] if s["chosen_rank"] is not None else picked.get("rank", defaults["lora"].rank)
     lora, train = dataclasses.replace(s["lora"], rank=rank), dataclasses.replace(s["train"], lr=lr)
-    lora.validate()
-    train.validate()
+    try:
+        lora.validate()
+        train.validate()
+    except settings.OptionError as err:  # name the option (or the selection the value came from)
+        option = {"lr": "--lr", "rank": "--rank"}.get(err.field, "--" + err.field.replace("_", "-"))
+        given = s.get(f"chosen_{err.field}") is not None or err.field not in picked
+        source = "" if given else " (from the selection of --from-" + "/".join(
+            k.removeprefix("from_").replace("_", "-") for k in ("from_sweep", "from_context", "from_search")
+            if s.get(k)) + ")"
+        raise UsageError(f"{option} {err.value!r}{source}: {err.allowed}") from None
     return lora, train
+
+
+@contextmanager
+def locked(session: Session, names):
+    """Hold the lock of every point in ``names`` (``out/points/<name>/.lock``, an exclusive ``fcntl.flock``) for
+    the duration, so that no two processes run the same point (two copies of one shard): a lock another process
+    holds is refused at once, before anything is spent.
+
+    Raises UsageError naming the point and its lock file."""
+    with ExitStack() as stack:
+        for name in names:
+            directory = session.out / "points" / name
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+            stack.callback(os.close, fd)  # closing releases the lock
+            if fcntl is None:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"--out {session.out}: point {name} is being run by another process right now "
+                                 f"(it holds {directory / LOCK}); wait for it to finish, or run other points "
+                                 "(another --shard)") from None
+            except OSError as err:  # a file system without flock (some network mounts): run unlocked, say so
+                print(f"warning: cannot lock {directory / LOCK} ({err.strerror or err}); make sure no other job runs "
+                      f"point {name}", file=sys.stderr)
+        yield
+
+
+def clear_point(directory: Path) -> None:
+    """Remove what a point killed before its first checkpoint left in ``directory``, all but its lock."""
+    for child in directory.iterdir():
+        if child.name == LOCK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _valid_point(record: dict) -> None:
+    for k in ("settings", "name", "lr", "rank", "context_length", "train_loss_last_10"):
+        record[k]
+    recipes.valid_evaluation(record["evaluation"])
+    for k in ("steps", "epochs", "val_loss", "train_flops", "eval_flops"):
+        record["training"][k]
+
+
+def read_point(path: Path, key: dict, session: Session | None = None) -> dict:
+    """The finished point's record in ``path`` (point.json), made with study key ``key``.
+
+    Raises UsageError naming the file if it is damaged or was made with other settings."""
+    record = recipes.read_record(path, _valid_point, "delete it and run again with --resume to forecast the point "
+                                                     "again from its checkpoint, or choose another --out")
+    if record["settings"] != key:
+        overwrite = "" if getattr(session, "join", False) else " or --overwrite"
+        raise UsageError(f"{path} was made with other settings than these; give the same settings, or use another "
+                         f"--out{overwrite}")
+    return record
 
 
 def scan(session: Session, points: list[Point], key: dict) -> tuple[dict, dict]:
@@ -120,10 +213,7 @@ def scan(session: Session, points: list[Point], key: dict) -> tuple[dict, dict]:
     for point in points:
         path = session.out / "points" / point.name / "point.json"
         if path.is_file():
-            record = json.loads(path.read_text())
-            if record["settings"] != key:
-                raise UsageError(f"{path} was made with other settings than these; use another --out or --overwrite")
-            done[point.name], start_steps[point.name] = record, None
+            done[point.name], start_steps[point.name] = read_point(path, key, session), None
         elif (session.out / "points" / point.name / "training").exists():
             start_steps[point.name] = checkpoint_step(session.out / "points" / point.name / "training")
     return done, start_steps
@@ -177,7 +267,7 @@ def untrained(session: Session, forecast: ForecastSettings, points: list[Point],
     ``points``, on the same validation subsets the points are scored on. Returns ``(evaluation, {context_length:
     validation loss}, FLOPs of those losses)``; the evaluation's own ``validation_loss`` is the first context's."""
     evaluation = recipes.untrained_evaluation(session, forecast, "base model", path, session.run.resume)
-    saved = json.loads(path.read_text())
+    saved = recipes.read_untrained(path)
     losses, flops = saved.get("validation_loss", {}), saved.get("validation_loss_flops", 0)
     for (context_length, _), train in _by_context(points).items():
         if str(context_length) in losses:
@@ -200,7 +290,7 @@ def run(session: Session, forecast: ForecastSettings, point: Point, chunks: Chun
     charge its forecast. Returns the point record."""
     out = session.out / "points" / point.name
     if out.exists() and checkpoint_step(out / "training") == 0:
-        shutil.rmtree(out)  # killed before its first checkpoint: nothing was kept or charged, start it again
+        clear_point(out)  # killed before its first checkpoint: nothing was kept or charged, start it again
     out.mkdir(parents=True, exist_ok=True)
     t = point.train
     print(f"\n=== {point.name}: lr {t.lr:g}, rank {point.lora.rank}, context {t.context_length}, "
@@ -226,21 +316,25 @@ def run_all(session: Session, forecast: ForecastSettings, points: list[Point], k
     Returns ``(records in the order of points, untrained evaluation, {context: untrained validation loss},
     planned FLOPs)``. ``on_step(point name, step)`` is called after every training step. ``reference=False`` (a
     shard of a study, :mod:`experiments.sweep`): no untrained evaluation, returned as ``None`` and ``{}``."""
-    done, start_steps = scan(session, points, key)
-    path = session.out / "untrained.json"
-    reuse = session.run.resume and path.is_file()
-    planned = session.check(plan(session.model.config, recipes.SessionSizes(session), forecast, points, start_steps,
-                                 untrained=reference and not reuse))
-    chunks = ChunkCache(session)
-    base, untrained_losses = (untrained(session, forecast, points, chunks, path)[:2] if reference else (None, {}))
-    records = []
-    for point in points:
-        if point.name in done:
-            print(f"{point.name}: finished earlier, read back")
-            records.append(done[point.name])
-            continue
-        hook = (lambda step, n=point.name: on_step(n, step)) if on_step else None
-        records.append(run(session, forecast, point, chunks, key, on_step=hook, export=export))
+    done, _ = scan(session, points, key)
+    with locked(session, [p.name for p in points if p.name not in done]):
+        done, start_steps = scan(session, points, key)  # again: another job may have finished some meanwhile
+        path = session.out / "untrained.json"
+        reuse = session.run.resume and path.is_file()
+        chunks = ChunkCache(session)
+        for train in _by_context([p for p in points if p.name not in done]).values():
+            chunks(train)  # cut (and checked against the batch size) before anything is spent
+        planned = session.check(plan(session.model.config, recipes.SessionSizes(session), forecast, points,
+                                     start_steps, untrained=reference and not reuse))
+        base, untrained_losses = (untrained(session, forecast, points, chunks, path)[:2] if reference else (None, {}))
+        records = []
+        for point in points:
+            if point.name in done:
+                print(f"{point.name}: finished earlier, read back")
+                records.append(done[point.name])
+                continue
+            hook = (lambda step, n=point.name: on_step(n, step)) if on_step else None
+            records.append(run(session, forecast, point, chunks, key, on_step=hook, export=export))
     return records, base, untrained_losses, planned
 
 
@@ -267,7 +361,7 @@ def table_rows(records: list[dict]) -> list[dict]:
 
 def charged_flops(records: list[dict], reference: Evaluation, path: Path) -> dict[str, int]:
     """FLOPs of a study by kind, as its parts were charged: generate, train, eval."""
-    saved = json.loads(path.read_text())
+    saved = recipes.read_untrained(path)
     return {"generate": reference.flops + sum(r["evaluation"]["flops"] for r in records),
             "train": sum(r["training"]["train_flops"] for r in records),
             "eval": saved.get("validation_loss_flops", 0) + sum(r["training"]["eval_flops"] for r in records)}

@@ -11,8 +11,10 @@ import numpy as np
 
 from data import Chunks, chunk_texts
 from lora import export_peft, merged, remove_lora
+from lora.head_bias import PEFT_HEAD_BIAS, has_head_bias
 
 from . import settings as settings_module
+from .adapter_card import CARD_FILE, card_for
 from .classical_forecasters import Persistence
 from .costs import forecast_cost, lora_stage_cost, training_cost
 from .evaluation import (
@@ -21,8 +23,62 @@ from .evaluation import (
 from .plots import plot_forecasts
 from .results import Evaluation, write_json
 from .session import Session
-from .settings import ForecastSettings, LoRASettings, TrainSettings
+from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
 from .training import checkpoint_step, distributed, read_log, train, validation_subset
+
+
+def read_record(path: Path, valid, advice: str) -> dict:
+    """The JSON object a stage wrote in ``path`` (point.json, a rung record, untrained.json), once ``valid(record)``
+    has read what the stage needs from it (raising KeyError, TypeError or ValueError where it cannot).
+
+    Raises UsageError naming the file, what is wrong with it (empty, not JSON, not an object, a field missing or
+    malformed) and ``advice`` (what to do), never a traceback."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        text, why = None, "not UTF-8 text"
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if text is not None:
+        try:
+            record = json.loads(text) if text.strip() else None
+        except ValueError:
+            record, why = None, "not JSON"
+        else:
+            why = "empty" if not text.strip() else None
+        if why is None and not isinstance(record, dict):
+            why = f"a JSON {type(record).__name__}, not an object"
+        if why is None:
+            try:
+                valid(record)
+                return record
+            except KeyError as err:
+                why = f"it has no {err.args[0]!r}"
+            except (TypeError, ValueError, AttributeError, IndexError) as err:
+                why = f"malformed ({' '.join(str(err).split())})"
+    raise UsageError(f"{path}: not a readable record ({why}; damaged or edited by hand): {advice}")
+
+
+def valid_evaluation(value) -> Evaluation:
+    """``value`` as an :class:`Evaluation` with the scores tables read (for :func:`read_record` validators)."""
+    evaluation = Evaluation(**value)
+    for species in ("prey", "predator"):
+        for key in ("mse", "mae", "r2"):
+            evaluation.metrics[species][key]
+    return evaluation
+
+
+def check_batch(train_chunks: Chunks, train_settings: TrainSettings) -> None:
+    """Refuse (UsageError naming --batch-size) a batch the training chunks cannot fill, or one that torchrun's
+    processes cannot share, before anything is spent (the loop would fail only after the untrained forecast)."""
+    B, world, M = train_settings.batch_size, distributed.world_size(), len(train_chunks)
+    if B % world:
+        raise UsageError(f"--batch-size {B}: the global batch is split over the {world} processes torchrun "
+                         f"started, so it must be divisible by {world}")
+    if M < B:
+        raise UsageError(f"--batch-size {B}: the training data gives only {M} chunks of "
+                         f"{train_settings.context_length} tokens, fewer than one batch; use --batch-size {M} or "
+                         "less (or more training data: --train-limit, a shorter --context-length)")
 
 
 def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> LLMForecaster:
@@ -158,6 +214,7 @@ def training_chunks(session: Session, train_settings: TrainSettings) -> tuple[Ch
     val_chunks = token_chunks(session, "validation", None, train_settings.context_length, train_settings.stride)
     print(f"chunks: {len(train_chunks)} training, {len(val_chunks)} validation; context "
           f"{train_settings.context_length}, stride {train_settings.stride or train_settings.context_length}")
+    check_batch(train_chunks, train_settings)
     return train_chunks, val_chunks
 
 
@@ -208,6 +265,24 @@ class SessionSizes:
         return len(token_chunks(self.session, "validation", loss.loss_limit, loss.loss_context_length))
 
 
+def _valid_untrained(record: dict) -> None:
+    record["settings"]
+    valid_evaluation(record["untrained"])
+    losses = record.get("validation_loss", {})
+    if not isinstance(losses, dict) or not all(v is None or isinstance(v, (int, float)) for v in losses.values()):
+        raise ValueError("validation_loss must map context lengths to numbers")  # None: a NaN, as JSON writes it
+    if not isinstance(record.get("validation_loss_flops", 0), int):
+        raise ValueError("validation_loss_flops must be an integer")
+    np.asarray(record.get("predictions", []), dtype=np.float64)
+
+
+def read_untrained(path: Path) -> dict:
+    """The untrained evaluation saved in ``path`` (untrained.json). Raises UsageError naming the file if it is
+    damaged."""
+    return read_record(path, _valid_untrained, "delete it to compute the untrained forecast again (it is charged "
+                                                "again), or choose another --out")
+
+
 def untrained_evaluation(session: Session, forecast: ForecastSettings, title: str, path: Path,
                          reuse: bool, predictions: dict | None = None) -> Evaluation:
     """The untrained model's forecast of ``forecast``'s trajectories, saved in ``path`` (JSON) and charged; with
@@ -216,7 +291,7 @@ def untrained_evaluation(session: Session, forecast: ForecastSettings, title: st
     dict is given) under "untrained" (an older file without them gives none)."""
     key = settings_module.as_record(run=session.run, data=session.data_settings, forecast=forecast)
     key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
-    saved = json.loads(path.read_text()) if reuse and path.is_file() else None
+    saved = read_untrained(path) if reuse and path.is_file() else None
     if saved and saved["settings"] == key:
         print(f"reusing the untrained evaluation in {path}")
         if predictions is not None and "predictions" in saved:
@@ -258,8 +333,10 @@ def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRAS
         with distributed.leading(job):
             summary = train(session.model, **job, ledger=session.ledger, force=session.run.force, on_step=on_step,
                             forecast_score=forecast_score)
-        if export:
-            export_peft(session.model, out / "peft_adapter", base_model_name_or_path=session.weights)
+        if export:  # with its card: the LLMTIME scale, decimals, encoding and prompt it needs (adapter_card)
+            bias = PEFT_HEAD_BIAS if has_head_bias(session.model) else None  # written by export_peft beside it
+            export_peft(session.model, out / "peft_adapter", base_model_name_or_path=session.weights,
+                        extra={CARD_FILE: card_for(session, forecast.prompt, head_bias=bias).to_json()})
         forecaster = llm_forecaster(session, forecast, "lora")
         with merged(session.model):  # W + BA·scale in plain linear layers: the fast inference paths apply
             trained = forecast_and_save(session, forecaster, forecast, "trained",

@@ -24,6 +24,7 @@ from .plots import plot_horizon_errors
 from .recipes import evaluation_table, format_number
 from .results import Evaluation, Results, find_results
 from .settings import ArgumentParser, UsageError, run_cli
+from .sweep import tie_note
 
 
 def _score(e: Evaluation) -> float:
@@ -72,12 +73,14 @@ def grid_section(results: dict[str, Results], results_root: Path, root: Path) ->
         agree = ("Validation loss picks the same point" if sel["same_winner"] else
                  f"Validation loss would have picked lr {sel['chosen_by_val_loss']['lr']:g}, rank "
                  f"{sel['chosen_by_val_loss']['rank']}")
+        tie = tie_note(sel).strip()
         rho = sel.get("spearman_forecast_mse_vs_val_loss")
         md += ["## Learning rate × LoRA rank (coursework 3b)", "", f"**{run}** — {d['scale'].rstrip('.')}.", "",
                d["table_markdown"], "",
                f"Selection rule: {sel['rule']} → **lr {sel['chosen']['lr']:g}, rank {sel['chosen']['rank']}**. "
                f"{agree}; Spearman ρ between the two rankings over the grid = {format_number(rho, '.2f')}. "
-               "The untrained row is the same base model on the same trajectories and validation chunks.", ""]
+               + (f"{tie} " if tie else "")
+               + "The untrained row is the same base model on the same trajectories and validation chunks.", ""]
         md += _image(results_root, run, "heatmap_forecast_mse.png", root, "forecast MSE heat map")
         md += _image(results_root, run, "heatmap_val_loss.png", root, "validation loss heat map")
         md += _image(results_root, run, "loss_curves.png", root, "training curves")
@@ -122,6 +125,43 @@ def final_section(results: dict[str, Results], results_root: Path, root: Path) -
         md += _image(results_root, run, "forecasts_trained.png", root, "final forecasts")
         md += _image(results_root, run, "training/loss_curve.png", root, "final training curve")
     return md
+
+
+#: what the report reads from a stage's results.json beyond the schema (dotted paths into ``details``; names
+#: after ":" are evaluations; "contexts[].x": key x of every row)
+READS = {
+    "baseline": [":zero-shot"],
+    "lora_default": [":lora"],
+    "sweep": ["selection.rule", "selection.chosen.lr", "selection.chosen.rank", "selection.chosen_by_val_loss.lr",
+              "selection.chosen_by_val_loss.rank", "selection.same_winner", "scale", "table_markdown"],
+    "context_length": ["contexts[].context_length", "contexts[].horizon_growth", "contexts[].train_flops",
+                       "contexts[].forecast_mse_gain_per_pflop", "scale", "table_markdown"],
+    "final": ["training", "scale", "table_markdown"],
+}
+
+
+def check_readable(results: dict[str, Results], results_root: Path) -> None:
+    """Refuse (UsageError naming the file and the missing part) a results.json the report would fail on halfway:
+    one of the schema whose stage's details lack what its section reads (:data:`READS`)."""
+    for run, r in results.items():
+        for need in READS.get(r.stage, []):
+            value, ok = r.details, True
+            if need.startswith(":"):
+                ok = isinstance(r.evaluations, dict) and need[1:] in r.evaluations
+            else:
+                head, _, key = need.partition("[].")
+                for part in head.split("."):
+                    value = value.get(part) if isinstance(value, dict) else None
+                if key:
+                    ok = isinstance(value, list) and bool(value) and all(isinstance(x, dict) and key in x
+                                                                         for x in value)
+                else:
+                    ok = value is not None
+            if not ok:
+                what = f"the evaluation {need[1:]!r}" if need.startswith(":") else f"details.{need}"
+                raise UsageError(f"{results_root / run / 'results.json'}: this {r.stage} results.json has no {what}, "
+                                 "which the report reads (damaged, edited or partial): restore it, or move it out of "
+                                 "--results")
 
 
 def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figures: Path, root: Path) -> str:
@@ -244,6 +284,7 @@ def main(argv=None) -> int:
     if ledger_path.exists() and not stat.S_ISREG(ledger_path.stat().st_mode):  # a FIFO would block the read
         raise UsageError(f"{'--ledger ' if args.ledger else 'ledger '}{ledger_path}: not a regular file")
     results = find_results(root_results)
+    check_readable(results, root_results)
     figures = root_results / "report"
     figures.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(ledger_path)

@@ -23,7 +23,7 @@ from .evaluation import write_csv
 from .plots import plot_rungs
 from .results import Evaluation
 from .session import Session
-from .settings import ForecastSettings, LoRASettings, TrainSettings
+from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
 
 STAGE = "search"
 #: full scale (a GPU): rungs of 300 / 900 / 2,700 steps at the coursework's batch 4 × context 512, 100 validation
@@ -59,17 +59,22 @@ def main(argv=None, on_step=None) -> int:
     s = settings.parse(build_parser(preset), argv)
     lrs, ranks = points.grid_axis(s["lrs"], float, "--lrs"), points.grid_axis(s["ranks"], int, "--ranks")
     forecast, lora, train = s["forecast"], s["lora"], s["train"]
+    if train.schedule_depends_on_max_steps:  # a continued point must equal one trained straight to the same step
+        raise UsageError(f"--lr-schedule {train.lr_schedule}: depends on the run's length, and the search continues "
+                         "points over rungs; use constant (warm-up allowed)")
     grid = points.grid_points(lora, train, lrs, ranks)
     rungs = halving.schedule(len(grid), s["min_steps"], s["eta"], s["rungs"])
     session = Session(STAGE, s["run"], s["data"], trains=True)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return recipes.follow(session)
     key = halving.study_key(session, forecast, grid[0], rungs, s["eta"])
-    sizes = recipes.SessionSizes(session)
-    planned = session.check(halving.plan(session.model.config, sizes, forecast, grid, rungs))
-    untrained, _, loss_flops = points.untrained(session, forecast, grid, points.ChunkCache(session),
-                                       session.out / "untrained.json")
-    done = halving.run(session, forecast, grid, rungs, key, on_step=on_step)
+    with points.locked(session, [p.name for p in grid]):  # a second copy of this search is refused here
+        chunks = points.ChunkCache(session)
+        chunks(grid[0].train)  # cut (and checked against the batch size) before anything is spent
+        sizes = recipes.SessionSizes(session)
+        planned = session.check(halving.plan(session.model.config, sizes, forecast, grid, rungs))
+        untrained, _, loss_flops = points.untrained(session, forecast, grid, chunks, session.out / "untrained.json")
+        done = halving.run(session, forecast, grid, rungs, key, on_step=on_step)
     write_results(session, done, untrained, loss_flops, planned, forecast, lora, train, rungs, s, preset, argv)
     return 0
 

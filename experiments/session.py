@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import LotkaVolterraData, encode, fit_scale, load_trajectories, resolve_data_path, split_indices
-from miniqwen import load_pretrained
+from data import DataError, LotkaVolterraData, encode, fit_scale, load_trajectories, resolve_data_path, split_indices
+from miniqwen import WeightsError, load_pretrained
 from miniqwen.atomic import atomic_write
 from miniqwen.loading import resolve_model_dir, weights_fingerprint
 
@@ -90,7 +90,11 @@ def load_dataset(settings: DataSettings) -> Dataset:
     training split only. Raises ``data.DataError`` naming the file."""
     data = load_trajectories(resolve_data_path(settings.data))
     splits = split_indices(data.n_systems)
-    scale = fit_scale(data.trajectories[splits["train"]], settings.scale_quantile, settings.scale_target)
+    try:
+        scale = fit_scale(data.trajectories[splits["train"]], settings.scale_quantile, settings.scale_target)
+    except ValueError as err:  # e.g. all-zero training trajectories: no scale maps them to digits
+        raise DataError(f"{data.path}: cannot fit the LLMTIME scale on its training split "
+                        f"({str(err).removeprefix('fit_scale: ').rstrip('.')})") from None
     sha = hashlib.sha256(data.path.read_bytes()).hexdigest()
     return Dataset(data, splits, scale, sha, settings.decimals, settings.encoding)
 
@@ -287,7 +291,7 @@ class Session:
 
     def __init__(self, stage: str, run: RunSettings, data: DataSettings, *, trains: bool = False,
                  join: bool = False):
-        self.stage, self.run, self.data_settings = stage, run, data
+        self.stage, self.run, self.data_settings, self.join = stage, run, data, join
         self.out = Path(run.out).expanduser() if run.out else Path("runs") / stage
         if run.resume and not trains and not join:
             raise UsageError(f"--resume: experiments.{stage} has nothing to resume (it does not train); run it "
@@ -429,6 +433,10 @@ class Session:
         model_dir = resolve_model_dir(self.run.model)
         self._record_weights()  # also refuses a config.json or weights file that is not a regular file
         model, tokenizer = load_pretrained(model_dir, dtype=getattr(torch, self.precision), device=self.device)
+        if tokenizer.vocab_size > model.config.vocab_size:  # token ids past the embedding: an IndexError mid-run
+            raise WeightsError(f"{model_dir}: config.json's vocab_size {model.config.vocab_size} is smaller than the "
+                               f"{tokenizer.vocab_size} token ids of its tokenizer.json: the tokenizer is not these "
+                               "weights' (use the model's own tokenizer.json)")
         print(f"model: {self.weights} — computing on {self.device} in {self.precision}")
         return model.eval(), tokenizer
 

@@ -29,6 +29,13 @@ from .budget import BudgetExceededError, LedgerError
 MODEL_ENV_VAR = "MINIQWEN_MODEL"
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 SPLITS = ("train", "validation", "test")
+LR_SCHEDULES = ("constant", "cosine")
+#: the largest seed NumPy accepts (``np.random.seed`` takes 32-bit seeds)
+MAX_SEED = 2**32 - 1
+#: the largest LoRA update scale lora_alpha / rank accepted: published LoRA runs use 0.5-4 (alpha = r to 2r, or
+#: rsLoRA's sqrt(r)); far above this the scaled gradients overflow float32 — the gradient norm becomes inf, clipping
+#: multiplies every gradient by max_norm / inf = 0, and the "trained" adapter is the untrained one, silently
+MAX_LORA_SCALE = 1e4
 
 
 class UsageError(ValueError):
@@ -111,6 +118,8 @@ class RunSettings:
     def validate(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
         _int("seed", self.seed, 0)
+        if self.seed > MAX_SEED:  # NumPy's seeds are 32-bit: a larger one fails only when the run seeds NumPy
+            raise OptionError("seed", self.seed, f"must be an integer between 0 and {MAX_SEED} (2**32 - 1)")
         from miniqwen import device as devices
 
         if self.device not in (None, "auto"):
@@ -206,15 +215,28 @@ class ForecastSettings:
 @dataclass
 class LoRASettings:
     """The adapter (Hu et al. 2021): ``rank`` r, ``lora_alpha`` (update scaled by lora_alpha / r; None = r, scale 1)
-    and the projections it wraps in every decoder layer (``targets``)."""
+    and the projections it wraps in every decoder layer (``targets``).
+
+    ``head_bias``: also train a bias on the output head, zero at start (``lora.head_bias``; the HF Qwen2 head has
+    none; published peer runs of the coursework trained one): + vocab_size trainable parameters (151,936 for
+    Qwen2.5-0.5B) and + 1 FLOP per computed logit (V per position, K with the numeric head). Saved with the
+    adapter, exported beside the PEFT adapter. Recorded only when True (:func:`as_record`)."""
 
     rank: int = 4
     lora_alpha: float | None = None
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    head_bias: bool = False
 
     def validate(self) -> None:
         _int("rank", self.rank, 1)
+        if not isinstance(self.head_bias, bool):
+            raise OptionError("head_bias", self.head_bias, "must be True or False")
         _float("lora_alpha", self.lora_alpha, 0.0, low_open=True, optional=True)
+        if self.lora_alpha is not None and self.lora_alpha / self.rank > MAX_LORA_SCALE:
+            raise OptionError("lora_alpha", self.lora_alpha,
+                              f"the update scale lora_alpha / rank = {self.lora_alpha / self.rank:.3g} is above "
+                              f"{MAX_LORA_SCALE:g}, where float32 gradients overflow and clipping zeroes them (LoRA "
+                              "runs use alpha between r and 2r)")
         if not self.targets or any(t not in LORA_TARGETS for t in self.targets) or len(set(self.targets)) != len(
                 self.targets):
             raise OptionError("targets", ",".join(self.targets),
@@ -226,7 +248,11 @@ class TrainSettings:
     """Optimisation of one training run (defaults: the coursework's LoRA defaults).
 
     Attributes:
-        lr: AdamW learning rate (constant). batch_size: chunks per step. context_length: tokens per chunk.
+        lr: AdamW learning rate (the peak of the schedule). batch_size: chunks per step. context_length: tokens
+            per chunk.
+        lr_schedule, warmup_steps: the learning rate of each step, :meth:`learning_rate`: "constant" (the default)
+            or "cosine" (decay to 0 at ``max_steps``), after a linear warm-up over the first ``warmup_steps`` steps
+            (0 = none). Both are recorded only when not the default (:func:`as_record`).
         stride: offset between chunk starts (None = context_length, no overlap).
         max_steps: optimizer steps in total. train_limit: use only the first N training trajectories (None = all).
         weight_decay, betas, eps: AdamW's. max_grad_norm: clip the gradient norm to this (None = no clipping).
@@ -268,10 +294,41 @@ class TrainSettings:
     loss_vocabulary: str = "full"
     compile: bool = False
     progress: bool = True
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
 
-    #: fields that define the optimisation trajectory: a resumed run must use the same values
+    #: fields that define the optimisation trajectory: a resumed run must use the same values (and, under a
+    #: schedule that depends on it, the same ``max_steps``: :attr:`schedule_depends_on_max_steps`)
     RESUME_FIXED = ("lr", "batch_size", "context_length", "stride", "train_limit", "weight_decay", "betas", "eps",
-                    "max_grad_norm", "eval_batches", "loss_vocabulary", "select_by")
+                    "max_grad_norm", "eval_batches", "loss_vocabulary", "select_by", "lr_schedule", "warmup_steps")
+
+    @property
+    def schedule_depends_on_max_steps(self) -> bool:
+        """True for the cosine schedule: its learning rates depend on ``max_steps``, so a run continued to other
+        ``max_steps`` would not equal one trained straight to them (a resume must keep ``max_steps``)."""
+        return self.lr_schedule == "cosine"
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the optimizer step that follows ``step`` steps already taken (0 <= step <
+        ``max_steps``), η = ``lr``, W = ``warmup_steps``, T = ``max_steps``::
+
+            step < W                       η · (step + 1) / W                        linear warm-up
+            "constant", step >= W          η
+            "cosine",   step >= W          η · ½ · (1 + cos(π · (step − W) / (T − W)))
+
+        The cosine is SGDR's annealing (Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm
+        Restarts", ICLR 2017, eq. 5) with η_min = 0, one cycle of T − W steps and no restarts; it would reach 0 at
+        step = T, so the last step taken still has a small positive rate. The warm-up is the gradual warm-up of
+        Goyal et al. 2017 ("Accurate, Large Minibatch SGD", section 2.2), counted from 1 so that no step has rate
+        0 (transformers' ``get_cosine_schedule_with_warmup`` uses step / W, whose first step has rate 0; after the
+        warm-up the two agree). A pure function of the step: a resumed run computes the same rates.
+        """
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            progress = (step - self.warmup_steps) / (self.max_steps - self.warmup_steps)
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr
 
     def validate(self) -> None:
         _float("lr", self.lr, 0.0, 1.0, low_open=True)
@@ -290,11 +347,19 @@ class TrainSettings:
         _int("early_stop_patience", self.early_stop_patience, 0)
         _int("checkpoint_every", self.checkpoint_every, 1)
         _choice("loss_vocabulary", self.loss_vocabulary, ("full", "numeric"))
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _int("warmup_steps", self.warmup_steps, 0)
+        if self.lr_schedule == "cosine" and self.warmup_steps >= self.max_steps:
+            raise OptionError("warmup_steps", self.warmup_steps,
+                              f"must be below max_steps ({self.max_steps}) with the cosine schedule, which decays "
+                              "over the steps after the warm-up")
         _choice("select_by", self.select_by, ("loss", "forecast"))
         if not isinstance(self.compile, bool):
             raise OptionError("compile", self.compile, "must be True or False")
         if self.early_stop_patience and not self.eval_every:
-            raise UsageError("early stopping (--early-stop) needs periodic evaluations: set --eval-every > 0")
+            raise UsageError(f"--eval-every 0 leaves early stopping (--early-stop {self.early_stop_patience}) without "
+                             "the periodic evaluations it needs: set --eval-every > 0, or --early-stop 0 to turn it "
+                             "off")
 
 
 @dataclass
@@ -317,15 +382,26 @@ GROUPS = {"run": RunSettings, "data": DataSettings, "forecast": ForecastSettings
           "train": TrainSettings,
           "loss": LossSettings}
 
+#: fields added after records existed, recorded only when they differ from these values (:func:`as_record`): the
+#: record (and study key) of a run that does not use them equals the one made before they existed; a reader of a
+#: record takes a missing field as this value
+RECORDED_UNLESS = {LoRASettings: {"head_bias": False},
+                   TrainSettings: {"lr_schedule": "constant", "warmup_steps": 0}}
+
 
 def as_record(**settings) -> dict:
     """``{group: {field: value}}`` of settings dataclasses, JSON-ready, for results (no machine paths: file
-    options are recorded by their file name only)."""
+    options are recorded by their file name only). Fields added after records existed are left out at their
+    defaults (:data:`RECORDED_UNLESS`, and ``encoding`` "decimal"), so such a run's record equals the one made
+    before; readers take a missing field as its default."""
     out = {}
     for group, s in settings.items():
         d = dataclasses.asdict(s)
         if isinstance(s, DataSettings) and s.encoding == "decimal":
             del d["encoding"]  # the default, left out: keys and records made before --encoding existed still match
+        for key, value in RECORDED_UNLESS.get(type(s), {}).items():
+            if d[key] == value and type(d[key]) is type(value):
+                del d[key]  # likewise
         for key in ("model", "data", "out", "ledger"):
             if d.get(key) and os.sep in str(d[key]) and Path(str(d[key])).exists():
                 d[key] = Path(str(d[key])).name
@@ -455,10 +531,18 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
                        help="LoRA scaling numerator; the update is scaled by lora_alpha/rank (default: = rank)")
         g.add_argument("--targets", default=",".join(lo.targets),
                        help=f"comma-separated projections (default {','.join(lo.targets)})")
+        g.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=lo.head_bias,
+                       help="also train a bias on the output head (lm_head), zero at start: + vocab_size parameters "
+                            f"and 1 FLOP per logit; saved with the adapter (default {lo.head_bias})")
     if "train" in groups:
         g = p.add_argument_group("training")
         if "lr" not in exclude:
             g.add_argument("--lr", type=float, default=t.lr, help=f"AdamW learning rate (default {t.lr:g})")
+        g.add_argument("--lr-schedule", default=t.lr_schedule, choices=LR_SCHEDULES,
+                       help="constant, or cosine: decay from --lr to 0 at --max-steps (SGDR without restarts; a "
+                            "resume must keep --max-steps) (default " + t.lr_schedule + ")")
+        g.add_argument("--warmup-steps", type=int, default=t.warmup_steps,
+                       help=f"linear warm-up of the learning rate over the first N steps (default {t.warmup_steps})")
         g.add_argument("--batch-size", type=int, default=t.batch_size, help=f"chunks per step (default {t.batch_size})")
         g.add_argument("--context-length", type=int, default=t.context_length,
                        help=f"tokens per training chunk (default {t.context_length})")

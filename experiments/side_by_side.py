@@ -24,16 +24,26 @@ from .settings import ForecastSettings, UsageError
 PARROT_LENGTHS = (1, 2, 3, 5, 8, 12, 16, 20)
 
 
+def positive_integers(text: str) -> list[int]:
+    """The sorted distinct values of a comma-separated list of positive integers written in ASCII digits, or [] if
+    any item is anything else ("-2", "1.5", "0", "+3", "1_0", "٢", an empty item between commas): a value that is
+    not one is an error for the caller to report, never dropped or read as another number."""
+    items = [x.strip() for x in text.split(",")]
+    if items and items[-1] == "":
+        items.pop()  # one trailing comma
+    if not items or not all(x.isascii() and x.isdigit() and int(x) >= 1 for x in items):
+        return []
+    return sorted({int(x) for x in items})
+
+
 def parse_orders(text: str, context_steps: int, option: str = "--orders") -> list[int]:
     """Comma-separated AR/VAR orders, each an integer ≥ 1 with 3p + 2 ≤ ``context_steps`` (enough rows to fit).
 
     Raises UsageError naming ``option`` for anything else (not silently dropped)."""
-    try:
-        orders = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        orders = []
-    if not orders or orders[0] < 1 or 3 * orders[-1] + 2 > context_steps:
-        raise UsageError(f"{option} {text!r}: integers >= 1 with 3p + 2 <= --context-steps {context_steps}")
+    orders = positive_integers(text)
+    if not orders or 3 * orders[-1] + 2 > context_steps:
+        raise UsageError(f"{option} {text!r}: must be comma-separated integers >= 1 with 3p + 2 <= --context-steps "
+                         f"{context_steps}")
     return orders
 
 

@@ -13,7 +13,9 @@ untrained.json and one directory per point (training/, per-trajectory CSV, forec
 Over many jobs: each point is an independent job. ``--shard I/N`` (or, when set, SLURM's SLURM_ARRAY_TASK_ID −
 SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) runs only points I, I+N, I+2N … of the grid; shards share one
 ``--out`` and one ``--ledger`` (its file lock serialises their charges) and join that directory as ``--resume``
-would: finished points are read back, interrupted ones continue. Then ``--collect`` computes the untrained reference
+would: finished points are read back, interrupted ones continue. A point is run by one job at a time: a job holds
+the lock file of every point it has to run (``points/<name>/.lock``), so a second copy of a running shard is refused
+at once, before it spends anything. Then ``--collect`` computes the untrained reference
 once and writes the same table, heat maps and results.json as one process, or stops naming the unfinished points.
 """
 
@@ -69,12 +71,22 @@ def shard_of(text: str | None, environ=None) -> tuple[int, int] | None:
     environ = os.environ if environ is None else environ
     flag = "--shard"
     if text is None and "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
-        first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        text, flag = f"{int(environ['SLURM_ARRAY_TASK_ID']) - first}/{environ['SLURM_ARRAY_TASK_COUNT']}", "SLURM array"
+        names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
+        values = {name: environ.get(name, "0").strip() for name in names}
+        bad = [f"{name}={value!r}" for name, value in values.items() if not (value.isascii() and value.isdigit())]
+        if bad:
+            raise UsageError(f"SLURM array: {', '.join(bad)} is not a non-negative integer (unset it, or pass "
+                             "--shard I/N)")
+        first = int(values["SLURM_ARRAY_TASK_MIN"])
+        text = f"{int(values['SLURM_ARRAY_TASK_ID']) - first}/{values['SLURM_ARRAY_TASK_COUNT']}"
+        flag = "SLURM array"
     if text is None:
         return None
     try:
-        i, n = (int(x) for x in text.split("/"))
+        parts = text.split("/")
+        if not all(x.strip().lstrip("-").isascii() and x.strip().lstrip("-").isdigit() for x in parts):
+            raise ValueError(text)
+        i, n = (int(x) for x in parts)
     except ValueError:
         raise UsageError(f"{flag} {text!r}: must be I/N, e.g. 0/4") from None
     if not 0 <= i < n:
@@ -98,10 +110,23 @@ def selection(rows: list[dict]) -> dict:
     mse, loss = [r["forecast_mse"] for r in rows], [r["val_loss"] for r in rows]
     varied = len(rows) > 2 and len(set(mse)) > 1 and len(set(loss)) > 1
     rho = float(spearmanr(mse, loss).statistic) if varied else None
+    # points with exactly the winner's forecast MSE: the first in grid order (lr outer, rank inner) was taken
+    tied = [{"lr": r["lr"], "rank": r["rank"]} for r in rows
+            if r is not by_forecast and r["forecast_mse"] == by_forecast["forecast_mse"]]
     return {"rule": "lowest validation forecast MSE (mean of prey and predator MSE)",
             "chosen": {"lr": by_forecast["lr"], "rank": by_forecast["rank"]},
             "chosen_by_val_loss": {"lr": by_loss["lr"], "rank": by_loss["rank"]},
-            "same_winner": by_forecast is by_loss, "spearman_forecast_mse_vs_val_loss": rho}
+            "same_winner": by_forecast is by_loss, "spearman_forecast_mse_vs_val_loss": rho, "tied_with": tied}
+
+
+def tie_note(chosen: dict) -> str:
+    """A sentence saying which points tied with the chosen one ("" when none did)."""
+    tied = chosen.get("tied_with") or []
+    if not tied:
+        return ""
+    names = "; ".join(f"lr {t['lr']:g}, rank {t['rank']}" for t in tied)
+    return (f" Tie: {names} {'has' if len(tied) == 1 else 'have'} the same forecast MSE as the chosen point; the "
+            "first in grid order (lr outer, rank inner) was chosen.")
 
 
 def write_outputs(session: Session, rows: list[dict], lrs, ranks, untrained: Evaluation, scale: str) -> None:
@@ -149,11 +174,11 @@ def main(argv=None, on_step=None) -> int:
     join = shard is not None or s["collect"]
     if join and run.overwrite:
         raise UsageError("--overwrite would delete the other shards' points: remove --out by hand to start again")
+    grid = grid_points(lora, train, lrs, ranks)  # refuses a --lora-alpha absurd at some rank, before any work
     session = Session(STAGE, dataclasses.replace(run, resume=True) if join else run, s["data"], trains=True,
                       join=join)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return recipes.follow(session)
-    grid = grid_points(lora, train, lrs, ranks)
     key = points.study_key(session, forecast, lora, train)
     if shard is not None:
         mine = grid[shard[0]::shard[1]]
@@ -197,7 +222,7 @@ def write_results(session: Session, records: list[dict], untrained: Evaluation, 
                                            "rows": rows})
     verdict = ("Validation loss and forecast MSE pick the same point." if chosen["same_winner"] else
                f"Validation loss would pick lr {chosen['chosen_by_val_loss']['lr']:g}, rank "
-               f"{chosen['chosen_by_val_loss']['rank']} instead.")
+               f"{chosen['chosen_by_val_loss']['rank']} instead.") + tie_note(chosen)
     recipes.write_run_readme(
         session.out / "README.md", "LoRA grid: learning rate × rank", recipes.command_line("experiments.sweep", argv),
         f"{scale}.\n\nSelection: {chosen['rule']} → lr {chosen['chosen']['lr']:g}, rank {chosen['chosen']['rank']}. "

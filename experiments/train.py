@@ -18,10 +18,12 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import torch
+
 from data.chunks import Chunks
 from miniqwen import load_pretrained
 
-from . import settings
+from . import recipes, settings
 from .budget import Ledger
 from .training import distributed, train
 
@@ -40,7 +42,37 @@ def load_chunks(path: str | os.PathLike) -> Chunks:
         raise settings.UsageError(f"{path}: not a readable chunk file ({err})") from None
     if set(t) != {"input_ids", "attention_mask"}:
         raise settings.UsageError(f"{path}: expected tensors input_ids and attention_mask, found {sorted(t)}")
-    return Chunks(input_ids=t["input_ids"].long(), attention_mask=t["attention_mask"].long())
+    ids, mask = t["input_ids"], t["attention_mask"]
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        raise settings.UsageError(f"{path}: input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must "
+                                  "both be [chunks, tokens] of the same shape")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise settings.UsageError(f"{path}: input_ids are {str(ids.dtype).removeprefix('torch.')}, not integers")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise settings.UsageError(f"{path}: attention_mask holds values other than 0 and 1")
+    return Chunks(input_ids=ids.long(), attention_mask=mask.long())
+
+
+def check_chunks(chunks: Chunks, path, vocab_size: int, train_settings: settings.TrainSettings,
+                 training: bool) -> None:
+    """Refuse (UsageError naming the file or the option) chunks the loop would fail on or learn nothing from:
+    token ids outside the model's vocabulary, a width other than --context-length, no token to predict (an
+    all-zero mask: the loss would read 0.0), fewer training chunks than --batch-size."""
+    ids, mask = chunks.input_ids, chunks.attention_mask
+    if len(ids) == 0:
+        raise settings.UsageError(f"{path}: holds no chunks")
+    outside = (ids < 0) | (ids >= vocab_size)
+    if bool(outside.any()):
+        raise settings.UsageError(f"{path}: token id {int(ids[outside][0])} is outside the model's vocabulary "
+                                  f"0..{vocab_size - 1} ({int(outside.sum())} such ids)")
+    if ids.shape[1] != train_settings.context_length:
+        raise settings.UsageError(f"--context-length {train_settings.context_length}: the chunks in {path} are "
+                                  f"{ids.shape[1]} tokens wide")
+    if not bool((mask[:, 1:] * mask[:, :-1]).any()):
+        raise settings.UsageError(f"{path}: the attention_mask leaves no token to predict (a target needs itself "
+                                  "and the token before it marked 1): the loss would be a meaningless 0.0")
+    if training:
+        recipes.check_batch(chunks, train_settings)
 
 
 def main(argv=None) -> int:
@@ -57,10 +89,16 @@ def main(argv=None) -> int:
     run = s["run"]
     if run.out is None:
         raise settings.UsageError("--out is required")
+    if s["train"].loss_vocabulary != "full":  # chunk files do not say which alphabet their text was written in
+        raise settings.UsageError("--loss-vocabulary numeric: experiments.train trains on token chunks whose "
+                                  "numeric alphabet it cannot know; use the full vocabulary (or a stage)")
     train_chunks = load_chunks(s["train_chunks"])
     val_chunks = load_chunks(s["val_chunks"]) if s["val_chunks"] else None
     precision = "float32" if run.precision == "auto" else run.precision
     model, _ = load_pretrained(run.model, dtype="float32", device=distributed.device(run.device or "cpu"))
+    check_chunks(train_chunks, s["train_chunks"], model.config.vocab_size, s["train"], training=True)
+    if val_chunks is not None:
+        check_chunks(val_chunks, s["val_chunks"], model.config.vocab_size, s["train"], training=False)
 
     def on_step(step: int) -> None:
         if step == s["kill_after_step"] and s["kill_rank"] in (None, distributed.rank()):

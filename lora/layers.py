@@ -35,6 +35,8 @@ from torch import nn
 from miniqwen import flops
 from miniqwen.flops import DEFAULT_LORA_TARGETS, LORA_TARGETS
 
+from .head_bias import remove_head_bias
+
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable rank-``r`` update: ``base(x) + (alpha / r) · lora_B(lora_A(x))``.
@@ -192,13 +194,16 @@ def count_trainable_parameters(model: nn.Module) -> int:
         q_proj: 4 · (896 + 896) = 7,168        v_proj: 4 · (896 + 128) = 4,096
         24 · (7,168 + 4,096) = 24 · 11,264 = 270,336 trainable parameters
 
-    — 0.055% of the model's 494,032,768 parameters (the tied embedding counted once).
+    — 0.055% of the model's 494,032,768 parameters (the tied embedding counted once). A trainable head bias
+    (:func:`lora.head_bias.add_head_bias`) adds V = 151,936: 422,272 in all.
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def lora_parameter_count(config, rank: int, targets: Iterable[str] = DEFAULT_LORA_TARGETS) -> int:
-    """Closed form of :func:`count_trainable_parameters` for a Qwen2 ``config``: ``L · Σ_targets r·(in + out)``.
+def lora_parameter_count(config, rank: int, targets: Iterable[str] = DEFAULT_LORA_TARGETS,
+                         head_bias: bool = False) -> int:
+    """Closed form of :func:`count_trainable_parameters` for a Qwen2 ``config``: ``L · Σ_targets r·(in + out)``,
+    plus ``vocab_size`` with a trainable head bias (``head_bias``).
 
     Raises ValueError for an unknown target name.
     """
@@ -211,13 +216,15 @@ def lora_parameter_count(config, rank: int, targets: Iterable[str] = DEFAULT_LOR
         if t not in dims:
             raise ValueError(f"unknown LoRA target {t!r}; expected some of {LORA_TARGETS}")
         total += rank * sum(dims[t])
-    return config.num_hidden_layers * total
+    return config.num_hidden_layers * total + (config.vocab_size if head_bias else 0)
 
 
 def remove_lora(model: nn.Module) -> None:
     """Undo :func:`apply_lora`: put the original ``nn.Linear`` back in place of every adapter (unmerging first if
     merged), so the same base model can take a new adapter without being reloaded. Parameters keep the
-    ``requires_grad`` that :func:`apply_lora` gave them (frozen). A model without adapters is left as it is."""
+    ``requires_grad`` that :func:`apply_lora` gave them (frozen). A trainable head bias is part of the adapter and
+    is removed too (:func:`lora.head_bias.remove_head_bias`). A model without adapters is left as it is."""
+    remove_head_bias(model)
     for name, lora in lora_modules(model).items():
         if lora.merged:
             lora.unmerge()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,11 +17,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None] | str | 
     directory, is fsynced, then moved over the target with ``os.replace`` (atomic on POSIX) and the directory is
     fsynced. A symbolic link is resolved first, so the link stays a link and its target gets the new content.
 
+    The new file keeps the permissions of the file it replaces, or else gets the ones ``open()`` would give a new
+    file (0666 less the umask), not the 0600 of a temporary file: a ledger or results shared with a group stay
+    readable by it.
+
     Returns the path written (links resolved). Raises ``OSError`` from the file system; the temporary file is
     removed on any failure.
     """
     target = Path(os.path.realpath(path))
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     tmp = Path(tmp_name)
     try:
@@ -32,6 +41,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None] | str | 
                 fh.write(write.encode("utf-8") if isinstance(write, str) else write)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -45,3 +55,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None] | str | 
     except OSError:
         pass
     return target
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc/self/status``, since 4.7); else
+    set and restored at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

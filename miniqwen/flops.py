@@ -42,6 +42,7 @@ d = hidden_size, Hq / Hkv query / key-value heads, D = head_dim, I = intermediat
                                                            (T, or fewer with ``logits_to_keep``); R = rows
                                                            of lm_head used: V, or the allowed tokens'
                                                            count with ``head_rows`` (constrained decoding)
+                       + B·K·R                             with a head bias (``lora.head_bias``): its add
     lora               per wrapped linear in→out, rank r: N·r·(2·in−1) + N·out·(2r−1) + N·out (scale)
                                                            + N·out (add to the base output)
 
@@ -167,6 +168,7 @@ def forward_flops_breakdown(
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     *,
     head_rows: int | None = None,
+    head_bias: bool = False,
 ) -> dict[str, int]:
     """FLOPs of ONE forward pass of a Qwen2 model, per component, by the coursework's rules (closed form).
 
@@ -180,6 +182,7 @@ def forward_flops_breakdown(
         lora_targets: names of the wrapped linear layers (any of :data:`LORA_TARGETS`).
         head_rows: R, rows of ``lm_head`` computed (None = all V): the allowed tokens' count when the model runs
             with :class:`miniqwen.model.HeadRows` (``generate(..., allowed_token_ids=...)``).
+        head_bias: the head has a bias (``lora.head_bias``, trainable): + B·K·R adds (1 FLOP each) in ``lm_head``.
 
     Returns:
         ``{component: FLOPs}`` (ints) for every name in :data:`COMPONENTS`, zeros included; the sum is
@@ -230,7 +233,7 @@ def forward_flops_breakdown(
     down_proj having 2n−1 rather than 2n). Whole model::
 
         F = L·F_layer  +  N·(4d + 11)  [final norm, on all T positions]  +  B·K·R·(2d − 1)  [lm_head]
-            + F_lora,   embedding lookup = 0,
+            [+ B·K·R with a head bias]  + F_lora,   embedding lookup = 0,
         F_lora = L · Σ_targets N·[r·(2·in − 1) + out·(2r − 1) + 2·out]     (A, B, scale, add to base output)
                = L·N·[2r·(2d − 1) + (Hq + Hkv)·D·(2r + 1)]                    for targets q_proj, v_proj.
 
@@ -242,7 +245,8 @@ def forward_flops_breakdown(
     the all-logits cost. Decoding one token against a 511-token cache also costs 1.0357e9 (causal masking saves
     nothing here: the masked scores are computed and counted). LoRA r=4 on q,v adds 5.65e5 per token (0.05%).
     Constrained to R = 13 tokens (ten digits, ".", ",", ";"; ``head_rows=13``) the lm_head of a decode step costs
-    13·1791 = 23,283 instead of 2.7212e8, and the step 7.6359e8 instead of 1.0357e9 (−26%).
+    13·1791 = 23,283 instead of 2.7212e8, and the step 7.6359e8 instead of 1.0357e9 (−26%). A trainable head
+    bias adds V = 151,936 per position with all logits (0.015% of the 1.0357e9 per token), R = 13 constrained.
     """
     for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("cache_len", cache_len, 0),
                              ("logits_to_keep", logits_to_keep, 0), ("lora_rank", lora_rank, 0)):
@@ -291,7 +295,7 @@ def forward_flops_breakdown(
     for name, value in per_layer.items():
         out[name] = L * value
     out["norm"] += N * (4 * d + 11)  # final norm
-    out["lm_head"] = B * K * R * (2 * d - 1)
+    out["lm_head"] = B * K * R * (2 * d - 1) + (B * K * R if head_bias else 0)
     return out
 
 
@@ -305,11 +309,12 @@ def forward_flops(
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     *,
     head_rows: int | None = None,
+    head_bias: bool = False,
 ) -> int:
     """Total FLOPs (int) of ONE forward pass: the sum of :func:`forward_flops_breakdown` (same arguments,
     same errors; the derivation and the Qwen2.5-0.5B numbers are in that docstring)."""
     return sum(forward_flops_breakdown(config, batch_size, seq_len, lora_rank, cache_len, logits_to_keep,
-                                       lora_targets, head_rows=head_rows).values())
+                                       lora_targets, head_rows=head_rows, head_bias=head_bias).values())
 
 
 def training_flops(
@@ -336,6 +341,7 @@ def generation_flops(
     num_samples: int = 1,
     *,
     head_rows: int | None = None,
+    head_bias: bool = False,
 ) -> int:
     """FLOPs (int) of generating ``new_tokens`` tokens after prompts of ``prompt_len`` tokens with a KV cache, as
     :func:`miniqwen.generate.generate` does it: one prefill pass per prompt, alone and unpadded, with
@@ -344,7 +350,7 @@ def generation_flops(
     the cache (L the longest prompt; ``KVCache(fixed_shape=True)``: the rows are left-padded and the slots not
     yet filled are masked, but both cost like real keys). The last generated token is never fed back. With
     ``allowed_token_ids``, generate computes only those rows of lm_head: pass ``head_rows`` = the number of
-    distinct allowed ids (None = V, unconstrained).
+    distinct allowed ids (None = V, unconstrained); ``head_bias``: the head has a bias (:func:`forward_flops`).
 
     ``prompt_len``: an int, every one of the ``batch_size`` prompts that long; or each prompt's length (then
     ``batch_size`` is their number). This is the cost when no row stops early; with EOS / stop tokens ending every
@@ -362,9 +368,11 @@ def generation_flops(
     if not lengths or (not isinstance(prompt_len, int) and batch_size not in (1, len(lengths))):
         raise ValueError(f"prompt_len: {len(lengths)} lengths for batch_size {batch_size}")
     batch_size, longest = len(lengths), max(lengths)
-    prefill = sum(forward_flops(config, 1, n, lora_rank, 0, 1, lora_targets, head_rows=head_rows) for n in lengths)
+    prefill = sum(forward_flops(config, 1, n, lora_rank, 0, 1, lora_targets, head_rows=head_rows,
+                                head_bias=head_bias) for n in lengths)
+    # every step attends over the whole cache: all steps cost the same
     step = forward_flops(config, batch_size * num_samples, 1, lora_rank, longest + new_tokens - 1, 1, lora_targets,
-                         head_rows=head_rows)  # every step attends over the whole cache: all steps cost the same
+                         head_rows=head_rows, head_bias=head_bias)
     return prefill + (new_tokens - 1) * step
 
 

@@ -234,6 +234,7 @@ class HeadRows:
 
     For constrained decoding (e.g. digits and separators): the vocab projection costs K instead of V rows.
     Make it with :meth:`Qwen2ForCausalLM.head_rows`; ``weight`` is a copy, so make it again after changing weights.
+    A head bias (``lora.head_bias``, trainable) is not copied: the forward adds its K rows ``bias[ids]`` live.
 
     Attributes:
         ids: [K] int64 vocabulary ids, sorted ascending and distinct (so an argmax tie picks the lowest id, as an
@@ -310,6 +311,9 @@ class Qwen2ForCausalLM(nn.Module):
             x = x[:, -logits_to_keep:]
         if head_rows is None:
             return _linear(self.lm_head, x, "lm_head")
+        bias = self.lm_head.bias  # None, or a trainable head bias (lora.head_bias): its K rows are added
         if flops.counting():
-            flops.count_matmul("lm_head", x.numel() // x.shape[-1], x.shape[-1], head_rows.weight.shape[0])
-        return F.linear(x, head_rows.weight)
+            rows, k = x.numel() // x.shape[-1], head_rows.weight.shape[0]
+            flops.count_matmul("lm_head", rows, x.shape[-1], k)
+            flops.count("lm_head", rows * k if bias is not None else 0)
+        return F.linear(x, head_rows.weight, None if bias is None else bias[head_rows.ids].to(head_rows.weight.dtype))

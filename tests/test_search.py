@@ -87,3 +87,10 @@ def test_search_continues_points_exactly_and_resumes_after_a_kill(tiny_full_voca
     resumed = json.loads((part / "results.json").read_text())
     assert resumed["details"]["rows"] == rows
     assert resumed["details"]["selection"] == results["details"]["selection"]
+
+
+def test_search_refuses_a_schedule_that_depends_on_the_run_length(tiny_full_vocab, sim_file, tmp_path):
+    with pytest.raises(UsageError, match="--lr-schedule cosine"):
+        search.main(search_args(tiny_full_vocab, sim_file, tmp_path / "s", tmp_path / "l.jsonl")
+                    + ["--lr-schedule", "cosine"])
+    assert not (tmp_path / "s").exists() and not (tmp_path / "l.jsonl").exists()

@@ -1,7 +1,8 @@
 """Training checkpoints — the only code that knows their layout. Safetensors and JSON only: no pickles.
 
     <run>/checkpoint/
-        adapter.safetensors + adapter_config.json   LoRA weights (``lora.save_adapter`` format)
+        adapter.safetensors + adapter_config.json   LoRA weights, and the head bias if any (``lora.save_adapter``
+                                                    format)
         optimizer.safetensors                       AdamW state per trainable parameter: "<i>.exp_avg", "<i>.step" …
         best_adapter.safetensors                    LoRA weights at the best validation loss (if any evaluation)
         rng.safetensors                             torch CPU (and CUDA) generator states

@@ -1,10 +1,11 @@
-"""The training loop: AdamW on the LoRA matrices, next-token loss on LLMTIME token chunks, periodic validation,
-checkpoints and FLOPs charged to the ledger as they are spent.
+"""The training loop: AdamW on the LoRA matrices (and a head bias with ``LoRASettings.head_bias``), at the learning
+rate of each step's schedule (``TrainSettings.learning_rate``), next-token loss on LLMTIME token chunks, periodic
+validation, checkpoints and FLOPs charged to the ledger as they are spent.
 
     summary = train(model, train_chunks, val_chunks, TrainSettings(max_steps=100), "runs/x", lora=LoRASettings(),
                     stage="lora_default", ledger=Ledger())
 
-Run directory: ``log.jsonl`` (one object per step ``{"kind": "train", "step", "loss", "lr", "tokens",
+Run directory: ``log.jsonl`` (one object per step ``{"kind": "train", "step", "loss", "lr" (that step's), "tokens",
 "flops_so_far"}`` and per evaluation ``{"kind": "eval", "step", "val_loss", "flops_so_far"}``), ``checkpoint/``
 (:mod:`.checkpoint`), ``adapter/`` (final LoRA weights), ``best_adapter/`` (lowest validation loss),
 ``summary.json`` (what :func:`train` returns) and ``loss_curve.png``. Resuming gives weights bit-identical to an
@@ -43,8 +44,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data.chunks import Chunks
-from lora import apply_lora, count_trainable_parameters, load_lora_state_dict, lora_modules, lora_settings, \
-    lora_state_dict, save_adapter
+from lora import add_head_bias, apply_lora, count_trainable_parameters, has_head_bias, load_lora_state_dict, \
+    lora_modules, lora_settings, lora_state_dict, save_adapter
 from miniqwen.atomic import atomic_write
 from miniqwen.device import FLOAT16_OVERFLOW
 from miniqwen.flops import FlopCounter
@@ -108,13 +109,17 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _attach(model: nn.Module, lora: LoRASettings, seed: int) -> None:
-    """Attach the adapters of ``lora`` (initialised from ``seed``), or check that the ones attached match it."""
+    """Attach the adapters of ``lora`` (initialised from ``seed``; with ``lora.head_bias`` also a zero head bias,
+    :func:`lora.add_head_bias`, trained with them), or check that the ones attached match it."""
     if not lora_modules(model):
         torch.manual_seed(seed)
         apply_lora(model, lora.rank, lora.lora_alpha, lora.targets)
+        if lora.head_bias:  # after apply_lora, which freezes every parameter there is; zeros: no RNG drawn
+            add_head_bias(model)
         return
-    have = lora_settings(model)
-    want = {"rank": lora.rank, "alpha": lora.lora_alpha or lora.rank, "targets": list(lora.targets)}
+    have = {**lora_settings(model), "head_bias": has_head_bias(model)}
+    want = {"rank": lora.rank, "alpha": lora.lora_alpha or lora.rank, "targets": list(lora.targets),
+            "head_bias": lora.head_bias}
     if have != want:
         raise ValueError(f"the model's adapters {have} differ from the LoRA settings {want}")
 
@@ -303,6 +308,9 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
                 scaler.unscale_(optimizer)  # clip (and AdamW) see the true gradients
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        lr = settings.learning_rate(st.step)  # from the step alone: a resumed run sets the same rates
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         if scaler is None:
             optimizer.step()
         else:
@@ -313,7 +321,7 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         st.step += 1
         st.train_flops += 3 * forward
         loss_value = float(loss.detach()) if world == 1 else loss_total / max(n, 1)
-        log({"kind": "train", "step": st.step, "loss": loss_value, "lr": settings.lr, "tokens": n})
+        log({"kind": "train", "step": st.step, "loss": loss_value, "lr": lr, "tokens": n})
 
         last = st.step == settings.max_steps
         if val is not None and ((settings.eval_every and st.step % settings.eval_every == 0) or last):
@@ -362,15 +370,23 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
 
 
 def _check_same_run(ckpt: Path, saved: dict, now: dict) -> None:
-    """Refuse to resume with settings that change the optimisation, other adapters, seed or data."""
+    """Refuse to resume with settings that change the optimisation, other adapters, seed or data; with a learning-
+    rate schedule that depends on ``max_steps`` (cosine), also another ``max_steps``."""
     fixed = TrainSettings.RESUME_FIXED
-    default = {f.name: f.default for f in dataclasses.fields(TrainSettings)}  # fields added since a checkpoint
-    changed = [f"{k}: checkpoint {saved['settings'].get(k, default[k])!r} vs now {now['settings'][k]!r}"
-               for k in fixed if saved["settings"].get(k, default[k]) != now["settings"][k]]
+    # a field missing from a record is its default: added since the checkpoint, or left out (settings.as_record)
+    default = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    was = {k: saved["settings"].get(k, default[k]) for k in (*fixed, "max_steps")}
+    is_ = {k: now["settings"].get(k, default[k]) for k in (*fixed, "max_steps")}
+    changed = [f"{k}: checkpoint {was[k]!r} vs now {is_[k]!r}" for k in fixed if was[k] != is_[k]]
+    schedule = TrainSettings(lr_schedule=is_["lr_schedule"])
+    if schedule.schedule_depends_on_max_steps and was["max_steps"] != is_["max_steps"]:
+        changed.append(f"max_steps: checkpoint {was['max_steps']} vs now {is_['max_steps']} (the {is_['lr_schedule']}"
+                       " learning-rate schedule decays to 0 at max_steps, so a run continued to other max_steps "
+                       "would not equal one trained straight to them: keep max_steps, or start a new run)")
     changed += [f"lora: checkpoint {saved['lora']} vs now {now['lora']}"] if saved["lora"] != now["lora"] else []
     changed += [f"seed: checkpoint {saved['seed']} vs now {now['seed']}"] if saved["seed"] != now["seed"] else []
     if changed:
-        raise ValueError(f"{ckpt}: cannot resume with different settings: " + "; ".join(changed))
+        raise CheckpointError(f"{ckpt}: cannot resume with different settings: " + "; ".join(changed))
     if saved["data"] != now["data"]:
-        raise ValueError(f"{ckpt}: the training/validation chunks differ from the checkpoint's "
-                         f"({saved['data']} vs {now['data']})")
+        raise CheckpointError(f"{ckpt}: the training/validation chunks differ from the checkpoint's "
+                              f"({saved['data']} vs {now['data']})")

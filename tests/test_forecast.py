@@ -1,0 +1,347 @@
+"""``python -m experiments.forecast`` on anyone's series: a CSV and the HDF5 trajectory it was written from give the
+same forecast; the adapter carries its LLMTIME format (card round trip) and the PEFT export loads back into the model
+that wrote it; every bad CSV is one line naming the file (and row), exit status 2, nothing written; the classical
+methods and --samples' quantile columns."""
+
+from __future__ import annotations
+
+import csv
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from data import SeriesError, load_trajectories, read_series_csv
+from experiments import forecast
+from experiments.adapter_card import CARD_FILE, AdapterCard, card_for, read_card
+from experiments.classical_forecasters import VAR
+from experiments.evaluation import Forecasts
+from experiments.series_forecast import TextFormat, check_digits, forecast_rows
+from experiments.session import load_dataset
+from experiments.settings import DataSettings, UsageError, run_cli
+from lora import AdapterError, apply_lora, export_peft, load_peft, lora_modules, lora_state_dict, save_adapter
+from miniqwen import Qwen2Config, Qwen2ForCausalLM, load_pretrained
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+def run(argv, capsys):
+    """``(exit status, stdout, stderr)`` of the stage run as from the command line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: forecast.main([str(a) for a in argv]))
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def write_series(path, sim_file, index, rows=None, header="time,prey,predator"):
+    """Trajectory ``index`` of ``sim_file`` as a CSV (every float exactly as stored: repr round-trips)."""
+    data = load_trajectories(sim_file)
+    lines = [header] + [f"{float(t)!r},{float(x)!r},{float(y)!r}"
+                        for t, (x, y) in zip(data.time[:rows], data.trajectories[index][:rows])]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def randomize_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_full_vocab, sim_file, tmp_path_factory):
+    """A random rank-2 adapter of the tiny full-vocabulary model, exported with its card (scale of ``sim_file``)."""
+    model, _ = load_pretrained(tiny_full_vocab, dtype="float32", device="cpu")
+    apply_lora(model, rank=2, targets=("q_proj", "v_proj"))
+    randomize_lora(model)
+    session = SimpleNamespace(dataset=load_dataset(DataSettings(data=str(sim_file))), data_settings=DataSettings(),
+                              weights="tiny")
+    out = tmp_path_factory.mktemp("adapter") / "peft_adapter"
+    return export_peft(model, out, "tiny", extra={CARD_FILE: card_for(session, "raw").to_json()})
+
+
+# ------------------------------------------------------------------------------------------------ same forecast
+
+@pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "adapter"])
+def test_csv_and_hdf5_give_the_same_forecast(tiny_full_vocab, sim_file, adapter, tmp_path, capsys, with_adapter):
+    series = write_series(tmp_path / "series.csv", sim_file, 7)
+    common = ["--model", tiny_full_vocab, "--context-steps", 20, "--horizon", 4]
+    common += ["--adapter", adapter] if with_adapter else []
+    assert run(["--data", sim_file, "--index", 7, "--out", tmp_path / "h5", *common], capsys)[0] == 0
+    assert run(["--data", series, "--out", tmp_path / "csv", *common], capsys)[0] == 0
+    h5, csv_ = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("h5", "csv"))
+    assert (tmp_path / "h5" / "forecast.csv").read_text() == (tmp_path / "csv" / "forecast.csv").read_text()
+    assert h5["texts"] == csv_["texts"] and h5["texts"][0] and h5["text_format"] == csv_["text_format"]
+    assert h5["text_format"]["source"].startswith("the adapter's" if with_adapter else "fitted on the 20")
+    header = (tmp_path / "csv" / "forecast.csv").read_text().splitlines()[0]
+    assert header == "step,time,prey,predator" and (tmp_path / "csv" / "forecast.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ the adapter
+
+def test_adapter_card_round_trip(adapter, sim_file, tmp_path):
+    card = read_card(adapter)
+    assert card.llmtime_scale == load_dataset(DataSettings(data=str(sim_file))).llmtime_scale
+    assert (card.decimals, card.encoding, card.prompt, card.base_model, card.head_bias) == (2, "decimal", "raw",
+                                                                                          "tiny", None)
+    assert card.scale_fit == {"data": sim_file.name, "split": "train", "quantile": 0.99, "target": 10.0}
+    raw = json.loads((adapter / CARD_FILE).read_text())
+    assert "head_bias" in raw and raw["head_bias"] is None and "usage" in raw
+    other = AdapterCard(0.25, 3, "integer", "chat", None, None, {"target": 5.0})
+    assert AdapterCard.from_json(json.loads(json.dumps(other.to_json()))) == other and other.scale_target == 5.0
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (bad / name).write_bytes((adapter / name).read_bytes())
+    assert read_card(bad) is None  # an adapter without a card
+    for edit, field in [({"llmtime_scale": -1}, "llmtime_scale"), ({"decimals": 2.5}, "decimals"),
+                        ({"encoding": "hex"}, "encoding"), ({"prompt": "poem"}, "prompt"), ({"version": 9}, "version"),
+                        ({"head_bias": "../x.safetensors"}, "head_bias"), ({"head_bias": "hb.safetensors"}, "hb")]:
+        (bad / CARD_FILE).write_text(json.dumps({**raw, **edit}))
+        with pytest.raises(AdapterError) as err:
+            read_card(bad)
+        assert str(bad / CARD_FILE) in str(err.value) and field in str(err.value) and "\n" not in str(err.value)
+    (bad / CARD_FILE).write_text(json.dumps(raw))
+    (bad / "head_bias.safetensors").write_bytes(b"x")  # trained weights no card names: never silently left out
+    with pytest.raises(AdapterError, match="head_bias.safetensors"):
+        read_card(bad)
+
+
+def test_export_refuses_bad_extra_files_before_writing(tmp_path):
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY))
+    apply_lora(model, rank=2)
+    for extra in ({"adapter_config.json": {}}, {"../card.json": {}}, {"card.txt": {}}, {"card.json": [1]},
+                  {"card.json": {"x": float("nan")}}):
+        with pytest.raises(ValueError):
+            export_peft(model, tmp_path / "out", None, extra=extra)
+        assert not (tmp_path / "out").exists()
+
+
+def test_peft_export_loads_back_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+    apply_lora(model, rank=3, alpha=6, targets=("q_proj", "v_proj", "o_proj", "gate_proj"))
+    randomize_lora(model)
+    export_peft(model, tmp_path / "peft", "tiny")
+    torch.manual_seed(0)
+    fresh = Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()  # the same base weights, no adapter yet
+    load_peft(fresh, tmp_path / "peft")
+    assert all(torch.equal(a, lora_state_dict(fresh)[k]) for k, a in lora_state_dict(model).items())
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(ids), fresh(ids))
+    load_peft(fresh, tmp_path / "peft")  # a model with the same LoRA layers takes it again
+
+    other = Qwen2ForCausalLM(Qwen2Config(**TINY))
+    apply_lora(other, rank=2, targets=("q_proj",))
+    with pytest.raises(AdapterError, match="differ"):
+        load_peft(other, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for edit in ({"use_dora": True}, {"use_rslora": True}, {"target_modules": "q_proj|v_proj"}, {"r": 0},
+                 {"peft_type": "IA3"}, {"rank_pattern": {"q_proj": 8}}):
+        (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+        with pytest.raises(AdapterError) as err:
+            load_peft(Qwen2ForCausalLM(Qwen2Config(**TINY)), tmp_path / "peft")
+        assert "adapter_config.json" in str(err.value) and next(iter(edit)) in str(err.value)
+    save_adapter(model, tmp_path / "ours")  # our own format is named, not misread
+    with pytest.raises(AdapterError, match="load_adapter"):
+        load_peft(Qwen2ForCausalLM(Qwen2Config(**TINY)), tmp_path / "ours")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+GOOD = ["time,prey,predator"] + [f"{t},{1 + 0.5 * np.sin(t / 3):.4f},{1 + 0.5 * np.cos(t / 3):.4f}"
+                                  for t in range(30)]
+
+
+def edited(row: int, text: str) -> list[str]:
+    """GOOD with line ``row`` (1 = header) replaced by ``text``."""
+    return GOOD[: row - 1] + [text] + GOOD[row:]
+
+
+BAD_CSV = {  # name: (lines or None for no file, extra options, words the error must hold)
+    "missing file": (None, [], ["no such file"]),
+    "empty": ([], [], ["empty file"]),
+    "header only": (GOOD[:1], [], ["no data rows"]),
+    "missing column": (["time,prey,wolves"] + GOOD[1:], [], ["'predator'", "row 1"]),
+    "--columns not there": (GOOD, ["--columns", "hares,lynx"], ["'hares' or 'lynx'"]),
+    "text in a number": (edited(5, "4,abc,1.2"), [], ["row 5", "'prey'", "'abc'"]),
+    "decimal comma": (edited(6, '5,"1,5",1.2'), [], ["row 6", "'1,5'"]),
+    "NaN": (edited(7, "6,1.0,nan"), [], ["row 7", "'predator'", "not a finite number"]),
+    "inf": (edited(8, "7,inf,1.0"), [], ["row 8", "not a finite number"]),
+    "empty cell": (edited(9, "8,,1.0"), [], ["row 9", "empty cell"]),
+    "negative": (edited(10, "9,-1.0,1.0"), [], ["row 10", "negative"]),
+    "ragged row": (edited(11, "10,1.0"), [], ["row 11", "2 cells"]),
+    "numbers for a header": (GOOD[1:], [], ["row 1", "not a header"]),
+    "semicolons": ([line.replace(",", ";") for line in GOOD], [], ["row 1", "comma-separated"]),
+    "time goes back": (edited(12, "3,1.0,1.0"), [], ["row 12", "'time'", "increasing"]),
+    "fewer rows than the context": (GOOD, ["--context-steps", "40"], ["row 31", "--context-steps 40"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CSV))
+def test_a_bad_csv_is_one_line_naming_the_file_and_row(tmp_path, capsys, case):
+    lines, options, words = BAD_CSV[case]
+    path = tmp_path / "series.csv"
+    if lines is not None:
+        path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    out = tmp_path / "out"
+    # the model does not exist: an error about it would mean the CSV was not checked first
+    code, _, err = run(["--data", path, "--model", tmp_path / "no-model", "--out", out, *options], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert str(path) in err and all(w in err for w in words), err
+    assert not out.exists() and "no-model" not in err
+
+
+def test_read_series_csv_takes_named_columns_in_any_order(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("\ufeffLynx,T,Hare,note\n1.5,0,2.5,a\n\n1.25,1,2.0,b\n")
+    series = read_series_csv(path, ("Hare", "Lynx"))
+    assert series.values.tolist() == [[2.5, 1.5], [2.0, 1.25]] and series.time.tolist() == [0.0, 1.0]
+    assert series.columns == ("Hare", "Lynx") and series.time_step() == 1.0
+    with pytest.raises(SeriesError, match="--columns"):
+        read_series_csv(path)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--method", "var", "--adapter", "x"], ["--adapter", "--method llm only"]),
+    (["--method", "ar", "--samples", "3"], ["--samples"]),
+    (["--index", "3"], ["--index", "not an HDF5"]),
+    (["--llmtime-scale", "0"], ["--llmtime-scale"]),
+    (["--horizon", "0"], ["--horizon"]),
+    (["--adapter", "{nocard}"], ["no miniqwen_llmtime.json", "--llmtime-scale"]),
+    (["--adapter", "{adapter}", "--decimals", "3"], ["--decimals 3", "trained with decimals 2"]),
+    (["--adapter", "{adapter}", "--scaled", "10000"], ["integer digits", "garbage"]),
+])
+def test_bad_options_and_unusable_series_are_one_line(sim_file, adapter, tmp_path, capsys, argv, words):
+    nocard = tmp_path / "nocard"
+    nocard.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (nocard / name).write_bytes((adapter / name).read_bytes())
+    argv = [a.format(adapter=adapter, nocard=nocard) for a in argv]
+    factor = float(argv.pop(argv.index("--scaled") + 1)) if "--scaled" in argv else 1.0
+    argv = [a for a in argv if a != "--scaled"]
+    path = write_series(tmp_path / "s.csv", sim_file, 2)
+    if factor != 1.0:  # the same series in units 10,000 times smaller: 10,000 times larger numbers
+        data = load_trajectories(sim_file)
+        path.write_text("time,prey,predator\n" + "".join(f"{t},{x * factor},{y * factor}\n" for t, (x, y) in
+                                                         zip(data.time, data.trajectories[2])))
+    out = tmp_path / "out"
+    code, _, err = run(["--data", path, "--model", tmp_path / "no-model", "--out", out, *argv], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert all(w in err for w in words), err
+    assert not out.exists()
+
+
+def test_the_digit_check_warns_before_it_refuses():
+    fmt = TextFormat(1.0, 2, "decimal", "raw", "test")
+    assert check_digits(np.array([[0.5, 9.0]]), fmt, "s") is None
+    assert "times the 10" in check_digits(np.array([[0.5, 250.0]]), fmt, "s")
+    assert "significant digits" in check_digits(np.array([[0.01, 0.05]]), fmt, "s")
+    for values in ([[0.5, 1000.0]], [[0.001, 0.004]]):
+        with pytest.raises(UsageError):
+            check_digits(np.array(values), fmt, "s")
+
+
+# ------------------------------------------------------------------------------------------------ methods, samples
+
+@pytest.mark.parametrize("method", ["var", "ar", "parrot", "persistence", "lv"])
+def test_classical_methods_on_one_series(sim_file, tmp_path, capsys, method):
+    out = tmp_path / "out"
+    code, stdout, err = run(["--data", sim_file, "--index", 4, "--method", method, "--context-steps", 24,
+                             "--horizon", 6, "--model", tmp_path / "no-model", "--out", out], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader((out / "forecast.csv").open()))
+    assert [r["step"] for r in rows] == [str(h) for h in range(1, 7)]
+    values = np.array([[float(r["prey"]), float(r["predator"])] for r in rows])
+    assert np.isfinite(values).all()
+    record = json.loads((out / "run.json").read_text())
+    assert record["stage"] == "forecast" and record["method"] == method and record["flops"] == 0
+    if method == "var":  # the order chosen on the holdout, refitted on the whole context
+        context = load_trajectories(sim_file).trajectories[4][:24]
+        assert record["holdout_steps"] == 6 and set(record["mse_by_choice"]) == {str(p) for p in range(1, 6)}
+        np.testing.assert_allclose(values, VAR(record["chosen"]).predict(context[None], 6)[0], rtol=1e-12)
+    times = load_trajectories(sim_file).time
+    np.testing.assert_allclose([float(r["time"]) for r in rows], times[24:30], rtol=1e-9)
+    # the same --out again is refused; --overwrite replaces it
+    args = ["--data", sim_file, "--index", 4, "--method", "persistence", "--out", out]
+    code, _, err = run(args, capsys)
+    assert code == 2 and "already holds a forecast run" in err
+    assert run(args + ["--overwrite"], capsys)[0] == 0
+
+
+def test_samples_write_the_quantile_columns(tiny_full_vocab, sim_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(["--data", sim_file, "--index", 1, "--context-steps", 16, "--horizon", 3, "--samples", 3,
+                        "--model", tiny_full_vocab, "--out", out], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader((out / "forecast.csv").open()))
+    assert list(rows[0]) == ["step", "time", "prey", "predator", "prey_q10", "prey_q90", "predator_q10",
+                             "predator_q90"]
+    for r in rows:
+        for name in ("prey", "predator"):
+            if r[name]:
+                assert float(r[f"{name}_q10"]) <= float(r[name]) <= float(r[f"{name}_q90"])
+    assert len(json.loads((out / "run.json").read_text())["texts"]) == 3
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_quantile_columns_are_the_samples_10_and_90_percent_quantiles():
+    samples = np.random.default_rng(0).uniform(0.5, 2.0, (1, 5, 3, 2))
+    samples[0, :, 2, 1] = np.nan  # a step no sample parsed is left empty, never filled in
+    forecasts = Forecasts(np.nanmedian(samples, axis=1), samples, [[]], np.zeros(1, int), np.zeros(1, int),
+                          np.ones(1, bool))
+    rows = forecast_rows(forecasts, np.array([1.0, 2.0, 3.0]))
+    assert rows[0]["prey_q10"] == np.quantile(samples[0, :, 0, 0], 0.1)
+    assert rows[1]["predator_q90"] == np.quantile(samples[0, :, 1, 1], 0.9)
+    assert rows[2]["prey"] == np.median(samples[0, :, 2, 0]) and rows[2]["time"] == 3.0
+    assert rows[2]["predator"] == rows[2]["predator_q10"] == rows[2]["predator_q90"] == ""
+
+
+def test_a_trained_adapter_carries_its_card_into_the_forecast(tiny_full_vocab, tmp_path, capsys):
+    """A training stage (lora_default at toy scale) exports the adapter with its card; the forecast stage uses it
+    with no other option than --adapter."""
+    from data.simulate import simulate, write_h5
+    from experiments import lora_default
+
+    write_h5(tmp_path / "lv.h5", *simulate(n_systems=20, n_steps=30, seed=0))
+    argv = ["--model", tiny_full_vocab, "--data", tmp_path / "lv.h5", "--device", "cpu", "--out", tmp_path / "run",
+            "--ledger", tmp_path / "ledger.jsonl", "--train-limit", "4", "--limit", "2", "--context-steps", "8",
+            "--horizon", "2", "--context-length", "48", "--batch-size", "2", "--max-steps", "2", "--eval-every", "2",
+            "--eval-batches", "1", "--lr", "1e-3", "--no-progress", "--encoding", "integer", "--decimals", "3"]
+    assert lora_default.main([str(a) for a in argv]) == 0
+    adapter = tmp_path / "run" / "peft_adapter"
+    card = read_card(adapter)
+    dataset = json.loads((tmp_path / "run" / "results.json").read_text())["data"]
+    assert (card.llmtime_scale, card.decimals, card.encoding, card.prompt) == (dataset["llmtime_scale"], 3,
+                                                                                "integer", "raw")
+    assert card.head_bias is None and card.base_model == tiny_full_vocab.name
+    code, stdout, err = run(["--data", tmp_path / "lv.h5", "--index", 19, "--context-steps", 12, "--horizon", 2,
+                             "--adapter", adapter, "--model", tiny_full_vocab, "--out", tmp_path / "f"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "f" / "run.json").read_text())
+    assert record["text_format"]["encoding"] == "integer" and record["text_format"]["decimals"] == 3
+    assert record["text_format"]["llmtime_scale"] == card.llmtime_scale
+
+
+def test_an_adapter_with_a_trained_head_bias_names_it_in_its_card_and_forecasts_with_it(tiny_full_vocab, tmp_path,
+                                                                                         capsys):
+    from data.simulate import simulate, write_h5
+    from experiments import lora_default
+
+    write_h5(tmp_path / "lv.h5", *simulate(n_systems=20, n_steps=30, seed=0))
+    argv = ["--model", tiny_full_vocab, "--data", tmp_path / "lv.h5", "--device", "cpu", "--out", tmp_path / "run",
+            "--ledger", tmp_path / "ledger.jsonl", "--train-limit", "4", "--limit", "2", "--context-steps", "8",
+            "--horizon", "2", "--context-length", "48", "--batch-size", "2", "--max-steps", "2", "--eval-every", "2",
+            "--eval-batches", "1", "--lr", "1e-2", "--no-progress", "--head-bias"]
+    assert lora_default.main([str(a) for a in argv]) == 0
+    adapter = tmp_path / "run" / "peft_adapter"
+    assert read_card(adapter).head_bias == "head_bias.safetensors" and (adapter / "head_bias.safetensors").is_file()
+    code, stdout, err = run(["--data", tmp_path / "lv.h5", "--index", 19, "--context-steps", 12, "--horizon", 2,
+                             "--adapter", adapter, "--model", tiny_full_vocab, "--out", tmp_path / "f"], capsys)
+    assert code == 0, err
