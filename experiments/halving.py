@@ -89,6 +89,22 @@ def forecast_scorer(session: Session, forecast: ForecastSettings):
     return score
 
 
+def saved_score(session: Session, forecast: ForecastSettings, path: Path) -> dict | None:
+    """The score and per-species median MSE of the predictions saved in ``path`` (an ``untrained.json`` with a
+    "predictions" list [n, H, 2]) on ``forecast``'s trajectories, for the table's reference row; None if the file
+    holds no predictions."""
+    import json
+
+    saved = json.loads(path.read_text()).get("predictions")
+    if saved is None:
+        return None
+    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+    _, reference_pred, _ = evaluate(Persistence(), contexts, truth, forecast.split, indices)
+    mse = per_trajectory_mse(np.asarray(saved, dtype=np.float64), truth)
+    return {"score": robust_score(mse, per_trajectory_mse(reference_pred, truth)),
+            "median_mse": {s: float(np.median(v)) for s, v in mse.items()}}
+
+
 def rung_path(session: Session, name: str, rung: int) -> Path:
     return session.out / "points" / name / f"rung{rung}.json"
 

@@ -95,6 +95,13 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
     plot_rungs(session.out / "rungs.png", rows, f"successive halving; {scale}")
     lines = ["| rung | point | steps | score | val loss | prey median MSE | predator median MSE | prey R² | "
              "predator R² | parsed |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    base = halving.saved_score(session, forecast, session.out / "untrained.json")
+    if base is not None:  # the reference: the model before any training, scored the same way
+        m = untrained.metrics
+        lines.append(f"| – | untrained | 0 | {fmt(base['score'])} | {fmt(untrained.validation_loss)} | "
+                     f"{fmt(base['median_mse']['prey'])} | {fmt(base['median_mse']['predator'])} | "
+                     f"{fmt(m['prey']['r2'], '.3f')} | {fmt(m['predator']['r2'], '.3f')} | "
+                     f"{untrained.parsed_fraction:.0%} |")
     for r in rows:
         bold = "**" if r["name"] == winner["name"] and r["rung"] == winner["rung"] else ""
         lines.append(f"| {r['rung']} | {bold}{r['name']}{bold} | {r['steps']} | {bold}{fmt(r['score'])}{bold} | "
@@ -115,7 +122,7 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
     results.add_flops("generate", untrained.flops + sum(r["forecast_flops"] for r in rows))
     results.add_flops("train", sum(r["training"]["train_flops"] for r in last.values()))
     results.add_flops("eval", sum(r["training"]["eval_flops"] for r in last.values()) + untrained_loss_flops)
-    results.details.update(rows=rows, selection=chosen, scale=scale, table_markdown=table)
+    results.details.update(rows=rows, selection=chosen, scale=scale, table_markdown=table, untrained_score=base)
     recipes.write_run_readme(session.out / "README.md", "LoRA search: successive halving over learning rate × rank",
                              recipes.command_line("experiments.search", argv),
                              f"{scale}.\n\nSelection: {chosen['rule']} → {winner['name']} at {winner['steps']} steps."

@@ -57,6 +57,8 @@ def test_search_continues_points_exactly_and_resumes_after_a_kill(tiny_full_voca
                                                          "lr0.01_rank4"] if n in kept]
     assert results["details"]["selection"]["chosen"]["point"] in kept
     assert Ledger(ledger_whole).total() == results["flops"]["total"] <= results["flops"]["planned"]
+    assert results["details"]["untrained_score"]["score"] > 0  # the untrained model's row, scored the same way
+    assert "| – | untrained | 0 |" in (whole / "README.md").read_text()
     for name in ("search.csv", "README.md", "untrained.json"):
         assert (whole / name).is_file(), name
 
