@@ -71,13 +71,19 @@ def robust_score(mse: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -
     return float(np.mean([np.median(mse[s]) / max(float(np.median(reference[s])), 1e-12) for s in SPECIES]))
 
 
+def persistence_reference(session: Session, forecast: ForecastSettings):
+    """``(indices, contexts [n, C, 2], truth [n, H, 2], persistence's per-trajectory MSE)`` of ``forecast``'s
+    trajectories: what every :func:`robust_score` on them is divided by."""
+    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+    _, reference_pred, _ = evaluate(Persistence(), contexts, truth, forecast.split, indices)
+    return indices, contexts, truth, per_trajectory_mse(reference_pred, truth)
+
+
 def forecast_scorer(session: Session, forecast: ForecastSettings):
     """A ``model -> (score, FLOPs)`` for ``training.train(forecast_score=…)``: the :data:`SCORE_RULE` score of the
     model (adapters merged, :func:`lora.merged`) on ``forecast``'s trajectories, e.g. a fixed validation subset,
     greedy; persistence's per-trajectory errors on them are computed once."""
-    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
-    _, reference_pred, _ = evaluate(Persistence(), contexts, truth, forecast.split, indices)
-    reference = per_trajectory_mse(reference_pred, truth)
+    indices, contexts, truth, reference = persistence_reference(session, forecast)
 
     def score(model) -> tuple[float, int]:
         forecaster = recipes.llm_forecaster(session, forecast, "validation score")
@@ -98,10 +104,9 @@ def saved_score(session: Session, forecast: ForecastSettings, path: Path) -> dic
     saved = json.loads(path.read_text()).get("predictions")
     if saved is None:
         return None
-    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
-    _, reference_pred, _ = evaluate(Persistence(), contexts, truth, forecast.split, indices)
+    _, _, truth, reference = persistence_reference(session, forecast)
     mse = per_trajectory_mse(np.asarray(saved, dtype=np.float64), truth)
-    return {"score": robust_score(mse, per_trajectory_mse(reference_pred, truth)),
+    return {"score": robust_score(mse, reference),
             "median_mse": {s: float(np.median(v)) for s, v in mse.items()}}
 
 
@@ -219,9 +224,7 @@ def run(session: Session, forecast: ForecastSettings, grid: list[Point], rungs: 
     """Run (or read back) every rung in order: rung 0 over ``grid``, rung k over the best of rung k − 1. Each rung's
     plan is checked against the ledger before it starts. Returns the rung records, rung by rung, in grid order.
     ``on_step(point name, step)`` is called after every training step (tests simulate a kill with it)."""
-    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
-    _, reference_pred, _ = evaluate(Persistence(), contexts, truth, forecast.split, indices)
-    reference = per_trajectory_mse(reference_pred, truth)
+    indices, contexts, truth, reference = persistence_reference(session, forecast)
     chunks, done, alive = ChunkCache(session), [], list(grid)
     for k, (steps, kept) in enumerate(rungs):
         if k:
