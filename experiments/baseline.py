@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import time
 
-from . import recipes, settings
-from .costs import baseline_cost
-from .classical_forecasters import Persistence
-from .evaluation import evaluate
-from .session import Session
-from .training import validation_loss
+from .lib import recipes, settings
+from .lib.costs import baseline_cost
+from .lib.classical_forecasters import Persistence
+from .lib.evaluation import evaluate
+from .lib.session import Session
+from .lib.training import validation_loss
 
 STAGE = "baseline"
 

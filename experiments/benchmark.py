@@ -54,13 +54,13 @@ from miniqwen.flops import DEFAULT_LORA_TARGETS, forward_flops, loss_flops
 from miniqwen.loading import DEFAULT_MODEL, resolve_model_dir
 from miniqwen.tokenizer import END_OF_TEXT, IM_END
 
-from . import benchmark_hf as hf
-from .evaluation import LLMForecaster, allowed_token_ids, fill_missing, forecast_metrics, forecast_prompt, \
+from .lib import benchmark_hf as hf
+from .lib.evaluation import LLMForecaster, allowed_token_ids, fill_missing, forecast_metrics, forecast_prompt, \
     max_tokens_per_step
-from .results import write_json
-from .session import load_dataset, resolve_precision, weights_label
-from .settings import MODEL_ENV_VAR, ArgumentParser, DataSettings, ForecastSettings, UsageError, run_cli
-from .training.loss import autocast_context, next_token_loss, validation_loss
+from .lib.results import write_json
+from .lib.session import load_dataset, resolve_precision, weights_label
+from .lib.settings import MODEL_ENV_VAR, ArgumentParser, DataSettings, ForecastSettings, UsageError, run_cli
+from .lib.training.loss import autocast_context, next_token_loss, validation_loss
 
 SECTIONS = ("peak", "counting", "throughput", "forward", "train", "loss", "forecast")
 NEEDS_TRANSFORMERS = {"forward": ("transformers",), "train": ("transformers", "peft"), "forecast": ("transformers",)}
@@ -330,7 +330,7 @@ def forward_side_by_side(model_dir, data: str | None, batch: int, seq_len: int, 
 
 
 def _ours_training_step(model, optimizer, params, ids, mask, precision: str) -> float:
-    """One step of :func:`experiments.training.train`'s loop (counted FLOPs, autocast, loss, backward, clip 1.0,
+    """One step of :func:`experiments.lib.training.train`'s loop (counted FLOPs, autocast, loss, backward, clip 1.0,
     AdamW). Returns the loss before the update."""
     optimizer.zero_grad(set_to_none=True)
     with torch.enable_grad():
@@ -386,7 +386,7 @@ def train_side_by_side(model_dir, data: str | None, batch: int, context_length: 
 
 def loss_precision(model_dir, data: str | None, chunks: int, context_length: int, batch_size: int, default: str,
                    device: torch.device) -> dict:
-    """miniqwen's validation loss (nats/token, :func:`experiments.training.validation_loss`) on the first
+    """miniqwen's validation loss (nats/token, :func:`experiments.lib.training.validation_loss`) on the first
     ``chunks`` validation chunks of ``context_length`` tokens (0 = all) in float32 and in ``default`` (weights in
     it + autocast, as the stages run), the relative difference and the seconds of each."""
     tok = QwenTokenizer.from_file(model_dir)

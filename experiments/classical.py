@@ -8,7 +8,7 @@ match of the last m steps within the context; m chosen on the validation split).
 
 Writes ``results.json`` (one evaluation per forecaster and split, keyed ``"<forecaster>/<split>"``; in ``details``
 the order search and, per split, paired comparisons of every forecaster with the best one — bootstrap intervals,
-wins, medians, blow-ups, see :mod:`experiments.compare`), ``README.md`` (the tables), per-trajectory CSVs and forecast
+wins, medians, blow-ups, see :mod:`experiments.lib.compare`), ``README.md`` (the tables), per-trajectory CSVs and forecast
 plots under ``--out`` (default ``runs/classical``). These forecasters run no language model: they spend no FLOPs of
 the 1e17 budget and charge nothing to the ledger.
 """
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import recipes, settings
-from .classical_forecasters import validated_forecasters
-from .compare import compare_to_best, comparison_table
-from .session import Session
-from .side_by_side import positive_integers
+from .lib import recipes, settings
+from .lib.classical_forecasters import validated_forecasters
+from .lib.compare import compare_to_best, comparison_table
+from .lib.session import Session
+from .lib.side_by_side import positive_integers
 
 STAGE = "classical"
 PARROT_LENGTHS = (1, 2, 3, 5, 8, 12, 16, 20)

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import points, recipes, settings
-from .classical_forecasters import Persistence
-from .evaluation import evaluate, write_csv
-from .plots import plot_horizon_errors, plot_training_curves
-from .points import forecast_mse
-from .results import Evaluation, write_json
-from .session import Session
-from .settings import ForecastSettings, LoRASettings, TrainSettings
-from .points import grid_axis
+from .lib import points, recipes, settings
+from .lib.classical_forecasters import Persistence
+from .lib.evaluation import evaluate, write_csv
+from .lib.plots import plot_horizon_errors, plot_training_curves
+from .lib.points import forecast_mse
+from .lib.results import Evaluation, write_json
+from .lib.session import Session
+from .lib.settings import ForecastSettings, LoRASettings, TrainSettings
+from .lib.points import grid_axis
 
 STAGE = "context_length"
 CONTEXTS = (128, 512, 768)

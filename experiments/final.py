@@ -11,7 +11,7 @@ from its checkpoint), else the sweep's (``--from-sweep``), else the defaults bel
 ``--context-length``, else the context study's (``--from-context``), else the default. With ``--restore-best`` (on by
 default here) the adapter of the lowest validation loss is the one evaluated. The test table puts the LoRA model
 beside the untrained model and the classical forecasters (persistence, AR, VAR, the Lotka–Volterra fit, context
-parroting; chosen on the validation split) with paired bootstrap intervals (:mod:`experiments.side_by_side`), and
+parroting; chosen on the validation split) with paired bootstrap intervals (:mod:`experiments.lib.side_by_side`), and
 ``--peer-indices`` (default 850-999) scores the same forecasters on the trajectories published peer runs report.
 Writes under ``--out`` (default ``runs/final``): results.json, README.md (the tables), horizon_mae.png,
 horizon_mse.png, forecasts_*.png, per-trajectory CSVs, untrained.json, training/ (log, checkpoint, adapters, loss
@@ -27,13 +27,13 @@ import json
 import shutil
 from pathlib import Path
 
-from . import compare, halving, points, recipes, settings, side_by_side
-from .costs import forecast_cost, lora_stage_cost
-from .plots import plot_horizon_errors
-from .session import Session
-from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
-from .results import write_json
-from .training import checkpoint_step, distributed, find_checkpoint, read_checkpoint, read_log
+from .lib import compare, halving, points, recipes, settings, side_by_side
+from .lib.costs import forecast_cost, lora_stage_cost
+from .lib.plots import plot_horizon_errors
+from .lib.session import Session
+from .lib.settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
+from .lib.results import write_json
+from .lib.training import checkpoint_step, distributed, find_checkpoint, read_checkpoint, read_log
 
 STAGE = "final"
 #: full scale (a GPU): up to 3,000 steps at batch 4 × 768 tokens, stopping after 5 evaluations without a new best

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from miniqwen.config import ConfigError
 
-from .budget import Ledger
-from .flop_tables import load_config, render, stage_plans
+from .lib.budget import Ledger
+from .lib.flop_tables import load_config, render, stage_plans
 
 __all__ = ["main", "stage_plans"]
 

@@ -5,7 +5,7 @@
 
 The first ``--context-steps`` rows are the context (default: 80 of an HDF5 trajectory, every row of a CSV); the next
 ``--horizon`` steps are forecast. ``--adapter DIR`` is a PEFT-format export of this project (``peft_adapter/``
-of a training stage); its card (``miniqwen_llmtime.json``, :mod:`experiments.adapter_card`) gives the LLMTIME
+of a training stage); its card (``miniqwen_llmtime.json``, :mod:`experiments.lib.adapter_card`) gives the LLMTIME
 scale, decimals, encoding and prompt it was trained with. Without it the base model reads the series at a scale
 fitted on the context (or ``--llmtime-scale``). ``--samples N`` > 1: the median of N samples with their 10–90 %
 band (LLMTIME's point and interval). ``--method var|ar|parrot|persistence|lv`` fits a classical forecaster to the
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import series_forecast as sf
-from . import settings
-from .evaluation import write_csv
-from .session import seed_everything
+from .lib import series_forecast as sf
+from .lib import settings
+from .lib.evaluation import write_csv
+from .lib.session import seed_everything
 
 STAGE = sf.STAGE
 OPTIONS = {"context_steps", "decimals", "encoding", "prompt"}  # explicit values are checked against the card

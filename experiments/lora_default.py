@@ -13,9 +13,9 @@ training/ (log, loss curve, adapters, checkpoint), peft_adapter/ (PEFT format), 
 
 from __future__ import annotations
 
-from . import recipes, settings
-from .costs import lora_stage_cost
-from .session import Session
+from .lib import recipes, settings
+from .lib.costs import lora_stage_cost
+from .lib.session import Session
 
 STAGE = "lora_default"
 TRAIN_DEFAULTS = settings.TrainSettings(lr=1e-5, batch_size=4, context_length=512, max_steps=1_000, eval_every=250,

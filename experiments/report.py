@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .budget import BUDGET, Ledger, LedgerError
+from .lib.budget import BUDGET, Ledger, LedgerError
 from .context_length import horizon_growth
-from .plots import plot_horizon_errors
-from .recipes import evaluation_table, format_number
-from .results import Evaluation, Results, find_results
-from .settings import ArgumentParser, UsageError, run_cli
+from .lib.plots import plot_horizon_errors
+from .lib.recipes import evaluation_table, format_number
+from .lib.results import Evaluation, Results, find_results
+from .lib.settings import ArgumentParser, UsageError, run_cli
 from .sweep import tie_note
 
 

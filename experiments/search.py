@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import halving, points, recipes, settings
-from .evaluation import write_csv
-from .plots import plot_rungs
-from .results import Evaluation
-from .session import Session
-from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
+from .lib import halving, points, recipes, settings
+from .lib.evaluation import write_csv
+from .lib.plots import plot_rungs
+from .lib.results import Evaluation
+from .lib.session import Session
+from .lib.settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
 
 STAGE = "search"
 #: full scale (a GPU): rungs of 300 / 900 / 2,700 steps at the coursework's batch 4 × context 512, 100 validation

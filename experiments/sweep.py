@@ -26,14 +26,14 @@ import os
 
 import numpy as np
 
-from . import points, recipes, settings
-from .classical_forecasters import Persistence
-from .evaluation import evaluate, write_csv
-from .plots import plot_heatmap, plot_training_curves
-from .points import forecast_mse, grid_axis, grid_points, point_name
-from .results import Evaluation, write_json
-from .session import Session
-from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
+from .lib import points, recipes, settings
+from .lib.classical_forecasters import Persistence
+from .lib.evaluation import evaluate, write_csv
+from .lib.plots import plot_heatmap, plot_training_curves
+from .lib.points import forecast_mse, grid_axis, grid_points, point_name
+from .lib.results import Evaluation, write_json
+from .lib.session import Session
+from .lib.settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
 
 STAGE = "sweep"
 LRS = (1e-5, 5e-5, 1e-4)

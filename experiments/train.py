@@ -23,9 +23,9 @@ import torch
 from data.chunks import Chunks
 from miniqwen import load_pretrained
 
-from . import recipes, settings
-from .budget import Ledger
-from .training import distributed, train
+from .lib import recipes, settings
+from .lib.budget import Ledger
+from .lib.training import distributed, train
 
 
 def save_chunks(chunks: Chunks, path: str | os.PathLike) -> None:

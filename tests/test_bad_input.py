@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import write_stand_in_tokenizer
-from experiments.budget import Ledger, LedgerError
+from experiments.lib.budget import Ledger, LedgerError
 from miniqwen import ConfigError, Qwen2Config, QwenTokenizer, WeightsError, load_pretrained
 from miniqwen import loading
 
@@ -301,7 +301,7 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tiny_checkpoin
 
 def test_non_finite_weights_stop_a_stage_with_one_line_and_no_charge(tiny_full_vocab, sim_file, tmp_path, capsys):
     from experiments import baseline
-    from experiments.settings import run_cli
+    from experiments.lib.settings import run_cli
 
     model = tmp_path / "model"
     model.mkdir()

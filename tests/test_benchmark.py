@@ -58,7 +58,7 @@ def test_benchmark_writes_every_section(tiny_full_vocab, sim_file, tmp_path, cap
 
 @torch.no_grad()
 def test_forward_logits_equal_transformers_in_fp32(tiny_full_vocab):
-    from experiments import benchmark_hf
+    from experiments.lib import benchmark_hf
     from miniqwen import load_pretrained
 
     ours, _ = load_pretrained(tiny_full_vocab, dtype=torch.float32, device="cpu")
@@ -76,7 +76,7 @@ def test_greedy_forecasts_agree_with_transformers_generate(tiny_full_vocab, sim_
 
 
 def test_unknown_section_is_a_usage_error():
-    from experiments.settings import UsageError
+    from experiments.lib.settings import UsageError
 
     with pytest.raises(UsageError, match="--sections"):
         benchmark.main(["--sections", "forward,nope"])

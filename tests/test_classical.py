@@ -1,4 +1,4 @@
-"""Tests for the classical forecasters (experiments/classical_forecasters.py). Small numpy/scipy problems only."""
+"""Tests for the classical forecasters (experiments/lib/classical_forecasters.py). Small numpy/scipy problems only."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from experiments import classical, settings
-from experiments.classical_forecasters import (
+from experiments import classical
+
+from experiments.lib import settings
+from experiments.lib.classical_forecasters import (
     AR,
     VAR,
     ClassicalForecaster,

@@ -11,9 +11,9 @@ import torch
 from data.chunks import make_chunks
 from data.simulate import simulate, write_h5
 from experiments import baseline, lora_default
-from experiments.budget import Ledger
-from experiments.settings import LoRASettings, TrainSettings, run_cli
-from experiments.training import CheckpointError, train
+from experiments.lib.budget import Ledger
+from experiments.lib.settings import LoRASettings, TrainSettings, run_cli
+from experiments.lib.training import CheckpointError, train
 from miniqwen import Qwen2Config, Qwen2ForCausalLM
 
 
@@ -117,7 +117,7 @@ def test_a_damaged_checkpoint_is_a_clear_error_and_is_never_resumed(tmp_path, da
 
 
 def test_a_new_checkpoint_replaces_the_old_only_when_verified(tmp_path, monkeypatch):
-    from experiments.training import checkpoint as ckpt_module
+    from experiments.lib.training import checkpoint as ckpt_module
 
     model, chunks, settings = tiny_run(tmp_path, max_steps=4, checkpoint_every=2)
     out = tmp_path / "run"

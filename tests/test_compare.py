@@ -1,4 +1,4 @@
-"""Tests for the paired comparisons of forecasters (experiments/compare.py). Small numpy problems only."""
+"""Tests for the paired comparisons of forecasters (experiments/lib/compare.py). Small numpy problems only."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from experiments.compare import (
+from experiments.lib.compare import (
     compare_forecasts,
     compare_to_best,
     comparison_table,

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from conftest import REPO, write_tiny_checkpoint
 from data.chunks import make_chunks
 from experiments import sweep
-from experiments.budget import Ledger
-from experiments.settings import TrainSettings, UsageError
+from experiments.lib.budget import Ledger
+from experiments.lib.settings import TrainSettings, UsageError
 from experiments.train import save_chunks
-from experiments.training import read_log
+from experiments.lib.training import read_log
 
 L = 16
 #: subprocesses: one thread each (bit-reproducible between runs), never sharded by a SLURM array around the tests
@@ -121,9 +121,9 @@ def test_a_one_process_run_resumes_on_two_processes(tiny):
 
 
 def test_global_batch_must_split_evenly_and_non_training_stages_refuse_torchrun(tmp_path, monkeypatch):
-    from experiments.session import Session
-    from experiments.settings import DataSettings, RunSettings
-    from experiments.training import train
+    from experiments.lib.session import Session
+    from experiments.lib.settings import DataSettings, RunSettings
+    from experiments.lib.training import train
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; both refusals come before any process group
     chunks = random_chunks(8, seed=1)
@@ -214,7 +214,7 @@ def test_shard_selection():
 
 
 def test_ledger_lock_holds_for_two_processes_of_200_appends(tmp_path):
-    code = ("import sys\nfrom experiments.budget import Ledger\nledger = Ledger(sys.argv[1])\n"
+    code = ("import sys\nfrom experiments.lib.budget import Ledger\nledger = Ledger(sys.argv[1])\n"
             "for i in range(200):\n    ledger.charge(sys.argv[2], 1, 'eval', i=i)\n")
     jobs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ledger.jsonl"), f"job{j}"], env=ENV,
                              cwd=REPO) for j in range(2)]

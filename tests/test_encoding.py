@@ -119,7 +119,7 @@ def test_decimal_decoder_unchanged_and_ignores_decimals():
 
 
 def test_settings_option_validation_and_record():
-    from experiments.settings import DataSettings, OptionError, UsageError, as_record, parse, parser
+    from experiments.lib.settings import DataSettings, OptionError, UsageError, as_record, parse, parser
 
     with pytest.raises(OptionError):
         DataSettings(encoding="binary").validate()
@@ -134,8 +134,8 @@ def test_settings_option_validation_and_record():
 
 
 def test_dataset_texts_and_record_follow_the_encoding(sim_file):
-    from experiments.session import load_dataset
-    from experiments.settings import DataSettings
+    from experiments.lib.session import load_dataset
+    from experiments.lib.settings import DataSettings
 
     integer = load_dataset(DataSettings(data=str(sim_file), encoding="integer"))
     decimal = load_dataset(DataSettings(data=str(sim_file)))
@@ -150,8 +150,8 @@ def test_dataset_texts_and_record_follow_the_encoding(sim_file):
 
 
 def test_forecaster_helpers():
-    from experiments.costs import NominalSizes
-    from experiments.evaluation import NUMERIC_ALPHABET, forecast_prompt, max_tokens_per_step, numeric_alphabet
+    from experiments.lib.costs import NominalSizes
+    from experiments.lib.evaluation import NUMERIC_ALPHABET, forecast_prompt, max_tokens_per_step, numeric_alphabet
 
     assert numeric_alphabet() == numeric_alphabet("decimal") == NUMERIC_ALPHABET
     assert numeric_alphabet("integer") == [c for c in NUMERIC_ALPHABET if c != "."]
@@ -172,7 +172,7 @@ def test_forecaster_helpers():
 
 
 def test_allowed_token_ids_drop_the_point_for_integer(tokenizer_dir):
-    from experiments.evaluation import allowed_token_ids
+    from experiments.lib.evaluation import allowed_token_ids
     from miniqwen.tokenizer import QwenTokenizer
 
     tok = QwenTokenizer.from_file(tokenizer_dir)

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from experiments.budget import BUDGET, BudgetExceededError, Ledger, LedgerError
+from experiments.lib.budget import BUDGET, BudgetExceededError, Ledger, LedgerError
 from miniqwen.config import Qwen2Config
 from miniqwen.flops import (
     COMPONENTS,

@@ -15,12 +15,12 @@ import torch
 
 from data import SeriesError, load_trajectories, read_series_csv
 from experiments import forecast
-from experiments.adapter_card import CARD_FILE, AdapterCard, card_for, read_card
-from experiments.classical_forecasters import VAR
-from experiments.evaluation import Forecasts
-from experiments.series_forecast import TextFormat, check_digits, forecast_rows
-from experiments.session import load_dataset
-from experiments.settings import DataSettings, UsageError, run_cli
+from experiments.lib.adapter_card import CARD_FILE, AdapterCard, card_for, read_card
+from experiments.lib.classical_forecasters import VAR
+from experiments.lib.evaluation import Forecasts
+from experiments.lib.series_forecast import TextFormat, check_digits, forecast_rows
+from experiments.lib.session import load_dataset
+from experiments.lib.settings import DataSettings, UsageError, run_cli
 from lora import AdapterError, apply_lora, export_peft, load_peft, lora_modules, lora_state_dict, save_adapter
 from miniqwen import Qwen2Config, Qwen2ForCausalLM, load_pretrained
 

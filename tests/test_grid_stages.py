@@ -6,7 +6,7 @@ import json
 import pytest
 
 from experiments import sweep
-from experiments.budget import Ledger
+from experiments.lib.budget import Ledger
 
 
 
@@ -146,8 +146,8 @@ def test_plan_total_is_the_sum_of_the_stages_own_plans_at_their_defaults(tmp_pat
     import dataclasses
 
     from experiments import baseline, context_length, final, flops, lora_default
-    from experiments.costs import NominalSizes
-    from experiments.settings import GROUPS
+    from experiments.lib.costs import NominalSizes
+    from experiments.lib.settings import GROUPS
     from miniqwen.config import Qwen2Config
 
     assert flops.main(["--out", str(tmp_path), "--ledger", str(tmp_path / "l.jsonl")]) == 0

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from data.chunks import make_chunks
-from experiments import settings
-from experiments.costs import chunk_pass_flops, forecast_cost
-from experiments.settings import ForecastSettings, LoRASettings, OptionError, TrainSettings, as_record
-from experiments.training import read_log, train
+from experiments.lib import settings
+from experiments.lib.costs import chunk_pass_flops, forecast_cost
+from experiments.lib.settings import ForecastSettings, LoRASettings, OptionError, TrainSettings, as_record
+from experiments.lib.training import read_log, train
 from lora import (
     AdapterError,
     BiasedHead,

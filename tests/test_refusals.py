@@ -18,10 +18,11 @@ import torch
 from data import decode
 from data.chunks import make_chunks
 from data.simulate import simulate, write_h5
-from experiments import baseline, classical, context_length, final, lora_default, points, recipes, report, search, sweep
+from experiments import baseline, classical, context_length, final, lora_default, report, search, sweep
+from experiments.lib import points, recipes
 from experiments import train as train_cli
-from experiments.budget import BudgetExceededError, Ledger, LedgerError
-from experiments.settings import UsageError, run_cli
+from experiments.lib.budget import BudgetExceededError, Ledger, LedgerError
+from experiments.lib.settings import UsageError, run_cli
 from experiments.train import save_chunks
 from miniqwen.atomic import atomic_write
 
@@ -114,7 +115,7 @@ def test_contexts_0_and_1_get_one_wording(setup, tmp_path, capsys):
 
 
 def test_lora_scale_limit_accepts_ordinary_alphas():
-    from experiments.settings import LoRASettings
+    from experiments.lib.settings import LoRASettings
 
     for rank, alpha in ((1, 1.0), (8, 16.0), (4, 0.5), (1, 1e4)):
         LoRASettings(rank=rank, lora_alpha=alpha).validate()
@@ -238,7 +239,7 @@ def test_a_batch_larger_than_the_chunks_is_refused_before_the_untrained_forecast
 
 def test_a_batch_torchrun_cannot_share_is_refused(monkeypatch):
     chunks = make_chunks([list(range(1, 40))] * 4, 8)
-    from experiments.settings import TrainSettings
+    from experiments.lib.settings import TrainSettings
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match=r"--batch-size 3: .* 2 processes .* divisible by 2"):

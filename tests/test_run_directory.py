@@ -17,9 +17,9 @@ import pytest
 
 from conftest import REPO, write_sim_file, write_tiny_checkpoint
 from experiments import baseline, benchmark, classical, context_length, final, lora_default, sweep
-from experiments.budget import Ledger
-from experiments.session import RECORD, Session, inspect_out
-from experiments.settings import DataSettings, RunSettings, UsageError, run_cli
+from experiments.lib.budget import Ledger
+from experiments.lib.session import RECORD, Session, inspect_out
+from experiments.lib.settings import DataSettings, RunSettings, UsageError, run_cli
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

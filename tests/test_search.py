@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import halving, search
-from experiments.budget import Ledger
-from experiments.settings import UsageError
+from experiments import search
+
+from experiments.lib import halving
+from experiments.lib.budget import Ledger
+from experiments.lib.settings import UsageError
 from safetensors.torch import load_file
 
 from test_grid_stages import Killed, common

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from conftest import write_sim_file
-from experiments import classical, report, settings
-from experiments.budget import Ledger, LedgerError
-from experiments.results import Evaluation, Results, find_results
-from experiments.session import Session
+from experiments import classical, report
+from experiments.lib import settings
+from experiments.lib.budget import Ledger, LedgerError
+from experiments.lib.results import Evaluation, Results, find_results
+from experiments.lib.session import Session
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ Data convention: ``pred_a``, ``pred_b`` and ``truth`` are float arrays ``[n, H, 
 in the same order, for both forecasters), H forecast steps, column 0 prey, column 1 predator — in data units
 (populations). Every error is computed per trajectory first: ``MSE_i`` and ``MAE_i`` are the mean squared and mean
 absolute error of trajectory i over its H steps, per species. The mean of ``MSE_i`` over trajectories is the MSE that
-:func:`experiments.evaluation.forecast_metrics` reports (every trajectory has the same H).
+:func:`experiments.lib.evaluation.forecast_metrics` reports (every trajectory has the same H).
 
 Uncertainty: the trajectories are the sampling unit, so intervals come from the paired bootstrap — resampling
 trajectories with replacement and keeping each trajectory's two errors together, which is the same as resampling

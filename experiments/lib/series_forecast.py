@@ -91,7 +91,7 @@ class TextFormat:
 
 def text_format(adapter: str | None, data: DataSettings, forecast: ForecastSettings, scale: float | None,
                 context: np.ndarray, explicit: set[str]) -> TextFormat:
-    """The adapter's format (its card, :mod:`experiments.adapter_card`; ``--llmtime-scale`` overrides the scale),
+    """The adapter's format (its card, :mod:`experiments.lib.adapter_card`; ``--llmtime-scale`` overrides the scale),
     else ``--decimals/--encoding/--prompt`` with ``scale`` or a scale fitted on ``context`` [C, 2] by the dataset
     rule (``data.scale_quantile`` of the values -> ``data.scale_target``; LLMTIME fits a scale per series too).
     ``explicit``: the option fields given on the command line (they must agree with the card).

@@ -135,7 +135,7 @@ def train(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, set
         train_chunks, val_chunks: ``data.chunks.Chunks`` [M, L] with L = ``settings.context_length`` (validation
             may be None: no evaluation); the validation subset is fixed by ``settings.eval_batches`` and ``seed``.
         out_dir: the run directory (see the module docstring).
-        stage: ledger stage name; ledger: an ``experiments.budget.Ledger`` or None (nothing checked or charged).
+        stage: ledger stage name; ledger: an ``experiments.lib.budget.Ledger`` or None (nothing checked or charged).
         precision: "float32" or an autocast dtype ("bfloat16", "float16").
         resume: continue from the checkpoint in ``out_dir`` (same settings and data required).
         on_step: called with the step number after each step (tests use it to simulate a crash).

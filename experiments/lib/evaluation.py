@@ -2,8 +2,8 @@
 
 A *forecaster* has a ``name`` and ``forecast(contexts [n, C, 2], horizon) -> Forecasts``. :class:`LLMForecaster`
 continues LLMTIME text with constrained, KV-cached generation; the classical ones
-(:mod:`experiments.classical_forecasters`) fit each context. :func:`evaluate` turns any of them into an
-:class:`experiments.results.Evaluation`: unparsed steps filled by persistence, MSE/MAE/R² per species overall and per
+(:mod:`experiments.lib.classical_forecasters`) fit each context. :func:`evaluate` turns any of them into an
+:class:`experiments.lib.results.Evaluation`: unparsed steps filled by persistence, MSE/MAE/R² per species overall and per
 horizon step, parse rate, FLOPs, wall time.
 """
 

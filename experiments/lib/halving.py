@@ -3,7 +3,7 @@ their own checkpoints, and so on, so that the compute goes to the settings that 
 
 Source: Jamieson & Talwalkar, "Non-stochastic best arm identification and hyperparameter optimization" (AISTATS
 2016), Algorithm 1 (successive halving), here with a fixed number of rungs as in the inner loop of Hyperband (Li et
-al., JMLR 18(185), 2018, Algorithm 1, one bracket). Points and their directories are :mod:`experiments.points`':
+al., JMLR 18(185), 2018, Algorithm 1, one bracket). Points and their directories are :mod:`experiments.lib.points`':
 
     out/points/<name>/training/                 one training run per point, continued rung after rung
     out/points/<name>/rung<k>.json              the point's score at rung k (its presence: rung k is done for it)

@@ -1,6 +1,6 @@
 """An LLM forecaster beside the classical ones on the same trajectories: the classical forecasters (orders and the
 parroting length chosen on the validation split), their scores, and paired comparisons with bootstrap intervals
-(:mod:`experiments.compare`) of the LLM against every other forecaster.
+(:mod:`experiments.lib.compare`) of the LLM against every other forecaster.
 
 A claim that one forecaster beats another rests on the per-trajectory differences: the tables give the mean
 difference with its paired 95 % interval (resampling trajectories), the median difference, the win count and the

@@ -141,7 +141,7 @@ STAGE_FILES = ("run.json", "results.json", "README.md", "untrained.json", "train
                "rungs.png", ".*.tmp")
 #: what an interrupted run of a stage that trains leaves before its results.json (runs made before run records)
 _PARTIAL_RUN = ("untrained.json", "training", "points")
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -36,7 +36,7 @@ USAGE = ("Divide each value (prey, predator) by llmtime_scale and write it with 
          "'decimal': 1.23; 'integer': the same digits without the point and leading zeros, 123), a time step as "
          "'prey,predator', steps joined by ';', and end the prompt with ';' (prompt 'raw': the model continues the "
          "text; 'chat': the text inside a Qwen chat turn asking for the next steps, see "
-         "experiments.evaluation.forecast_prompt). Read the generated steps back the same way and multiply by "
+         "experiments.lib.evaluation.forecast_prompt). Read the generated steps back the same way and multiply by "
          "llmtime_scale. head_bias, if not null, names a file of this directory holding a bias added to the output "
          "logits.")
 
@@ -106,7 +106,7 @@ class AdapterCard:
 
 
 def card_for(session, prompt: str, head_bias: str | None = None) -> AdapterCard:
-    """The card of an adapter trained in ``session`` (an :class:`experiments.session.Session`: its dataset's scale,
+    """The card of an adapter trained in ``session`` (an :class:`experiments.lib.session.Session`: its dataset's scale,
     decimals, encoding and file, how the scale was fitted, the weights' label) and forecast with ``prompt``;
     ``head_bias``: the file name of a trained output-head bias written beside it, if any."""
     ds, rule = session.dataset, session.data_settings

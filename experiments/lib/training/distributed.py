@@ -7,7 +7,7 @@ this module reads them, joins the process group (NCCL on CUDA, rank r computing 
 CPU) and gives the training loop what it needs: the rank, sums over ranks, a barrier, the DDP wrapper. Without
 torchrun (``WORLD_SIZE`` unset or 1) every function is the one-process no-op, so that path is unchanged.
 
-In a stage (``experiments.recipes``) rank 0 runs everything — forecasts, results, plots, the ledger — and ranks > 0
+In a stage (``experiments.lib.recipes``) rank 0 runs everything — forecasts, results, plots, the ledger — and ranks > 0
 only *follow*: they wait for the training jobs rank 0 starts (:func:`leading` / :func:`jobs`: the keyword arguments
 of one ``training.train`` call, sent over a gloo group with a long timeout, since rank 0 may forecast for a long
 time between two jobs) and make the same call. :func:`finish` releases them when the stage is done.

@@ -26,7 +26,7 @@ def stage_plans(config: Qwen2Config, sizes=None) -> dict[str, dict[str, int]]:
     ``DEFAULTS``; nothing here can drift from what a stage runs), priced by the stage's own ``plan`` function — the
     one it checks against the ledger before it starts — with ``sizes`` (default :class:`costs.NominalSizes`: upper
     bounds on prompt and chunk counts, so no data or tokenizer is needed)."""
-    from . import baseline, context_length, final, lora_default, sweep
+    from .. import baseline, context_length, final, lora_default, sweep
 
     sizes = sizes or NominalSizes()
 
@@ -45,7 +45,7 @@ def stage_plans(config: Qwen2Config, sizes=None) -> dict[str, dict[str, int]]:
 
 def stage_settings() -> dict[str, str]:
     """One line per stage saying what its default settings are (for the plan table)."""
-    from . import context_length, final, lora_default, sweep
+    from .. import context_length, final, lora_default, sweep
 
     def t(stage, up_to: str = "") -> str:
         tr = stage.DEFAULTS["train"]

@@ -116,7 +116,7 @@ class ClassicalForecaster:
         return out
 
     def forecast(self, contexts: np.ndarray, horizon: int):
-        """The forecaster interface of :mod:`experiments.evaluation`: :meth:`predict` as ``Forecasts`` (one
+        """The forecaster interface of :mod:`experiments.lib.evaluation`: :meth:`predict` as ``Forecasts`` (one
         sample, every step complete, no FLOPs)."""
         from .evaluation import Forecasts
 

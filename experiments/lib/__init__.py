@@ -1,0 +1,1 @@
+"""The library the stage scripts of :mod:`experiments` stand on. Nothing here imports a stage."""
