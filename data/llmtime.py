@@ -10,12 +10,12 @@ Text format used here (one trajectory of T steps)::
 
     "p_0,q_0;p_1,q_1;...;p_{T-1},q_{T-1}"
 
-where ``p_t = prey_t / alpha`` and ``q_t = predator_t / alpha`` are printed in
+where ``p_t = prey_t / scale`` and ``q_t = predator_t / scale`` are printed in
 fixed-point notation with ``decimals`` decimals. There is no trailing ";" (a
 forecasting prompt appends it itself). Two encodings of a value (:data:`ENCODINGS`):
 
 * ``"decimal"`` (the default): with its decimal point, e.g. ``"1.23,0.45;1.30,0.41"``.
-* ``"integer"``: the same digits without the point, i.e. ``round(x / alpha · 10**decimals)``
+* ``"integer"``: the same digits without the point, i.e. ``round(x / scale · 10**decimals)``
   written as an integer with its leading zeros dropped, e.g. ``"123,45;130,41"``
   (with ``decimals=2``: 1.23 -> "123", 0.05 -> "5", 0 -> "0"). This is LLMTIME's own
   encoding (Gruver et al. 2023, section 3: "because decimal points are redundant
@@ -24,7 +24,7 @@ forecasting prompt appends it itself). Two encodings of a value (:data:`ENCODING
   7.2 instead of 10.0 tokens per time step at 2 decimals (results/encoding_tokens.json).
 
 Differences from the paper: LLMTIME chooses a scale per series and, for GPT-3,
-separates digits with spaces. Here a single dataset-wide scale ``alpha`` (see
+separates digits with spaces. Here a single dataset-wide ``scale`` (see
 :func:`fit_scale`) is used for both species and every system, and digits are not
 spaced, because the Qwen2.5 tokenizer already splits numbers into single digits.
 """
@@ -70,29 +70,29 @@ def _check_decimals(decimals, where: str) -> int:
     return int(decimals)
 
 
-def _check_alpha(alpha: float) -> float:
-    """Return alpha as a float; raise ValueError unless it is finite and > 0."""
+def _check_scale(scale: float) -> float:
+    """Return scale as a float; raise ValueError unless it is finite and > 0."""
     try:
-        value = float(alpha)
+        value = float(scale)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}.") from error
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}.") from error
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}.")
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}.")
     return value
 
 
 def fit_scale(train_trajectories: np.ndarray, quantile: float = 0.99, target: float = 10.0) -> float:
-    """Fit the single dataset-wide LLMTIME scale alpha on the training split.
+    """Fit the single dataset-wide LLMTIME scale on the training split.
 
-    Rule: ``alpha = np.quantile(train_values, quantile) / target``, where
+    Rule: ``scale = np.quantile(train_values, quantile) / target``, where
     ``train_values`` pools every prey and predator value of every training
-    trajectory. After dividing by alpha the ``quantile``-quantile of the
+    trajectory. After dividing by scale the ``quantile``-quantile of the
     training values equals ``target`` (defaults: the 99th percentile maps to
     10), so almost all scaled values lie in 0–10 and need one integer digit.
 
     Why: LLMTIME (Gruver et al. 2023, section 3) rescales series so that the
     numbers use a fixed number of digits, which keeps the token budget per step
-    constant. Using one alpha for both species and all systems (instead of a
+    constant. Using one scale for both species and all systems (instead of a
     per-series scale as in the paper) keeps prey and predator on the same
     scale and keeps the text comparable across systems. Fit it on the training
     split only, so that no information leaks from validation/test data.
@@ -104,12 +104,12 @@ def fit_scale(train_trajectories: np.ndarray, quantile: float = 0.99, target: fl
         target: value (> 0) that the quantile is mapped to.
 
     Returns:
-        alpha (float, data units per text unit; > 0). Encode with ``x / alpha``.
+        scale (float, data units per text unit; > 0). Encode with ``x / scale``.
 
     Raises:
         ValueError: if the input is empty, contains non-finite or negative
             values, ``quantile`` is not in (0, 1], ``target`` <= 0, or the
-            resulting alpha is not > 0 (e.g. the quantile of the data is 0).
+            resulting scale is not > 0 (e.g. the quantile of the data is 0).
     """
     values = np.asarray(train_trajectories, dtype=np.float64)
     if values.size == 0:
@@ -122,26 +122,26 @@ def fit_scale(train_trajectories: np.ndarray, quantile: float = 0.99, target: fl
         raise ValueError(f"fit_scale: quantile must be in (0, 1], got {quantile!r}.")
     if not (math.isfinite(target) and target > 0):
         raise ValueError(f"fit_scale: target must be a positive finite number, got {target!r}.")
-    alpha = float(np.quantile(values, quantile)) / float(target)
-    if not (math.isfinite(alpha) and alpha > 0):
+    scale = float(np.quantile(values, quantile)) / float(target)
+    if not (math.isfinite(scale) and scale > 0):
         raise ValueError(
-            f"fit_scale: alpha = quantile({quantile}) / {target} = {alpha} is not > 0; "
+            f"fit_scale: scale = quantile({quantile}) / {target} = {scale} is not > 0; "
             "the training data is (almost) all zero."
         )
-    return alpha
+    return scale
 
 
-def encode(trajectory: np.ndarray, alpha: float, decimals: int = 2, encoding: str = "decimal") -> str:
+def encode(trajectory: np.ndarray, scale: float, decimals: int = 2, encoding: str = "decimal") -> str:
     """Encode one trajectory as LLMTIME text.
 
-    Each value is divided by ``alpha`` and printed fixed-point with
+    Each value is divided by ``scale`` and printed fixed-point with
     ``decimals`` decimals; a time step is ``"prey,predator"`` and steps are
     joined by ``";"`` with no trailing separator. A trajectory with T = 0 steps gives ``""``.
 
     * ``encoding="decimal"``: e.g. ``"1.23,0.45;1.30,0.41"`` (``decimals=0`` writes no point: ``"1,0"``).
     * ``encoding="integer"`` (LLMTIME, Gruver et al. 2023, section 3): the
       decimal text with the point removed and leading zeros dropped, so a value
-      is ``round(x / alpha · 10**decimals)`` as an integer: with ``decimals=2``,
+      is ``round(x / scale · 10**decimals)`` as an integer: with ``decimals=2``,
       1.23 -> ``"123"``, 0.45 -> ``"45"``, 0.05 -> ``"5"``, 0 -> ``"0"``,
       12.3 -> ``"1230"``; e.g. ``"123,45;130,41"``. Rounding is exactly the
       decimal encoding's (the digits are the same), so both encodings carry the
@@ -159,7 +159,7 @@ def encode(trajectory: np.ndarray, alpha: float, decimals: int = 2, encoding: st
 
     Args:
         trajectory: array of shape ``(T, 2)`` (prey, predator), data units, >= 0.
-        alpha: scale from :func:`fit_scale` (> 0).
+        scale: scale from :func:`fit_scale` (> 0).
         decimals: number of decimals, implied ones for "integer" (>= 0).
         encoding: one of :data:`ENCODINGS`.
 
@@ -168,10 +168,10 @@ def encode(trajectory: np.ndarray, alpha: float, decimals: int = 2, encoding: st
 
     Raises:
         ValueError: if the shape is not ``(T, 2)``, a value is negative or
-            non-finite, ``alpha`` <= 0 / non-finite, ``decimals`` < 0 or
+            non-finite, ``scale`` <= 0 / non-finite, ``decimals`` < 0 or
             ``encoding`` is not one of :data:`ENCODINGS`.
     """
-    alpha = _check_alpha(alpha)
+    scale = _check_scale(scale)
     _check_encoding(encoding, "encode")
     if int(decimals) != decimals or decimals < 0:
         raise ValueError(f"encode: decimals must be a non-negative integer, got {decimals!r}.")
@@ -182,7 +182,7 @@ def encode(trajectory: np.ndarray, alpha: float, decimals: int = 2, encoding: st
         raise ValueError(f"encode: trajectory has {int((~np.isfinite(values)).sum())} non-finite value(s).")
     if np.any(values < 0):
         raise ValueError(f"encode: trajectory has {int((values < 0).sum())} negative value(s).")
-    scaled = values / alpha + 0.0  # "+ 0.0" turns -0.0 into 0.0 so it never prints as "-0.00"
+    scaled = values / scale + 0.0  # "+ 0.0" turns -0.0 into 0.0 so it never prints as "-0.00"
     fmt = f"{{:.{int(decimals)}f}}"
     if encoding == "integer":
         def fmt_value(x: float) -> str:
@@ -200,11 +200,11 @@ class Decoded:
 
     Attributes:
         values: float64 array of shape ``(k, 2)`` (prey, predator) in data
-            units (already multiplied by alpha). Rows of steps that could not
+            units (already multiplied by scale). Rows of steps that could not
             be parsed, or that were expected but missing, are NaN.
         n_invalid: number of steps present in the text but unparseable (wrong
             number of fields, not a number in ASCII digits, non-finite — also
-            once multiplied by alpha —, negative, empty; for the "integer"
+            once multiplied by scale —, negative, empty; for the "integer"
             encoding also anything but digits, e.g. a point).
         n_missing: number of steps expected (``expected_steps``) but absent.
     """
@@ -219,9 +219,9 @@ class Decoded:
         return self.n_invalid == 0 and self.n_missing == 0
 
 
-def _parse_step(step: str, divisor: float | None = None, alpha: float = 1.0) -> tuple[float, float] | None:
-    """Parse ``"prey,predator"`` into two finite non-negative floats, each multiplied by ``alpha``, or None
-    (also when a value times ``alpha`` overflows to inf: a number too large to be one is not a forecast).
+def _parse_step(step: str, divisor: float | None = None, scale: float = 1.0) -> tuple[float, float] | None:
+    """Parse ``"prey,predator"`` into two finite non-negative floats, each multiplied by ``scale``, or None
+    (also when a value times ``scale`` overflows to inf: a number too large to be one is not a forecast).
 
     ``divisor`` None: plain decimal numbers (the "decimal" encoding); else ASCII digit strings (the "integer"
     encoding), each divided by ``divisor`` = 10**decimals."""
@@ -235,14 +235,14 @@ def _parse_step(step: str, divisor: float | None = None, alpha: float = 1.0) -> 
             return None
         # float(digits) / 10**d is the correctly rounded quotient of two exact numbers (for up to 15 digits), i.e.
         # the same float as float("d.dd"); a huge digit string gives inf and is refused below
-        value = (float(field) if divisor is None else float(field) / divisor) * alpha
+        value = (float(field) if divisor is None else float(field) / divisor) * scale
         if not math.isfinite(value) or value < 0:
             return None
         parsed.append(value + 0.0)  # normalise -0.0 to 0.0
     return parsed[0], parsed[1]
 
 
-def decode(text: str, alpha: float, expected_steps: int | None = None, *, encoding: str = "decimal",
+def decode(text: str, scale: float, expected_steps: int | None = None, *, encoding: str = "decimal",
            decimals: int | None = None) -> Decoded:
     """Decode LLMTIME text (e.g. a model's forecast) back into data units.
 
@@ -250,7 +250,7 @@ def decode(text: str, alpha: float, expected_steps: int | None = None, *, encodi
     (from a trailing ``";"``) is ignored. Every piece must be exactly two
     comma-separated numbers (whitespace around them is allowed), both finite
     and >= 0; otherwise the step is counted in ``n_invalid`` and its row is
-    NaN. Values are multiplied by ``alpha``. What a number is depends on
+    NaN. Values are multiplied by ``scale``. What a number is depends on
     ``encoding`` (see :func:`encode`):
 
     * ``"decimal"``: a plain decimal number (``"1.23"``, ``"12"``, ``"1e2"``); ``decimals`` is not needed
@@ -272,7 +272,7 @@ def decode(text: str, alpha: float, expected_steps: int | None = None, *, encodi
 
     Args:
         text: the string to decode (``bytes`` are decoded as UTF-8 with replacement).
-        alpha: the scale used for encoding (> 0).
+        scale: the scale used for encoding (> 0).
         expected_steps: number of steps wanted, or None to keep all steps.
         encoding: one of :data:`ENCODINGS`, the one the text was written in.
         decimals: the implied decimals of the "integer" encoding (required for
@@ -283,13 +283,13 @@ def decode(text: str, alpha: float, expected_steps: int | None = None, *, encodi
         given, else the number of steps in the text.
 
     Raises:
-        ValueError: if ``alpha`` is not a positive finite number,
+        ValueError: if ``scale`` is not a positive finite number,
             ``expected_steps`` < 0, ``encoding`` is not one of
             :data:`ENCODINGS`, or ``encoding="integer"`` without an
             integer ``decimals`` in 0–300.
         TypeError: if ``text`` is neither ``str`` nor ``bytes``.
     """
-    alpha = _check_alpha(alpha)
+    scale = _check_scale(scale)
     _check_encoding(encoding, "decode")
     divisor = None
     if encoding == "integer":
@@ -317,7 +317,7 @@ def decode(text: str, alpha: float, expected_steps: int | None = None, *, encodi
     values = np.full((len(pieces) + n_missing, 2), np.nan, dtype=np.float64)
     n_invalid = 0
     for row, piece in enumerate(pieces):
-        parsed = _parse_step(piece, divisor, alpha)
+        parsed = _parse_step(piece, divisor, scale)
         if parsed is None:
             n_invalid += 1
         else:

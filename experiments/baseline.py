@@ -13,31 +13,21 @@ from __future__ import annotations
 
 import time
 
-from .lib import recipes, settings
-from .lib.costs import baseline_cost
+from .lib import cli, defaults, plans, runs, tables
 from .lib.classical_forecasters import Persistence
 from .lib.evaluation import evaluate
 from .lib.session import Session
 from .lib.training import validation_loss
 
 STAGE = "baseline"
-
-
-#: validation trajectories the token loss covers by default: the first 20 (40 chunks of 512 tokens, ~1.5 min on 2 CPU
-#: cores), so that the main job takes about 7 minutes there instead of 12, 6.5 of which were the loss over all 100;
-#: ``--loss-limit all`` measures it over every validation trajectory, as the committed results/baseline_* runs did
-LOSS_LIMIT = 20
-#: every validation trajectory forecast, the validation loss over the first LOSS_LIMIT of them
-DEFAULTS = {"forecast": settings.ForecastSettings(gen_batch_size=100),
-            "loss": settings.LossSettings(loss_limit=LOSS_LIMIT)}
-#: this 2-core CPU: the same forecasts (about 5 minutes in bf16), without the validation loss
-PRESETS = {"cpu": {"loss": {"loss_limit": 0}}}
+DEFAULTS, PRESETS = defaults.DEFAULTS[STAGE], defaults.PRESETS[STAGE]
+plan = plans.baseline
 
 
 def build_parser(preset: str | None = None):
-    p = settings.parser("python -m experiments.baseline", __doc__.split("\n\n")[0], "run", "data", "forecast",
-                        "loss", defaults=settings.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS)
-    limit = settings.with_preset(DEFAULTS, PRESETS, preset)["loss"].loss_limit
+    p = cli.parser("python -m experiments.baseline", __doc__.split("\n\n")[0], "run", "data", "forecast",
+                   "loss", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS)
+    limit = cli.with_preset(DEFAULTS, PRESETS, preset)["loss"].loss_limit
     for action in p._actions:
         if action.dest == "loss_limit":
             action.help = (f"validation trajectories for the token loss, the first N (default {limit}; all = every "
@@ -47,13 +37,8 @@ def build_parser(preset: str | None = None):
     return p
 
 
-def plan(config, sizes, forecast: settings.ForecastSettings, loss: settings.LossSettings) -> dict[str, int]:
-    """Planned FLOPs of the stage: the forecast and the validation loss."""
-    return baseline_cost(config, sizes, forecast, loss)
-
-
 def main(argv=None) -> int:
-    s = settings.parse(build_parser(settings.preset_name(argv, PRESETS)), argv)
+    s = cli.parse(build_parser(cli.preset_name(argv, PRESETS)), argv)
     run, data, forecast, loss_settings = s["run"], s["data"], s["forecast"], s["loss"]
     session = Session(STAGE, run, data)
     indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)
@@ -61,20 +46,20 @@ def main(argv=None) -> int:
     print(f"data: {ds.data.path.name} ({ds.data.n_systems} trajectories x {ds.data.n_steps} steps); split "
           f"{forecast.split}: {len(indices)} trajectories; LLMTIME scale = {ds.llmtime_scale:.5g} (fitted on "
           f"{len(ds.splits['train'])} training trajectories)")
-    examples = recipes.show_examples(session, forecast.split)
+    examples = runs.show_examples(session, forecast.split)
 
     loss_chunks = None
     if loss_settings.loss_limit != 0:
-        loss_chunks = recipes.token_chunks(session, "validation", loss_settings.loss_limit,
-                                           loss_settings.loss_context_length)
+        loss_chunks = runs.token_chunks(session, "validation", loss_settings.loss_limit,
+                                        loss_settings.loss_context_length)
     results = session.results(forecast=forecast, loss=loss_settings)
-    results.flops["planned"] = session.check(plan(session.model.config, recipes.SessionSizes(session), forecast,
+    results.flops["planned"] = session.check(plan(session.model.config, runs.SessionSizes(session), forecast,
                                                   loss_settings))
 
-    forecaster = recipes.llm_forecaster(session, forecast, "zero-shot")
+    forecaster = runs.llm_forecaster(session, forecast, "zero-shot")
     forecaster.progress = not s["hide_progress"]
-    zero_shot = recipes.forecast_and_save(session, forecaster, forecast, "",
-                                          f"zero-shot {forecast.prompt}, {forecast.samples} sample(s)")
+    zero_shot = runs.forecast_and_save(session, forecaster, forecast, "",
+                                       f"zero-shot {forecast.prompt}, {forecast.samples} sample(s)")
     results.add_flops("generate", zero_shot.flops)
     if loss_chunks is not None:
         t0 = time.time()
@@ -83,7 +68,7 @@ def main(argv=None) -> int:
         zero_shot.validation_loss = loss
         results.add_flops("eval", loss_flops)
         results.seconds["validation_loss"] = round(time.time() - t0, 2)
-        results.details["validation_loss"] = {"loss": loss, "tokens": recipes.real_targets(loss_chunks),
+        results.details["validation_loss"] = {"loss": loss, "tokens": runs.real_targets(loss_chunks),
                                               "chunks": len(loss_chunks),
                                               "context_length": loss_settings.loss_context_length, "flops": loss_flops}
     _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
@@ -93,7 +78,7 @@ def main(argv=None) -> int:
     session.finish(results, charge={"generate": zero_shot.flops, "eval": results.flops.get("eval", 0)})
 
     print()
-    recipes.print_evaluation(zero_shot, persistence)
+    tables.print_evaluation(zero_shot, persistence)
     if zero_shot.validation_loss is not None:
         print(f"  validation loss {zero_shot.validation_loss:.4f} nats/token over "
               f"{results.details['validation_loss']['tokens']} tokens")
@@ -105,4 +90,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    settings.run_cli(main)
+    cli.run_cli(main)

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from .lib import recipes, settings
+from .lib import cli, defaults, errors, runs, settings, tables
 from .lib.classical_forecasters import validated_forecasters
 from .lib.compare import compare_to_best, comparison_table
 from .lib.session import Session
 from .lib.side_by_side import positive_integers
 
 STAGE = "classical"
-PARROT_LENGTHS = (1, 2, 3, 5, 8, 12, 16, 20)
+PARROT_LENGTHS = defaults.PARROT_LENGTHS
 
 
 def build_parser():
-    p = settings.parser("python -m experiments.classical", __doc__.split("\n\n")[0], "run", "data", "forecast")
+    p = cli.parser("python -m experiments.classical", __doc__.split("\n\n")[0], "run", "data", "forecast")
     p.add_argument("--splits", default="validation,test", help="comma-separated splits (default validation,test)")
     p.add_argument("--orders", default=",".join(map(str, range(1, 21))),
                    help="AR/VAR orders to choose from on the validation split (default 1..20)")
@@ -41,18 +41,18 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    s = settings.parse(build_parser(), argv)
+    s = cli.parse(build_parser(), argv)
     run, data, forecast = s["run"], s["data"], s["forecast"]
     text = s["splits"]
-    if settings.given(build_parser(), argv, "split"):  # honoured, not ignored: --split S forecasts split S
-        if settings.given(build_parser(), argv, "splits"):
-            raise settings.UsageError(f"--split {forecast.split} and --splits {text!r}: experiments.classical "
-                                      "forecasts the splits in --splits; give one of the two")
+    if cli.given(build_parser(), argv, "split"):  # honoured, not ignored: --split S forecasts split S
+        if cli.given(build_parser(), argv, "splits"):
+            raise errors.UsageError(f"--split {forecast.split} and --splits {text!r}: experiments.classical "
+                                    "forecasts the splits in --splits; give one of the two")
         text = forecast.split
     splits = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in splits if x not in settings.SPLITS] or ([] if splits else ["(none)"])
     if bad:
-        raise settings.UsageError(f"--splits {text!r}: each must be one of {', '.join(settings.SPLITS)}")
+        raise errors.UsageError(f"--splits {text!r}: each must be one of {', '.join(settings.SPLITS)}")
     forecast = dataclasses.replace(forecast, split=splits[0])  # recorded as forecast.split: the first split run
     C = forecast.context_steps
     orders = integers("--orders", s["orders"], (C - 2) // 3,  # a VAR(p) with intercept needs 3p + 2 observed steps
@@ -79,25 +79,25 @@ def main(argv=None) -> int:
         indices, _, _, split_truth = ds.forecast_set(fs)
         for forecaster in forecasters:
             tag = f"{forecaster.name}_{split}".replace("(", "").replace(")", "")
-            evaluation = recipes.forecast_and_save(session, forecaster, fs, tag, f"{forecaster.name}, {split}",
-                                                   settings=forecaster.settings(), weights=None)
+            evaluation = runs.forecast_and_save(session, forecaster, fs, tag, f"{forecaster.name}, {split}",
+                                                settings=forecaster.settings(), weights=None)
             evaluation.settings["fallbacks"] = forecaster.n_fallback
             results.evaluations[f"{forecaster.name}/{split}"] = evaluation
-            recipes.print_evaluation(evaluation)
+            tables.print_evaluation(evaluation)
             if forecaster.n_fallback:
                 print(f"  ({forecaster.n_fallback} trajectories fell back to persistence)")
         # paired comparisons with the best forecaster of this split, trajectory by trajectory
         comparisons[split] = compare_to_best({f.name: f.last_prediction for f in forecasters}, split_truth, indices,
                                              seed=run.seed)
         table = comparison_table(comparisons[split]["comparisons"])
-        scores = recipes.evaluation_table({f.name: results.evaluations[f"{f.name}/{split}"] for f in forecasters})
+        scores = tables.evaluation_table({f.name: results.evaluations[f"{f.name}/{split}"] for f in forecasters})
         readme += [f"## {split} split: {len(indices)} trajectories, {C} steps observed → {forecast.horizon} forecast",
                    scores, f"Best: {comparisons[split]['best']}. Paired comparisons:", table]
         print(f"\n{split}: paired comparisons with the best forecaster\n{table}")
     body = "\n\n".join(readme)
     results.details.update(comparisons=comparisons, table_markdown=body)
-    recipes.write_run_readme(session.out / "README.md", "Classical forecasters",
-                             recipes.command_line("experiments.classical", argv), body)
+    tables.write_run_readme(session.out / "README.md", "Classical forecasters",
+                             tables.command_line("experiments.classical", argv), body)
     results.add_flops("generate", 0)
     session.finish(results)
     print(f"wrote {session.out}/results.json and README.md (no FLOPs charged: no language model was run)")
@@ -109,9 +109,9 @@ def integers(option: str, text: str, largest: int, why: str) -> list[int]:
     ``1..largest`` (``why`` says where the bound comes from)."""
     values = positive_integers(text)
     if not values or values[-1] > largest:
-        raise settings.UsageError(f"{option} {text!r}: integers between 1 and {largest} ({why})")
+        raise errors.UsageError(f"{option} {text!r}: integers between 1 and {largest} ({why})")
     return values
 
 
 if __name__ == "__main__":
-    settings.run_cli(main)
+    cli.run_cli(main)

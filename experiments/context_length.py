@@ -15,55 +15,32 @@ contexts.json, horizon_mae.png, loss_curves.png, README.md and one directory per
 
 from __future__ import annotations
 
-import dataclasses
 
-from .lib import points, recipes, settings
+from .lib import cli, compare, defaults, plans, runs, studies, tables
 from .lib.classical_forecasters import Persistence
 from .lib.evaluation import evaluate, write_csv
 from .lib.plots import plot_horizon_errors, plot_training_curves
-from .lib.points import forecast_mse
+from .lib.studies import forecast_mse
 from .lib.results import Evaluation, write_json
 from .lib.session import Session
-from .lib.settings import ForecastSettings, LoRASettings, TrainSettings
-from .lib.points import grid_axis
+from .lib.studies import grid_axis
 
 STAGE = "context_length"
-CONTEXTS = (128, 512, 768)
-#: full scale (a GPU): 1,000 steps per context at batch 4, 100 validation trajectories; lr and rank are priced at
-#: the grid's dearest rank and replaced by the sweep's choice when it is known
-DEFAULTS = {
-    "train": TrainSettings(lr=1e-4, batch_size=4, max_steps=1_000, eval_every=200, eval_batches=8,
-                           eval_at_start=False, checkpoint_every=100),
-    "lora": LoRASettings(rank=8),
-    "forecast": ForecastSettings(limit=100, gen_batch_size=100, plots=2),
-}
-#: this 2-core CPU: 200 steps per context with the numeric-alphabet loss, 50 validation trajectories
-PRESETS = {"cpu": {"train": {"max_steps": 200, "eval_every": 100, "eval_batches": 4, "checkpoint_every": 25,
-                             "loss_vocabulary": "numeric"},
-                   "forecast": {"limit": 50, "gen_batch_size": 25}}}
+CONTEXTS = defaults.CONTEXT_LENGTHS
+DEFAULTS, PRESETS = defaults.DEFAULTS[STAGE], defaults.PRESETS[STAGE]
+plan = plans.context_length
 
 
 def build_parser(preset: str | None = None):
-    p = settings.parser("python -m experiments.context_length", __doc__.split("\n\n")[0], "run", "data", "forecast",
-                        "lora", "train", defaults=settings.with_preset(DEFAULTS, PRESETS, preset),
-                        forecast_batch_flag="--gen-batch-size", presets=PRESETS, exclude=("lr", "rank"))
-    points.add_choice_options(p, DEFAULTS)
+    p = cli.parser("python -m experiments.context_length", __doc__.split("\n\n")[0], "run", "data", "forecast",
+                   "lora", "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS, exclude=("lr", "rank"))
+    studies.add_choice_options(p, DEFAULTS)
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="window lengths (default 128,512,768)")
     return p
 
 
-def context_points(lora: LoRASettings, train: TrainSettings, contexts) -> list[points.Point]:
-    return [points.Point(f"context{n}", lora, dataclasses.replace(train, context_length=n)) for n in contexts]
-
-
-def plan(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,
-         contexts=CONTEXTS) -> dict[str, int]:
-    """Planned FLOPs of the whole study from scratch (``experiments.flops`` prices the stage with this)."""
-    return points.plan(config, sizes, forecast, context_points(lora, train, contexts))
-
-
 def markdown(rows: list[dict], untrained: Evaluation, untrained_losses: dict) -> str:
-    fmt = recipes.format_number
+    fmt = tables.format_number
     lines = ["| context | steps | training PFLOPs | val loss (untrained) | forecast MSE | prey MSE | predator MSE | "
              "prey R² | predator R² | parsed |", "| ---: |" + " ---: |" * 9]
     for r in rows:
@@ -78,35 +55,27 @@ def markdown(rows: list[dict], untrained: Evaluation, untrained_losses: dict) ->
     return "\n".join(lines)
 
 
-def horizon_growth(metrics: dict) -> float:
-    """How fast the error grows with the horizon: mean MAE (both species) over the last quarter of the steps divided
-    by that over the first quarter."""
-    values = [(a + b) / 2 for a, b in zip(metrics["prey"]["mae_by_step"], metrics["predator"]["mae_by_step"])]
-    q = max(1, len(values) // 4)
-    return float(sum(values[-q:]) / max(sum(values[:q]), 1e-12))
-
-
 def main(argv=None, on_step=None) -> int:
-    preset = settings.preset_name(argv, PRESETS)
-    s = settings.parse(build_parser(preset), argv)
+    preset = cli.preset_name(argv, PRESETS)
+    s = cli.parse(build_parser(preset), argv)
     contexts = grid_axis(s["contexts"], int, "--contexts", field="context_length")  # each >= 2 tokens, one wording
-    picked = points.chosen(s["from_sweep"], "sweep")
-    lora, train = points.choose(s, picked, DEFAULTS)
+    picked = studies.chosen(s["from_sweep"], "sweep")
+    lora, train = studies.choose(s, picked, DEFAULTS)
     lr, rank, forecast = train.lr, lora.rank, s["forecast"]
     session = Session(STAGE, s["run"], s["data"], trains=True)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-        return recipes.follow(session)
+        return runs.follow(session)
     indices, _, contexts_, truth = session.dataset.forecast_set(forecast)
-    study = context_points(lora, train, contexts)
-    records, untrained, untrained_losses, planned = points.run_all(
-        session, forecast, study, points.study_key(session, forecast, lora, train), on_step=on_step)
+    study = studies.context_points(lora, train, contexts)
+    records, untrained, untrained_losses, planned = studies.run_all(
+        session, forecast, study, studies.study_key(session, forecast, lora, train), on_step=on_step)
 
-    rows = points.table_rows(records)
+    rows = studies.table_rows(records)
     for row, record in zip(rows, records):
         row["untrained_val_loss"] = untrained_losses[row["context_length"]]
         row["forecast_mse_gain_per_pflop"] = (forecast_mse(untrained.metrics) - row["forecast_mse"]) / (
             row["train_flops"] / 1e15)
-        row["horizon_growth"] = horizon_growth(record["evaluation"]["metrics"])
+        row["horizon_growth"] = tables.horizon_growth(record["evaluation"]["metrics"])
     best = min(rows, key=lambda r: r["forecast_mse"])
     selection = {"rule": "lowest validation forecast MSE (mean of prey and predator MSE) at equal steps",
                  "chosen": {"lr": lr, "rank": rank, "context_length": best["context_length"]}}
@@ -128,18 +97,22 @@ def main(argv=None, on_step=None) -> int:
     results.evaluations = {"untrained": untrained, **{r["name"]: Evaluation(**r["evaluation"]) for r in records},
                            "persistence": persistence}
     results.flops["planned"] = planned
-    for kind, flops in points.charged_flops(records, untrained, session.out / "untrained.json").items():
+    for kind, flops in studies.charged_flops(records, untrained, session.out / "untrained.json").items():
         results.add_flops(kind, flops)
+    paired, paired_md = compare.against_reference(
+        session.out / "per_trajectory_untrained.csv", {r["name"]: session.out / "points" / r["name"] /
+                                                       "per_trajectory_trained.csv" for r in rows},
+        "untrained", forecast.horizon, session.run.seed)
     results.details.update(contexts=rows, selection=selection, scale=scale, table_markdown=table,
-                           untrained_val_loss=untrained_losses)
+                           untrained_val_loss=untrained_losses, vs_untrained=paired)
     write_json(session.out / "contexts.json", {"scale": scale, "weights": session.weights, "selection": selection,
                                                "rows": rows})
     growth = ", ".join(f"{r['context_length']}: {r['horizon_growth']:.2f}" for r in rows)
-    recipes.write_run_readme(
-        session.out / "README.md", "LoRA context-length study", recipes.command_line("experiments.context_length",
-                                                                                     argv),
+    tables.write_run_readme(
+        session.out / "README.md", "LoRA context-length study", tables.command_line("experiments.context_length",
+                                                                                    argv),
         f"{scale}.\n\n{table}\n\nBest at equal steps: context {best['context_length']}. Error growth with the "
-        f"horizon (MAE over the last quarter of the steps / the first quarter): {growth}.\n")
+        f"horizon (MAE over the last quarter of the steps / the first quarter): {growth}.\n\n{paired_md}\n")
     session.finish(results)
     print("\n" + table + f"\n\nbest at equal steps: context {best['context_length']}; horizon growth {growth}")
     print(f"wrote {session.out}/results.json, contexts.csv, contexts.json, horizon_mae.png, README.md")
@@ -147,4 +120,4 @@ def main(argv=None, on_step=None) -> int:
 
 
 if __name__ == "__main__":
-    settings.run_cli(main)
+    cli.run_cli(main)

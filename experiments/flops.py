@@ -10,7 +10,7 @@ modules count), for ``config.json`` in ``--model DIR`` or, without it, :class:`m
 defaults (Qwen2.5-0.5B-Instruct). Nothing here runs a model: it takes well under a second.
 
 The plan is derived, not written down: every stage's own ``plan`` function at the stage's own default settings
-(:func:`flop_tables.stage_plans`), so changing a stage's defaults changes the plan. Conventions: training = 3×
+(:func:`experiments.lib.plans.stage_plans`), so changing a stage's defaults changes the plan. Conventions: training = 3×
 forward, evaluation/generation = 1× forward.
 """
 
@@ -24,7 +24,8 @@ from pathlib import Path
 from miniqwen.config import ConfigError
 
 from .lib.budget import Ledger
-from .lib.flop_tables import load_config, render, stage_plans
+from .lib.flop_tables import load_config, render
+from .lib.plans import stage_plans
 
 __all__ = ["main", "stage_plans"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .lib import series_forecast as sf
-from .lib import settings
+from .lib import cli, settings
 from .lib.evaluation import write_csv
 from .lib.session import seed_everything
 
@@ -35,7 +35,7 @@ OPTIONS = {"context_steps", "decimals", "encoding", "prompt"}  # explicit values
 
 
 def build_parser():
-    p = settings.ArgumentParser(prog="python -m experiments.forecast", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m experiments.forecast", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("series")
     g.add_argument("--data", required=True, help="a CSV with a header row, or the coursework HDF5 file (--index)")
     g.add_argument("--index", type=int, default=None, help="trajectory of the HDF5 file to forecast")
@@ -65,9 +65,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     p = build_parser()
-    s = settings.parse(p, argv)
+    s = cli.parse(p, argv)
     run, data, forecast, method, adapter = s["run"], s["data"], s["forecast"], s["method"], s["adapter"]
-    explicit = {name for name in OPTIONS if settings.given(p, argv, name)}
+    explicit = {name for name in OPTIONS if cli.given(p, argv, name)}
     scale = s["llmtime_scale"]
     sf.check_options(method, adapter, scale, forecast.samples, explicit)
     series = sf.read_input(data.data, s["index"], s["columns"],
@@ -118,4 +118,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    settings.run_cli(main)
+    cli.run_cli(main)

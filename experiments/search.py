@@ -16,34 +16,23 @@ checkpoint exactly. The coursework's equal-steps grid is ``experiments.sweep``. 
 
 from __future__ import annotations
 
-import dataclasses
 
-from .lib import halving, points, recipes, settings
+from .lib import cli, compare, defaults, halving, runs, studies, tables
 from .lib.evaluation import write_csv
 from .lib.plots import plot_rungs
 from .lib.results import Evaluation
 from .lib.session import Session
-from .lib.settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
+from .lib.settings import ForecastSettings, LoRASettings, TrainSettings
+from .lib.errors import UsageError
 
 STAGE = "search"
-#: full scale (a GPU): rungs of 300 / 900 / 2,700 steps at the coursework's batch 4 × context 512, 100 validation
-#: trajectories
-DEFAULTS = {
-    "train": TrainSettings(batch_size=4, context_length=512, max_steps=2_700, eval_every=0, eval_batches=8,
-                           eval_at_start=False, checkpoint_every=100),
-    "forecast": ForecastSettings(limit=100, gen_batch_size=100, plots=0),
-}
-MIN_STEPS = {None: 300, "cpu": 100}
-#: this 2-core CPU: rungs of 100 / 300 / 900 steps at context 512 with the numeric-alphabet loss, 50 validation
-#: trajectories (several sittings: --resume)
-PRESETS = {"cpu": {"train": {"eval_batches": 4, "checkpoint_every": 25, "loss_vocabulary": "numeric"},
-                   "forecast": {"limit": 50, "gen_batch_size": 50}}}
+MIN_STEPS = defaults.SEARCH_MIN_STEPS
+DEFAULTS, PRESETS = defaults.DEFAULTS[STAGE], defaults.PRESETS[STAGE]
 
 
 def build_parser(preset: str | None = None):
-    p = settings.parser("python -m experiments.search", __doc__.split("\n\n")[0], "run", "data", "forecast", "lora",
-                        "train", defaults=settings.with_preset(DEFAULTS, PRESETS, preset),
-                        forecast_batch_flag="--gen-batch-size", presets=PRESETS, exclude=("lr", "rank"))
+    p = cli.parser("python -m experiments.search", __doc__.split("\n\n")[0], "run", "data", "forecast", "lora",
+                   "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS, exclude=("lr", "rank"))
     p.add_argument("--lrs", default="1e-5,5e-5,1e-4", help="learning rates (default 1e-5,5e-5,1e-4)")
     p.add_argument("--ranks", default="2,4,8", help="LoRA ranks (default 2,4,8)")
     p.add_argument("--min-steps", type=int, default=MIN_STEPS[preset],
@@ -55,25 +44,25 @@ def build_parser(preset: str | None = None):
 
 def main(argv=None, on_step=None) -> int:
     """Run the search. ``on_step(point_name, step)`` is called after every training step (tests simulate a kill)."""
-    preset = settings.preset_name(argv, PRESETS)
-    s = settings.parse(build_parser(preset), argv)
-    lrs, ranks = points.grid_axis(s["lrs"], float, "--lrs"), points.grid_axis(s["ranks"], int, "--ranks")
+    preset = cli.preset_name(argv, PRESETS)
+    s = cli.parse(build_parser(preset), argv)
+    lrs, ranks = studies.grid_axis(s["lrs"], float, "--lrs"), studies.grid_axis(s["ranks"], int, "--ranks")
     forecast, lora, train = s["forecast"], s["lora"], s["train"]
     if train.schedule_depends_on_max_steps:  # a continued point must equal one trained straight to the same step
         raise UsageError(f"--lr-schedule {train.lr_schedule}: depends on the run's length, and the search continues "
                          "points over rungs; use constant (warm-up allowed)")
-    grid = points.grid_points(lora, train, lrs, ranks)
+    grid = studies.grid_points(lora, train, lrs, ranks)
     rungs = halving.schedule(len(grid), s["min_steps"], s["eta"], s["rungs"])
     session = Session(STAGE, s["run"], s["data"], trains=True)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-        return recipes.follow(session)
+        return runs.follow(session)
     key = halving.study_key(session, forecast, grid[0], rungs, s["eta"])
-    with points.locked(session, [p.name for p in grid]):  # a second copy of this search is refused here
-        chunks = points.ChunkCache(session)
+    with studies.locked(session, [p.name for p in grid]):  # a second copy of this search is refused here
+        chunks = studies.ChunkCache(session)
         chunks(grid[0].train)  # cut (and checked against the batch size) before anything is spent
-        sizes = recipes.SessionSizes(session)
+        sizes = runs.SessionSizes(session)
         planned = session.check(halving.plan(session.model.config, sizes, forecast, grid, rungs))
-        untrained, _, loss_flops = points.untrained(session, forecast, grid, chunks, session.out / "untrained.json")
+        untrained, _, loss_flops = studies.untrained(session, forecast, grid, chunks, session.out / "untrained.json")
         done = halving.run(session, forecast, grid, rungs, key, on_step=on_step)
     write_results(session, done, untrained, loss_flops, planned, forecast, lora, train, rungs, s, preset, argv)
     return 0
@@ -87,7 +76,7 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
     rung."""
     rows = halving.table_rows(done)
     winner = min(done[-1], key=lambda r: halving._finite(r["score"]))
-    fmt = recipes.format_number
+    fmt = tables.format_number
     scale = (f"rungs {', '.join(f'{n} points × {steps} steps' for steps, n in rungs)}; batch {train.batch_size} × "
              f"{train.context_length} tokens, {train.loss_vocabulary} loss, constant lr; {len(untrained.trajectories)} "
              f"{forecast.split} trajectories {forecast.context_steps}→{forecast.horizon}; {session.weights}")
@@ -122,15 +111,20 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
     results.add_flops("generate", untrained.flops + sum(r["forecast_flops"] for r in rows))
     results.add_flops("train", sum(r["training"]["train_flops"] for r in last.values()))
     results.add_flops("eval", sum(r["training"]["eval_flops"] for r in last.values()) + untrained_loss_flops)
-    results.details.update(rows=rows, selection=chosen, scale=scale, table_markdown=table, untrained_score=base)
-    recipes.write_run_readme(session.out / "README.md", "LoRA search: successive halving over learning rate × rank",
-                             recipes.command_line("experiments.search", argv),
-                             f"{scale}.\n\nSelection: {chosen['rule']} → {winner['name']} at {winner['steps']} steps."
-                             f"\n\n{table}\n")
+    paired, paired_md = compare.against_reference(
+        session.out / "per_trajectory_untrained.csv", {f"{r['name']} @ {r['steps']}": session.out / "points" /
+                                                       r["name"] / f"per_trajectory_rung{r['rung']}.csv" for r in rows},
+        "untrained", forecast.horizon, session.run.seed)
+    results.details.update(rows=rows, selection=chosen, scale=scale, table_markdown=table, untrained_score=base,
+                           vs_untrained=paired)
+    tables.write_run_readme(session.out / "README.md", "LoRA search: successive halving over learning rate × rank",
+                            tables.command_line("experiments.search", argv),
+                            f"{scale}.\n\nSelection: {chosen['rule']} → {winner['name']} at {winner['steps']} steps."
+                            f"\n\n{table}\n\n{paired_md}\n")
     session.finish(results)  # every part was charged as it finished
     print("\n" + table + f"\n\nchosen: {winner['name']} ({winner['steps']} steps)")
     print(f"wrote {session.out}/results.json, search.csv, rungs.png, README.md")
 
 
 if __name__ == "__main__":
-    settings.run_cli(main)
+    cli.run_cli(main)

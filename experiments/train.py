@@ -23,9 +23,9 @@ import torch
 from data.chunks import Chunks
 from miniqwen import load_pretrained
 
-from .lib import recipes, settings
+from .lib import cli, errors, runs, settings
 from .lib.budget import Ledger
-from .lib.training import distributed, train
+from .lib.training import distributed, train_lora
 
 
 def save_chunks(chunks: Chunks, path: str | os.PathLike) -> None:
@@ -39,17 +39,17 @@ def load_chunks(path: str | os.PathLike) -> Chunks:
     try:
         t = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as err:
-        raise settings.UsageError(f"{path}: not a readable chunk file ({err})") from None
+        raise errors.UsageError(f"{path}: not a readable chunk file ({err})") from None
     if set(t) != {"input_ids", "attention_mask"}:
-        raise settings.UsageError(f"{path}: expected tensors input_ids and attention_mask, found {sorted(t)}")
+        raise errors.UsageError(f"{path}: expected tensors input_ids and attention_mask, found {sorted(t)}")
     ids, mask = t["input_ids"], t["attention_mask"]
     if ids.ndim != 2 or mask.shape != ids.shape:
-        raise settings.UsageError(f"{path}: input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must "
-                                  "both be [chunks, tokens] of the same shape")
+        raise errors.UsageError(f"{path}: input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must "
+                                "both be [chunks, tokens] of the same shape")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise settings.UsageError(f"{path}: input_ids are {str(ids.dtype).removeprefix('torch.')}, not integers")
+        raise errors.UsageError(f"{path}: input_ids are {str(ids.dtype).removeprefix('torch.')}, not integers")
     if not bool(((mask == 0) | (mask == 1)).all()):
-        raise settings.UsageError(f"{path}: attention_mask holds values other than 0 and 1")
+        raise errors.UsageError(f"{path}: attention_mask holds values other than 0 and 1")
     return Chunks(input_ids=ids.long(), attention_mask=mask.long())
 
 
@@ -60,23 +60,23 @@ def check_chunks(chunks: Chunks, path, vocab_size: int, train_settings: settings
     all-zero mask: the loss would read 0.0), fewer training chunks than --batch-size."""
     ids, mask = chunks.input_ids, chunks.attention_mask
     if len(ids) == 0:
-        raise settings.UsageError(f"{path}: holds no chunks")
+        raise errors.UsageError(f"{path}: holds no chunks")
     outside = (ids < 0) | (ids >= vocab_size)
     if bool(outside.any()):
-        raise settings.UsageError(f"{path}: token id {int(ids[outside][0])} is outside the model's vocabulary "
-                                  f"0..{vocab_size - 1} ({int(outside.sum())} such ids)")
+        raise errors.UsageError(f"{path}: token id {int(ids[outside][0])} is outside the model's vocabulary "
+                                f"0..{vocab_size - 1} ({int(outside.sum())} such ids)")
     if ids.shape[1] != train_settings.context_length:
-        raise settings.UsageError(f"--context-length {train_settings.context_length}: the chunks in {path} are "
-                                  f"{ids.shape[1]} tokens wide")
+        raise errors.UsageError(f"--context-length {train_settings.context_length}: the chunks in {path} are "
+                                f"{ids.shape[1]} tokens wide")
     if not bool((mask[:, 1:] * mask[:, :-1]).any()):
-        raise settings.UsageError(f"{path}: the attention_mask leaves no token to predict (a target needs itself "
-                                  "and the token before it marked 1): the loss would be a meaningless 0.0")
+        raise errors.UsageError(f"{path}: the attention_mask leaves no token to predict (a target needs itself "
+                                "and the token before it marked 1): the loss would be a meaningless 0.0")
     if training:
-        recipes.check_batch(chunks, train_settings)
+        runs.check_batch(chunks, train_settings)
 
 
 def main(argv=None) -> int:
-    p = settings.parser("python -m experiments.train", __doc__.split("\n\n")[0], "run", "lora", "train")
+    p = cli.parser("python -m experiments.train", __doc__.split("\n\n")[0], "run", "lora", "train")
     p.add_argument("--train-chunks", required=True, help="safetensors file from save_chunks")
     p.add_argument("--val-chunks", default=None, help="safetensors file from save_chunks (optional)")
     p.add_argument("--stage", default="train", help="ledger stage name (default 'train')")
@@ -85,13 +85,13 @@ def main(argv=None) -> int:
                    help="testing aid: SIGKILL this process right after step K (simulates a crash)")
     p.add_argument("--kill-rank", type=int, default=None,
                    help="testing aid, under torchrun: only rank R is killed by --kill-after-step (default: every rank)")
-    s = settings.parse(p, argv)
+    s = cli.parse(p, argv)
     run = s["run"]
     if run.out is None:
-        raise settings.UsageError("--out is required")
+        raise errors.UsageError("--out is required")
     if s["train"].loss_vocabulary != "full":  # chunk files do not say which alphabet their text was written in
-        raise settings.UsageError("--loss-vocabulary numeric: experiments.train trains on token chunks whose "
-                                  "numeric alphabet it cannot know; use the full vocabulary (or a stage)")
+        raise errors.UsageError("--loss-vocabulary numeric: experiments.train trains on token chunks whose "
+                                "numeric alphabet it cannot know; use the full vocabulary (or a stage)")
     train_chunks = load_chunks(s["train_chunks"])
     val_chunks = load_chunks(s["val_chunks"]) if s["val_chunks"] else None
     precision = "float32" if run.precision == "auto" else run.precision
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         if step == s["kill_after_step"] and s["kill_rank"] in (None, distributed.rank()):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    summary = train(model, train_chunks, val_chunks, s["train"], Path(run.out), lora=s["lora"], seed=run.seed,
+    summary = train_lora(model, train_chunks, val_chunks, s["train"], Path(run.out), lora=s["lora"], seed=run.seed,
                     stage=s["stage"], precision=precision, ledger=None if s["no_ledger"] else Ledger(run.ledger),
                     resume=run.resume, force=run.force, on_step=on_step)
     if distributed.is_main():
@@ -113,4 +113,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    settings.run_cli(main)
+    cli.run_cli(main)

@@ -130,11 +130,6 @@ def head_bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {} if bias is None else {HEAD_BIAS_KEY: bias}
 
 
-def head_bias_parameter_count(config) -> int:
-    """Trainable parameters the head bias adds: ``vocab_size`` (151,936 for Qwen2.5-0.5B)."""
-    return config.vocab_size
-
-
 def save_peft_head_bias(model: nn.Module, out_dir: str | os.PathLike) -> Path | None:
     """Write ``model``'s head bias to ``out_dir/head_bias.safetensors`` (key ``lm_head.bias``, [vocab_size]) beside
     a PEFT adapter, atomically; with no head bias, remove a stale file of that name instead. Returns the file or

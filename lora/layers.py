@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miniqwen import flops
-from miniqwen.flops import DEFAULT_LORA_TARGETS, LORA_TARGETS
+from miniqwen.flops import DEFAULT_LORA_TARGETS, PROJECTIONS
 
 from .head_bias import remove_head_bias
 
@@ -160,9 +160,9 @@ def apply_lora(
         ValueError: unknown target name, no matching layer found, or the model already has LoRA layers.
     """
     targets = tuple(targets)
-    unknown = [t for t in targets if t not in LORA_TARGETS]
+    unknown = [t for t in targets if t not in PROJECTIONS]
     if unknown or not targets:
-        raise ValueError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {targets}")
+        raise ValueError(f"LoRA targets must be a non-empty subset of {PROJECTIONS}, got {targets}")
     if lora_modules(model):
         raise ValueError("model already has LoRA layers; apply_lora must be called once")
     for p in model.parameters():
@@ -214,7 +214,7 @@ def lora_parameter_count(config, rank: int, targets: Iterable[str] = DEFAULT_LOR
     total = 0
     for t in targets:
         if t not in dims:
-            raise ValueError(f"unknown LoRA target {t!r}; expected some of {LORA_TARGETS}")
+            raise ValueError(f"unknown LoRA target {t!r}; expected some of {PROJECTIONS}")
         total += rank * sum(dims[t])
     return config.num_hidden_layers * total + (config.vocab_size if head_bias else 0)
 

@@ -140,7 +140,7 @@ COMPONENTS: tuple[str, ...] = (
 )
 
 #: Linear layers LoRA may wrap (the names of transformers' Qwen2 modules).
-LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 """The projections LoRA adapts unless told otherwise (Hu et al. 2021, section 7.1: query and value)."""
 
@@ -154,7 +154,7 @@ def _linear_dims(config, name: str) -> tuple[int, int]:
         "gate_proj": (d, I), "up_proj": (d, I), "down_proj": (I, d),
     }
     if name not in dims:
-        raise ValueError(f"unknown LoRA target {name!r}; expected some of {LORA_TARGETS}")
+        raise ValueError(f"unknown LoRA target {name!r}; expected some of {PROJECTIONS}")
     return dims[name]
 
 
@@ -179,7 +179,7 @@ def forward_flops_breakdown(
         lora_rank: r, LoRA rank on every layer's ``lora_targets`` (0 = no LoRA).
         cache_len: tokens per row already in the KV cache; the new tokens attend to S = cache_len + T keys.
         logits_to_keep: compute ``lm_head`` only for the last K = min(logits_to_keep, T) positions (0 = all T).
-        lora_targets: names of the wrapped linear layers (any of :data:`LORA_TARGETS`).
+        lora_targets: names of the wrapped linear layers (any of :data:`PROJECTIONS`).
         head_rows: R, rows of ``lm_head`` computed (None = all V): the allowed tokens' count when the model runs
             with :class:`miniqwen.model.HeadRows` (``generate(..., allowed_token_ids=...)``).
         head_bias: the head has a bias (``lora.head_bias``, trainable): + B·K·R adds (1 FLOP each) in ``lm_head``.

@@ -242,12 +242,6 @@ def load_state_dict_strict(model: Qwen2ForCausalLM, state: dict[str, torch.Tenso
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """The library's default weights dtype: float32 on CPU (exact; the experiment stages pick bf16 on CPUs with
-    native bf16 matmuls through ``miniqwen.device.default_compute_dtype``), bfloat16 on CUDA (Qwen2.5's dtype)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def load_pretrained(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype | str | None = None,
@@ -258,7 +252,9 @@ def load_pretrained(
     Args:
         name_or_path: local directory with ``config.json``, ``model.safetensors`` (or a sharded set with
             ``model.safetensors.index.json``) and ``tokenizer.json``; or a Hub id (default Qwen2.5-0.5B-Instruct).
-        dtype: torch dtype or its name ("float32", "bfloat16", "float16"); None = :func:`default_dtype`.
+        dtype: torch dtype or its name ("float32", "bfloat16", "float16"); None = float32 on every device, the
+            checkpoint's values exactly. The precision a stage computes in (``--precision auto``) is
+            :func:`miniqwen.device.default_compute_dtype`; callers pass it here.
         device: e.g. "cpu", "cuda"; None = CUDA if available, else CPU.
 
     Returns:
@@ -277,7 +273,7 @@ def load_pretrained(
             raise ValueError(f"unknown dtype {name!r} (use e.g. 'float32', 'bfloat16', 'float16')")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or torch.float32
     model_dir = resolve_model_dir(name_or_path)
     config = Qwen2Config.from_json(model_dir / "config.json")
     tokenizer = QwenTokenizer.from_file(model_dir)

@@ -301,7 +301,7 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tiny_checkpoin
 
 def test_non_finite_weights_stop_a_stage_with_one_line_and_no_charge(tiny_full_vocab, sim_file, tmp_path, capsys):
     from experiments import baseline
-    from experiments.lib.settings import run_cli
+    from experiments.lib.cli import run_cli
 
     model = tmp_path / "model"
     model.mkdir()

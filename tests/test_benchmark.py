@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from experiments import benchmark
+from experiments.lib.benchmark.forecast import forecast_side_by_side
+from experiments.lib.benchmark.throughput import decode_weight_bytes
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -58,7 +60,7 @@ def test_benchmark_writes_every_section(tiny_full_vocab, sim_file, tmp_path, cap
 
 @torch.no_grad()
 def test_forward_logits_equal_transformers_in_fp32(tiny_full_vocab):
-    from experiments.lib import benchmark_hf
+    from experiments.lib.benchmark import hf as benchmark_hf
     from miniqwen import load_pretrained
 
     ours, _ = load_pretrained(tiny_full_vocab, dtype=torch.float32, device="cpu")
@@ -69,14 +71,14 @@ def test_forward_logits_equal_transformers_in_fp32(tiny_full_vocab):
 
 def test_greedy_forecasts_agree_with_transformers_generate(tiny_full_vocab, sim_file):
     """Under the same constraints, transformers' generate continues the prompts as miniqwen does (fp32)."""
-    result = benchmark.forecast_side_by_side(tiny_full_vocab, str(sim_file), 3, 0, 2, "float32", torch.device("cpu"),
-                                             context_steps=8, horizon=3)
+    result = forecast_side_by_side(tiny_full_vocab, str(sim_file), 3, 0, 2, "float32", torch.device("cpu"),
+                                   context_steps=8, horizon=3)
     assert result["transformers_batched"]["same_text_as_ours"] == 1.0
     assert result["ours"]["parsed_fraction"] == result["transformers_batched"]["parsed_fraction"]
 
 
 def test_unknown_section_is_a_usage_error():
-    from experiments.lib.settings import UsageError
+    from experiments.lib.errors import UsageError
 
     with pytest.raises(UsageError, match="--sections"):
         benchmark.main(["--sections", "forward,nope"])
@@ -92,4 +94,4 @@ def test_decode_weight_bytes_counts_every_matrix_once_but_the_embedding(tie):
     d, i, kv = 16, 24, 2 * 4  # kv = num_key_value_heads · head_dim
     layer = (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * i + 2 * d  # q, k, v (+ biases), o, MLP, 2 norms
     head = 100 * d  # lm_head, read whole; the untied embedding is not counted (a step reads B of its rows)
-    assert benchmark.decode_weight_bytes(model) == 2 * (2 * layer + d + head)
+    assert decode_weight_bytes(model) == 2 * (2 * layer + d + head)

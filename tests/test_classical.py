@@ -10,7 +10,7 @@ from scipy.integrate import solve_ivp
 
 from experiments import classical
 
-from experiments.lib import settings
+from experiments.lib import cli, errors
 from experiments.lib.classical_forecasters import (
     AR,
     VAR,
@@ -286,10 +286,10 @@ def test_parroting_match_length_chosen_on_validation():
 @pytest.mark.parametrize("value", ["0", "1,x", "", "80"])
 def test_parrot_lengths_option_is_validated(value, capsys):
     argv = ["--context-steps", "80", "--parrot-lengths", value]
-    with pytest.raises(settings.UsageError, match=r"^--parrot-lengths .*between 1 and 79"):
+    with pytest.raises(errors.UsageError, match=r"^--parrot-lengths .*between 1 and 79"):
         classical.main(argv)
     with pytest.raises(SystemExit) as exit_info:
-        settings.run_cli(lambda: classical.main(argv))
+        cli.run_cli(lambda: classical.main(argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --parrot-lengths") and "\n" not in err

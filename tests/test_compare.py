@@ -9,13 +9,18 @@ import numpy as np
 import pytest
 
 from experiments.lib.compare import (
+    against_reference,
+    compare_errors,
     compare_forecasts,
     compare_to_best,
     comparison_table,
     find_blowups,
     paired_interval,
     per_trajectory_errors,
+    read_errors,
+    summary_table,
 )
+from experiments.lib.evaluation import Forecasts, per_trajectory_rows, write_csv
 
 
 def truth_and_noise(n=40, horizon=5, seed=0):
@@ -154,3 +159,32 @@ def test_compare_to_best_and_table():
     assert lines[2].startswith("| good vs persistence | prey | MSE |") and "95% CI" in lines[0]
     assert "Blow-ups: a trajectory is a blow-up" in table
     assert "\n\n" not in comparison_table(out["comparisons"][0], legend=False)
+
+
+def _write_errors(path, indices, pred, truth):
+    write_csv(path, per_trajectory_rows(indices, pred, truth, Forecasts.from_values(pred)))
+
+
+def test_comparisons_from_the_per_trajectory_csv_equal_those_from_the_predictions(tmp_path):
+    """What a stage writes per trajectory is enough to pair two forecasters: the CSV round trip gives the same
+    comparison as the predictions themselves, and against_reference skips what cannot be paired."""
+    truth, rng = truth_and_noise(n=30)
+    a, b = truth + 0.2 * rng.standard_normal(truth.shape), truth + 0.5 * rng.standard_normal(truth.shape)
+    ids = list(range(800, 830))
+    _write_errors(tmp_path / "a.csv", ids, a, truth)
+    _write_errors(tmp_path / "b.csv", ids, b, truth)
+    _write_errors(tmp_path / "other.csv", ids[::-1], b[::-1], truth[::-1])  # other trajectory order: no pairing
+    direct = compare_forecasts(a, b, truth, ("a", "b"), ids, seed=3)
+    read_ids, errors = read_errors(tmp_path / "a.csv")
+    assert read_ids == ids
+    from_files = compare_errors(errors, read_errors(tmp_path / "b.csv")[1], 5, ("a", "b"), ids, seed=3)
+    assert json.dumps(from_files, sort_keys=True) == json.dumps(direct, sort_keys=True)
+    found, md = against_reference(tmp_path / "b.csv", {"a": tmp_path / "a.csv", "other": tmp_path / "other.csv",
+                                                       "missing": tmp_path / "nope.csv"}, "b", 5, seed=3)
+    assert [c["a"] for c in found] == ["a"] and found[0]["species"] == direct["species"]
+    assert md.startswith(summary_table(found)) and "paired bootstrap 95% interval" in md
+    assert summary_table(found).count("\n") == 3  # header, rule, one row per species
+    assert against_reference(tmp_path / "nope.csv", {"a": tmp_path / "a.csv"}, "b", 5) == ([], "")
+    (tmp_path / "bad.csv").write_text("trajectory,mse_prey\n1,x\n")
+    with pytest.raises(ValueError, match="bad.csv: not a per-trajectory error table"):
+        read_errors(tmp_path / "bad.csv")

@@ -10,8 +10,10 @@ import torch
 from conftest import write_tiny_checkpoint
 from data.chunks import make_chunks
 from experiments.lib.session import resolve_precision
-from experiments.lib.settings import LoRASettings, OptionError, RunSettings, TrainSettings, UsageError, parse, parser
-from experiments.lib.training import read_log, train as train_loop
+from experiments.lib.settings import LoRASettings, RunSettings, TrainSettings
+from experiments.lib.cli import parse, parser
+from experiments.lib.errors import OptionError, UsageError
+from experiments.lib.training import read_log, train_lora as train_loop
 from miniqwen import device as mdevice
 from miniqwen import load_pretrained
 from miniqwen.model import Qwen2ForCausalLM

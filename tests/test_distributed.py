@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 from conftest import REPO, write_tiny_checkpoint
 from data.chunks import make_chunks
 from experiments import sweep
+from experiments.lib.grid import shard_of
 from experiments.lib.budget import Ledger
-from experiments.lib.settings import TrainSettings, UsageError
+from experiments.lib.settings import TrainSettings
+from experiments.lib.errors import UsageError
 from experiments.train import save_chunks
 from experiments.lib.training import read_log
 
@@ -123,12 +125,12 @@ def test_a_one_process_run_resumes_on_two_processes(tiny):
 def test_global_batch_must_split_evenly_and_non_training_stages_refuse_torchrun(tmp_path, monkeypatch):
     from experiments.lib.session import Session
     from experiments.lib.settings import DataSettings, RunSettings
-    from experiments.lib.training import train
+    from experiments.lib.training import train_lora
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; both refusals come before any process group
     chunks = random_chunks(8, seed=1)
     with pytest.raises(UsageError, match="batch size 3 is the global batch.*2 processes"):
-        train(None, chunks, None, TrainSettings(batch_size=3, context_length=L), tmp_path)
+        train_lora(None, chunks, None, TrainSettings(batch_size=3, context_length=L), tmp_path)
     with pytest.raises(UsageError, match="does not train"):
         Session("baseline", RunSettings(out=str(tmp_path / "b")), DataSettings())
 
@@ -202,15 +204,15 @@ def test_the_sweep_under_torchrun_matches_one_process(grid):
 
 
 def test_shard_selection():
-    assert sweep.shard_of("1/3", {}) == (1, 3)
-    assert sweep.shard_of(None, {}) is None
-    assert sweep.shard_of(None, {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}) == (2, 4)
-    assert sweep.shard_of("0/2", {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}) == (0, 2)
+    assert shard_of("1/3", {}) == (1, 3)
+    assert shard_of(None, {}) is None
+    assert shard_of(None, {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}) == (2, 4)
+    assert shard_of("0/2", {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}) == (0, 2)
     for bad in ("3/3", "1", "a/b", "-1/2"):
         with pytest.raises(UsageError, match="--shard"):
-            sweep.shard_of(bad, {})
+            shard_of(bad, {})
     with pytest.raises(UsageError, match="SLURM array"):
-        sweep.shard_of(None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4"})
+        shard_of(None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4"})
 
 
 def test_ledger_lock_holds_for_two_processes_of_200_appends(tmp_path):

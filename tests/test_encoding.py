@@ -119,7 +119,9 @@ def test_decimal_decoder_unchanged_and_ignores_decimals():
 
 
 def test_settings_option_validation_and_record():
-    from experiments.lib.settings import DataSettings, OptionError, UsageError, as_record, parse, parser
+    from experiments.lib.settings import DataSettings, as_record
+    from experiments.lib.cli import parse, parser
+    from experiments.lib.errors import OptionError, UsageError
 
     with pytest.raises(OptionError):
         DataSettings(encoding="binary").validate()
@@ -188,7 +190,7 @@ def test_baseline_end_to_end_with_integer_encoding(tiny_full_vocab, sim_file, tm
     out = tmp_path / "out"
     code = baseline.main([
         "--model", str(tiny_full_vocab), "--data", str(sim_file), "--limit", "2", "--context-steps", "8",
-        "--horizon", "3", "--batch-size", "2", "--loss-limit", "0", "--plots", "0", "--encoding", "integer",
+        "--horizon", "3", "--gen-batch-size", "2", "--loss-limit", "0", "--plots", "0", "--encoding", "integer",
         "--out", str(out), "--ledger", str(tmp_path / "ledger.jsonl"), "--device", "cpu",
     ])
     assert code == 0

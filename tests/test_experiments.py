@@ -17,8 +17,8 @@ def test_baseline_end_to_end(tiny_full_vocab, sim_file, tmp_path, prompt, sample
     out, ledger = tmp_path / "out", tmp_path / "ledger.jsonl"
     code = baseline.main([
         "--model", str(tiny_full_vocab), "--data", str(sim_file), "--limit", "3", "--context-steps", "8",
-        "--horizon", "3", "--batch-size", "2", "--prompt", prompt, "--samples", str(samples), "--loss-limit", "2",
-        "--context-length", "64", "--out", str(out), "--ledger", str(ledger), "--device", "cpu",
+        "--horizon", "3", "--gen-batch-size", "2", "--prompt", prompt, "--samples", str(samples), "--loss-limit", "2",
+        "--loss-context-length", "64", "--out", str(out), "--ledger", str(ledger), "--device", "cpu",
     ])
     assert code == 0
     printed = capsys.readouterr().out
@@ -41,7 +41,7 @@ def test_baseline_end_to_end(tiny_full_vocab, sim_file, tmp_path, prompt, sample
 
 def test_baseline_missing_data_is_a_clear_error(tiny_full_vocab, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        from experiments.lib.settings import run_cli
+        from experiments.lib.cli import run_cli
 
         run_cli(lambda: baseline.main(["--model", str(tiny_full_vocab), "--data", str(tmp_path / "none.h5"),
                                        "--ledger", str(tmp_path / "l.jsonl"), "--out", str(tmp_path)]))
@@ -51,7 +51,7 @@ def test_baseline_missing_data_is_a_clear_error(tiny_full_vocab, tmp_path, capsy
 
 
 def test_baseline_missing_model_is_a_clear_error(sim_file, tmp_path, capsys):
-    from experiments.lib.settings import run_cli
+    from experiments.lib.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: baseline.main(["--model", str(tmp_path / "no-model"), "--data", str(sim_file),
@@ -62,7 +62,7 @@ def test_baseline_missing_model_is_a_clear_error(sim_file, tmp_path, capsys):
 
 
 def test_baseline_refuses_over_budget(tiny_full_vocab, sim_file, tmp_path, capsys):
-    from experiments.lib.settings import run_cli
+    from experiments.lib.cli import run_cli
 
     ledger = Ledger(tmp_path / "l.jsonl")
     ledger.charge("earlier", 10**17, "train")

@@ -20,7 +20,9 @@ from experiments.lib.classical_forecasters import VAR
 from experiments.lib.evaluation import Forecasts
 from experiments.lib.series_forecast import TextFormat, check_digits, forecast_rows
 from experiments.lib.session import load_dataset
-from experiments.lib.settings import DataSettings, UsageError, run_cli
+from experiments.lib.settings import DataSettings
+from experiments.lib.cli import run_cli
+from experiments.lib.errors import UsageError
 from lora import AdapterError, apply_lora, export_peft, load_peft, lora_modules, lora_state_dict, save_adapter
 from miniqwen import Qwen2Config, Qwen2ForCausalLM, load_pretrained
 

@@ -100,7 +100,7 @@ def test_uncached_id_offline_is_a_one_line_weights_error(tiny_dir, offline_cache
         load_pretrained(ABSENT_ID, device="cpu")
     one_line_error(str(info.value), ABSENT_ID, offline_cache)
     # through a stage's command-line wrapper: one line on stderr and exit status 2, no traceback
-    from experiments.lib.settings import run_cli
+    from experiments.lib.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_:
         run_cli(lambda: load_pretrained(ABSENT_ID, device="cpu"))

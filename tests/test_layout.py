@@ -1,5 +1,6 @@
 """The shape of the code, read from the source (AST only, nothing is imported): model.py stays the architecture
-alone and short, and the packages miniqwen, lora and data import one way, without cycles."""
+alone and short; the packages import one way (experiments -> miniqwen, lora, data; lora -> miniqwen), without
+cycles; experiments/ is short stage scripts on a library (experiments/lib) that never imports a stage."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("miniqwen", "lora", "data")
+PACKAGES = ("miniqwen", "lora", "data", "experiments")
 #: Which of the other packages each one may import.
-ALLOWED = {"miniqwen": set(), "data": set(), "lora": {"miniqwen"}}
+ALLOWED = {"miniqwen": set(), "data": set(), "lora": {"miniqwen"}, "experiments": {"miniqwen", "lora", "data"}}
 MODEL = ROOT / "miniqwen" / "model.py"
 MAX_MODEL_LINES = 320
+#: a stage script (``python -m experiments.<stage>``) reads in one sitting; what it stands on is in experiments/lib
+MAX_STAGE_LINES = 160
+STAGES = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem != "__init__")
 
 
 def module_name(path: Path) -> str:
@@ -20,12 +24,12 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    """``{dotted name: file}`` of every module in the three packages (a package is its ``__init__``)."""
+    """``{dotted name: file}`` of every module in the packages (a package is its ``__init__``)."""
     return {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
 
 
 def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The modules of the three packages that ``path`` (module ``name``) imports, anywhere in the file (a deferred
+    """The modules of the packages that ``path`` (module ``name``) imports, anywhere in the file (a deferred
     import inside a function counts: it hides a cycle, it does not remove it). ``from pkg import x`` names the
     submodule ``pkg.x`` when there is one, else ``pkg`` itself."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -71,7 +75,26 @@ def test_packages_import_one_way():
     wrong = sorted((name, target) for name, targets in graph().items() for target in targets
                    if target.split(".")[0] != name.split(".")[0]
                    and target.split(".")[0] not in ALLOWED[name.split(".")[0]])
-    assert not wrong, f"imports against miniqwen <- lora, data alone: {wrong}"
+    assert not wrong, f"imports against experiments -> miniqwen <- lora, data alone: {wrong}"
+
+
+def test_the_library_imports_no_stage():
+    stages = {f"experiments.{s}" for s in STAGES}
+    wrong = sorted((name, target) for name, targets in graph().items() if name.startswith("experiments.lib")
+                   for target in targets if target in stages or target == "experiments")
+    assert not wrong, f"experiments/lib imports stage scripts: {wrong}"
+
+
+def test_stages_import_no_other_stage():
+    stages = {f"experiments.{s}" for s in STAGES}
+    wrong = sorted((name, target) for name, targets in graph().items() if name in stages
+                   for target in targets if target in stages)
+    assert not wrong, f"stage scripts import each other (move what they share into experiments/lib): {wrong}"
+
+
+def test_stage_scripts_are_short():
+    long = {s: n for s in STAGES if (n := (ROOT / "experiments" / f"{s}.py").read_text().count("\n")) > MAX_STAGE_LINES}
+    assert not long, f"stage scripts over {MAX_STAGE_LINES} lines: {long}"
 
 
 def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -105,5 +128,8 @@ def test_the_import_graph_sees_the_imports():
     assert {"miniqwen.attention", "miniqwen.config", "miniqwen.flops", "miniqwen.kv_cache"} <= edges["miniqwen.model"]
     assert "miniqwen.flops" in edges["lora.layers"]
     assert "miniqwen.model" in edges["miniqwen"] and "data.chunks" in edges["data"]
+    assert {"experiments.lib.cli", "experiments.lib.runs", "experiments.lib.session"} <= edges["experiments.final"]
+    assert "experiments.lib.training.loop" in edges["experiments.lib.training"]
+    assert "baseline" in STAGES and "report" in STAGES and "lib" not in STAGES
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []

@@ -19,10 +19,11 @@ from data import decode
 from data.chunks import make_chunks
 from data.simulate import simulate, write_h5
 from experiments import baseline, classical, context_length, final, lora_default, report, search, sweep
-from experiments.lib import points, recipes
+from experiments.lib import grid, runs, studies, tables
 from experiments import train as train_cli
 from experiments.lib.budget import BudgetExceededError, Ledger, LedgerError
-from experiments.lib.settings import UsageError, run_cli
+from experiments.lib.cli import run_cli
+from experiments.lib.errors import UsageError
 from experiments.train import save_chunks
 from miniqwen.atomic import atomic_write
 
@@ -139,19 +140,19 @@ def test_a_second_copy_of_a_running_point_is_refused(tiny_full_vocab, sim_file, 
     # the first copy, still running, holds the lock of its point
     held = out / "points" / "lr0.001_rank4"
     held.mkdir(parents=True)
-    fd = os.open(held / points.LOCK, os.O_RDWR | os.O_CREAT)
+    fd = os.open(held / studies.LOCK, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = checksums(tmp_path)
         main = search.main if stage == "search" else sweep.main
         code, err, _ = run(main, argv, capsys)
-        one_line(code, err, "lr0.001_rank4", str(held / points.LOCK), "another process")
+        one_line(code, err, "lr0.001_rank4", str(held / studies.LOCK), "another process")
         assert Ledger(ledger).total() == 777  # nothing spent, nothing charged
         assert not (out / "untrained.json").exists() and not (held / "training").exists()
         assert not (out / "points" / "lr0.001_rank2" / "training").exists()
         # only the run record and the other points' (empty) lock files are new
         assert {k: v for k, v in checksums(tmp_path).items()
-                if not k.endswith(("run.json", points.LOCK)) or k in before} == before
+                if not k.endswith(("run.json", studies.LOCK)) or k in before} == before
     finally:
         os.close(fd)
 
@@ -160,9 +161,9 @@ def test_a_point_killed_before_its_checkpoint_keeps_its_lock(tmp_path):
     point = tmp_path / "points" / "p"
     (point / "training").mkdir(parents=True)
     (point / "training" / "log.jsonl").write_text("")
-    (point / points.LOCK).write_text("")
-    points.clear_point(point)
-    assert [p.name for p in point.iterdir()] == [points.LOCK]
+    (point / studies.LOCK).write_text("")
+    studies.clear_point(point)
+    assert [p.name for p in point.iterdir()] == [studies.LOCK]
 
 
 # ------------------------------------------------------------------------------------------ damaged records
@@ -243,8 +244,8 @@ def test_a_batch_torchrun_cannot_share_is_refused(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match=r"--batch-size 3: .* 2 processes .* divisible by 2"):
-        recipes.check_batch(chunks, TrainSettings(batch_size=3, context_length=8))
-    recipes.check_batch(chunks, TrainSettings(batch_size=4, context_length=8))
+        runs.check_batch(chunks, TrainSettings(batch_size=3, context_length=8))
+    runs.check_batch(chunks, TrainSettings(batch_size=4, context_length=8))
 
 
 # ------------------------------------------------------------------------------------ experiments.train input
@@ -464,9 +465,9 @@ def test_a_tie_in_the_grid_is_said():
     row = {"forecast_mse": 1.0, "val_loss": 2.0}
     rows = [{**row, "lr": 1e-3, "rank": 2}, {**row, "lr": 1e-3, "rank": 4, "val_loss": 1.0},
             {**row, "lr": 1e-2, "rank": 2, "forecast_mse": 3.0}]
-    chosen = sweep.selection(rows)
+    chosen = grid.selection(rows)
     assert chosen["chosen"] == {"lr": 1e-3, "rank": 2} and chosen["tied_with"] == [{"lr": 1e-3, "rank": 4}]
-    note = sweep.tie_note(chosen)
+    note = tables.tie_note(chosen)
     assert "Tie" in note and "lr 0.001, rank 4" in note and "first in grid order" in note
     rows[1]["forecast_mse"] = 1.5
-    assert sweep.selection(rows)["tied_with"] == [] and sweep.tie_note(sweep.selection(rows)) == ""
+    assert grid.selection(rows)["tied_with"] == [] and tables.tie_note(grid.selection(rows)) == ""

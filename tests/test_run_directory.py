@@ -18,8 +18,11 @@ import pytest
 from conftest import REPO, write_sim_file, write_tiny_checkpoint
 from experiments import baseline, benchmark, classical, context_length, final, lora_default, sweep
 from experiments.lib.budget import Ledger
-from experiments.lib.session import RECORD, Session, inspect_out
-from experiments.lib.settings import DataSettings, RunSettings, UsageError, run_cli
+from experiments.lib.run_directory import RECORD, inspect_out
+from experiments.lib.session import Session
+from experiments.lib.settings import DataSettings, RunSettings
+from experiments.lib.cli import run_cli
+from experiments.lib.errors import UsageError
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -78,7 +81,7 @@ def common(env, out) -> list[str]:
 
 
 def baseline_args(env, out) -> list[str]:
-    return common(env, out) + ["--batch-size", "2", "--loss-limit", "0"]
+    return common(env, out) + ["--gen-batch-size", "2", "--loss-limit", "0"]
 
 
 def lora_args(env, out) -> list[str]:

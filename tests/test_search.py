@@ -12,7 +12,7 @@ from experiments import search
 
 from experiments.lib import halving
 from experiments.lib.budget import Ledger
-from experiments.lib.settings import UsageError
+from experiments.lib.errors import UsageError
 from safetensors.torch import load_file
 
 from test_grid_stages import Killed, common

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import write_sim_file
 from experiments import classical, report
-from experiments.lib import settings
+from experiments.lib import cli, errors, settings
 from experiments.lib.budget import Ledger, LedgerError
 from experiments.lib.results import Evaluation, Results, find_results
 from experiments.lib.session import Session
@@ -47,10 +47,10 @@ def test_session_refuses_an_output_directory_that_holds_results(sim_file, tmp_pa
     (out / "results.json").write_text('{"stage": "s"}')  # a stage's results (any other file is the user's)
     run = settings.RunSettings(out=str(out), ledger=str(tmp_path / "l.jsonl"))
     data = settings.DataSettings(data=str(sim_file))
-    with pytest.raises(settings.UsageError, match="--overwrite"):
+    with pytest.raises(errors.UsageError, match="--overwrite"):
         Session("s", run, data)
     assert (out / "results.json").read_text() == '{"stage": "s"}'
-    with pytest.raises(settings.UsageError, match="nothing to resume"):
+    with pytest.raises(errors.UsageError, match="nothing to resume"):
         Session("s", settings.RunSettings(out=str(tmp_path / "empty"), resume=True), data)
     Session("s", settings.RunSettings(out=str(out), overwrite=True), data)
     assert not (out / "results.json").exists()
@@ -70,12 +70,12 @@ def test_results_are_written_before_the_ledger_is_charged(sim_file, tmp_path):
 
 
 def test_settings_name_the_option_in_errors():
-    p = settings.parser("x", "", "run", "data", "forecast", "lora", "train", forecast_batch_flag="--gen-batch-size")
-    with pytest.raises(settings.UsageError, match=r"^--gen-batch-size 0: must be an integer >= 1"):
-        settings.parse(p, ["--gen-batch-size", "0"])
-    with pytest.raises(settings.UsageError, match=r"^--lora-alpha 0\.0"):
-        settings.parse(p, ["--lora-alpha", "0"])
-    s = settings.parse(p, ["--targets", "q_proj,k_proj", "--max-grad-norm", "none", "--no-progress"])
+    p = cli.parser("x", "", "run", "data", "forecast", "lora", "train")
+    with pytest.raises(errors.UsageError, match=r"^--gen-batch-size 0: must be an integer >= 1"):
+        cli.parse(p, ["--gen-batch-size", "0"])
+    with pytest.raises(errors.UsageError, match=r"^--lora-alpha 0\.0"):
+        cli.parse(p, ["--lora-alpha", "0"])
+    s = cli.parse(p, ["--targets", "q_proj,k_proj", "--max-grad-norm", "none", "--no-progress"])
     assert s["lora"].targets == ("q_proj", "k_proj") and s["train"].max_grad_norm is None
     assert s["train"].progress is False and s["run"].precision == "auto"
 

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from conftest import REPO, write_tiny_checkpoint
 from data.chunks import make_chunks
 from experiments.lib.budget import BUDGET, BudgetExceededError, Ledger
-from experiments.lib.settings import LoRASettings, OptionError, TrainSettings
+from experiments.lib.settings import LoRASettings, TrainSettings
+from experiments.lib.errors import OptionError
 from experiments.train import save_chunks
-from experiments.lib.training import next_token_loss, read_log, train as train_loop, validation_loss
+from experiments.lib.training import next_token_loss, read_log, train_lora as train_loop, validation_loss
 from lora import apply_lora, load_adapter, lora_state_dict
 from miniqwen import FlopCounter, Qwen2Config, Qwen2ForCausalLM
 from miniqwen.flops import forward_flops, loss_flops

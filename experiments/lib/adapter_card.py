@@ -1,7 +1,7 @@
 """What a trained adapter needs beside its weights: how its inputs were written (the LLMTIME scale, decimals,
 encoding and prompt mode), the base model it was trained on, and any trained output-head bias.
 
-:func:`recipes.train_and_forecast` writes it as ``miniqwen_llmtime.json`` (:data:`CARD_FILE`) beside the PEFT files
+:func:`runs.train_and_forecast` writes it as ``miniqwen_llmtime.json`` (:data:`CARD_FILE`) beside the PEFT files
 of ``peft_adapter/`` (``lora.export_peft(..., extra=...)``), so that ``python -m experiments.forecast --adapter DIR``
 — or anyone with transformers + peft — can use the adapter with nothing else::
 

@@ -184,7 +184,28 @@ def compare_forecasts(pred_a: np.ndarray, pred_b: np.ndarray, truth: np.ndarray,
         ValueError: shapes not ``[n, H, 2]`` or different, non-finite values, bad bootstrap or blow-up settings.
     """
     a, b = per_trajectory_errors(pred_a, truth), per_trajectory_errors(pred_b, truth)
-    n, horizon = np.shape(truth)[:2]
+    return compare_errors(a, b, int(np.shape(truth)[1]), names, indices, confidence, n_resamples, seed, blowup_factor,
+                          dominant_share)
+
+
+def compare_errors(errors_a: dict, errors_b: dict, horizon: int, names: tuple[str, str] = ("A", "B"), indices=None,
+                   confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0,
+                   blowup_factor: float = BLOWUP_FACTOR, dominant_share: float = DOMINANT_SHARE) -> dict:
+    """:func:`compare_forecasts` from per-trajectory errors already computed (e.g. read back from a stage's
+    per-trajectory CSV, :func:`read_errors`): ``errors_a`` and ``errors_b`` as :func:`per_trajectory_errors` returns
+    them (``{"prey": {"mse": [n], "mae": [n]}, "predator": {...}}``), on the same n trajectories in the same order;
+    ``horizon`` the forecast steps each error is a mean over. Returns the same dict as :func:`compare_forecasts`.
+
+    Raises:
+        ValueError: arrays of different lengths or non-finite, or as :func:`compare_forecasts`.
+    """
+    a = {sp: {m: np.asarray(errors_a[sp][m], dtype=np.float64) for m in METRICS} for sp in SPECIES}
+    b = {sp: {m: np.asarray(errors_b[sp][m], dtype=np.float64) for m in METRICS} for sp in SPECIES}
+    n = a["prey"]["mse"].size
+    if any(x[sp][m].shape != (n,) for x in (a, b) for sp in SPECIES for m in METRICS) or n == 0:
+        raise ValueError("compare_errors: every per-trajectory error array must be 1-D with the same length n >= 1")
+    if not all(np.isfinite(x[sp][m]).all() for x in (a, b) for sp in SPECIES for m in METRICS):
+        raise ValueError("compare_errors: per-trajectory errors contain NaN or inf")
     ids = _indices(indices, n)
     out = {"a": str(names[0]), "b": str(names[1]), "n": int(n), "horizon": int(horizon),
            "confidence": float(confidence), "n_resamples": int(n_resamples), "seed": int(seed),
@@ -287,6 +308,83 @@ def comparison_table(comparisons, spec: str = ".4g", legend: bool = True) -> str
         f"bootstrap over trajectories ({c['n_resamples']} resamples, seed {c['seed']}, scipy.stats.bootstrap, BCa "
         f"unless degenerate). Wins: trajectories where that forecaster's error is smaller; ties are exact. "
         f"Blow-ups: {c['blowup_rule']}.")
+
+
+def read_errors(path) -> tuple[list[int], dict]:
+    """The per-trajectory errors a stage wrote in ``path`` (a per-trajectory CSV: columns ``trajectory``,
+    ``mse_prey``, ``mae_prey``, ``mse_predator``, ``mae_predator``, …; :func:`evaluation.per_trajectory_rows`).
+    Returns ``(trajectory ids, {"prey": {"mse": [n], "mae": [n]}, "predator": {...}})`` for :func:`compare_errors`.
+
+    Raises:
+        ValueError: naming the file, if it has no rows or lacks one of those columns or a value is not a number.
+    """
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    try:
+        ids = [int(r["trajectory"]) for r in rows]
+        errors = {sp: {m: np.array([float(r[f"{m}_{sp}"]) for r in rows]) for m in METRICS} for sp in SPECIES}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a per-trajectory error table ({err})") from None
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return ids, errors
+
+
+def compare_files(path_a, path_b, names: tuple[str, str], horizon: int, seed: int = 0) -> dict | None:
+    """:func:`compare_errors` of two per-trajectory CSVs (:func:`read_errors`), or None when either file is missing
+    or the two do not cover the same trajectories in the same order (nothing to pair)."""
+    from pathlib import Path
+
+    if not (Path(path_a).is_file() and Path(path_b).is_file()):
+        return None
+    (ids_a, a), (ids_b, b) = read_errors(path_a), read_errors(path_b)
+    if ids_a != ids_b:
+        return None
+    return compare_errors(a, b, horizon, names, ids_a, seed=seed)
+
+
+def against_reference(reference_csv, others: dict, reference: str, horizon: int, seed: int = 0) -> tuple[list, str]:
+    """Each forecaster of ``others`` (``{label: per-trajectory CSV}``) against the ``reference`` forecaster (its CSV
+    ``reference_csv``), trajectory by trajectory (:func:`compare_files`; pairs that cannot be made are skipped).
+    Returns ``(comparisons, Markdown)``: the :func:`summary_table` with a one-paragraph legend, or ``([], "")``."""
+    found = [c for label, path in others.items()
+             if (c := compare_files(path, reference_csv, (label, reference), horizon, seed)) is not None]
+    if not found:
+        return [], ""
+    c = found[0]
+    legend = (f"Each against {reference} on the same {c['n']} trajectories ({c['horizon']} steps forecast): mean "
+              f"(median) per-trajectory MSE, the mean difference A − B (< 0: A better) with its paired bootstrap "
+              f"{c['confidence']:.0%} interval over trajectories ({c['n_resamples']} resamples, seed {c['seed']}), "
+              "wins on MSE, and blow-ups (a trajectory above 10× the larger median MSE, or holding over half the "
+              "sum).")
+    return found, summary_table(found) + "\n\n" + legend
+
+
+def summary_table(comparisons, spec: str = ".4g") -> str:
+    """A compact Markdown table of MSE comparisons, one row per comparison × species: A's and B's mean (median) MSE,
+    the mean difference A − B with its paired bootstrap interval, the same for MAE, A's wins / B's wins / ties on
+    MSE, and blow-ups of A / B — for tables with many rows (a grid against its untrained model). The full table is
+    :func:`comparison_table`."""
+    items = [comparisons] if isinstance(comparisons, dict) else list(comparisons)
+    level = f"{items[0]['confidence']:.0%}" if items else "95%"
+
+    def diff(m: dict) -> str:
+        interval = "" if m["ci_low"] is None else f" [{format(m['ci_low'], spec)}, {format(m['ci_high'], spec)}]"
+        return f"{format(m['diff_mean'], spec)}{interval}"
+
+    lines = [f"| A vs B | species | MSE A mean (median) | MSE B mean (median) | MSE A − B [{level} CI] | "
+             f"MAE A − B [{level} CI] | MSE wins A / B / ties | blow-ups A / B |", "| --- | --- |" + " ---: |" * 6]
+    for c in items:
+        for species in SPECIES:
+            e = c["species"][species]
+            m = e["mse"]
+            lines.append(f"| {c['a']} vs {c['b']} | {species} | {format(m['mean_a'], spec)} "
+                         f"({format(m['median_a'], spec)}) | {format(m['mean_b'], spec)} ({format(m['median_b'], spec)})"
+                         f" | {diff(m)} | {diff(e['mae'])} | {m['wins_a']} / {m['wins_b']} / {m['ties']} | "
+                         f"{len(e['blowups']['a'])} / {len(e['blowups']['b'])} |")
+    return "\n".join(lines)
 
 
 def _check_pair(pred, truth, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -118,7 +118,7 @@ def lora_run_cost(config, sizes, forecast: ForecastSettings, lora: LoRASettings,
                   start_step: int = 0, forecasts: int = 1) -> dict[str, int]:
     """``{"training": …, "forecast": …}``: one LoRA run from ``start_step`` (:func:`training_cost`) and
     ``forecasts`` forecasts of ``forecast``'s trajectories with the adapter (:func:`forecast_cost`); ``sizes`` is
-    :class:`NominalSizes` or a session's exact sizes (``recipes.SessionSizes``)."""
+    :class:`NominalSizes` or a session's exact sizes (``runs.SessionSizes``)."""
     return {"training": training_cost(config, train, lora, sizes.val_rows(train), start_step, sizes.loss_rows(train)),
             "forecast": forecasts * forecast_cost(config, sizes.prompt_lengths(forecast), forecast.horizon,
                                                   sizes.decimals, forecast, lora, head_rows=sizes.head_rows,

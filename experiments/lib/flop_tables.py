@@ -1,6 +1,6 @@
 """The coursework's FLOP tables, from the closed form :func:`miniqwen.flops.forward_flops_breakdown` (tested equal to
 what the model modules count): per-component costs of one forward pass, per-token costs, the planned cost of every
-stage (:data:`PLAN`) and the ledger, rendered as Markdown and JSON. ``python -m experiments.flops`` prints them."""
+stage (:func:`experiments.lib.plans.stage_plans`) and the ledger, rendered as Markdown and JSON. ``python -m experiments.flops`` prints them."""
 
 from __future__ import annotations
 
@@ -10,58 +10,10 @@ from miniqwen.config import ConfigError, Qwen2Config
 from miniqwen.flops import COMPONENTS, DEFAULT_LORA_TARGETS, forward_flops, forward_flops_breakdown
 
 from .budget import BUDGET, Ledger, LedgerError
-from .costs import NominalSizes
-from .settings import GROUPS
+from .plans import stage_plans, stage_settings
 
 CONTEXTS = (128, 512, 768)
 LORA_RANKS = (0, 2, 4, 8)
-LORA_TARGETS = DEFAULT_LORA_TARGETS
-
-#: the stages of the coursework, in the order they run, that spend FLOPs (classical and report spend none)
-STAGES = ("baseline", "lora_default", "sweep", "context_length", "final")
-
-
-def stage_plans(config: Qwen2Config, sizes=None) -> dict[str, dict[str, int]]:
-    """``{stage: {part: FLOPs}}``: every stage's plan from scratch, at that stage's own default settings (its
-    ``DEFAULTS``; nothing here can drift from what a stage runs), priced by the stage's own ``plan`` function — the
-    one it checks against the ledger before it starts — with ``sizes`` (default :class:`costs.NominalSizes`: upper
-    bounds on prompt and chunk counts, so no data or tokenizer is needed)."""
-    from .. import baseline, context_length, final, lora_default, sweep
-
-    sizes = sizes or NominalSizes()
-
-    def d(stage) -> dict:
-        return {name: stage.DEFAULTS.get(name) or cls() for name, cls in GROUPS.items()}
-
-    b, ld, sw, cl, fi = d(baseline), d(lora_default), d(sweep), d(context_length), d(final)
-    return {
-        "baseline": baseline.plan(config, sizes, b["forecast"], b["loss"]),
-        "lora_default": lora_default.plan(config, sizes, ld["forecast"], ld["lora"], ld["train"]),
-        "sweep": sweep.plan(config, sizes, sw["forecast"], sw["lora"], sw["train"]),
-        "context_length": context_length.plan(config, sizes, cl["forecast"], cl["lora"], cl["train"]),
-        "final": final.plan(config, sizes, fi["forecast"], fi["lora"], fi["train"]),
-    }
-
-
-def stage_settings() -> dict[str, str]:
-    """One line per stage saying what its default settings are (for the plan table)."""
-    from .. import context_length, final, lora_default, sweep
-
-    def t(stage, up_to: str = "") -> str:
-        tr = stage.DEFAULTS["train"]
-        return f"batch {tr.batch_size}, {up_to}{tr.max_steps:,} steps"
-
-    sw, fi = sweep.DEFAULTS["train"], final.DEFAULTS["train"]
-    return {
-        "baseline": "zero-shot forecasts of the 100 validation trajectories (80 -> 20 steps) + validation loss",
-        "lora_default": f"lr {lora_default.TRAIN_DEFAULTS.lr:g}, rank 4, context {lora_default.TRAIN_DEFAULTS.context_length}, "
-                        f"{t(lora_default)}; forecasts before and after",
-        "sweep": f"{len(sweep.LRS)} lr x {len(sweep.RANKS)} ranks, context {sw.context_length}, {t(sweep)} per point",
-        "context_length": f"contexts {', '.join(map(str, context_length.CONTEXTS))}, {t(context_length)} each "
-                          f"(priced at rank {context_length.DEFAULTS['lora'].rank})",
-        "final": f"context {fi.context_length}, {t(final, 'up to ')}, rank {final.DEFAULTS['lora'].rank}; "
-                 "test forecasts before and after",
-    }
 
 
 def load_config(model_dir: str | Path | None) -> Qwen2Config:
@@ -91,7 +43,7 @@ def component_tables(config: Qwen2Config, contexts=CONTEXTS, ranks=LORA_RANKS) -
     for r in ranks:
         out["lora"][r], out["total_forward"][r], out["total_training"][r] = {}, {}, {}
         for n in contexts:
-            bd = forward_flops_breakdown(config, 1, n, lora_rank=r, lora_targets=LORA_TARGETS)
+            bd = forward_flops_breakdown(config, 1, n, lora_rank=r, lora_targets=DEFAULT_LORA_TARGETS)
             out["lora"][r][n] = bd["lora"]
             out["total_forward"][r][n] = sum(bd.values())
             out["total_training"][r][n] = 3 * sum(bd.values())
@@ -121,7 +73,7 @@ def _e(x) -> str:
 
 def render(config: Qwen2Config, source: str, ledger: Ledger, plan: dict | None = None,
            budget: int = BUDGET) -> tuple[str, dict]:
-    """(Markdown text, JSON-ready dict) of all four tables; ``plan`` defaults to :func:`stage_plans`. A broken
+    """(Markdown text, JSON-ready dict) of all four tables; ``plan`` defaults to :func:`plans.stage_plans`. A broken
     ledger is reported in its section."""
     comp = component_tables(config)
     tok = per_token(config)
@@ -184,7 +136,7 @@ def render(config: Qwen2Config, source: str, ledger: Ledger, plan: dict | None =
         md.append(f"**ledger unreadable:** {err}")
         ledger_json["error"] = str(err)
     data = {
-        "source": source, "config": config.to_dict(), "budget": budget, "lora_targets": list(LORA_TARGETS),
+        "source": source, "config": config.to_dict(), "budget": budget, "lora_targets": list(DEFAULT_LORA_TARGETS),
         "components": {k: {str(n): v for n, v in table.items()} if k == "forward" else
                        {str(r): {str(n): v for n, v in d.items()} for r, d in table.items()}
                        for k, table in comp.items()},

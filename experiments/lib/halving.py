@@ -3,7 +3,7 @@ their own checkpoints, and so on, so that the compute goes to the settings that 
 
 Source: Jamieson & Talwalkar, "Non-stochastic best arm identification and hyperparameter optimization" (AISTATS
 2016), Algorithm 1 (successive halving), here with a fixed number of rungs as in the inner loop of Hyperband (Li et
-al., JMLR 18(185), 2018, Algorithm 1, one bracket). Points and their directories are :mod:`experiments.lib.points`':
+al., JMLR 18(185), 2018, Algorithm 1, one bracket). Points and their directories are :mod:`experiments.lib.studies`':
 
     out/points/<name>/training/                 one training run per point, continued rung after rung
     out/points/<name>/rung<k>.json              the point's score at rung k (its presence: rung k is done for it)
@@ -23,22 +23,26 @@ prey, whose values are larger, does not outweigh predator.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from lora import merged, remove_lora
 
-from . import points, recipes
+from . import results, runs, studies
 from .classical_forecasters import Persistence
 from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
 from .evaluation import SPECIES, evaluate, per_trajectory_rows, write_csv
-from .points import ChunkCache, Point
+from .studies import ChunkCache, Point
 from .results import write_json
 from .session import Session
-from .settings import ForecastSettings, UsageError
-from .training import checkpoint_step, distributed, train
+from .settings import ForecastSettings
+from .errors import UsageError
+from .settings import TrainSettings
+from .training import checkpoint_step, distributed, find_checkpoint, read_checkpoint, train_lora
 
 SCORE_RULE = ("mean over prey and predator of (median over trajectories of the per-trajectory forecast MSE) / "
               "(the same median of persistence)")
@@ -80,13 +84,13 @@ def persistence_reference(session: Session, forecast: ForecastSettings):
 
 
 def forecast_scorer(session: Session, forecast: ForecastSettings):
-    """A ``model -> (score, FLOPs)`` for ``training.train(forecast_score=…)``: the :data:`SCORE_RULE` score of the
+    """A ``model -> (score, FLOPs)`` for ``training.train_lora(forecast_score=…)``: the :data:`SCORE_RULE` score of the
     model (adapters merged, :func:`lora.merged`) on ``forecast``'s trajectories, e.g. a fixed validation subset,
     greedy; persistence's per-trajectory errors on them are computed once."""
     indices, contexts, truth, reference = persistence_reference(session, forecast)
 
     def score(model) -> tuple[float, int]:
-        forecaster = recipes.llm_forecaster(session, forecast, "validation score")
+        forecaster = runs.llm_forecaster(session, forecast, "validation score")
         forecaster.model = model
         with merged(model):
             _, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices)
@@ -130,9 +134,9 @@ def train_point(session: Session, point: Point, chunks, on_step=None) -> dict:
     out = session.out / "points" / point.name / "training"
     job = dict(train_chunks=chunks[0], val_chunks=chunks[1], settings=point.train, out_dir=out, lora=point.lora,
                seed=session.run.seed, stage=session.stage, precision=session.precision,
-               resume=checkpoint_step(out) > 0, loss_token_ids=recipes.loss_token_ids(session, point.train))
+               resume=checkpoint_step(out) > 0, loss_token_ids=runs.loss_token_ids(session, point.train))
     with distributed.leading(job):
-        return train(session.model, **job, ledger=session.ledger, force=session.run.force, on_step=on_step)
+        return train_lora(session.model, **job, ledger=session.ledger, force=session.run.force, on_step=on_step)
 
 
 def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: int, chunks: ChunkCache,
@@ -141,14 +145,14 @@ def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: i
     (``rung<k>.json`` last, then the forecast is charged). Returns the record."""
     out = session.out / "points" / point.name
     if out.exists() and checkpoint_step(out / "training") == 0 and rung == 0:
-        points.clear_point(out)  # killed before its first checkpoint: nothing was kept or charged
+        studies.clear_point(out)  # killed before its first checkpoint: nothing was kept or charged
     out.mkdir(parents=True, exist_ok=True)
     t = point.train
     print(f"\n=== rung {rung}: {point.name} (lr {t.lr:g}, rank {point.lora.rank}) to step {t.max_steps} ===")
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
     try:
         summary = train_point(session, point, chunks(t), on_step)
-        forecaster = recipes.llm_forecaster(session, forecast, point.name)
+        forecaster = runs.llm_forecaster(session, forecast, point.name)
         forecasts, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices)
     finally:
         remove_lora(session.model)
@@ -176,7 +180,7 @@ def read_rung(session: Session, name: str, rung: int, key: dict) -> dict | None:
     path = rung_path(session, name, rung)
     if not path.is_file():
         return None
-    record = recipes.read_record(path, _valid_rung, "delete it to redo that rung")
+    record = results.read_record(path, _valid_rung, "delete it to redo that rung")
     if record["settings"] != key:
         raise UsageError(f"{path} was made with other settings than these; use another --out or --overwrite")
     return record
@@ -187,7 +191,7 @@ def _valid_rung(record: dict) -> None:
         record[k]
     for s in SPECIES:
         record["median_mse"][s]
-    recipes.valid_evaluation(record["evaluation"])
+    results.valid_evaluation(record["evaluation"])
     for k in ("train_flops", "eval_flops"):
         record["training"][k]
 
@@ -195,7 +199,7 @@ def _valid_rung(record: dict) -> None:
 def plan_rung(session: Session, forecast: ForecastSettings, alive: list[Point]) -> dict[str, int]:
     """FLOPs of one rung: each point's training from its checkpoint step to the rung's steps, and its forecast of
     the validation subset (points whose rung record exists cost nothing)."""
-    sizes = recipes.SessionSizes(session)
+    sizes = runs.SessionSizes(session)
     costs = {}
     for p in alive:
         start = checkpoint_step(session.out / "points" / p.name / "training")
@@ -264,9 +268,39 @@ def table_rows(rungs: list[list[dict]]) -> list[dict]:
 
 
 def study_key(session: Session, forecast: ForecastSettings, base: Point, rungs: list[tuple[int, int]], eta: int) -> dict:
-    """What every rung record of a search must share: the points' study key (:func:`points.study_key`, with the
+    """What every rung record of a search must share: the points' study key (:func:`studies.study_key`, with the
     last rung's steps) and the schedule."""
-    key = points.study_key(session, forecast, base.lora,
-                           dataclasses.replace(base.train, max_steps=rungs[-1][0]))
+    key = studies.study_key(session, forecast, base.lora,
+                            dataclasses.replace(base.train, max_steps=rungs[-1][0]))
     key["search"] = {"rungs": [list(r) for r in rungs], "eta": eta, "score": SCORE_RULE}
     return key
+
+
+def continue_point(search_dir: str, picked: dict, train: TrainSettings, out: Path) -> dict:
+    """Copy the search's winning point's training run into ``out/training`` (once) so that training continues from
+    its checkpoint, and record what came from the search in ``out/continued_from.json``. Returns that record:
+    ``{"search", "point", "step", "train_flops", "eval_flops"}`` (FLOPs already charged under the search).
+
+    Raises UsageError if the search's run is missing or was trained with settings a resumed run may not change
+    (:attr:`TrainSettings.RESUME_FIXED`)."""
+    record_path = out / "continued_from.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    source = Path(search_dir) / "points" / picked["point"] / "training"
+    theirs = json.loads((Path(search_dir) / "results.json").read_text())["settings"]["train"]
+    theirs = {k: theirs.get(k, getattr(TrainSettings(), k)) for k in TrainSettings.RESUME_FIXED}  # left out: default
+    differ = [k for k in TrainSettings.RESUME_FIXED if k != "lr" and theirs[k] != (
+        list(getattr(train, k)) if isinstance(getattr(train, k), tuple) else getattr(train, k))]
+    if differ:
+        raise UsageError(f"--from-search {search_dir}: the search trained with " + ", ".join(
+            f"{k}={theirs[k]!r}" for k in differ) + " — give the same options or --no-continue-search")
+    checkpoint = find_checkpoint(source)
+    if checkpoint is None or (out / "training").exists():
+        raise UsageError(f"--from-search {search_dir}: no checkpoint of {picked['point']} in {source}"
+                         if checkpoint is None else f"{out / 'training'} exists but was not continued from a search")
+    loop = read_checkpoint(checkpoint).state["loop"]
+    shutil.copytree(source, out / "training")
+    record = {"search": Path(search_dir).name, "point": picked["point"], "step": loop["step"],
+              "train_flops": loop["train_flops"], "eval_flops": loop["eval_flops"]}
+    write_json(record_path, record)
+    return record

@@ -26,6 +26,8 @@ import numpy as np
 
 from miniqwen.atomic import atomic_write
 
+from .errors import UsageError
+
 SCHEMA = 1
 FLOP_KINDS = ("generate", "eval", "train")
 
@@ -146,3 +148,44 @@ def find_results(root: str | Path) -> dict[str, Results]:
         except ValueError:
             continue
     return found
+
+
+def read_record(path: Path, valid, advice: str) -> dict:
+    """The JSON object a stage wrote in ``path`` (point.json, a rung record, untrained.json), once ``valid(record)``
+    has read what the stage needs from it (raising KeyError, TypeError or ValueError where it cannot).
+
+    Raises UsageError naming the file, what is wrong with it (empty, not JSON, not an object, a field missing or
+    malformed) and ``advice`` (what to do), never a traceback."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        text, why = None, "not UTF-8 text"
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if text is not None:
+        try:
+            record = json.loads(text) if text.strip() else None
+        except ValueError:
+            record, why = None, "not JSON"
+        else:
+            why = "empty" if not text.strip() else None
+        if why is None and not isinstance(record, dict):
+            why = f"a JSON {type(record).__name__}, not an object"
+        if why is None:
+            try:
+                valid(record)
+                return record
+            except KeyError as err:
+                why = f"it has no {err.args[0]!r}"
+            except (TypeError, ValueError, AttributeError, IndexError) as err:
+                why = f"malformed ({' '.join(str(err).split())})"
+    raise UsageError(f"{path}: not a readable record ({why}; damaged or edited by hand): {advice}")
+
+
+def valid_evaluation(value) -> Evaluation:
+    """``value`` as an :class:`Evaluation` with the scores tables read (for :func:`read_record` validators)."""
+    evaluation = Evaluation(**value)
+    for species in ("prey", "predator"):
+        for key in ("mse", "mae", "r2"):
+            evaluation.metrics[species][key]
+    return evaluation

@@ -24,14 +24,15 @@ from .adapter_card import CARD_FILE, read_card
 from .classical_forecasters import AR, VAR, ContextParroting, LotkaVolterraODE, Persistence, select_order
 from .evaluation import SPECIES, Forecasts, LLMForecaster
 from .plots import _figure, _wrap
-from .session import (RECORD, RunDirectory, _empty_run_directory, _protected, inspect_out, resolve_precision,
-                      weights_label)
-from .settings import DataSettings, ForecastSettings, RunSettings, UsageError
+from .run_directory import RECORD, RunDirectory, empty_run_directory, inspect_out, why_protected
+from .session import resolve_precision, weights_label
+from .settings import DataSettings, ForecastSettings, RunSettings
+from .errors import UsageError
+from .defaults import PARROT_LENGTHS
 
 STAGE = "forecast"
 METHODS = ("llm", "var", "ar", "parrot", "persistence", "lv")
 ORDERS = tuple(range(1, 21))  # AR/VAR orders tried (as experiments.classical)
-PARROT_LENGTHS = (1, 2, 3, 5, 8, 12, 16, 20)  # context-parroting match lengths tried (as experiments.classical)
 MAX_INTEGER_DIGITS = 3  # what one forecast step's token budget allows per value (evaluation.max_tokens_per_step)
 BAND = (0.1, 0.9)  # the quantiles of the samples written and drawn with --samples N > 1
 
@@ -297,7 +298,7 @@ def check_out(out: Path, overwrite: bool) -> RunDirectory:
         if not overwrite:
             raise UsageError(f"--out {out} already holds a {made_by} run ({found.listing()}): pass --overwrite to "
                              "replace it, or choose another --out")
-        why = _protected(out.resolve())
+        why = why_protected(out.resolve())
         if why:
             raise UsageError(f"--overwrite: --out {out} is {why}, which a stage never empties: choose another --out")
         extra = found.not_written_by_a_stage()
@@ -311,7 +312,7 @@ def write_run(out: Path, found: RunDirectory, record: dict, files: dict) -> None
     """Empty ``out`` if it holds a run (``check_out`` allowed it), write the run record (:data:`session.RECORD`,
     listing what it holds) and then ``files`` (``{name: write(path)}``)."""
     if found.kind in ("run", "legacy"):
-        _empty_run_directory(out)
+        empty_run_directory(out)
     out.mkdir(parents=True, exist_ok=True)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record = {"made_by": "miniqwen", "stage": STAGE, "created": created, **record,

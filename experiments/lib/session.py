@@ -10,13 +10,11 @@ one path for compute: plan -> check -> spend -> write results -> charge.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
 import random
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -32,7 +30,10 @@ from miniqwen.loading import resolve_model_dir, weights_fingerprint
 from .budget import Ledger, LedgerError
 from .results import Results
 from .training import distributed
-from .settings import DataSettings, ForecastSettings, RunSettings, UsageError, as_record
+from .settings import DataSettings, ForecastSettings, RunSettings, as_record
+from .errors import UsageError
+from .run_directory import (RECORD, RunDirectory, dig, empty_run_directory, inspect_out, nonempty_object, read_json,
+                            why_protected)
 
 
 @dataclass
@@ -128,137 +129,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return str(default_compute_dtype(device)).removeprefix("torch.")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Run directories: a stage writes, resumes and removes only a directory a stage made
-# ---------------------------------------------------------------------------------------------------------------
-
-#: the run record a Session keeps in every run directory it makes: stage, settings, data and weights identity
-RECORD = "run.json"
-#: top-level names the stages write in a run directory (a record's ``written`` list adds what a finished run held)
-STAGE_FILES = ("run.json", "results.json", "README.md", "untrained.json", "training", "points", "peft_adapter",
-               "grid.csv", "grid.json", "contexts.csv", "contexts.json", "search.csv", "per_trajectory*.csv",
-               "generations*.jsonl", "forecasts*.png", "horizon_*.png", "heatmap_*.png", "loss_curve*.png",
-               "rungs.png", ".*.tmp")
-#: what an interrupted run of a stage that trains leaves before its results.json (runs made before run records)
-_PARTIAL_RUN = ("untrained.json", "training", "points")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class RunDirectory:
-    """What an output directory holds. ``kind``: "empty" (absent, empty, or only a run record), "run" (made by a
-    stage: it has a run record), "legacy" (made by a stage before run records: a results.json naming its stage, or
-    an interrupted training run's files) or "foreign" (anything else). ``stage`` is the stage that made it (None if
-    unknown), ``entries`` its top-level names."""
-
-    path: Path
-    kind: str
-    stage: str | None = None
-    record: dict | None = None
-    entries: list[str] = field(default_factory=list)
-    results: dict | None = None
-
-    def listing(self, names: list[str] | None = None, limit: int = 5) -> str:
-        names = self.entries if names is None else names
-        return ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
-
-    def not_written_by_a_stage(self) -> list[str]:
-        """Top-level entries no stage wrote: neither a stage's file name nor listed in the record."""
-        written = set((self.record or {}).get("written") or [])
-        return [n for n in self.entries
-                if n not in written and not any(fnmatch.fnmatchcase(n, pattern) for pattern in STAGE_FILES)]
-
-
-def _read_json(path: Path):
-    try:
-        if not path.is_file():
-            return None
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _dig(value, *keys):
-    """``value[k1][k2]…`` through JSON objects, or None where a level is missing or not an object (for records and
-    results files a user may have edited)."""
-    for key in keys:
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
-
-
-def _object(value) -> dict | None:
-    return value if isinstance(value, dict) and value else None
-
-
-def inspect_out(out: Path, option: str = "--out") -> RunDirectory:
-    """Classify ``out`` (see :class:`RunDirectory`), following a symbolic link to its target.
-
-    Raises UsageError: ``out`` is not a directory (a file, a link to nothing), cannot be listed, or holds a run
-    record that is not one.
-    """
-    if out.is_symlink() and not out.exists():
-        raise UsageError(f"{option} {out} is a symbolic link to {os.readlink(out)}, which does not exist")
-    if not out.exists():
-        return RunDirectory(out, "empty")
-    if not out.is_dir():
-        raise UsageError(f"{option} {out} is a file, not a directory: choose another {option}")
-    try:  # an atomic write's temporary file (another job writing the record this instant) is nobody's content
-        entries = sorted(n for n in os.listdir(out) if not fnmatch.fnmatchcase(n, ".*.tmp"))
-    except OSError as err:
-        raise UsageError(f"{option} {out}: cannot list it ({err.strerror})") from None
-    if not entries:
-        return RunDirectory(out, "empty")
-    if RECORD in entries:
-        record = _read_json(out / RECORD)
-        if not (isinstance(record, dict) and isinstance(record.get("stage"), str)
-                and record.get("made_by") == "miniqwen"):
-            raise UsageError(f"{option} {out}: {out / RECORD} is not a miniqwen run record (damaged or not ours): "
-                             f"choose another {option}")
-        if entries == [RECORD]:  # made, then refused or stopped before it wrote anything
-            return RunDirectory(out, "empty", record["stage"], record, entries)
-        return RunDirectory(out, "run", record["stage"], record, entries)
-    results = _read_json(out / "results.json") if "results.json" in entries else None
-    if isinstance(results, dict) and isinstance(results.get("stage"), str):
-        return RunDirectory(out, "legacy", results["stage"], None, entries, results)
-    if "results.json" not in entries and any(n in entries for n in _PARTIAL_RUN):
-        return RunDirectory(out, "legacy", None, None, entries)
-    return RunDirectory(out, "foreign", None, None, entries)
-
-
-def _protected(path: Path) -> str | None:
-    """Why ``path`` (resolved) must never be emptied: the root, the home directory, the repository, the current
-    directory or one of its parents; else None."""
-    cwd = Path.cwd().resolve()
-    if path == Path(path.anchor):
-        return "the file-system root"
-    try:
-        home = Path.home().resolve()
-    except (RuntimeError, KeyError, OSError):
-        home = None
-    if path == home:
-        return "your home directory"
-    if path == cwd:
-        return "the current directory"
-    if path in cwd.parents:
-        return "a parent of the current directory"
-    if path == REPO_ROOT or path in REPO_ROOT.parents:
-        return "the repository" if path == REPO_ROOT else "a parent of the repository"
-    return None
-
-
-def _empty_run_directory(out: Path) -> None:
-    """Remove everything in ``out`` (a run directory; a link's target), not ``out`` itself; links are removed, not
-    followed. Raises UsageError naming what could not be removed."""
-    for child in sorted(out.iterdir()):
-        try:
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-        except OSError as err:
-            raise UsageError(f"--overwrite: cannot remove {child} ({err.strerror or err})") from None
-
-
 def _model_name(model) -> str | None:
     return Path(str(model)).name if model else None
 
@@ -270,7 +140,7 @@ class Session:
         stage: the stage name (ledger entries, ``runs/<stage>`` default output).
         run, data: settings.
         trains: the stage trains, and accepts being launched by torchrun: it joins the process group here, and its
-            ranks > 0 (``is_main`` False) only run rank 0's training jobs (``recipes.follow``); they neither check
+            ranks > 0 (``is_main`` False) only run rank 0's training jobs (``runs.follow``); they neither check
             nor touch ``run.out``. A stage that does not train refuses torchrun.
         join: ``run.out`` is shared with other jobs (sweep shards): it may hold results or nothing yet.
 
@@ -309,7 +179,7 @@ class Session:
             if (run.resume or join) and found.kind in ("run", "legacy"):
                 self._check_same_run(found)
             if run.overwrite and found.kind in ("run", "legacy"):
-                _empty_run_directory(self.out)
+                empty_run_directory(self.out)
                 found = RunDirectory(self.out, "empty")
             self._make_out(found)
         seed_everything(run.seed)
@@ -334,7 +204,7 @@ class Session:
             raise UsageError(f"--out {out} already holds a {made_by} run ({found.listing()}): pass {advice}"
                              "--overwrite to replace it, or choose another --out")
         if run.overwrite:
-            why = _protected(out.resolve())
+            why = why_protected(out.resolve())
             if why:
                 raise UsageError(f"--overwrite: --out {out} is {why}, which a stage never empties: choose another "
                                  "--out")
@@ -347,12 +217,12 @@ class Session:
     def _check_same_run(self, found: RunDirectory) -> None:
         """Refuse (UsageError) to continue ``found`` on other data or other weights, before anything is spent."""
         out, record = self.out, found.record or {}
-        data = _object(_dig(record, "data")) or _object(_dig(found.results, "data")) or {}
+        data = nonempty_object(dig(record, "data")) or nonempty_object(dig(found.results, "data")) or {}
         if isinstance(data.get("sha256"), str) and data["sha256"] != self.dataset.sha256:
             raise UsageError(f"--resume: --out {out} was run on data {data.get('file')} (sha256 "
                              f"{data['sha256'][:12]}…), not on {self.dataset.data.path.name} (sha256 "
                              f"{self.dataset.sha256[:12]}…): pass the same --data, or choose another --out")
-        recorded = _object(_dig(record, "weights"))
+        recorded = nonempty_object(dig(record, "weights"))
         if recorded:
             mine = self.weights_identity
             if recorded.get("sha256") != mine["sha256"]:
@@ -361,8 +231,8 @@ class Session:
                                  f"{mine['label']}, sha256 {mine['sha256'][:12]}…): resume with the same --model, "
                                  "or choose another --out")
         elif found.kind == "legacy":  # made before run records: compare the model's name as its results record it
-            saved = [_dig(found.results, "settings", "run", "model"),
-                     _dig(_read_json(out / "untrained.json"), "settings", "run", "model")]
+            saved = [dig(found.results, "settings", "run", "model"),
+                     dig(read_json(out / "untrained.json"), "settings", "run", "model")]
             names = {_model_name(m) for m in saved if isinstance(m, str) and m}
             if names and _model_name(self.run.model) not in names:
                 raise UsageError(f"--model {self.run.model}: --out {out} was run on other weights "
@@ -404,9 +274,9 @@ class Session:
         the ones a joined run, e.g. another shard, already recorded)."""
         if not self.is_main or self._record is None:
             return
-        record = _read_json(self.out / RECORD)
+        record = read_json(self.out / RECORD)
         record = record if isinstance(record, dict) else dict(self._record)
-        recorded, mine = _object(_dig(record, "weights")), self.weights_identity
+        recorded, mine = nonempty_object(dig(record, "weights")), self.weights_identity
         if recorded and recorded.get("sha256") != mine["sha256"]:
             raise UsageError(f"--model {self.run.model}: --out {self.out} was run on other weights "
                              f"({recorded.get('label')}): use the same --model, or choose another --out")
@@ -476,7 +346,7 @@ class Session:
         path = results.write(self.out / "results.json")
         if self._record is not None:  # what the finished run holds is the stage's, for a later --overwrite
             try:
-                record = _read_json(self.out / RECORD)
+                record = read_json(self.out / RECORD)
                 record = record if isinstance(record, dict) else dict(self._record)
                 ledger = os.path.realpath(self.ledger.path)  # a ledger kept in --out is the user's, not the run's
                 record["written"] = sorted(n for n in os.listdir(self.out)

@@ -10,18 +10,19 @@ blow-ups, never a mean alone.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
-from . import compare, recipes
+from . import compare, runs
 from .classical_forecasters import validated_forecasters
 from .evaluation import evaluate
 from .results import Evaluation
 from .session import Session
-from .settings import ForecastSettings, UsageError
-
-#: match lengths the parroting forecaster chooses m from on the validation split
-PARROT_LENGTHS = (1, 2, 3, 5, 8, 12, 16, 20)
+from .settings import ForecastSettings
+from .errors import UsageError
+from .defaults import PARROT_LENGTHS
+from .tables import evaluation_table
 
 
 def positive_integers(text: str) -> list[int]:
@@ -60,7 +61,7 @@ def classical(session: Session, forecast: ForecastSettings, orders, predictions:
     evaluations = {}
     for forecaster in forecasters:
         tag = forecaster.name.replace("(", "").replace(")", "").replace(" ", "_")
-        evaluations[forecaster.name] = recipes.forecast_and_save(
+        evaluations[forecaster.name] = runs.forecast_and_save(
             session, forecaster, dataclasses.replace(forecast, plots=0), tag, forecaster.name,
             settings=forecaster.settings(), weights=None, predictions=predictions)
     return evaluations, search, {f.name: f for f in forecasters}
@@ -123,3 +124,37 @@ def on_indices(session: Session, forecasters: dict, forecast: ForecastSettings, 
                                        flops=int(flops))
         predictions[name] = pred
     return evaluations, predictions, truth
+
+
+def peer_table(session: Session, forecast: ForecastSettings, peers, predictions: dict, indices, adapter: Path,
+               forecasters: dict) -> dict:
+    """The forecasters of the test table scored on the trajectories ``peers`` (e.g. 850–999, as published peer
+    runs report): predictions already made on the test split are reused, the rest are forecast (the LLMs with the
+    evaluated adapter, merged). Returns ``{"indices", "evaluations", "comparisons", "markdown", "flops"}``."""
+    from lora import load_adapter, merged, remove_lora
+
+    known = {name: (indices, pred) for name, pred in predictions.items()}
+    llms = {"untrained": runs.llm_forecaster(session, forecast, "untrained")}
+    evaluations, preds, truth = on_indices(session, {**llms, **forecasters}, forecast, peers, known)
+    try:
+        load_adapter(session.model, adapter)
+        with merged(session.model):
+            lora_evals, lora_preds, _ = on_indices(
+                session, {"lora": runs.llm_forecaster(session, forecast, "lora")}, forecast, peers, known)
+    finally:
+        remove_lora(session.model)
+    evaluations, preds = {**lora_evals, **evaluations}, {**lora_preds, **preds}
+    flops = sum(e.flops for e in evaluations.values())
+    session.charge("generate", flops, session.out / "per_trajectory_trained.csv",
+                   what=f"forecasts of trajectories {peers[0]}-{peers[-1]} outside the test split")
+    paired = comparisons(preds, truth, peers, "lora", seed=session.run.seed)
+    outside = sorted(set(peers.tolist()) - set(int(i) for i in indices))
+    markdown = (f"### Trajectories {peers[0]}–{peers[-1]} (as published peer runs report)\n\n"
+                f"{len(outside)} of these {len(peers)} trajectories are outside the test split"
+                + (f" ({outside[0]}–{outside[-1]}: validation trajectories — the classical orders were chosen on "
+                   "the whole validation split, the search and the adapter on its first trajectories — so this "
+                   "table is not a held-out test)" if outside else "") + ".\n\n"
+                f"{evaluation_table(evaluations)}\n\n{compare.comparison_table(paired, legend=False)}")
+    return {"indices": [int(peers[0]), int(peers[-1])], "evaluations": {k: dataclasses.asdict(e) for k, e in
+                                                                         evaluations.items()},
+            "comparisons": paired, "markdown": markdown, "flops": flops}

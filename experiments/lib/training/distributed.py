@@ -7,9 +7,9 @@ this module reads them, joins the process group (NCCL on CUDA, rank r computing 
 CPU) and gives the training loop what it needs: the rank, sums over ranks, a barrier, the DDP wrapper. Without
 torchrun (``WORLD_SIZE`` unset or 1) every function is the one-process no-op, so that path is unchanged.
 
-In a stage (``experiments.lib.recipes``) rank 0 runs everything — forecasts, results, plots, the ledger — and ranks > 0
+In a stage (``experiments.lib.runs``) rank 0 runs everything — forecasts, results, plots, the ledger — and ranks > 0
 only *follow*: they wait for the training jobs rank 0 starts (:func:`leading` / :func:`jobs`: the keyword arguments
-of one ``training.train`` call, sent over a gloo group with a long timeout, since rank 0 may forecast for a long
+of one ``training.train_lora`` call, sent over a gloo group with a long timeout, since rank 0 may forecast for a long
 time between two jobs) and make the same call. :func:`finish` releases them when the stage is done.
 """
 
@@ -118,7 +118,7 @@ def data_parallel(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def leading(job: dict):
-    """Rank 0 of a stage under torchrun: send ``job`` (keyword arguments of ``training.train``) to the ranks in
+    """Rank 0 of a stage under torchrun: send ``job`` (keyword arguments of ``training.train_lora``) to the ranks in
     :func:`jobs`, for the body to make the same call here. If the body raises, the other ranks are left inside the
     job: torchrun stops them when this process exits with the error. No-op otherwise."""
     global _in_job

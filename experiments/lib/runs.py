@@ -1,5 +1,7 @@
-"""Recipes the stages are written with: each takes a :class:`session.Session` and plain settings, does one thing
-(forecast and save, cut chunks, price a forecast, tabulate evaluations), and is reused by every stage."""
+"""One run of the model, as the stages compose it: each function takes a :class:`session.Session` and plain settings
+and does one thing — cut the token chunks, forecast and save, evaluate the untrained model (saved for --resume),
+train a LoRA adapter and forecast with it on merged weights, follow rank 0 under torchrun. Studies of many such runs
+are in :mod:`experiments.lib.studies`; tables for people to read in :mod:`experiments.lib.tables`."""
 
 from __future__ import annotations
 
@@ -13,59 +15,18 @@ from data import Chunks, chunk_texts
 from lora import export_peft, merged, remove_lora
 from lora.head_bias import PEFT_HEAD_BIAS, has_head_bias
 
-from . import settings as settings_module
 from .adapter_card import CARD_FILE, card_for
 from .classical_forecasters import Persistence
-from .costs import forecast_cost, lora_stage_cost, training_cost
+from .costs import lora_stage_cost
 from .evaluation import (
     Forecaster, LLMForecaster, allowed_token_ids, evaluate, per_trajectory_rows, prompt_lengths, write_csv,
 )
 from .plots import plot_forecasts
-from .results import Evaluation, write_json
+from .results import Evaluation, read_record, valid_evaluation, write_json
 from .session import Session
-from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
-from .training import checkpoint_step, distributed, read_log, train, validation_subset
-
-
-def read_record(path: Path, valid, advice: str) -> dict:
-    """The JSON object a stage wrote in ``path`` (point.json, a rung record, untrained.json), once ``valid(record)``
-    has read what the stage needs from it (raising KeyError, TypeError or ValueError where it cannot).
-
-    Raises UsageError naming the file, what is wrong with it (empty, not JSON, not an object, a field missing or
-    malformed) and ``advice`` (what to do), never a traceback."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        text, why = None, "not UTF-8 text"
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read it ({err.strerror or err})") from None
-    if text is not None:
-        try:
-            record = json.loads(text) if text.strip() else None
-        except ValueError:
-            record, why = None, "not JSON"
-        else:
-            why = "empty" if not text.strip() else None
-        if why is None and not isinstance(record, dict):
-            why = f"a JSON {type(record).__name__}, not an object"
-        if why is None:
-            try:
-                valid(record)
-                return record
-            except KeyError as err:
-                why = f"it has no {err.args[0]!r}"
-            except (TypeError, ValueError, AttributeError, IndexError) as err:
-                why = f"malformed ({' '.join(str(err).split())})"
-    raise UsageError(f"{path}: not a readable record ({why}; damaged or edited by hand): {advice}")
-
-
-def valid_evaluation(value) -> Evaluation:
-    """``value`` as an :class:`Evaluation` with the scores tables read (for :func:`read_record` validators)."""
-    evaluation = Evaluation(**value)
-    for species in ("prey", "predator"):
-        for key in ("mse", "mae", "r2"):
-            evaluation.metrics[species][key]
-    return evaluation
+from .settings import ForecastSettings, LoRASettings, TrainSettings, as_record
+from .errors import UsageError
+from .training import checkpoint_step, distributed, read_log, train_lora, validation_subset
 
 
 def check_batch(train_chunks: Chunks, train_settings: TrainSettings) -> None:
@@ -87,16 +48,6 @@ def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> L
     return LLMForecaster(session.model, session.tokenizer, session.dataset.llmtime_scale, session.dataset.decimals,
                          forecast.prompt, forecast.samples, forecast.temperature, forecast.top_p,
                          forecast.gen_batch_size, session.run.seed, name=name, encoding=session.dataset.encoding)
-
-
-def planned_forecast(session: Session, contexts: np.ndarray, forecast: ForecastSettings,
-                     lora: LoRASettings | None = None) -> int:
-    """Upper bound on the FLOPs of forecasting ``contexts`` with the session's model (+ ``lora``)."""
-    ds = session.dataset
-    lens = prompt_lengths(session.tokenizer, contexts, ds.llmtime_scale, ds.decimals, forecast.horizon,
-                          forecast.prompt, ds.encoding)
-    return forecast_cost(session.model.config, lens, forecast.horizon, ds.decimals, forecast, lora,
-                         head_rows=len(set(allowed_token_ids(session.tokenizer, ds.encoding))), encoding=ds.encoding)
 
 
 def forecast_and_save(session: Session, forecaster: Forecaster, forecast: ForecastSettings, tag: str,
@@ -158,54 +109,6 @@ def show_examples(session: Session, split: str, steps: int = 5) -> list[dict]:
     return examples
 
 
-def format_number(x, spec: str = ".4f") -> str:
-    """``x`` formatted with ``spec``, or "–" for a missing value (None or NaN), for Markdown tables."""
-    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
-
-
-def evaluation_table(evaluations: dict[str, Evaluation]) -> str:
-    """Markdown table, one column per evaluation: validation loss, per-species MSE / MAE / R², parse rate, FLOPs."""
-    names = list(evaluations)
-    rows = [("validation loss (nats/token)", [e.validation_loss for e in evaluations.values()], ".4f")]
-    for species in ("prey", "predator"):
-        for key, label, spec in (("mse", "MSE", ".4f"), ("mae", "MAE", ".4f"), ("r2", "R²", ".3f")):
-            rows.append((f"{species} {label}", [e.metrics[species][key] for e in evaluations.values()], spec))
-    rows.append(("forecasts parsed completely", [e.parsed_fraction for e in evaluations.values()], ".0%"))
-    rows.append(("forecast FLOPs", [e.flops for e in evaluations.values()], ".3g"))
-    lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
-    lines += [f"| {label} | " + " | ".join(format_number(v, spec) for v in values) + " |"
-              for label, values, spec in rows]
-    return "\n".join(lines)
-
-
-def print_evaluation(evaluation: Evaluation, reference: Evaluation | None = None) -> None:
-    """One line per species: MSE / MAE / R² (and the reference's, e.g. persistence, for scale)."""
-    print(f"{evaluation.forecaster}: {len(evaluation.trajectories)} trajectories of {evaluation.split}, "
-          f"{100 * evaluation.parsed_fraction:.0f}% parsed completely ({evaluation.steps_invalid} invalid, "
-          f"{evaluation.steps_missing} missing steps)")
-    for name in ("prey", "predator"):
-        m = evaluation.metrics[name]
-        line = f"  {name:9s} MSE {m['mse']:.4f}  MAE {m['mae']:.4f}  R² {m['r2']:.3f}"
-        if reference is not None:
-            p = reference.metrics[name]
-            line += f"   ({reference.forecaster}: MSE {p['mse']:.4f}  MAE {p['mae']:.4f}  R² {p['r2']:.3f})"
-        print(line)
-
-
-def command_line(module: str, argv) -> str:
-    """The command that ran ``module`` with ``argv`` (default ``sys.argv[1:]``), absolute paths shortened to their
-    last part so that no machine path lands in committed results."""
-    import sys
-
-    words = sys.argv[1:] if argv is None else list(argv)
-    return " ".join([f"python -m {module}"] + [Path(w).name if Path(w).is_absolute() else w for w in words])
-
-
-def write_run_readme(path: Path, title: str, command: str, body: str) -> None:
-    """A short README.md for a run directory: the title, the command that produced it, the body (tables)."""
-    path.write_text(f"# {title}\n\n`{command}`\n\n{body}\n")
-
-
 def training_chunks(session: Session, train_settings: TrainSettings) -> tuple[Chunks, Chunks]:
     """``(training, validation)`` token chunks of ``train_settings.context_length`` (whole trajectories' LLMTIME
     text; the validation loss draws its fixed subset from the second)."""
@@ -224,16 +127,6 @@ def loss_token_ids(session: Session, train_settings: TrainSettings) -> list[int]
     if train_settings.loss_vocabulary != "numeric":
         return None
     return allowed_token_ids(session.tokenizer, session.dataset.encoding)
-
-
-def planned_training(session: Session, train_settings: TrainSettings, lora: LoRASettings, n_val_chunks: int,
-                     start_step: int = 0) -> int:
-    """Upper bound on what :func:`training.train` will charge from ``start_step`` (training + validation loss)."""
-    ids = loss_token_ids(session, train_settings)
-    val_rows = len(validation_subset(n_val_chunks, train_settings.eval_batches * train_settings.batch_size,
-                                     session.run.seed)) if n_val_chunks else 0
-    return training_cost(session.model.config, train_settings, lora, val_rows, start_step,
-                         len(set(ids)) if ids else None)
 
 
 class SessionSizes:
@@ -289,7 +182,7 @@ def untrained_evaluation(session: Session, forecast: ForecastSettings, title: st
     ``reuse`` a saved one made with the same model, precision, seed, data and forecast settings is read back
     instead (what --resume does). Its predictions [n, H, 2] are saved with it and put into ``predictions`` (if a
     dict is given) under "untrained" (an older file without them gives none)."""
-    key = settings_module.as_record(run=session.run, data=session.data_settings, forecast=forecast)
+    key = as_record(run=session.run, data=session.data_settings, forecast=forecast)
     key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
     saved = read_untrained(path) if reuse and path.is_file() else None
     if saved and saved["settings"] == key:
@@ -318,12 +211,12 @@ def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRAS
     files under ``out``, tag "trained"),
     export it in PEFT format to ``out/peft_adapter`` (if ``export``) and take the adapters off the model again
     (also when something fails). ``resume`` (default: the session's ``--resume``) continues a checkpoint in
-    ``out/training``; ``forecast_score`` is passed to ``training.train`` (a validation forecast score at every
+    ``out/training``; ``forecast_score`` is passed to ``training.train_lora`` (a validation forecast score at every
     evaluation).
     Returns ``(Evaluation named "lora" with the final validation loss, training summary)``. Training charges the
     ledger itself; the forecast's FLOPs are the caller's to charge once its results are written.
 
-    Under torchrun this runs on rank 0; the other ranks make the same ``train`` call in :func:`follow`."""
+    Under torchrun this runs on rank 0; the other ranks make the same ``train_lora`` call in :func:`follow`."""
     training_dir = out / "training"
     resume = (session.run.resume if resume is None else resume) and training_dir.exists()
     job = dict(train_chunks=chunks[0], val_chunks=chunks[1], settings=train_settings, out_dir=training_dir,
@@ -331,7 +224,7 @@ def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRAS
                loss_token_ids=loss_token_ids(session, train_settings))
     try:
         with distributed.leading(job):
-            summary = train(session.model, **job, ledger=session.ledger, force=session.run.force, on_step=on_step,
+            summary = train_lora(session.model, **job, ledger=session.ledger, force=session.run.force, on_step=on_step,
                             forecast_score=forecast_score)
         if export:  # with its card: the LLMTIME scale, decimals, encoding and prompt it needs (adapter_card)
             bias = PEFT_HEAD_BIAS if has_head_bias(session.model) else None  # written by export_peft beside it
@@ -349,12 +242,12 @@ def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRAS
 
 
 def follow(session: Session) -> int:
-    """Ranks > 0 of a training stage launched by torchrun: make every ``train`` call rank 0 makes in
+    """Ranks > 0 of a training stage launched by torchrun: make every ``train_lora`` call rank 0 makes in
     :func:`train_and_forecast` (no ledger; the loop writes nothing on these ranks), taking the adapters off the model
     after each, until rank 0's stage is done. Forecasts, results and the ledger are rank 0's alone. Returns 0."""
     for job in distributed.jobs():
         try:
-            train(session.model, **job)
+            train_lora(session.model, **job)
         finally:
             remove_lora(session.model)
     return 0

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .settings import UsageError
-from .training.loss import autocast_context
+from ..errors import UsageError
+from ..training.loss import autocast_context
 
 
 def require(*modules: str) -> None:
@@ -74,7 +74,7 @@ def training_step(model, optimizer, params, input_ids: torch.Tensor, attention_m
     """One optimizer step of a transformers(+PEFT) model on ``input_ids`` [B, T] (``attention_mask`` [B, T], 1 = real
     token): transformers' own causal-LM loss (``labels``, padding = −100, mean over targets) under autocast to
     ``precision``, backward, gradient clipping to ``max_grad_norm``, ``optimizer.step()`` — the steps of
-    :func:`experiments.lib.training.train`. Returns the loss (nats/token) before the update."""
+    :func:`experiments.lib.training.train_lora`. Returns the loss (nats/token) before the update."""
     device = input_ids.device
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     optimizer.zero_grad(set_to_none=True)

@@ -24,11 +24,12 @@ import numpy as np
 
 from data import Chunks
 
-from . import recipes, settings
+from . import errors, results, runs, settings
 from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
 from .results import Evaluation, write_json
 from .session import Session
-from .settings import ForecastSettings, LoRASettings, TrainSettings, UsageError
+from .settings import ForecastSettings, LoRASettings, TrainSettings
+from .errors import UsageError
 from .training import checkpoint_step, read_log, validation_loss, validation_subset
 
 try:
@@ -77,7 +78,7 @@ def grid_axis(text: str, kind, flag: str, field: str | None = None) -> tuple:
     for v in values:
         try:
             dataclasses.replace(check(), **{field: v}).validate()
-        except settings.OptionError as err:
+        except errors.OptionError as err:
             raise UsageError(f"{flag} {text!r}: {v} {err.allowed}") from None
     if not values or len(set(values)) != len(values):
         raise UsageError(f"{flag} {text!r}: must be distinct values, at least one")
@@ -96,9 +97,14 @@ def grid_points(lora: LoRASettings, train: TrainSettings, lrs, ranks) -> list[Po
     for p in out:
         try:
             p.lora.validate()
-        except settings.OptionError as err:
+        except errors.OptionError as err:
             raise UsageError(f"--lora-alpha {err.value!r} with rank {p.lora.rank}: {err.allowed}") from None
     return out
+
+
+def context_points(lora: LoRASettings, train: TrainSettings, contexts) -> list[Point]:
+    """The context study's points: one per training context length in ``contexts``, named ``context<N>``."""
+    return [Point(f"context{n}", lora, dataclasses.replace(train, context_length=n)) for n in contexts]
 
 
 def add_choice_options(p, defaults: dict) -> None:
@@ -136,7 +142,7 @@ def choose(s: dict, picked: dict, defaults: dict) -> tuple[LoRASettings, TrainSe
     try:
         lora.validate()
         train.validate()
-    except settings.OptionError as err:  # name the option (or the selection the value came from)
+    except errors.OptionError as err:  # name the option (or the selection the value came from)
         option = {"lr": "--lr", "rank": "--rank"}.get(err.field, "--" + err.field.replace("_", "-"))
         given = s.get(f"chosen_{err.field}") is not None or err.field not in picked
         source = "" if given else " (from the selection of --from-" + "/".join(
@@ -187,7 +193,7 @@ def clear_point(directory: Path) -> None:
 def _valid_point(record: dict) -> None:
     for k in ("settings", "name", "lr", "rank", "context_length", "train_loss_last_10"):
         record[k]
-    recipes.valid_evaluation(record["evaluation"])
+    results.valid_evaluation(record["evaluation"])
     for k in ("steps", "epochs", "val_loss", "train_flops", "eval_flops"):
         record["training"][k]
 
@@ -196,8 +202,8 @@ def read_point(path: Path, key: dict, session: Session | None = None) -> dict:
     """The finished point's record in ``path`` (point.json), made with study key ``key``.
 
     Raises UsageError naming the file if it is damaged or was made with other settings."""
-    record = recipes.read_record(path, _valid_point, "delete it and run again with --resume to forecast the point "
-                                                     "again from its checkpoint, or choose another --out")
+    record = results.read_record(path, _valid_point, "delete it and run again with --resume to forecast the point "
+                                 "again from its checkpoint, or choose another --out")
     if record["settings"] != key:
         overwrite = "" if getattr(session, "join", False) else " or --overwrite"
         raise UsageError(f"{path} was made with other settings than these; give the same settings, or use another "
@@ -223,7 +229,7 @@ def plan(config, sizes, forecast: ForecastSettings, points: list[Point], start_s
          untrained: bool = True) -> dict[str, int]:
     """Planned FLOPs of a study: the untrained forecast and validation loss at each distinct context (once, if
     ``untrained``) and, for every point not finished (``start_steps[name] is None``), its training from its
-    checkpoint step and its forecast. ``sizes``: :class:`costs.NominalSizes` or :class:`recipes.SessionSizes`."""
+    checkpoint step and its forecast. ``sizes``: :class:`costs.NominalSizes` or :class:`runs.SessionSizes`."""
     start_steps = start_steps or {}
     costs = {"untrained": 0}
     if untrained:
@@ -251,7 +257,7 @@ class ChunkCache:
     def __call__(self, train: TrainSettings) -> tuple[Chunks, Chunks]:
         key = (train.context_length, train.stride)
         if key not in self._cache:
-            self._cache[key] = recipes.training_chunks(self.session, train)
+            self._cache[key] = runs.training_chunks(self.session, train)
         return self._cache[key]
 
 
@@ -266,8 +272,8 @@ def untrained(session: Session, forecast: ForecastSettings, points: list[Point],
     """The base model's forecast (saved and reused on --resume) and its validation loss at every context length of
     ``points``, on the same validation subsets the points are scored on. Returns ``(evaluation, {context_length:
     validation loss}, FLOPs of those losses)``; the evaluation's own ``validation_loss`` is the first context's."""
-    evaluation = recipes.untrained_evaluation(session, forecast, "base model", path, session.run.resume)
-    saved = recipes.read_untrained(path)
+    evaluation = runs.untrained_evaluation(session, forecast, "base model", path, session.run.resume)
+    saved = runs.read_untrained(path)
     losses, flops = saved.get("validation_loss", {}), saved.get("validation_loss_flops", 0)
     for (context_length, _), train in _by_context(points).items():
         if str(context_length) in losses:
@@ -295,9 +301,9 @@ def run(session: Session, forecast: ForecastSettings, point: Point, chunks: Chun
     t = point.train
     print(f"\n=== {point.name}: lr {t.lr:g}, rank {point.lora.rank}, context {t.context_length}, "
           f"{t.max_steps} steps ===")
-    evaluation, summary = recipes.train_and_forecast(session, forecast, point.lora, t, chunks(t), out,
-                                                     f"{t.context_length}-token windows", on_step=on_step,
-                                                     export=export)
+    evaluation, summary = runs.train_and_forecast(session, forecast, point.lora, t, chunks(t), out,
+                                                  f"{t.context_length}-token windows", on_step=on_step,
+                                                  export=export)
     evaluation.forecaster = point.name
     losses = [e["loss"] for e in read_log(out / "training" / "log.jsonl") if e["kind"] == "train"]
     record = {"settings": key, "name": point.name, "lr": t.lr, "rank": point.lora.rank,
@@ -324,7 +330,7 @@ def run_all(session: Session, forecast: ForecastSettings, points: list[Point], k
         chunks = ChunkCache(session)
         for train in _by_context([p for p in points if p.name not in done]).values():
             chunks(train)  # cut (and checked against the batch size) before anything is spent
-        planned = session.check(plan(session.model.config, recipes.SessionSizes(session), forecast, points,
+        planned = session.check(plan(session.model.config, runs.SessionSizes(session), forecast, points,
                                      start_steps, untrained=reference and not reuse))
         base, untrained_losses = (untrained(session, forecast, points, chunks, path)[:2] if reference else (None, {}))
         records = []
@@ -361,7 +367,7 @@ def table_rows(records: list[dict]) -> list[dict]:
 
 def charged_flops(records: list[dict], reference: Evaluation, path: Path) -> dict[str, int]:
     """FLOPs of a study by kind, as its parts were charged: generate, train, eval."""
-    saved = recipes.read_untrained(path)
+    saved = runs.read_untrained(path)
     return {"generate": reference.flops + sum(r["evaluation"]["flops"] for r in records),
             "train": sum(r["training"]["train_flops"] for r in records),
             "eval": saved.get("validation_loss_flops", 0) + sum(r["training"]["eval_flops"] for r in records)}

@@ -1,0 +1,75 @@
+"""What a run writes for people to read: Markdown tables of evaluations, the printed summary, the command line
+that made a run and the README.md of its directory, and the short sentences the study tables carry."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .results import Evaluation
+
+
+def format_number(x, spec: str = ".4f") -> str:
+    """``x`` formatted with ``spec``, or "–" for a missing value (None or NaN), for Markdown tables."""
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+
+def evaluation_table(evaluations: dict[str, Evaluation]) -> str:
+    """Markdown table, one column per evaluation: validation loss, per-species MSE / MAE / R², parse rate, FLOPs."""
+    names = list(evaluations)
+    rows = [("validation loss (nats/token)", [e.validation_loss for e in evaluations.values()], ".4f")]
+    for species in ("prey", "predator"):
+        for key, label, spec in (("mse", "MSE", ".4f"), ("mae", "MAE", ".4f"), ("r2", "R²", ".3f")):
+            rows.append((f"{species} {label}", [e.metrics[species][key] for e in evaluations.values()], spec))
+    rows.append(("forecasts parsed completely", [e.parsed_fraction for e in evaluations.values()], ".0%"))
+    rows.append(("forecast FLOPs", [e.flops for e in evaluations.values()], ".3g"))
+    lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    lines += [f"| {label} | " + " | ".join(format_number(v, spec) for v in values) + " |"
+              for label, values, spec in rows]
+    return "\n".join(lines)
+
+
+def print_evaluation(evaluation: Evaluation, reference: Evaluation | None = None) -> None:
+    """One line per species: MSE / MAE / R² (and the reference's, e.g. persistence, for scale)."""
+    print(f"{evaluation.forecaster}: {len(evaluation.trajectories)} trajectories of {evaluation.split}, "
+          f"{100 * evaluation.parsed_fraction:.0f}% parsed completely ({evaluation.steps_invalid} invalid, "
+          f"{evaluation.steps_missing} missing steps)")
+    for name in ("prey", "predator"):
+        m = evaluation.metrics[name]
+        line = f"  {name:9s} MSE {m['mse']:.4f}  MAE {m['mae']:.4f}  R² {m['r2']:.3f}"
+        if reference is not None:
+            p = reference.metrics[name]
+            line += f"   ({reference.forecaster}: MSE {p['mse']:.4f}  MAE {p['mae']:.4f}  R² {p['r2']:.3f})"
+        print(line)
+
+
+def command_line(module: str, argv) -> str:
+    """The command that ran ``module`` with ``argv`` (default ``sys.argv[1:]``), absolute paths shortened to their
+    last part so that no machine path lands in committed results."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    return " ".join([f"python -m {module}"] + [Path(w).name if Path(w).is_absolute() else w for w in words])
+
+
+def write_run_readme(path: Path, title: str, command: str, body: str) -> None:
+    """A short README.md for a run directory: the title, the command that produced it, the body (tables)."""
+    path.write_text(f"# {title}\n\n`{command}`\n\n{body}\n")
+
+
+def tie_note(chosen: dict) -> str:
+    """A sentence saying which points tied with the chosen one ("" when none did)."""
+    tied = chosen.get("tied_with") or []
+    if not tied:
+        return ""
+    names = "; ".join(f"lr {t['lr']:g}, rank {t['rank']}" for t in tied)
+    return (f" Tie: {names} {'has' if len(tied) == 1 else 'have'} the same forecast MSE as the chosen point; the "
+            "first in grid order (lr outer, rank inner) was chosen.")
+
+
+def horizon_growth(metrics: dict) -> float:
+    """How fast the error grows with the horizon: mean MAE (both species) over the last quarter of the steps divided
+    by that over the first quarter."""
+    values = [(a + b) / 2 for a, b in zip(metrics["prey"]["mae_by_step"], metrics["predator"]["mae_by_step"])]
+    q = max(1, len(values) // 4)
+    return float(sum(values[-q:]) / max(sum(values[:q]), 1e-12))
