@@ -8,9 +8,9 @@ match of the last m steps within the context; m chosen on the validation split).
 
 Writes ``results.json`` (one evaluation per forecaster and split, keyed ``"<forecaster>/<split>"``; in ``details``
 the order search and, per split, paired comparisons of every forecaster with the best one — bootstrap intervals,
-wins, medians, blow-ups, see :mod:`experiments.lib.compare`), ``README.md`` (the tables), per-trajectory CSVs and forecast
-plots under ``--out`` (default ``runs/classical``). These forecasters run no language model: they spend no FLOPs of
-the 1e17 budget and charge nothing to the ledger.
+wins, medians, blow-ups, see :mod:`experiments.lib.compare`), ``README.md`` (the tables), per-trajectory CSVs and
+forecast plots under ``--out`` (default ``runs/classical``). These forecasters run no language model: they spend no
+FLOPs of the 1e17 budget and charge nothing to the ledger.
 """
 
 from __future__ import annotations

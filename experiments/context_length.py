@@ -33,7 +33,8 @@ plan = plans.context_length
 
 def build_parser(preset: str | None = None):
     p = cli.parser("python -m experiments.context_length", __doc__.split("\n\n")[0], "run", "data", "forecast",
-                   "lora", "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS, exclude=("lr", "rank"))
+                   "lora", "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS,
+                   exclude=("lr", "rank"))
     studies.add_choice_options(p, DEFAULTS)
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="window lengths (default 128,512,768)")
     return p
@@ -62,7 +63,7 @@ def main(argv=None, on_step=None) -> int:
     picked = studies.chosen(s["from_sweep"], "sweep")
     lora, train = studies.choose(s, picked, DEFAULTS)
     lr, rank, forecast = train.lr, lora.rank, s["forecast"]
-    session = Session(STAGE, s["run"], s["data"], trains=True)
+    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return runs.follow(session)
     indices, _, contexts_, truth = session.dataset.forecast_set(forecast)

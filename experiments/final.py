@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 
 from .lib import cli, compare, defaults, halving, plans, runs, side_by_side, studies, tables
-from .lib.costs import forecast_cost
 from .lib.plots import plot_horizon_errors
 from .lib.session import Session
 from .lib.errors import UsageError
@@ -36,7 +35,8 @@ plan = plans.final
 
 def build_parser(preset: str | None = None):
     p = cli.parser("python -m experiments.final", __doc__.split("\n\n")[0], "run", "data", "forecast", "lora",
-                   "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS, exclude=("lr", "rank"))
+                   "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS,
+                   exclude=("lr", "rank"))
     studies.add_choice_options(p, DEFAULTS)
     p.add_argument("--from-context", default=None,
                    help="context-length study directory whose selection gives --context-length")
@@ -72,12 +72,11 @@ def main(argv=None, on_step=None) -> int:
         raise UsageError("--select-by forecast: " + ("--score-limit must be >= 1" if s["score_limit"] < 1 else
                                                       "scores forecasts in one process; use --select-by loss under "
                                                       "torchrun"))
-    session = Session(STAGE, s["run"], s["data"], trains=True)
+    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return runs.follow(session)
     ds = session.dataset
-    text = s["peer_indices"] or ("850-999" if ds.data.n_systems >= 1000 else "none")
-    peers = None if text.lower() == "none" else side_by_side.indices_range(text, ds.data.n_systems)
+    peers = side_by_side.peer_indices(s["peer_indices"], ds.data.n_systems)
     indices, _, contexts, truth = ds.forecast_set(forecast)
     continued = s["from_search"] is not None and s["continue_search"]
     inherited = halving.continue_point(s["from_search"], picked, train, session.out) if continued else {}
@@ -88,10 +87,7 @@ def main(argv=None, on_step=None) -> int:
     planned = plan(session.model.config, runs.SessionSizes(session), forecast, lora, train, start,
                    untrained=not reuse)
     if peers is not None:  # the LLMs on the peer trajectories outside the test split
-        extra = [i for i in peers if i not in set(indices.tolist())]
-        lengths = [max(runs.SessionSizes(session).prompt_lengths(forecast))] * len(extra)
-        planned["peer trajectories"] = 2 * forecast_cost(session.model.config, lengths, forecast.horizon,
-                                                         ds.decimals, forecast, lora)
+        planned["peer trajectories"] = side_by_side.peer_cost(session, forecast, lora, peers, indices)
     planned = session.check(planned)
 
     predictions: dict = {}
@@ -132,8 +128,8 @@ def main(argv=None, on_step=None) -> int:
             f"{compare.comparison_table(comparisons)}\n")
     peer = None
     if peers is not None:
-        best_adapter = session.out / "training" / "best_adapter"
-        adapter = best_adapter if train.restore_best and best_adapter.is_dir() else session.out / "training" / "adapter"
+        adapter = session.out / "training" / ("best_adapter" if train.restore_best and
+                                              (session.out / "training" / "best_adapter").is_dir() else "adapter")
         peer = side_by_side.peer_table(session, forecast, peers, predictions, indices, adapter, forecasters)
         body += f"\n{peer['markdown']}\n"
     results = session.results(forecast=forecast, lora=lora, train=train)

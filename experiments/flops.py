@@ -10,8 +10,8 @@ modules count), for ``config.json`` in ``--model DIR`` or, without it, :class:`m
 defaults (Qwen2.5-0.5B-Instruct). Nothing here runs a model: it takes well under a second.
 
 The plan is derived, not written down: every stage's own ``plan`` function at the stage's own default settings
-(:func:`experiments.lib.plans.stage_plans`), so changing a stage's defaults changes the plan. Conventions: training = 3×
-forward, evaluation/generation = 1× forward.
+(:func:`experiments.lib.plans.stage_plans`), so changing a stage's defaults changes the plan. Conventions: training =
+3× forward, evaluation/generation = 1× forward.
 """
 
 from __future__ import annotations

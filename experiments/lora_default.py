@@ -28,7 +28,7 @@ def build_parser(preset: str | None = None):
 
 def main(argv=None) -> int:
     s = cli.parse(build_parser(cli.preset_name(argv, PRESETS)), argv)
-    session = Session(STAGE, s["run"], s["data"], trains=True)
+    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return runs.follow(session)
     forecast, lora, train_settings = s["forecast"], s["lora"], s["train"]

@@ -32,12 +32,14 @@ DEFAULTS, PRESETS = defaults.DEFAULTS[STAGE], defaults.PRESETS[STAGE]
 
 def build_parser(preset: str | None = None):
     p = cli.parser("python -m experiments.search", __doc__.split("\n\n")[0], "run", "data", "forecast", "lora",
-                   "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS, exclude=("lr", "rank"))
+                   "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS,
+                   exclude=("lr", "rank"))
     p.add_argument("--lrs", default="1e-5,5e-5,1e-4", help="learning rates (default 1e-5,5e-5,1e-4)")
     p.add_argument("--ranks", default="2,4,8", help="LoRA ranks (default 2,4,8)")
     p.add_argument("--min-steps", type=int, default=MIN_STEPS[preset],
                    help=f"steps of the first rung, N (default {MIN_STEPS[preset]})")
-    p.add_argument("--eta", type=int, default=3, help="rung k trains 1/eta^k of the points to N·eta^k steps (default 3)")
+    p.add_argument("--eta", type=int, default=3,
+                   help="rung k trains 1/eta^k of the points to N·eta^k steps (default 3)")
     p.add_argument("--rungs", type=int, default=3, help="number of rungs (default 3)")
     return p
 
@@ -53,7 +55,7 @@ def main(argv=None, on_step=None) -> int:
                          "points over rungs; use constant (warm-up allowed)")
     grid = studies.grid_points(lora, train, lrs, ranks)
     rungs = halving.schedule(len(grid), s["min_steps"], s["eta"], s["rungs"])
-    session = Session(STAGE, s["run"], s["data"], trains=True)
+    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return runs.follow(session)
     key = halving.study_key(session, forecast, grid[0], rungs, s["eta"])

@@ -40,7 +40,8 @@ plan = plans.sweep
 
 def build_parser(preset: str | None = None):
     p = cli.parser("python -m experiments.sweep", __doc__.split("\n\n")[0], "run", "data", "forecast", "lora",
-                   "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS, exclude=("lr", "rank"))
+                   "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS,
+                   exclude=("lr", "rank"))
     p.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates (default 1e-5,5e-5,1e-4)")
     p.add_argument("--ranks", default=",".join(map(str, RANKS)), help="LoRA ranks (default 2,4,8)")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -65,7 +66,7 @@ def main(argv=None, on_step=None) -> int:
         raise UsageError("--overwrite would delete the other shards' points: remove --out by hand to start again")
     points = grid_points(lora, train, lrs, ranks)  # refuses a --lora-alpha absurd at some rank, before any work
     session = Session(STAGE, dataclasses.replace(run, resume=True) if join else run, s["data"], trains=True,
-                      join=join)
+                      join=join, progress=train.progress)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return runs.follow(session)
     key = studies.study_key(session, forecast, lora, train)

@@ -14,7 +14,7 @@ from experiments import baseline, lora_default
 from experiments.lib.budget import Ledger
 from experiments.lib.settings import LoRASettings, TrainSettings
 from experiments.lib.cli import run_cli
-from experiments.lib.training import CheckpointError, train_lora
+from experiments.lib.training import CheckpointError, train_lora as train
 from miniqwen import Qwen2Config, Qwen2ForCausalLM
 
 
@@ -90,7 +90,7 @@ def tiny_run(tmp_path, **overrides):
 def test_a_damaged_checkpoint_is_a_clear_error_and_is_never_resumed(tmp_path, damage):
     model, chunks, settings = tiny_run(tmp_path)
     out = tmp_path / "run"
-    train_lora(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
+    train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
     ckpt = out / "checkpoint"
     target = {"flip adapter bytes": "adapter.safetensors", "truncate optimizer": "optimizer.safetensors",
               "empty rng": "rng.safetensors", "garble state": "state.json", "delete state": "state.json",
@@ -111,7 +111,7 @@ def test_a_damaged_checkpoint_is_a_clear_error_and_is_never_resumed(tmp_path, da
     saved = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     model2, _, settings2 = tiny_run(tmp_path, max_steps=6)
     with pytest.raises(CheckpointError) as info:
-        train_lora(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
+        train(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
     message = str(info.value)
     assert (target in message) or ("nothing to resume" in message and "lost" in message)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == saved  # nothing was overwritten
@@ -133,7 +133,7 @@ def test_a_new_checkpoint_replaces_the_old_only_when_verified(tmp_path, monkeypa
 
     monkeypatch.setattr(ckpt_module, "read_checkpoint", failing_verify)
     with pytest.raises(CheckpointError, match="simulated"):
-        train_lora(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
+        train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["loop"]["step"] == 2  # the previous good checkpoint is still the checkpoint
 
@@ -141,17 +141,17 @@ def test_a_new_checkpoint_replaces_the_old_only_when_verified(tmp_path, monkeypa
 def test_resume_with_nothing_to_resume_says_so(tmp_path):
     model, chunks, settings = tiny_run(tmp_path)
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        train_lora(model, chunks, chunks, settings, tmp_path / "fresh", lora=LoRASettings(rank=2), resume=True)
+        train(model, chunks, chunks, settings, tmp_path / "fresh", lora=LoRASettings(rank=2), resume=True)
 
 
 def test_lost_state_after_training_is_not_a_silent_restart(tmp_path):
     model, chunks, settings = tiny_run(tmp_path)
     out = tmp_path / "run"
-    train_lora(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
+    train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
     shutil.rmtree(out / "checkpoint")
     model2, _, _ = tiny_run(tmp_path)
     with pytest.raises(CheckpointError, match="lost"):
-        train_lora(model2, chunks, chunks, settings, out, lora=LoRASettings(rank=2), resume=True)
+        train(model2, chunks, chunks, settings, out, lora=LoRASettings(rank=2), resume=True)
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +242,13 @@ def _edit_state(state: dict, edit: str) -> dict:
 def test_an_edited_state_json_is_refused_not_believed(tmp_path, edit):
     model, chunks, settings = tiny_run(tmp_path)
     out = tmp_path / "run"
-    train_lora(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
+    train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
     file = out / "checkpoint" / "state.json"
     file.write_text(json.dumps(_edit_state(json.loads(file.read_text()), edit)))
     saved = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
     model2, _, settings2 = tiny_run(tmp_path, max_steps=6)
     with pytest.raises(CheckpointError) as info:
-        train_lora(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
+        train(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
     message = str(info.value)
     assert "state.json" in message and "\n" not in message, message
     assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == saved
@@ -257,13 +257,13 @@ def test_an_edited_state_json_is_refused_not_believed(tmp_path, edit):
 def test_a_checkpoint_written_before_the_state_checksum_still_resumes(tmp_path):
     model, chunks, settings = tiny_run(tmp_path)
     out = tmp_path / "run"
-    train_lora(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
+    train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
     file = out / "checkpoint" / "state.json"
     state = json.loads(file.read_text())
     state.pop("state_sha256")
     file.write_text(json.dumps(state))
     model2, _, settings2 = tiny_run(tmp_path, max_steps=6)
-    summary = train_lora(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
+    summary = train(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
     assert summary["steps"] == 6
 
 

@@ -317,6 +317,7 @@ def test_a_trained_adapter_carries_its_card_into_the_forecast(tiny_full_vocab, t
             "--horizon", "2", "--context-length", "48", "--batch-size", "2", "--max-steps", "2", "--eval-every", "2",
             "--eval-batches", "1", "--lr", "1e-3", "--no-progress", "--encoding", "integer", "--decimals", "3"]
     assert lora_default.main([str(a) for a in argv]) == 0
+    assert "%|" not in capsys.readouterr().err  # --no-progress: no bar at all, the forecasts' included (tqdm's "%|")
     adapter = tmp_path / "run" / "peft_adapter"
     card = read_card(adapter)
     dataset = json.loads((tmp_path / "run" / "results.json").read_text())["data"]

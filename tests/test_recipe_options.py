@@ -14,7 +14,7 @@ from experiments.lib import cli, errors
 from experiments.lib.costs import chunk_pass_flops, forecast_cost
 from experiments.lib.settings import ForecastSettings, LoRASettings, TrainSettings, as_record
 from experiments.lib.errors import OptionError
-from experiments.lib.training import read_log, train_lora
+from experiments.lib.training import read_log, train_lora as train
 from lora import (
     AdapterError,
     BiasedHead,
@@ -169,7 +169,7 @@ def test_head_bias_trains_with_the_adapters_and_is_charged_as_planned(tmp_path):
     chunks = random_chunks(3, seed=1, min_len=48, max_len=49)  # full rows: the plan's upper bound is exact
     model = tiny_model()
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
-    summary = train_lora(model, chunks, chunks, config(max_steps=4), tmp_path / "full",
+    summary = train(model, chunks, chunks, config(max_steps=4), tmp_path / "full",
                     lora=LoRASettings(rank=4, head_bias=True), stage="test")
     bias = get_head_bias(model)
     assert bias is not None and bias.abs().sum() > 0  # it moved
@@ -188,7 +188,7 @@ def test_head_bias_trains_with_the_adapters_and_is_charged_as_planned(tmp_path):
     numeric = make_chunks([torch.tensor(allowed)[torch.randint(0, 6, (48,), generator=g)].tolist()
                            for _ in range(3)], L)
     model = tiny_model()
-    summary = train_lora(model, numeric, numeric, config(max_steps=3, loss_vocabulary="numeric"), tmp_path / "numeric",
+    summary = train(model, numeric, numeric, config(max_steps=3, loss_vocabulary="numeric"), tmp_path / "numeric",
                     lora=LoRASettings(rank=4, head_bias=True), stage="test", loss_token_ids=allowed)
     moved = set(torch.nonzero(get_head_bias(model)).flatten().tolist())
     assert moved and moved <= set(allowed)
@@ -197,7 +197,7 @@ def test_head_bias_trains_with_the_adapters_and_is_charged_as_planned(tmp_path):
     other = tiny_model()
     apply_lora(other, rank=4)
     with pytest.raises(ValueError, match="head_bias"):
-        train_lora(other, chunks, None, config(max_steps=1), tmp_path / "other", lora=LoRASettings(rank=4, head_bias=True),
+        train(other, chunks, None, config(max_steps=1), tmp_path / "other", lora=LoRASettings(rank=4, head_bias=True),
               stage="test")
 
 
@@ -323,7 +323,7 @@ def test_schedule_settings_are_validated_and_parsed():
 def test_log_records_each_steps_lr(tmp_path):
     chunks = random_chunks(4, seed=2)
     cfg = config(max_steps=5, lr_schedule="cosine", warmup_steps=2, eval_every=0)
-    train_lora(tiny_model(), chunks, None, cfg, tmp_path, lora=LoRASettings(rank=4), stage="test")
+    train(tiny_model(), chunks, None, cfg, tmp_path, lora=LoRASettings(rank=4), stage="test")
     logged = [e["lr"] for e in read_log(tmp_path / "log.jsonl") if e["kind"] == "train"]
     assert logged == [cfg.learning_rate(s) for s in range(5)]
 
@@ -338,11 +338,11 @@ def test_cosine_run_with_head_bias_killed_and_resumed_is_bit_identical(tmp_path)
         if step == 5:  # the checkpoint is at step 4: step 5 is lost and redone
             raise Killed
 
-    full = train_lora(tiny_model(), chunks, val, cfg, tmp_path / "full", lora=lora, stage="test")
+    full = train(tiny_model(), chunks, val, cfg, tmp_path / "full", lora=lora, stage="test")
     with pytest.raises(Killed):
-        train_lora(tiny_model(), chunks, val, cfg, tmp_path / "resumed", lora=lora, stage="test", on_step=kill)
+        train(tiny_model(), chunks, val, cfg, tmp_path / "resumed", lora=lora, stage="test", on_step=kill)
     assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["loop"]["step"] == 4
-    resumed = train_lora(tiny_model(), chunks, val, cfg, tmp_path / "resumed", lora=lora, stage="test", resume=True)
+    resumed = train(tiny_model(), chunks, val, cfg, tmp_path / "resumed", lora=lora, stage="test", resume=True)
     assert resumed["steps"] == full["steps"] == 9
     for name in ("adapter/adapter.safetensors", "checkpoint/optimizer.safetensors",
                  "checkpoint/best_adapter.safetensors"):
@@ -355,25 +355,25 @@ def test_cosine_run_with_head_bias_killed_and_resumed_is_bit_identical(tmp_path)
 def test_resume_with_other_max_steps_is_refused_under_cosine_only(tmp_path):
     chunks = random_chunks(6, seed=3)
     cosine = config(max_steps=4, lr_schedule="cosine", eval_every=0)
-    train_lora(tiny_model(), chunks, None, cosine, tmp_path / "cos", lora=LoRASettings(rank=4), stage="test")
+    train(tiny_model(), chunks, None, cosine, tmp_path / "cos", lora=LoRASettings(rank=4), stage="test")
     with pytest.raises(ValueError, match=r"max_steps: checkpoint 4 vs now 6 \(the cosine"):
-        train_lora(tiny_model(), chunks, None, config(max_steps=6, lr_schedule="cosine", eval_every=0), tmp_path / "cos",
+        train(tiny_model(), chunks, None, config(max_steps=6, lr_schedule="cosine", eval_every=0), tmp_path / "cos",
               lora=LoRASettings(rank=4), stage="test", resume=True)
     with pytest.raises(ValueError, match="lr_schedule: checkpoint 'cosine' vs now 'constant'"):
-        train_lora(tiny_model(), chunks, None, config(max_steps=4, eval_every=0), tmp_path / "cos",
+        train(tiny_model(), chunks, None, config(max_steps=4, eval_every=0), tmp_path / "cos",
               lora=LoRASettings(rank=4), stage="test", resume=True)
     # the same max_steps resumes (nothing left to do); a constant schedule, warm-up or not, may be continued
-    train_lora(tiny_model(), chunks, None, cosine, tmp_path / "cos", lora=LoRASettings(rank=4), stage="test", resume=True)
+    train(tiny_model(), chunks, None, cosine, tmp_path / "cos", lora=LoRASettings(rank=4), stage="test", resume=True)
     warm = config(max_steps=4, warmup_steps=2, eval_every=0)
-    train_lora(tiny_model(), chunks, None, warm, tmp_path / "warm", lora=LoRASettings(rank=4), stage="test")
-    summary = train_lora(tiny_model(), chunks, None, config(max_steps=6, warmup_steps=2, eval_every=0), tmp_path / "warm",
+    train(tiny_model(), chunks, None, warm, tmp_path / "warm", lora=LoRASettings(rank=4), stage="test")
+    summary = train(tiny_model(), chunks, None, config(max_steps=6, warmup_steps=2, eval_every=0), tmp_path / "warm",
                     lora=LoRASettings(rank=4), stage="test", resume=True)
     assert summary["steps"] == 6
     with pytest.raises(ValueError, match="warmup_steps: checkpoint 2 vs now 0"):
-        train_lora(tiny_model(), chunks, None, config(max_steps=8, eval_every=0), tmp_path / "warm",
+        train(tiny_model(), chunks, None, config(max_steps=8, eval_every=0), tmp_path / "warm",
               lora=LoRASettings(rank=4), stage="test", resume=True)
     with pytest.raises(ValueError, match="lora"):  # the head bias is part of what a resumed run must match
-        train_lora(tiny_model(), chunks, None, config(max_steps=8, warmup_steps=2, eval_every=0), tmp_path / "warm",
+        train(tiny_model(), chunks, None, config(max_steps=8, warmup_steps=2, eval_every=0), tmp_path / "warm",
               lora=LoRASettings(rank=4, head_bias=True), stage="test", resume=True)
 
 
@@ -401,7 +401,7 @@ def test_records_with_the_defaults_are_unchanged(tmp_path):
     assert as_record(train=TrainSettings(warmup_steps=2))["train"] == {**TRAIN_RECORD_BEFORE, "warmup_steps": 2}
     # a checkpoint of a default run holds the record made before, so it and older ones resume alike
     chunks = random_chunks(4, seed=4)
-    train_lora(tiny_model(), chunks, None, config(max_steps=2, eval_every=0), tmp_path, lora=LoRASettings(rank=4),
+    train(tiny_model(), chunks, None, config(max_steps=2, eval_every=0), tmp_path, lora=LoRASettings(rank=4),
           stage="test")
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert "lr_schedule" not in state["settings"] and "warmup_steps" not in state["settings"]

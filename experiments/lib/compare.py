@@ -381,8 +381,9 @@ def summary_table(comparisons, spec: str = ".4g") -> str:
             e = c["species"][species]
             m = e["mse"]
             lines.append(f"| {c['a']} vs {c['b']} | {species} | {format(m['mean_a'], spec)} "
-                         f"({format(m['median_a'], spec)}) | {format(m['mean_b'], spec)} ({format(m['median_b'], spec)})"
-                         f" | {diff(m)} | {diff(e['mae'])} | {m['wins_a']} / {m['wins_b']} / {m['ties']} | "
+                         f"({format(m['median_a'], spec)}) | {format(m['mean_b'], spec)} "
+                         f"({format(m['median_b'], spec)}) | {diff(m)} | {diff(e['mae'])} | "
+                         f"{m['wins_a']} / {m['wins_b']} / {m['ties']} | "
                          f"{len(e['blowups']['a'])} / {len(e['blowups']['b'])} |")
     return "\n".join(lines)
 

@@ -3,8 +3,8 @@
 A *forecaster* has a ``name`` and ``forecast(contexts [n, C, 2], horizon) -> Forecasts``. :class:`LLMForecaster`
 continues LLMTIME text with constrained, KV-cached generation; the classical ones
 (:mod:`experiments.lib.classical_forecasters`) fit each context. :func:`evaluate` turns any of them into an
-:class:`experiments.lib.results.Evaluation`: unparsed steps filled by persistence, MSE/MAE/R² per species overall and per
-horizon step, parse rate, FLOPs, wall time.
+:class:`experiments.lib.results.Evaluation`: unparsed steps filled by persistence, MSE/MAE/R² per species overall and
+per horizon step, parse rate, FLOPs, wall time.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def persistence_reference(session: Session, forecast: ForecastSettings):
 
 
 def forecast_scorer(session: Session, forecast: ForecastSettings):
-    """A ``model -> (score, FLOPs)`` for ``training.train_lora(forecast_score=…)``: the :data:`SCORE_RULE` score of the
+    """A ``model -> (score, FLOPs)`` for ``train_lora(forecast_score=…)``: the :data:`SCORE_RULE` score of the
     model (adapters merged, :func:`lora.merged`) on ``forecast``'s trajectories, e.g. a fixed validation subset,
     greedy; persistence's per-trajectory errors on them are computed once."""
     indices, contexts, truth, reference = persistence_reference(session, forecast)
@@ -267,7 +267,8 @@ def table_rows(rungs: list[list[dict]]) -> list[dict]:
     return rows
 
 
-def study_key(session: Session, forecast: ForecastSettings, base: Point, rungs: list[tuple[int, int]], eta: int) -> dict:
+def study_key(session: Session, forecast: ForecastSettings, base: Point, rungs: list[tuple[int, int]],
+              eta: int) -> dict:
     """What every rung record of a search must share: the points' study key (:func:`studies.study_key`, with the
     last rung's steps) and the schedule."""
     key = studies.study_key(session, forecast, base.lora,

@@ -126,7 +126,8 @@ def final_section(results: dict[str, Results], results_root: Path, root: Path) -
                f"{format_number(r.flops.get('total'), '.3g')} (training {format_number(tr.get('train_flops'), '.3g')})"
                ".", "", r.details["table_markdown"], ""]
         paired = r.details.get("comparisons") or [  # runs made before the stage wrote them: from its CSVs
-            c for other in sorted((results_root / run).glob("per_trajectory_*.csv")) if other.stem != "per_trajectory_trained"
+            c for other in sorted((results_root / run).glob("per_trajectory_*.csv"))
+            if other.stem != "per_trajectory_trained"
             if (c := compare.compare_files(results_root / run / "per_trajectory_trained.csv", other,
                                            ("lora", other.stem.removeprefix("per_trajectory_")),
                                            r.evaluations["lora"].horizon, r.seed)) is not None]

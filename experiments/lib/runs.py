@@ -47,7 +47,8 @@ def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> L
     dataset's LLMTIME scale, decimals and encoding."""
     return LLMForecaster(session.model, session.tokenizer, session.dataset.llmtime_scale, session.dataset.decimals,
                          forecast.prompt, forecast.samples, forecast.temperature, forecast.top_p,
-                         forecast.gen_batch_size, session.run.seed, name=name, encoding=session.dataset.encoding)
+                         forecast.gen_batch_size, session.run.seed, name=name, encoding=session.dataset.encoding,
+                         progress=session.progress)
 
 
 def forecast_and_save(session: Session, forecaster: Forecaster, forecast: ForecastSettings, tag: str,

@@ -143,6 +143,8 @@ class Session:
             ranks > 0 (``is_main`` False) only run rank 0's training jobs (``runs.follow``); they neither check
             nor touch ``run.out``. A stage that does not train refuses torchrun.
         join: ``run.out`` is shared with other jobs (sweep shards): it may hold results or nothing yet.
+        progress: show the forecasts' progress bars (training stages pass ``--no-progress`` here, so that it silences
+            every bar of the stage, not only the training loop's).
 
     ``run.out`` is a run directory: the Session keeps a run record (:data:`RECORD`: the stage, the settings, the data
     checksum and the weights' identity) in every one it makes, and only a directory a stage made is resumed (by the
@@ -160,8 +162,8 @@ class Session:
     """
 
     def __init__(self, stage: str, run: RunSettings, data: DataSettings, *, trains: bool = False,
-                 join: bool = False):
-        self.stage, self.run, self.data_settings, self.join = stage, run, data, join
+                 join: bool = False, progress: bool = True):
+        self.stage, self.run, self.data_settings, self.join, self.progress = stage, run, data, join, progress
         self.out = Path(run.out).expanduser() if run.out else Path("runs") / stage
         if run.resume and not trains and not join:
             raise UsageError(f"--resume: experiments.{stage} has nothing to resume (it does not train); run it "

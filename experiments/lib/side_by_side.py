@@ -16,6 +16,7 @@ import numpy as np
 
 from . import compare, runs
 from .classical_forecasters import validated_forecasters
+from .costs import forecast_cost
 from .evaluation import evaluate
 from .results import Evaluation
 from .session import Session
@@ -124,6 +125,22 @@ def on_indices(session: Session, forecasters: dict, forecast: ForecastSettings, 
                                        flops=int(flops))
         predictions[name] = pred
     return evaluations, predictions, truth
+
+
+def peer_indices(text: str | None, n_systems: int) -> np.ndarray | None:
+    """The trajectories ``--peer-indices`` names (``A-B``), by default 850–999 (as published peer runs report) when
+    the file has 1,000 trajectories; None for "none" or a smaller file by default. Raises UsageError for a bad
+    range (:func:`indices_range`)."""
+    text = text or ("850-999" if n_systems >= 1000 else "none")
+    return None if text.lower() == "none" else indices_range(text, n_systems)
+
+
+def peer_cost(session: Session, forecast: ForecastSettings, lora, peers: np.ndarray, indices) -> int:
+    """Planned FLOPs of forecasting the peer trajectories outside the test split ``indices`` with the untrained and
+    the trained model (an upper bound: every prompt as long as the longest test prompt)."""
+    extra = [i for i in peers if i not in set(np.asarray(indices).tolist())]
+    lengths = [max(runs.SessionSizes(session).prompt_lengths(forecast))] * len(extra)
+    return 2 * forecast_cost(session.model.config, lengths, forecast.horizon, session.dataset.decimals, forecast, lora)
 
 
 def peer_table(session: Session, forecast: ForecastSettings, peers, predictions: dict, indices, adapter: Path,

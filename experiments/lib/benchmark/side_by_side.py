@@ -64,8 +64,8 @@ def forward_side_by_side(model_dir, data: str | None, batch: int, seq_len: int, 
 
 
 def _ours_training_step(model, optimizer, params, ids, mask, precision: str) -> float:
-    """One step of :func:`experiments.lib.training.train_lora`'s loop (counted FLOPs, autocast, loss, backward, clip 1.0,
-    AdamW). Returns the loss before the update."""
+    """One step of :func:`experiments.lib.training.train_lora`'s loop (counted FLOPs, autocast, loss, backward, clip
+    1.0, AdamW). Returns the loss before the update."""
     optimizer.zero_grad(set_to_none=True)
     with torch.enable_grad():
         with FlopCounter(), autocast_context(ids.device, precision):
