@@ -71,34 +71,23 @@ def main(argv=None, on_step=None) -> int:
 
 
 def write_results(session: Session, done: list[list[dict]], untrained: Evaluation, untrained_loss_flops: int,
-                  planned: int,
-                  forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings, rungs, s: dict, preset,
-                  argv) -> None:
+                  planned: int, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings, rungs,
+                  s: dict, preset, argv) -> None:
     """search.csv, rungs.png, README.md (the table) and results.json; the winner is the best point of the last
     rung."""
-    rows = halving.table_rows(done)
-    winner = min(done[-1], key=lambda r: halving._finite(r["score"]))
-    fmt = tables.format_number
+    rows = tables.search_rows(done)
+    winner = min(done[-1], key=lambda r: halving.finite_score(r["score"]))
     scale = (f"rungs {', '.join(f'{n} points × {steps} steps' for steps, n in rungs)}; batch {train.batch_size} × "
              f"{train.context_length} tokens, {train.loss_vocabulary} loss, constant lr; {len(untrained.trajectories)} "
              f"{forecast.split} trajectories {forecast.context_steps}→{forecast.horizon}; {session.weights}")
     write_csv(session.out / "search.csv", rows)
     plot_rungs(session.out / "rungs.png", rows, f"successive halving; {scale}")
-    lines = ["| rung | point | steps | score | val loss | prey median MSE | predator median MSE | prey R² | "
-             "predator R² | parsed |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     base = halving.saved_score(session, forecast, session.out / "untrained.json")
-    if base is not None:  # the reference: the model before any training, scored the same way
-        m = untrained.metrics
-        lines.append(f"| – | untrained | 0 | {fmt(base['score'])} | {fmt(untrained.validation_loss)} | "
-                     f"{fmt(base['median_mse']['prey'])} | {fmt(base['median_mse']['predator'])} | "
-                     f"{fmt(m['prey']['r2'], '.3f')} | {fmt(m['predator']['r2'], '.3f')} | "
-                     f"{untrained.parsed_fraction:.0%} |")
-    for r in rows:
-        bold = "**" if r["name"] == winner["name"] and r["rung"] == winner["rung"] else ""
-        lines.append(f"| {r['rung']} | {bold}{r['name']}{bold} | {r['steps']} | {bold}{fmt(r['score'])}{bold} | "
-                     f"{fmt(r['val_loss'])} | {fmt(r['prey_median_mse'])} | {fmt(r['predator_median_mse'])} | "
-                     f"{fmt(r['prey_r2'], '.3f')} | {fmt(r['predator_r2'], '.3f')} | {r['parsed_fraction']:.0%} |")
-    table = "\n".join(lines)
+    m = untrained.metrics
+    reference = None if base is None else {  # the model before any training, scored the same way
+        "score": base["score"], "val_loss": untrained.validation_loss, "median_mse": base["median_mse"],
+        "prey_r2": m["prey"]["r2"], "predator_r2": m["predator"]["r2"], "parsed_fraction": untrained.parsed_fraction}
+    table = tables.search_table(rows, winner, reference)
     chosen = {"rule": f"best score at the last rung; score = {halving.SCORE_RULE}",
               "chosen": {"lr": winner["lr"], "rank": winner["rank"], "context_length": winner["context_length"],
                          "steps": winner["steps"], "point": winner["name"]}}

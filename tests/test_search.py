@@ -87,6 +87,17 @@ def test_search_continues_points_exactly_and_resumes_after_a_kill(tiny_full_voca
     with pytest.raises(Killed):
         search.main(search_args(tiny_full_vocab, sim_file, part, ledger_part), on_step=kill)
     assert (part / "points" / name / "rung0.json").is_file() and not (part / "points" / name / "rung1.json").exists()
+    # the report shows the finished search and, from its rung records, the one still running; both beside the
+    # untrained model with paired intervals
+    from experiments import report
+
+    assert report.main(["--results", str(tmp_path), "--ledger", str(ledger_whole), "--out",
+                        str(tmp_path / "REPORT.md")]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    assert text.count("## Successive-halving search") == 2 and "**part** — in progress: 4 rung records" in text
+    assert f"Selection: {results['details']['selection']['rule']}" in text
+    assert text.count(f"| {rows[0]['name']} @ 2 vs untrained | prey |") == 2
+    assert "vs untrained" in (whole / "README.md").read_text()
     assert search.main(search_args(tiny_full_vocab, sim_file, part, ledger_part) + ["--resume"]) == 0
     resumed = json.loads((part / "results.json").read_text())
     assert resumed["details"]["rows"] == rows

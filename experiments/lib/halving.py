@@ -120,11 +120,12 @@ def rung_path(session: Session, name: str, rung: int) -> Path:
 
 def survivors(records: list[dict], kept: int) -> list[str]:
     """Names of the ``kept`` best records by score (ties: the order of the grid, which is the records' order)."""
-    order = sorted(range(len(records)), key=lambda i: (_finite(records[i]["score"]), i))
+    order = sorted(range(len(records)), key=lambda i: (finite_score(records[i]["score"]), i))
     return [records[i]["name"] for i in order[:kept]]
 
 
-def _finite(x) -> float:
+def finite_score(x) -> float:
+    """``x``, or inf when it is None or not finite (a point that blew up ranks last)."""
     return x if x is not None and math.isfinite(x) else math.inf
 
 
@@ -248,23 +249,6 @@ def run(session: Session, forecast: ForecastSettings, grid: list[Point], rungs: 
             records.append(record)
         done.append(records)
     return done
-
-
-def table_rows(rungs: list[list[dict]]) -> list[dict]:
-    """One flat row per point and rung (for CSV and the Markdown table)."""
-    rows = []
-    for records in rungs:
-        for r in records:
-            m = r["evaluation"]["metrics"]
-            rows.append({"rung": r["rung"], "name": r["name"], "lr": r["lr"], "rank": r["rank"], "steps": r["steps"],
-                         "score": r["score"], "val_loss": r["val_loss"],
-                         "prey_median_mse": r["median_mse"]["prey"],
-                         "predator_median_mse": r["median_mse"]["predator"], "prey_mse": m["prey"]["mse"],
-                         "predator_mse": m["predator"]["mse"], "prey_r2": m["prey"]["r2"],
-                         "predator_r2": m["predator"]["r2"], "parsed_fraction": r["evaluation"]["parsed_fraction"],
-                         "train_flops": r["training"]["train_flops"] + r["training"]["eval_flops"],
-                         "forecast_flops": r["evaluation"]["flops"]})
-    return rows
 
 
 def study_key(session: Session, forecast: ForecastSettings, base: Point, rungs: list[tuple[int, int]],

@@ -127,7 +127,7 @@ def plot_training_curves(path: Path, logs: dict[str, Path], title: str) -> bool:
 
 
 def plot_rungs(path: Path, rows: list[dict], title: str) -> bool:
-    """A successive-halving search: each point's score (``rows`` of ``halving.table_rows``: name, steps, score)
+    """A successive-halving search: each point's score (``rows`` of ``tables.search_rows``: name, steps, score)
     against the steps it was trained for, one line per point, log-scaled steps."""
     fig = _figure(7, 4.2)
     if fig is None or not rows:

@@ -3,12 +3,13 @@ the FLOP ledger; :func:`render` puts them together. Runs no model and spends no 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from . import compare
+from . import compare, tables
 from .budget import BUDGET, Ledger, LedgerError
 from .errors import UsageError
 from .plots import plot_horizon_errors
@@ -114,6 +115,76 @@ def context_section(results: dict[str, Results], results_root: Path, root: Path)
     return md
 
 
+def _search_records(run_dir: Path) -> list[list[dict]]:
+    """The rung records a search has written so far (``points/<name>/rung<k>.json``), grouped by rung; unreadable
+    ones are left out (the stage itself refuses them on --resume)."""
+    rungs: dict[int, list[dict]] = {}
+    for path in sorted(run_dir.glob("points/*/rung*.json")):
+        try:
+            record = json.loads(path.read_text())
+            tables.search_rows([[record]])  # has every field the table reads
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        rungs.setdefault(int(record["rung"]), []).append(record)
+    return [rungs[k] for k in sorted(rungs)]
+
+
+def search_section(results: dict[str, Results], results_root: Path, root: Path) -> list[str]:
+    """The successive-halving search: its table, selection and each point against the untrained model; a search
+    still running (a run record, no results.json yet) is shown from the rung records it has written, said so."""
+    md = []
+    running = [d for d in sorted(results_root.glob("**/run.json")) if not (d.parent / "results.json").exists()
+               and _read_stage(d) == "search"]
+    for run, r in [(k, v) for k, v in results.items() if v.stage == "search"] + [
+            (str(d.parent.relative_to(results_root)), None) for d in running]:
+        run_dir = results_root / run
+        done = _search_records(run_dir)
+        rows = tables.search_rows(done)
+        if r is None and not rows:
+            continue
+        md += ["## Successive-halving search over learning rate × rank", ""]
+        if r is not None:
+            sel = r.details["selection"]
+            md += [f"**{run}** — {r.details['scale'].rstrip('.')}.", "", r.details["table_markdown"], "",
+                   f"Selection: {sel['rule']} → **{sel['chosen']['point']} at {sel['chosen']['steps']} steps**.", ""]
+        else:
+            points = {x["name"] for x in rows}
+            md += [f"**{run}** — in progress: {len(rows)} rung records of {len(points)} points so far (the stage's "
+                   "`--resume` continues it); the untrained model's score is computed when the search finishes.", "",
+                   tables.search_table(rows, untrained=_untrained_row(run_dir)), ""]
+        horizon = next((x["evaluation"]["horizon"] for records in done for x in records), 20)
+        _, paired = compare.against_reference(
+            run_dir / "per_trajectory_untrained.csv",
+            {f"{x['name']} @ {x['steps']}": run_dir / "points" / x["name"] / f"per_trajectory_rung{x['rung']}.csv"
+             for x in rows}, "untrained", horizon, r.seed if r is not None else 0)
+        md += ["Each point against the untrained model, trajectory by trajectory:", "", paired, ""] if paired else []
+        md += _image(results_root, run, "rungs.png", root, "search rungs")
+    return md
+
+
+def _read_stage(record: Path) -> str | None:
+    try:
+        value = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return value.get("stage") if isinstance(value, dict) else None
+
+
+def _untrained_row(run_dir: Path) -> dict | None:
+    """The untrained reference row of a running search, from what it saved: medians of its per-trajectory CSV and
+    the validation loss in untrained.json (the score needs persistence on the data, so it is left out)."""
+    try:
+        _, errors = compare.read_errors(run_dir / "per_trajectory_untrained.csv")
+        saved = json.loads((run_dir / "untrained.json").read_text())
+    except (OSError, ValueError):
+        return None
+    metrics, losses = saved["untrained"]["metrics"], saved.get("validation_loss") or {}
+    return {"score": None, "val_loss": next(iter(losses.values()), None),
+            "median_mse": {sp: float(np.median(errors[sp]["mse"])) for sp in ("prey", "predator")},
+            "prey_r2": metrics["prey"]["r2"], "predator_r2": metrics["predator"]["r2"],
+            "parsed_fraction": saved["untrained"]["parsed_fraction"]}
+
+
 def final_section(results: dict[str, Results], results_root: Path, root: Path) -> list[str]:
     """The final run on the test split beside the untrained model and the classical forecasters."""
     md = []
@@ -149,6 +220,7 @@ READS = {
               "selection.chosen_by_val_loss.rank", "selection.same_winner", "scale", "table_markdown"],
     "context_length": ["contexts[].context_length", "contexts[].horizon_growth", "contexts[].train_flops",
                        "contexts[].forecast_mse_gain_per_pflop", "scale", "table_markdown"],
+    "search": ["selection.rule", "selection.chosen.point", "selection.chosen.steps", "scale", "table_markdown"],
     "final": ["training", "scale", "table_markdown"],
 }
 
@@ -223,6 +295,7 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
 
     md += grid_section(results, results_root, root)
     md += context_section(results, results_root, root)
+    md += search_section(results, results_root, root)
     md += final_section(results, results_root, root)
 
     groups = comparison_groups(results)
