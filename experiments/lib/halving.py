@@ -144,10 +144,7 @@ def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: i
              key: dict, reference: dict[str, np.ndarray], on_step=None) -> dict:
     """Train ``point`` to its rung's steps, forecast the validation subset with it and write its rung record
     (``rung<k>.json`` last, then the forecast is charged). Returns the record."""
-    out = session.out / "points" / point.name
-    if out.exists() and checkpoint_step(out / "training") == 0 and rung == 0:
-        studies.clear_point(out)  # killed before its first checkpoint: nothing was kept or charged
-    out.mkdir(parents=True, exist_ok=True)
+    out = studies.point_directory(session, point.name, may_restart=rung == 0)
     t = point.train
     print(f"\n=== rung {rung}: {point.name} (lr {t.lr:g}, rank {point.lora.rank}) to step {t.max_steps} ===")
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)

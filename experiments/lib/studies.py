@@ -179,6 +179,16 @@ def locked(session: Session, names):
         yield
 
 
+def point_directory(session: Session, name: str, may_restart: bool = True) -> Path:
+    """``out/points/<name>``, made if absent. With ``may_restart``, what a point killed before its first checkpoint
+    left there is removed first: nothing of it was kept or charged, so it starts again."""
+    out = session.out / "points" / name
+    if may_restart and out.exists() and checkpoint_step(out / "training") == 0:
+        clear_point(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def clear_point(directory: Path) -> None:
     """Remove what a point killed before its first checkpoint left in ``directory``, all but its lock."""
     for child in directory.iterdir():
@@ -294,10 +304,7 @@ def run(session: Session, forecast: ForecastSettings, point: Point, chunks: Chun
         on_step=None, export: bool = False) -> dict:
     """Train, forecast and save one point (``point.json`` last: its presence means the point is finished), then
     charge its forecast. Returns the point record."""
-    out = session.out / "points" / point.name
-    if out.exists() and checkpoint_step(out / "training") == 0:
-        clear_point(out)  # killed before its first checkpoint: nothing was kept or charged, start it again
-    out.mkdir(parents=True, exist_ok=True)
+    out = point_directory(session, point.name)
     t = point.train
     print(f"\n=== {point.name}: lr {t.lr:g}, rank {point.lora.rank}, context {t.context_length}, "
           f"{t.max_steps} steps ===")
