@@ -34,7 +34,7 @@ SPECIES_COLUMNS = ("prey", "predator")
 TIME_COLUMNS = ("time", "t")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # a plain decimal number with an optional exponent; also "nan"/"inf" so that they get their own message
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE | re.ASCII)
 
 
 class SeriesError(DataError):

@@ -16,7 +16,6 @@ The plan is derived, not written down: every stage's own ``plan`` function at th
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from miniqwen.config import ConfigError
 
 from .lib.budget import Ledger
+from .lib.cli import ArgumentParser, run_cli
 from .lib.flop_tables import load_config, render
 from .lib.plans import stage_plans
 
@@ -32,7 +32,7 @@ __all__ = ["main", "stage_plans"]
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (2 for a bad --model, 1 for an unreadable ledger, else 0)."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.flops", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m experiments.flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/flops", help="output directory (default runs/flops)")
     parser.add_argument("--ledger", default=None, help="ledger file (default $MINIQWEN_LEDGER or "
                                                        "runs/flops_ledger.jsonl)")
@@ -57,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -48,6 +48,7 @@ LORA = [
     (["--gen-batch-size", "0"], "--gen-batch-size"), (["--weight-decay", "-1"], "--weight-decay"),
     (["--max-grad-norm", "-1"], "--max-grad-norm"), (["--train-limit", "-1"], "--train-limit"),
     (["--limit", "-1"], "--limit"), (["--early-stop", "2", "--eval-every", "0"], "--early-stop"),
+    (["--max-steps", "\u0662"], "--max-steps"), (["--lr", "\u0661e-4"], "--lr"),  # other scripts' digits
 ]
 
 

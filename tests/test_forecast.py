@@ -174,6 +174,7 @@ BAD_CSV = {  # name: (lines or None for no file, extra options, words the error 
     "--columns not there": (GOOD, ["--columns", "hares,lynx"], ["'hares' or 'lynx'"]),
     "text in a number": (edited(5, "4,abc,1.2"), [], ["row 5", "'prey'", "'abc'"]),
     "decimal comma": (edited(6, '5,"1,5",1.2'), [], ["row 6", "'1,5'"]),
+    "Arabic-Indic digits": (edited(6, "5,\u0662.5,1.2"), [], ["row 6", "'\u0662.5'", "not a number"]),
     "NaN": (edited(7, "6,1.0,nan"), [], ["row 7", "'predator'", "not a finite number"]),
     "inf": (edited(8, "7,inf,1.0"), [], ["row 8", "not a finite number"]),
     "empty cell": (edited(9, "8,,1.0"), [], ["row 9", "empty cell"]),

@@ -40,6 +40,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
+    def _get_value(self, action, arg_string):
+        # int() and float() also read other scripts' digits ("٢" is 2): a number on the command line is ASCII
+        kind = getattr(action.type, "__name__", None)
+        if kind in ("int", "float") and isinstance(arg_string, str) and not arg_string.isascii():
+            self.error(f"argument {'/'.join(action.option_strings) or action.dest}: invalid {kind} value: "
+                       f"{arg_string!r}")
+        return super()._get_value(action, arg_string)
+
 
 def preset_name(argv, presets: dict | None) -> str | None:
     """The ``--preset NAME`` given in ``argv`` (None if absent or the stage has no presets).
