@@ -15,6 +15,8 @@ MODEL = ROOT / "miniqwen" / "model.py"
 MAX_MODEL_LINES = 320
 #: a stage script (``python -m experiments.<stage>``) reads in one sitting; what it stands on is in experiments/lib
 MAX_STAGE_LINES = 160
+#: the training loop reads as named steps: no function of experiments/lib/training longer than this
+MAX_TRAINING_FUNCTION_LINES = 60
 STAGES = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem != "__init__")
 
 
@@ -90,6 +92,15 @@ def test_stages_import_no_other_stage():
     wrong = sorted((name, target) for name, targets in graph().items() if name in stages
                    for target in targets if target in stages)
     assert not wrong, f"stage scripts import each other (move what they share into experiments/lib): {wrong}"
+
+
+def test_the_training_loop_is_named_steps():
+    long = {f"{path.name}:{node.name}": node.end_lineno - node.lineno + 1
+            for path in sorted((ROOT / "experiments" / "lib" / "training").glob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_TRAINING_FUNCTION_LINES}
+    assert not long, f"training functions over {MAX_TRAINING_FUNCTION_LINES} lines: {long}"
 
 
 def test_stage_scripts_are_short():
