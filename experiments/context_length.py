@@ -15,15 +15,13 @@ contexts.json, horizon_mae.png, loss_curves.png, README.md and one directory per
 
 from __future__ import annotations
 
-
 from .lib import cli, compare, defaults, plans, runs, studies, tables
 from .lib.classical_forecasters import Persistence
 from .lib.evaluation import evaluate, write_csv
 from .lib.plots import plot_horizon_errors, plot_training_curves
-from .lib.studies import forecast_mse
 from .lib.results import Evaluation, write_json
 from .lib.session import Session
-from .lib.studies import grid_axis
+from .lib.studies import forecast_mse, grid_axis
 
 STAGE = "context_length"
 CONTEXTS = defaults.CONTEXT_LENGTHS

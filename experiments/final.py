@@ -23,9 +23,9 @@ import argparse
 import dataclasses
 
 from .lib import cli, compare, defaults, halving, plans, runs, side_by_side, studies, tables
+from .lib.errors import UsageError
 from .lib.plots import plot_horizon_errors
 from .lib.session import Session
-from .lib.errors import UsageError
 from .lib.training import checkpoint_step, distributed, read_log
 
 STAGE = "final"

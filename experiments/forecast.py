@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .lib import cli
 from .lib import series_forecast as sf
-from .lib import cli, settings
+from .lib import settings
 from .lib.evaluation import write_csv
 from .lib.session import seed_everything
 

@@ -16,14 +16,13 @@ checkpoint exactly. The coursework's equal-steps grid is ``experiments.sweep``. 
 
 from __future__ import annotations
 
-
 from .lib import cli, compare, defaults, halving, runs, studies, tables
+from .lib.errors import UsageError
 from .lib.evaluation import write_csv
 from .lib.plots import plot_rungs
 from .lib.results import Evaluation
 from .lib.session import Session
 from .lib.settings import ForecastSettings, LoRASettings, TrainSettings
-from .lib.errors import UsageError
 
 STAGE = "search"
 MIN_STEPS = defaults.SEARCH_MIN_STEPS

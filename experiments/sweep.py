@@ -25,12 +25,12 @@ import dataclasses
 
 from .lib import cli, compare, defaults, grid, plans, runs, studies, tables
 from .lib.classical_forecasters import Persistence
+from .lib.errors import UsageError
 from .lib.evaluation import evaluate
-from .lib.studies import grid_axis, grid_points
 from .lib.results import Evaluation, write_json
 from .lib.session import Session
 from .lib.settings import ForecastSettings, LoRASettings, TrainSettings
-from .lib.errors import UsageError
+from .lib.studies import grid_axis, grid_points
 
 STAGE = "sweep"
 LRS, RANKS = defaults.GRID_LRS, defaults.GRID_RANKS

@@ -15,10 +15,9 @@ import os
 import signal
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-import torch
 
 from data.chunks import Chunks
 from miniqwen import load_pretrained

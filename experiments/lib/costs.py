@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from miniqwen.flops import DEFAULT_LORA_TARGETS, forward_flops, generation_flops, loss_flops
 
-from .settings import ForecastSettings, LossSettings, LoRASettings, TrainSettings
+from .settings import ForecastSettings, LoRASettings, LossSettings, TrainSettings
 
 
 def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int, forecast: ForecastSettings,

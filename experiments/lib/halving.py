@@ -35,13 +35,12 @@ from lora import merged, remove_lora
 from . import results, runs, studies
 from .classical_forecasters import Persistence
 from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
+from .errors import UsageError
 from .evaluation import SPECIES, evaluate, per_trajectory_rows, write_csv
-from .studies import ChunkCache, Point
 from .results import write_json
 from .session import Session
-from .settings import ForecastSettings
-from .errors import UsageError
-from .settings import TrainSettings
+from .settings import ForecastSettings, TrainSettings
+from .studies import ChunkCache, Point
 from .training import checkpoint_step, distributed, find_checkpoint, read_checkpoint, train_lora
 
 SCORE_RULE = ("mean over prey and predator of (median over trajectories of the per-trajectory forecast MSE) / "

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .errors import UsageError
 
-
 #: the run record a Session keeps in every run directory it makes: stage, settings, data and weights identity
 RECORD = "run.json"
 #: top-level names the stages write in a run directory (a record's ``written`` list adds what a finished run held)

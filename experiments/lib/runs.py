@@ -18,14 +18,13 @@ from lora.head_bias import PEFT_HEAD_BIAS, has_head_bias
 from .adapter_card import CARD_FILE, card_for
 from .classical_forecasters import Persistence
 from .costs import lora_stage_cost
-from .evaluation import (
-    Forecaster, LLMForecaster, allowed_token_ids, evaluate, per_trajectory_rows, prompt_lengths, write_csv,
-)
+from .errors import UsageError
+from .evaluation import (Forecaster, LLMForecaster, allowed_token_ids, evaluate, per_trajectory_rows, prompt_lengths,
+                         write_csv)
 from .plots import plot_forecasts
 from .results import Evaluation, read_record, valid_evaluation, write_json
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings, as_record
-from .errors import UsageError
 from .training import checkpoint_step, distributed, read_log, train_lora, validation_subset
 
 

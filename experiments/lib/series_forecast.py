@@ -22,13 +22,13 @@ from miniqwen.atomic import atomic_write
 
 from .adapter_card import CARD_FILE, read_card
 from .classical_forecasters import AR, VAR, ContextParroting, LotkaVolterraODE, Persistence, select_order
+from .defaults import PARROT_LENGTHS
+from .errors import UsageError
 from .evaluation import SPECIES, Forecasts, LLMForecaster
 from .plots import _figure, _wrap
 from .run_directory import RECORD, RunDirectory, empty_run_directory, inspect_out, why_protected
 from .session import resolve_precision, weights_label
 from .settings import DataSettings, ForecastSettings, RunSettings
-from .errors import UsageError
-from .defaults import PARROT_LENGTHS
 
 STAGE = "forecast"
 METHODS = ("llm", "var", "ar", "parrot", "persistence", "lv")

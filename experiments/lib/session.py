@@ -28,12 +28,12 @@ from miniqwen.atomic import atomic_write
 from miniqwen.loading import resolve_model_dir, weights_fingerprint
 
 from .budget import Ledger, LedgerError
-from .results import Results
-from .training import distributed
-from .settings import DataSettings, ForecastSettings, RunSettings, as_record
 from .errors import UsageError
+from .results import Results
 from .run_directory import (RECORD, RunDirectory, dig, empty_run_directory, inspect_out, nonempty_object, read_json,
                             why_protected)
+from .settings import DataSettings, ForecastSettings, RunSettings, as_record
+from .training import distributed
 
 
 @dataclass

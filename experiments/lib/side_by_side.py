@@ -17,12 +17,12 @@ import numpy as np
 from . import compare, runs
 from .classical_forecasters import validated_forecasters
 from .costs import forecast_cost
+from .defaults import PARROT_LENGTHS
+from .errors import UsageError
 from .evaluation import evaluate
 from .results import Evaluation
 from .session import Session
 from .settings import ForecastSettings
-from .errors import UsageError
-from .defaults import PARROT_LENGTHS
 from .tables import evaluation_table
 
 

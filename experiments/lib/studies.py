@@ -26,10 +26,10 @@ from data import Chunks
 
 from . import errors, results, runs, settings
 from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
+from .errors import UsageError
 from .results import Evaluation, write_json
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings
-from .errors import UsageError
 from .training import checkpoint_step, read_log, validation_loss, validation_subset
 
 try:

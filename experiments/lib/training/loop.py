@@ -44,14 +44,14 @@ import torch
 from torch import nn
 
 from data.chunks import Chunks
-from lora import add_head_bias, apply_lora, count_trainable_parameters, has_head_bias, load_lora_state_dict, \
-    lora_modules, lora_settings, save_adapter
+from lora import (add_head_bias, apply_lora, count_trainable_parameters, has_head_bias, load_lora_state_dict,
+                  lora_modules, lora_settings, save_adapter)
 from miniqwen.atomic import atomic_write
 
 from ..costs import training_cost
+from ..errors import UsageError
 from ..plots import plot_loss_curves
 from ..settings import LoRASettings, TrainSettings, as_record
-from ..errors import UsageError
 from . import distributed
 from .checkpoint import CheckpointError, check_same_run, find_checkpoint, fingerprint, read_checkpoint, restore
 from .state import TrainState

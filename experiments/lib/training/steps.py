@@ -29,8 +29,8 @@ from ..errors import UsageError
 from ..settings import LoRASettings, TrainSettings
 from . import distributed
 from .checkpoint import write_checkpoint
-from .state import TrainState
 from .loss import autocast_context, next_token_loss, validation_sums
+from .state import TrainState
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
