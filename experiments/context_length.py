@@ -15,9 +15,8 @@ contexts.json, horizon_mae.png, loss_curves.png, README.md and one directory per
 
 from __future__ import annotations
 
-from .lib import cli, compare, defaults, plans, runs, studies, tables
-from .lib.classical_forecasters import Persistence
-from .lib.evaluation import evaluate, write_csv
+from .lib import cli, defaults, plans, runs, studies, tables
+from .lib.evaluation import write_csv
 from .lib.plots import plot_horizon_errors, plot_training_curves
 from .lib.results import Evaluation, write_json
 from .lib.session import Session
@@ -64,7 +63,7 @@ def main(argv=None, on_step=None) -> int:
     session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return runs.follow(session)
-    indices, _, contexts_, truth = session.dataset.forecast_set(forecast)
+    indices = session.dataset.forecast_set(forecast)[0]
     study = studies.context_points(lora, train, contexts)
     records, untrained, untrained_losses, planned = studies.run_all(
         session, forecast, study, studies.study_key(session, forecast, lora, train), on_step=on_step)
@@ -89,21 +88,10 @@ def main(argv=None, on_step=None) -> int:
                          {f"context {r['context_length']}": session.out / "points" / r["name"] / "training" /
                           "log.jsonl" for r in records}, f"training loss; {scale}")
     table = markdown(rows, untrained, untrained_losses)
-    _, _, persistence = evaluate(Persistence(), contexts_, truth, forecast.split, indices)
-
-    results = session.results(forecast=forecast, lora=lora, train=train)
+    results, paired_md = studies.study_results(session, forecast, records, untrained, planned, lora=lora, train=train)
     results.settings["study"] = {"contexts": list(contexts), "preset": preset, "from_sweep": picked or None}
-    results.evaluations = {"untrained": untrained, **{r["name"]: Evaluation(**r["evaluation"]) for r in records},
-                           "persistence": persistence}
-    results.flops["planned"] = planned
-    for kind, flops in studies.charged_flops(records, untrained, session.out / "untrained.json").items():
-        results.add_flops(kind, flops)
-    paired, paired_md = compare.against_reference(
-        session.out / "per_trajectory_untrained.csv", {r["name"]: session.out / "points" / r["name"] /
-                                                       "per_trajectory_trained.csv" for r in rows},
-        "untrained", forecast.horizon, session.run.seed)
     results.details.update(contexts=rows, selection=selection, scale=scale, table_markdown=table,
-                           untrained_val_loss=untrained_losses, vs_untrained=paired)
+                           untrained_val_loss=untrained_losses)
     write_json(session.out / "contexts.json", {"scale": scale, "weights": session.weights, "selection": selection,
                                                "rows": rows})
     growth = ", ".join(f"{r['context_length']}: {r['horizon_growth']:.2f}" for r in rows)

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .lib import cli, compare, defaults, grid, plans, runs, studies, tables
-from .lib.classical_forecasters import Persistence
+from .lib import cli, defaults, grid, plans, runs, studies, tables
 from .lib.errors import UsageError
-from .lib.evaluation import evaluate
 from .lib.results import Evaluation, write_json
 from .lib.session import Session
 from .lib.settings import ForecastSettings, LoRASettings, TrainSettings
@@ -91,7 +89,7 @@ def write_results(session: Session, records: list[dict], untrained: Evaluation, 
                   forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings, lrs, ranks, provenance: dict,
                   argv) -> None:
     """The grid's table (CSV, JSON, Markdown), selection, heat maps, README.md and results.json."""
-    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+    indices = session.dataset.forecast_set(forecast)[0]
     scale = (f"{train.max_steps} steps, batch {train.batch_size} × {train.context_length} tokens, "
              f"{train.loss_vocabulary} loss; {len(indices)} {forecast.split} trajectories "
              f"{forecast.context_steps}→{forecast.horizon}; {session.weights}")
@@ -99,19 +97,9 @@ def write_results(session: Session, records: list[dict], untrained: Evaluation, 
     chosen = grid.selection(rows)
     grid.write_plots(session, rows, lrs, ranks, untrained, scale)
     table = grid.grid_table(rows, untrained, chosen["chosen"])
-    _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
-    results = session.results(forecast=forecast, lora=lora, train=train)
+    results, paired_md = studies.study_results(session, forecast, records, untrained, planned, lora=lora, train=train)
     results.settings["grid"] = {"lrs": list(lrs), "ranks": list(ranks), **provenance}
-    results.evaluations = {"untrained": untrained, **{r["name"]: Evaluation(**r["evaluation"])
-                                                      for r in records}, "persistence": persistence}
-    results.flops["planned"] = planned
-    for kind, flops in studies.charged_flops(records, untrained, session.out / "untrained.json").items():
-        results.add_flops(kind, flops)
-    paired, paired_md = compare.against_reference(
-        session.out / "per_trajectory_untrained.csv", {r["name"]: session.out / "points" / r["name"] /
-                                                       "per_trajectory_trained.csv" for r in rows},
-        "untrained", forecast.horizon, session.run.seed)
-    results.details.update(grid=rows, selection=chosen, scale=scale, table_markdown=table, vs_untrained=paired)
+    results.details.update(grid=rows, selection=chosen, scale=scale, table_markdown=table)
     write_json(session.out / "grid.json", {"scale": scale, "weights": session.weights, "selection": chosen,
                                            "rows": rows})
     verdict = ("Validation loss and forecast MSE pick the same point." if chosen["same_winner"] else

@@ -38,6 +38,11 @@ def test_sweep_resumes_after_a_kill_and_ends_with_the_same_table(tiny_full_vocab
     results = json.loads((whole / "results.json").read_text())
     assert results["details"]["selection"]["rule"].startswith("lowest validation forecast MSE")
     assert Ledger(ledger_whole).total() == results["flops"]["total"] <= results["flops"]["planned"]
+    # every point beside the untrained model on the same trajectories, with paired intervals, in results and README
+    paired = results["details"]["vs_untrained"]
+    assert [(c["a"], c["b"]) for c in paired] == [(r["name"], "untrained") for r in grid["rows"]]
+    assert all(c["n"] == len(results["evaluations"]["untrained"]["trajectories"]) for c in paired)
+    assert f"| {grid['rows'][0]['name']} vs untrained | prey |" in (whole / "README.md").read_text()
 
     # killed after step 3 of the third point (its checkpoint is at step 2), then resumed
     part, ledger_part = tmp_path / "part", tmp_path / "part.jsonl"

@@ -24,8 +24,10 @@ import numpy as np
 
 from data import Chunks
 
-from . import errors, results, runs, settings
+from . import compare, errors, results, runs, settings
+from .classical_forecasters import Persistence
 from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
+from .evaluation import evaluate
 from .errors import UsageError
 from .results import Evaluation, write_json
 from .session import Session
@@ -378,3 +380,26 @@ def charged_flops(records: list[dict], reference: Evaluation, path: Path) -> dic
     return {"generate": reference.flops + sum(r["evaluation"]["flops"] for r in records),
             "train": sum(r["training"]["train_flops"] for r in records),
             "eval": saved.get("validation_loss_flops", 0) + sum(r["training"]["eval_flops"] for r in records)}
+
+
+def study_results(session: Session, forecast: ForecastSettings, records: list[dict], untrained: Evaluation,
+                  planned: int, **settings) -> tuple[results.Results, str]:
+    """The results of a study of points (the sweep, the context study): every point's evaluation beside the
+    untrained model's and persistence's on the same trajectories, the plan, the FLOPs charged, and each point against
+    the untrained model trajectory by trajectory (``details["vs_untrained"]``, paired bootstrap intervals,
+    :func:`compare.against_reference`). ``settings``: the settings dataclasses to record. Returns ``(results,
+    Markdown of the paired table)``; the caller adds its own details and finishes the session."""
+    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+    _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
+    out = session.results(forecast=forecast, **settings)
+    out.evaluations = {"untrained": untrained, **{r["name"]: Evaluation(**r["evaluation"]) for r in records},
+                       "persistence": persistence}
+    out.flops["planned"] = planned
+    for kind, flops in charged_flops(records, untrained, session.out / "untrained.json").items():
+        out.add_flops(kind, flops)
+    paired, markdown = compare.against_reference(
+        session.out / "per_trajectory_untrained.csv",
+        {r["name"]: session.out / "points" / r["name"] / "per_trajectory_trained.csv" for r in records},
+        "untrained", forecast.horizon, session.run.seed)
+    out.details["vs_untrained"] = paired
+    return out, markdown
