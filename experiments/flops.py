@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from miniqwen.atomic import atomic_write
 from miniqwen.config import ConfigError
 
 from .lib.budget import Ledger
@@ -50,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "flop_tables.md").write_text(text)
-    (out / "flop_tables.json").write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write(out / "flop_tables.md", text)
+    atomic_write(out / "flop_tables.json", json.dumps(data, indent=2) + "\n")
     print(f"wrote {out / 'flop_tables.md'} and {out / 'flop_tables.json'}")
     return 1 if "error" in data["ledger"] else 0
 

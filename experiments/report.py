@@ -15,6 +15,8 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+from miniqwen.atomic import atomic_write
+
 from .lib.budget import Ledger
 from .lib.cli import ArgumentParser, run_cli
 from .lib.errors import UsageError
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     figures.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(ledger_path)
     text = render(results, ledger, root_results, figures, out.resolve().parent)
-    out.write_text(text)
+    atomic_write(out, text)
     print(f"wrote {out} from {len(results)} results under {root_results}")
     return 0
 

@@ -6,7 +6,20 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def naming(path: str | os.PathLike):
+    """Re-raise an ``OSError`` raised inside the block that names no file (a full disk fails a write with "No space
+    left on device" and no file name) as the same error naming ``path``, so the one-line message says where."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None] | str | bytes) -> Path:
@@ -21,8 +34,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None] | str | 
     file (0666 less the umask), not the 0600 of a temporary file: a ledger or results shared with a group stay
     readable by it.
 
-    Returns the path written (links resolved). Raises ``OSError`` from the file system; the temporary file is
-    removed on any failure.
+    Returns the path written (links resolved). Raises ``OSError`` from the file system, naming ``path`` when the
+    system names no file (a full disk); the temporary file is removed on any failure.
     """
     target = Path(os.path.realpath(path))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +56,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None] | str | 
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None or err.filename == str(tmp):  # name the file the caller asked for
+            raise OSError(err.errno, err.strerror or str(err), str(target)) from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

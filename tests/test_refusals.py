@@ -436,6 +436,43 @@ def test_atomic_writes_keep_the_mode_or_follow_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "group.jsonl").stat().st_mode) == 0o660
 
 
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch, capsys):
+    """ENOSPC comes with no file name: atomic writes, CSVs and PNGs re-raise it naming their file, and a stage
+    reports it as one line naming that path (checked by hand on a full tmpfs as well)."""
+    import errno
+
+    import matplotlib.figure
+
+    from experiments import flops
+    from experiments.lib.evaluation import write_csv
+    from experiments.lib.plots import _save
+    from miniqwen.atomic import naming
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        with naming(tmp_path / "a.png"):
+            full()
+    assert info.value.filename == str(tmp_path / "a.png") and info.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as info:
+        atomic_write(tmp_path / "results.json", full)
+    assert info.value.filename == str(tmp_path / "results.json") and not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    with pytest.raises(OSError) as info:
+        _save(matplotlib.figure.Figure(), tmp_path / "p.png", 110)
+    assert info.value.filename == str(tmp_path / "p.png")
+    monkeypatch.setattr("csv.DictWriter.writerows", full)
+    with pytest.raises(OSError) as info:
+        write_csv(tmp_path / "t.csv", [{"a": 1}])
+    assert info.value.filename == str(tmp_path / "t.csv")
+    monkeypatch.setattr("miniqwen.atomic.os.fsync", full)  # the stage's own write, through run_cli
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: flops.main(["--out", str(tmp_path / "f")]))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == f"error: {tmp_path / 'f' / 'flop_tables.md'}: No space left on device"
+
+
 # ------------------------------------------------------------------------------------- messages and choices
 
 def test_classical_honours_split(setup, tmp_path, capsys):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from data import ENCODINGS, decode, encode
 from miniqwen import FlopCounter, chat_prompt, generate, token_ids_for
+from miniqwen.atomic import naming
 from miniqwen.tokenizer import END_OF_TEXT, IM_END
 
 from .results import Evaluation
@@ -276,7 +277,7 @@ def per_trajectory_rows(indices, pred: np.ndarray, truth: np.ndarray, forecasts:
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Write dict rows (same keys) to ``path`` as CSV."""
-    with open(path, "w", newline="") as fh:
+    with naming(path), open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

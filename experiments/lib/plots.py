@@ -8,7 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
+from miniqwen.atomic import naming
+
 SPECIES = ("prey", "predator")
+
+
+def _save(fig, path, dpi: int) -> None:
+    """``fig`` as a PNG at ``path``; an OS error (a full disk) names the file."""
+    with naming(path):
+        fig.savefig(str(path), dpi=dpi)
 
 
 def _wrap(title: str, width: int) -> str:
@@ -54,7 +62,7 @@ def plot_forecasts(path: Path, time: np.ndarray, indices, trajectories: np.ndarr
     axes[-1, 0].set_xlabel("time")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
+    _save(fig, path, 110)
     return True
 
 
@@ -91,7 +99,7 @@ def plot_loss_curves(log_path: str | Path, png_path: str | Path, title: str = ""
         right.set_ylabel("forecast score (median MSE / persistence's)")
         right.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(str(png_path), dpi=120)
+    _save(fig, png_path, 120)
     return True
 
 
@@ -122,7 +130,7 @@ def plot_training_curves(path: Path, logs: dict[str, Path], title: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
+    _save(fig, path, 110)
     return True
 
 
@@ -145,7 +153,7 @@ def plot_rungs(path: Path, rows: list[dict], title: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
+    _save(fig, path, 110)
     return True
 
 
@@ -167,7 +175,7 @@ def plot_horizon_errors(path: Path, curves: dict[str, dict], title: str, metric:
     axes[0].legend(fontsize=7)
     fig.suptitle(_wrap(title, 120), fontsize=9)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
+    _save(fig, path, 110)
     return True
 
 
@@ -190,5 +198,5 @@ def plot_heatmap(path: Path, values: np.ndarray, rows: list, cols: list, row_lab
     fig.colorbar(im, ax=ax)
     ax.set_title(_wrap(title, 60), fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
+    _save(fig, path, 110)
     return True

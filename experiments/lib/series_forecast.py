@@ -25,7 +25,7 @@ from .classical_forecasters import AR, VAR, ContextParroting, LotkaVolterraODE, 
 from .defaults import PARROT_LENGTHS
 from .errors import UsageError
 from .evaluation import SPECIES, Forecasts, LLMForecaster
-from .plots import _figure, _wrap
+from .plots import _figure, _save, _wrap
 from .run_directory import RECORD, RunDirectory, empty_run_directory, inspect_out, why_protected
 from .session import resolve_precision, weights_label
 from .settings import DataSettings, ForecastSettings, RunSettings
@@ -282,7 +282,7 @@ def plot(path: Path, series: Series, C: int, forecasts: Forecasts, times: np.nda
     ax.legend(fontsize=7, ncol=3 + (q is not None), loc="upper center", bbox_to_anchor=(0.5, -0.14))
     ax.set_title(_wrap(title, 110), fontsize=9)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
+    _save(fig, path, 110)
     return True
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from miniqwen.atomic import atomic_write
+
 from .results import Evaluation
 
 
@@ -54,7 +56,7 @@ def command_line(module: str, argv) -> str:
 
 def write_run_readme(path: Path, title: str, command: str, body: str) -> None:
     """A short README.md for a run directory: the title, the command that produced it, the body (tables)."""
-    path.write_text(f"# {title}\n\n`{command}`\n\n{body}\n")
+    atomic_write(path, f"# {title}\n\n`{command}`\n\n{body}\n")
 
 
 def tie_note(chosen: dict) -> str:
