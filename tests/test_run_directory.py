@@ -421,3 +421,29 @@ def test_benchmark_refuses_bad_options_before_any_work(tmp_path, capsys, monkeyp
                                      "--sections", "peak", *argv], capsys)
     refused(code, err, option)
     assert not out.exists() and time.perf_counter() - started < 30
+
+
+def test_a_read_only_out_is_one_line_naming_it_and_nothing_is_spent(env, tmp_path, capsys, monkeypatch):
+    """A read-only file system (simulated: the tests run as root, which a read-only mode bit does not stop; the
+    same cases were checked by hand on a read-only tmpfs): each stage stops with one line naming the path and the
+    error, before any FLOP is spent or charged."""
+    import errno
+    import pathlib
+
+    from experiments import flops, report
+
+    read_only = tmp_path / "ro"
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(read_only)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    before = snapshot(env["ledger"])
+    refused(*cli(baseline.main, baseline_args(env, read_only / "b"), capsys), "--out", "Read-only file system")
+    refused(*cli(flops.main, ["--out", str(read_only / "f")], capsys), str(read_only / "f"), "Read-only file system")
+    refused(*cli(report.main, ["--results", str(tmp_path), "--ledger", str(env["ledger"]), "--out",
+                               str(read_only / "R.md")], capsys), str(read_only), "Read-only file system")
+    assert snapshot(env["ledger"]) == before and not read_only.exists()
