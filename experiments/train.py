@@ -104,8 +104,8 @@ def main(argv=None) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
 
     summary = train_lora(model, train_chunks, val_chunks, s["train"], Path(run.out), lora=s["lora"], seed=run.seed,
-                    stage=s["stage"], precision=precision, ledger=None if s["no_ledger"] else Ledger(run.ledger),
-                    resume=run.resume, force=run.force, on_step=on_step)
+                         stage=s["stage"], precision=precision, ledger=None if s["no_ledger"] else Ledger(run.ledger),
+                         resume=run.resume, force=run.force, on_step=on_step)
     if distributed.is_main():
         print(json.dumps({k: v for k, v in summary.items() if k not in ("settings", "lora")}, indent=2))
     return 0

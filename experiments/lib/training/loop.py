@@ -2,8 +2,8 @@
 rate of each step's schedule (``TrainSettings.learning_rate``), next-token loss on LLMTIME token chunks, periodic
 validation, checkpoints and FLOPs charged to the ledger as they are spent.
 
-    summary = train_lora(model, train_chunks, val_chunks, TrainSettings(max_steps=100), "runs/x", lora=LoRASettings(),
-                    stage="lora_default", ledger=Ledger())
+    summary = train_lora(model, train_chunks, val_chunks, TrainSettings(max_steps=100), "runs/x",
+                         lora=LoRASettings(), stage="lora_default", ledger=Ledger())
 
 Run directory: ``log.jsonl`` (one object per step ``{"kind": "train", "step", "loss", "lr" (that step's), "tokens",
 "flops_so_far"}`` and per evaluation ``{"kind": "eval", "step", "val_loss", "flops_so_far"}``), ``checkpoint/``
@@ -72,9 +72,9 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 
 def train_lora(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, settings: TrainSettings,
-          out_dir: str | os.PathLike, *, lora: LoRASettings | None = None, seed: int = 0, stage: str = "train",
-          precision: str = "float32", ledger=None, resume: bool = False, force: bool = False, on_step=None,
-          loss_token_ids: list[int] | None = None, forecast_score=None) -> dict:
+               out_dir: str | os.PathLike, *, lora: LoRASettings | None = None, seed: int = 0, stage: str = "train",
+               precision: str = "float32", ledger=None, resume: bool = False, force: bool = False, on_step=None,
+               loss_token_ids: list[int] | None = None, forecast_score=None) -> dict:
     """Train LoRA adapters of ``lora`` on ``model`` (attached here if the model has none) over token chunks.
 
     Args:
