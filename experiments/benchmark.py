@@ -40,12 +40,12 @@ from miniqwen.loading import resolve_model_dir
 
 from .lib.benchmark import hf, options
 from .lib.benchmark.counting import counting_bookkeeping, counting_overheads
-from .lib.benchmark.forecast import forecast_side_by_side
+from .lib.benchmark.forecast_speed import forecast_side_by_side
 from .lib.benchmark.forward_train import forward_side_by_side, train_side_by_side
 from .lib.benchmark.harness import dtype_names, process_peak_mib
-from .lib.benchmark.loss import loss_precision
+from .lib.benchmark.loss_precision import loss_precision
 from .lib.benchmark.peak import matmul_peak, memory_bandwidth
-from .lib.benchmark.report import check_targets, markdown, run_record
+from .lib.benchmark.summary import check_targets, markdown, run_record
 from .lib.benchmark.throughput import throughputs
 from .lib.cli import run_cli
 from .lib.results import write_json

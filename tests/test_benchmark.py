@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from experiments import benchmark
-from experiments.lib.benchmark.forecast import forecast_side_by_side
+from experiments.lib.benchmark.forecast_speed import forecast_side_by_side
 from experiments.lib.benchmark.throughput import decode_weight_bytes
 
 pytest.importorskip("transformers")
