@@ -5,7 +5,7 @@ Usage::
     python -m experiments.flops [--out runs/flops] [--ledger PATH] [--model DIR]
 
 Prints everything and writes ``<out>/flop_tables.md`` and ``<out>/flop_tables.json``. All numbers come from the
-closed form :func:`miniqwen.flops.forward_flops_breakdown` (coursework FLOP rules; tested equal to what the model
+closed form :func:`miniqwen.flop_count.forward_flops_breakdown` (coursework FLOP rules; tested equal to what the model
 modules count), for ``config.json`` in ``--model DIR`` or, without it, :class:`miniqwen.config.Qwen2Config`'s
 defaults (Qwen2.5-0.5B-Instruct). Nothing here runs a model: it takes well under a second.
 

@@ -14,7 +14,7 @@ forward it is cast to the weight's dtype. :func:`remove_head_bias` puts a plain 
 Cost (coursework rules, an add = 1 FLOP): V extra FLOPs per position whose logits are computed — K with a
 restricted head (``miniqwen.model.HeadRows``: the forward adds the K selected bias entries) — i.e. 151,936 per
 position for Qwen2.5-0.5B, 0.056 % of that head's V·(2d − 1) = 2.72e8; counted by ``miniqwen.model`` and in the
-closed form (``miniqwen.flops.forward_flops(..., head_bias=True)``). Trainable parameters: + V = 151,936 (a
+closed form (``miniqwen.flop_count.forward_flops(..., head_bias=True)``). Trainable parameters: + V = 151,936 (a
 rank-4 q,v adapter has 270,336, rank 8 540,672).
 
 Saved with our adapter (:mod:`lora.io`) as the tensor ``lm_head.bias`` and ``"head_bias": true`` in

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniqwen import flops
-from miniqwen.flops import DEFAULT_LORA_TARGETS, PROJECTIONS
+from miniqwen import flop_count
+from miniqwen.flop_count import DEFAULT_LORA_TARGETS, PROJECTIONS
 
 from .head_bias import remove_head_bias
 
@@ -94,11 +94,11 @@ class LoRALinear(nn.Module):
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out
-        if flops.counting():
+        if flop_count.counting():
             n = x.numel() // x.shape[-1]  # N = rows of x (batch · tokens)
-            flops.count_matmul("lora", n, self.in_features, self.rank)   # x Aᵀ: N·r·(2·in − 1)
-            flops.count_matmul("lora", n, self.rank, self.out_features)  # (x Aᵀ) Bᵀ: N·out·(2r − 1)
-            flops.count("lora", 2 * n * self.out_features)              # × alpha/r, + base output
+            flop_count.count_matmul("lora", n, self.in_features, self.rank)   # x Aᵀ: N·r·(2·in − 1)
+            flop_count.count_matmul("lora", n, self.rank, self.out_features)  # (x Aᵀ) Bᵀ: N·out·(2r − 1)
+            flop_count.count("lora", 2 * n * self.out_features)              # × alpha/r, + base output
         update = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))
         return out + (self.scaling * update).to(out.dtype)
 

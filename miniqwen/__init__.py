@@ -2,7 +2,7 @@
 
 from .config import ConfigError, Qwen2Config
 from .device import cpu_supports_bf16, default_compute_dtype
-from .flops import FlopCounter
+from .flop_count import FlopCounter
 from .generate import generate, token_ids_for
 from .kv_cache import KVCache
 from .loading import DEFAULT_MODEL, WeightsError, load_pretrained

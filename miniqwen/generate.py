@@ -86,7 +86,7 @@ def generate(
             all V: greedy picks the same tokens as the full head with the other tokens masked to −inf, and a
             sample is drawn from the same distribution (the allowed tokens' probabilities are equal), though not
             from the same random stream, so a seed gives other samples than masking the full head would.
-            Count the cost with :func:`miniqwen.flops.generation_flops` (``head_rows=K``, K distinct ids).
+            Count the cost with :func:`miniqwen.flop_count.generation_flops` (``head_rows=K``, K distinct ids).
         stop_token_id, stop_count: a row also stops once it has produced ``stop_token_id`` this many times
             (e.g. the ";" that ends each forecast step, times the horizon); that token is kept in the output.
         progress: show a tqdm bar over decoding steps.

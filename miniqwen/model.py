@@ -5,7 +5,7 @@ Architecture (Qwen2 technical report, arXiv:2407.10671, section 2.1; behaviour m
 RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head. Module and parameter names are exactly those of the
 Hugging Face state dict (``model.layers.3.self_attn.q_proj.weight`` …), so official safetensors load unchanged.
 
-Every module reports its FLOPs to :mod:`miniqwen.flops` (the coursework's rules) from the shapes it actually sees.
+Every module reports its FLOPs to :mod:`miniqwen.flop_count` (the coursework's rules) from the shapes it actually sees.
 Only the architecture is here: attention kernels in :mod:`miniqwen.attention`, the KV cache in :mod:`miniqwen.kv_cache`,
 packed CPU weights (swapped in by ``generate``) in :mod:`miniqwen.packing`. A guided forward pass: ``docs/model.md``.
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import flops
+from . import flop_count
 from .attention import attention
 from .config import Qwen2Config
 from .kv_cache import KVCache
@@ -38,9 +38,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if flops.counting():
+        if flop_count.counting():
             d = x.shape[-1]
-            flops.count("norm", x.numel() // d * (4 * d + 11))
+            flop_count.count("norm", x.numel() // d * (4 * d + 11))
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -61,9 +61,9 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+D/2}) of ``x`` [B, H, T, D] by the position's angle: x·cos + rotate_half(x)·sin."""
-    if flops.counting():
+    if flop_count.counting():
         d = x.shape[-1]
-        flops.count("attn.rope", x.numel() // d * (3 * d + d // 2))
+        flop_count.count("attn.rope", x.numel() // d * (3 * d + d // 2))
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -71,11 +71,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _linear(layer: nn.Module, x: torch.Tensor, component: str) -> torch.Tensor:
     """``layer(x)``, with the matmul (and bias) FLOPs recorded under ``component``: from ``in_features``,
     ``out_features`` and ``bias``, which stand-ins for an ``nn.Linear`` (LoRA, packed weights) have too."""
-    if flops.counting():
+    if flop_count.counting():
         rows = x.numel() // x.shape[-1]
-        flops.count_matmul(component, rows, layer.in_features, layer.out_features)
+        flop_count.count_matmul(component, rows, layer.in_features, layer.out_features)
         if layer.bias is not None:
-            flops.count(component, rows * layer.out_features)
+            flop_count.count(component, rows * layer.out_features)
     return layer(x)
 
 
@@ -110,13 +110,13 @@ class Qwen2Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         S = k.shape[2]
-        if flops.counting():
+        if flop_count.counting():
             D, heads = self.head_dim, B * self.n_heads
-            flops.count_matmul("attn.scores", T, D, S, batch=heads)
-            flops.count("attn.scale", heads * T * S)
-            flops.count("attn.mask", heads * T * S)
-            flops.count("attn.softmax", heads * (11 * T * S + T * (S - 1)))
-            flops.count_matmul("attn.values", T, S, D, batch=heads)
+            flop_count.count_matmul("attn.scores", T, D, S, batch=heads)
+            flop_count.count("attn.scale", heads * T * S)
+            flop_count.count("attn.mask", heads * T * S)
+            flop_count.count("attn.softmax", heads * (11 * T * S + T * (S - 1)))
+            flop_count.count_matmul("attn.values", T, S, D, batch=heads)
         # softmax(q kᵀ / √D + mask) v, each group of Hq/Hkv query heads reading its shared key/value head
         out = attention(q, k, v, mask, self.scale)  # [B, Hq, T, D]
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
@@ -136,9 +136,9 @@ class Qwen2MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = _linear(self.gate_proj, x, "mlp.gate_proj")
         up = _linear(self.up_proj, x, "mlp.up_proj")
-        if flops.counting():
-            flops.count("mlp.act", 13 * gate.numel())  # x / (1 + exp(-x)): negate, exp, add, divide
-            flops.count("mlp.mul", gate.numel())
+        if flop_count.counting():
+            flop_count.count("mlp.act", 13 * gate.numel())  # x / (1 + exp(-x)): negate, exp, add, divide
+            flop_count.count("mlp.mul", gate.numel())
         if torch.is_grad_enabled():
             hidden = F.silu(gate) * up
         else:  # inference: the same values, computed in gate's memory instead of a fresh [B, T, I] tensor
@@ -157,8 +157,8 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache):
-        if flops.counting():
-            flops.count("residual", 2 * x.numel())
+        if flop_count.counting():
+            flop_count.count("residual", 2 * x.numel())
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -312,8 +312,8 @@ class Qwen2ForCausalLM(nn.Module):
         if head_rows is None:
             return _linear(self.lm_head, x, "lm_head")
         bias = self.lm_head.bias  # None, or a trainable head bias (lora.head_bias): its K rows are added
-        if flops.counting():
+        if flop_count.counting():
             rows, k = x.numel() // x.shape[-1], head_rows.weight.shape[0]
-            flops.count_matmul("lm_head", rows, x.shape[-1], k)
-            flops.count("lm_head", rows * k if bias is not None else 0)
+            flop_count.count_matmul("lm_head", rows, x.shape[-1], k)
+            flop_count.count("lm_head", rows * k if bias is not None else 0)
         return F.linear(x, head_rows.weight, None if bias is None else bias[head_rows.ids].to(head_rows.weight.dtype))

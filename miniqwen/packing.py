@@ -10,7 +10,7 @@ The model never sees this: :func:`pack_weights` replaces projections by :class:`
 ``lora.remove_lora`` swap modules; :func:`packed_weights` does both around a ``with`` block, and
 :func:`miniqwen.generate.generate` decodes inside one. A ``PackedLinear`` holds the same ``weight`` and ``bias``
 Parameters and has the same ``in_features`` / ``out_features``, so the state dict, the FLOP counter
-(:mod:`miniqwen.flops`) and gradients see what they see with the plain layer.
+(:mod:`miniqwen.flop_count`) and gradients see what they see with the plain layer.
 """
 
 from __future__ import annotations

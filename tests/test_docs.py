@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from miniqwen.config import Qwen2Config
-from miniqwen.flops import COMPONENTS, forward_flops_breakdown
+from miniqwen.flop_count import COMPONENTS, forward_flops_breakdown
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "model.md"

@@ -1,7 +1,7 @@
 """FLOP accounting: the closed form by hand, counter == closed form, 2mnp == torch's FlopCounterMode, the ledger,
 and the ``experiments.flops`` report.
 
-The rules are the coursework FLOP table written out at the top of ``miniqwen/flops.py``.
+The rules are the coursework FLOP table written out at the top of ``miniqwen/flop_count.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from experiments.lib.budget import BUDGET, BudgetExceededError, Ledger, LedgerError
 from miniqwen.config import Qwen2Config
-from miniqwen.flops import (
+from miniqwen.flop_count import (
     COMPONENTS,
     FlopCounter,
     forward_flops,

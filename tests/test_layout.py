@@ -136,8 +136,8 @@ def test_no_import_cycles():
 def test_the_import_graph_sees_the_imports():
     """The checks above are only as good as the graph: spot-check edges that exist."""
     edges = graph()
-    assert {"miniqwen.attention", "miniqwen.config", "miniqwen.flops", "miniqwen.kv_cache"} <= edges["miniqwen.model"]
-    assert "miniqwen.flops" in edges["lora.layers"]
+    assert {"miniqwen.attention", "miniqwen.config", "miniqwen.flop_count", "miniqwen.kv_cache"} <= edges["miniqwen.model"]
+    assert "miniqwen.flop_count" in edges["lora.layers"]
     assert "miniqwen.model" in edges["miniqwen"] and "data.chunks" in edges["data"]
     assert {"experiments.lib.cli", "experiments.lib.runs", "experiments.lib.session"} <= edges["experiments.final"]
     assert "experiments.lib.training.loop" in edges["experiments.lib.training"]

@@ -22,7 +22,7 @@ from lora import (
     unmerge_lora,
 )
 from miniqwen import FlopCounter, Qwen2Config, Qwen2ForCausalLM, load_pretrained
-from miniqwen.flops import forward_flops_breakdown
+from miniqwen.flop_count import forward_flops_breakdown
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2)

@@ -34,7 +34,7 @@ from lora import (
     save_adapter,
 )
 from miniqwen import FlopCounter, Qwen2Config, Qwen2ForCausalLM, generate, load_pretrained
-from miniqwen.flops import forward_flops, forward_flops_breakdown, generation_flops
+from miniqwen.flop_count import forward_flops, forward_flops_breakdown, generation_flops
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2)

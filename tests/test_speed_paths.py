@@ -9,7 +9,7 @@ import torch
 
 import miniqwen.device as mdevice
 from miniqwen import FlopCounter, HeadRows, KVCache, Qwen2Config, Qwen2ForCausalLM, generate
-from miniqwen.flops import forward_flops, generation_flops
+from miniqwen.flop_count import forward_flops, generation_flops
 from miniqwen.generate import sampling_probs
 from miniqwen.model import attention_mask_and_positions
 from miniqwen.packing import PackedLinear, packed_weights

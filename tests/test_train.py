@@ -19,7 +19,7 @@ from experiments.train import save_chunks
 from experiments.lib.training import next_token_loss, read_log, train_lora as train_loop, validation_loss
 from lora import apply_lora, load_adapter, lora_state_dict
 from miniqwen import FlopCounter, Qwen2Config, Qwen2ForCausalLM
-from miniqwen.flops import forward_flops, loss_flops
+from miniqwen.flop_count import forward_flops, loss_flops
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2)

@@ -1,16 +1,16 @@
 """The project's compute ledger: every FLOP spent on the model, appended as it is spent, checked against the budget.
 
 The research question fixes a total budget of ``BUDGET = 1e17`` FLOPs (coursework rules, see
-:mod:`miniqwen.flops`) for everything run on Qwen2.5-0.5B-Instruct: evaluation, training, searches. Each run
+:mod:`miniqwen.flop_count`) for everything run on Qwen2.5-0.5B-Instruct: evaluation, training, searches. Each run
 charges what it spent to an append-only JSON-lines file (default ``runs/flops_ledger.jsonl``, or the path in the
 environment variable ``MINIQWEN_LEDGER``), one object per line::
 
     {"time": "2025-01-01T12:00:00+00:00", "stage": "lora_default", "kind": "train", "flops": 61000000000000000}
 
 **Callers pass FLOPs already multiplied by the coursework convention**: a training step costs 3× its forward pass
-(backward = 2× forward; :func:`miniqwen.flops.training_flops`), evaluation and generation 1× forward
-(:func:`miniqwen.flops.forward_flops` / :func:`miniqwen.flops.generation_flops`, or a
-:class:`miniqwen.flops.FlopCounter` total). The ledger does not multiply anything.
+(backward = 2× forward; :func:`miniqwen.flop_count.training_flops`), evaluation and generation 1× forward
+(:func:`miniqwen.flop_count.forward_flops` / :func:`miniqwen.flop_count.generation_flops`, or a
+:class:`miniqwen.flop_count.FlopCounter` total). The ledger does not multiply anything.
 
 Before a run, :meth:`Ledger.check` compares ledger + planned against the budget and refuses (unless forced).
 

@@ -1,10 +1,10 @@
-"""Planned FLOPs of what the stages run, from the closed forms in :mod:`miniqwen.flops` — the one place a plan is
+"""Planned FLOPs of what the stages run, from the closed forms in :mod:`miniqwen.flop_count` — the one place a plan is
 priced (the stages check it against the ledger before they start, ``experiments.flops`` prints the full plan).
 Conventions: training = 3× forward (backward = 2× forward), evaluation and generation = 1× forward."""
 
 from __future__ import annotations
 
-from miniqwen.flops import DEFAULT_LORA_TARGETS, forward_flops, generation_flops, loss_flops
+from miniqwen.flop_count import DEFAULT_LORA_TARGETS, forward_flops, generation_flops, loss_flops
 
 from .settings import ForecastSettings, LoRASettings, LossSettings, TrainSettings
 
@@ -14,7 +14,7 @@ def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int
     """Upper bound on the FLOPs of :class:`evaluation.LLMForecaster` for prompts of ``prompt_lengths`` tokens.
 
     Prompts are batched by length as the forecaster does, each batch costed with
-    :func:`miniqwen.flops.generation_flops` for its prompts' lengths, every row assumed to generate the full
+    :func:`miniqwen.flop_count.generation_flops` for its prompts' lengths, every row assumed to generate the full
     ``max_tokens_per_step(decimals, encoding) · horizon`` tokens. ``lora`` adds the adapters' cost (and the head
     bias's add, R per decoded position, with ``lora.head_bias``); ``head_rows`` =
     rows of the output head computed while decoding (None = the whole vocabulary); ``encoding``: the LLMTIME text's,

@@ -1,4 +1,4 @@
-"""The coursework's FLOP tables, from the closed form :func:`miniqwen.flops.forward_flops_breakdown` (tested equal to
+"""The coursework's FLOP tables, from the closed form :func:`miniqwen.flop_count.forward_flops_breakdown` (tested equal to
 what the model modules count): per-component costs of one forward pass, per-token costs, the planned cost of every
 stage (:func:`experiments.lib.plans.stage_plans`) and the ledger, rendered as Markdown and JSON.
 ``python -m experiments.flops`` prints them."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from miniqwen.config import ConfigError, Qwen2Config
-from miniqwen.flops import COMPONENTS, DEFAULT_LORA_TARGETS, forward_flops, forward_flops_breakdown
+from miniqwen.flop_count import COMPONENTS, DEFAULT_LORA_TARGETS, forward_flops, forward_flops_breakdown
 
 from .budget import BUDGET, Ledger, LedgerError
 from .plans import stage_plans, stage_settings
@@ -82,7 +82,7 @@ def render(config: Qwen2Config, source: str, ledger: Ledger, plan: dict | None =
     md = [f"# FLOP tables ({source})", "",
           f"L={config.num_hidden_layers}, d={config.hidden_size}, I={config.intermediate_size}, "
           f"Hq={config.num_attention_heads}, Hkv={config.num_key_value_heads}, D={config.head_dim}, "
-          f"V={config.vocab_size}. Coursework FLOP rules (see miniqwen/flops.py); training = 3x forward; "
+          f"V={config.vocab_size}. Coursework FLOP rules (see miniqwen/flop_count.py); training = 3x forward; "
           f"budget {budget:.0e}.", "",
           "## (a) One forward pass, batch 1, per component", "",
           "| component | " + " | ".join(f"context {n}" for n in CONTEXTS) + " |",

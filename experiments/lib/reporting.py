@@ -342,7 +342,7 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
     try:
         md.append(ledger.markdown_table(BUDGET))
         md += ["", f"Ledger: `{ledger.path.name}` ({len(ledger.entries())} entries). Training is charged 3× its "
-               "forward FLOPs, evaluation and generation 1× (coursework rules, `miniqwen/flops.py`)."]
+               "forward FLOPs, evaluation and generation 1× (coursework rules, `miniqwen/flop_count.py`)."]
     except LedgerError as err:
         md.append(f"**ledger unreadable:** {err}")
     md += ["", "| run | stage | generate | eval | train | total | planned |", "| --- | --- |" + " ---: |" * 5]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data import ENCODINGS
-from miniqwen.flops import DEFAULT_LORA_TARGETS, PROJECTIONS
+from miniqwen.flop_count import DEFAULT_LORA_TARGETS, PROJECTIONS
 from miniqwen.loading import DEFAULT_MODEL
 
 from .errors import OptionError, UsageError

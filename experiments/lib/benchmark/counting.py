@@ -1,4 +1,4 @@
-"""The ``counting`` section: what a :class:`miniqwen.flops.FlopCounter` adds to a forward pass, on the real model
+"""The ``counting`` section: what a :class:`miniqwen.flop_count.FlopCounter` adds to a forward pass, on the real model
 and, isolated, on a 24-layer model too narrow to hide its bookkeeping."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 from data import chunk_texts
 from lora import apply_lora
 from miniqwen import FlopCounter, Qwen2Config, QwenTokenizer, load_pretrained
-from miniqwen.flops import DEFAULT_LORA_TARGETS, forward_flops, loss_flops
+from miniqwen.flop_count import DEFAULT_LORA_TARGETS, forward_flops, loss_flops
 
 from ..errors import UsageError
 from ..session import load_dataset
@@ -38,7 +38,7 @@ def training_batch(tokenizer, data: str | None, batch: int, seq_len: int, device
 def forward_side_by_side(model_dir, data: str | None, batch: int, seq_len: int, dtypes: list[str], repeats: int,
                          device: torch.device, peak: dict | None = None) -> dict:
     """One forward pass over [batch, seq_len] training tokens (all logits), miniqwen vs transformers, per dtype
-    (weights held in it): median seconds, GFLOP/s (:func:`miniqwen.flops.forward_flops` / s), the fraction of
+    (weights held in it): median seconds, GFLOP/s (:func:`miniqwen.flop_count.forward_flops` / s), the fraction of
     ``peak[dtype]["gflops_per_s"]`` (from :func:`~.peak.matmul_peak`), peak extra MiB, and the largest |logit
     difference|. Raises UsageError if the data has too few unpadded chunks (:func:`training_batch`)."""
     config, tok = Qwen2Config.from_json(Path(model_dir) / "config.json"), QwenTokenizer.from_file(model_dir)

@@ -11,7 +11,7 @@ Run directory: ``log.jsonl`` (one object per step ``{"kind": "train", "step", "l
 ``summary.json`` (what :func:`train_lora` returns) and ``loss_curve.png``. Resuming gives weights bit-identical to an
 uninterrupted run on the same device and thread count (tested).
 
-FLOPs (coursework rules): every forward runs inside a :class:`miniqwen.flops.FlopCounter` (model + LoRA + loss); a
+FLOPs (coursework rules): every forward runs inside a :class:`miniqwen.flop_count.FlopCounter` (model + LoRA + loss); a
 training step is charged 3× its counted forward (backward = 2× forward), an evaluation 1×. The ledger is charged at
 each checkpoint with what was spent since the last charge, before the checkpoint is written: a crash never loses a
 charge (steps redone after a crash are charged again, an over-count, never an under-count).

@@ -10,8 +10,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data.chunks import Chunks
-from miniqwen import flops
-from miniqwen.flops import FlopCounter, loss_flops
+from miniqwen import flop_count
+from miniqwen.flop_count import FlopCounter, loss_flops
 from miniqwen.model import HeadRows
 
 IGNORE_INDEX = -100  # the target of positions without one (PyTorch's and transformers' convention)
@@ -35,7 +35,7 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         transformers' causal-LM loss, the targets are shifted instead of the logits, and the positions without a
         target (each row's last, padding) get ``IGNORE_INDEX``: the logits [B·T, V] are neither sliced nor
         indexed, so the backward pass does not scatter their gradient into a zeroed copy. FLOPs of the loss go to
-        component ``"loss"`` (:func:`miniqwen.flops.loss_flops`), charged per target; the fused kernel's softmax
+        component ``"loss"`` (:func:`miniqwen.flop_count.loss_flops`), charged per target; the fused kernel's softmax
         over the B·T − n ignored rows, whose result it discards, is not charged (4 of 2,048 rows for four full
         512-token chunks).
 
@@ -53,8 +53,8 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         targets = column
     targets = targets.masked_fill(~keep, IGNORE_INDEX)
     n = int(keep.sum())
-    if flops.counting() and n:
-        flops.count("loss", loss_flops(logits.shape[-1], n))
+    if flop_count.counting() and n:
+        flop_count.count("loss", loss_flops(logits.shape[-1], n))
     loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
     return loss_sum, n

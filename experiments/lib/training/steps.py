@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from data.chunks import Chunks
 from lora import lora_state_dict
 from miniqwen.device import FLOAT16_OVERFLOW
-from miniqwen.flops import FlopCounter
+from miniqwen.flop_count import FlopCounter
 from miniqwen.model import HeadRows
 
 from ..errors import UsageError
