@@ -40,7 +40,7 @@ def build_parser(preset: str | None = None):
 def main(argv=None) -> int:
     s = cli.parse(build_parser(cli.preset_name(argv, PRESETS)), argv)
     run, data, forecast, loss_settings = s["run"], s["data"], s["forecast"], s["loss"]
-    session = Session(STAGE, run, data)
+    session = Session(STAGE, run, data, progress=not s["hide_progress"])
     indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)
     ds = session.dataset
     print(f"data: {ds.data.path.name} ({ds.data.n_systems} trajectories x {ds.data.n_steps} steps); split "
@@ -57,14 +57,13 @@ def main(argv=None) -> int:
                                                   loss_settings))
 
     forecaster = runs.llm_forecaster(session, forecast, "zero-shot")
-    forecaster.progress = not s["hide_progress"]
     zero_shot = runs.forecast_and_save(session, forecaster, forecast, "",
                                        f"zero-shot {forecast.prompt}, {forecast.samples} sample(s)")
     results.add_flops("generate", zero_shot.flops)
     if loss_chunks is not None:
         t0 = time.time()
         loss, loss_flops = validation_loss(session.model, loss_chunks, loss_settings.loss_batch_size,
-                                           session.precision, progress=not s["hide_progress"])
+                                           session.precision, progress=session.progress)
         zero_shot.validation_loss = loss
         results.add_flops("eval", loss_flops)
         results.seconds["validation_loss"] = round(time.time() - t0, 2)

@@ -8,7 +8,8 @@ Sections (``--sections``, default all), each a plain function returning a JSON-r
 * ``peak`` — this machine's matmul peak: an n × n square matmul in float32 and in the default dtype (GFLOP/s =
   2n³ / s), the denominator of every "fraction of peak" below; and its memory read bandwidth (summing 1 GiB).
 * ``counting`` — the overhead of FLOP counting: a forward pass timed with and without a
-  :class:`miniqwen.flop_count.FlopCounter`, and the counter's bookkeeping alone on a 24-layer model too narrow to hide it.
+  :class:`miniqwen.flop_count.FlopCounter`, and the counter's bookkeeping alone on a 24-layer model too narrow to hide
+  it.
 * ``throughput`` — miniqwen's prefill tokens/s and KV-cached decoding tokens/s at several batch sizes, and the
   rate at which a decoding step reads the weights (GB/s, and the fraction of the memory bandwidth with ``peak``).
 * ``forward`` / ``train`` — one forward pass, and one LoRA training step (rank 4 on q, v; AdamW; clipping), of

@@ -101,10 +101,9 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
     results.add_flops("generate", untrained.flops + sum(r["forecast_flops"] for r in rows))
     results.add_flops("train", sum(r["training"]["train_flops"] for r in last.values()))
     results.add_flops("eval", sum(r["training"]["eval_flops"] for r in last.values()) + untrained_loss_flops)
-    paired, paired_md = compare.against_reference(
-        session.out / "per_trajectory_untrained.csv", {f"{r['name']} @ {r['steps']}": session.out / "points" /
-                                                       r["name"] / f"per_trajectory_rung{r['rung']}.csv" for r in rows},
-        "untrained", forecast.horizon, session.run.seed)
+    paired, paired_md = compare.against_untrained(
+        session.out, {f"{r['name']} @ {r['steps']}": compare.point_csv(r["name"], r["rung"]) for r in rows},
+        forecast.horizon, session.run.seed)
     results.details.update(rows=rows, selection=chosen, scale=scale, table_markdown=table, untrained_score=base,
                            vs_untrained=paired)
     tables.write_run_readme(session.out / "README.md", "LoRA search: successive halving over learning rate × rank",

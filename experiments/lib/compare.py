@@ -14,13 +14,16 @@ Bootstrap*, ch. 6 and §16.4 on paired data), done with ``scipy.stats.bootstrap`
 (https://docs.scipy.org/doc/scipy/reference/generated/scipy.stats.bootstrap.html).
 
 Everything returned is plain ``dict`` / ``list`` / ``float`` / ``int`` (JSON-ready); :func:`comparison_table` renders
-comparisons as Markdown for stage READMEs and the report. Only numpy and scipy are used.
+comparisons as Markdown for stage READMEs and the report; :func:`read_errors` and :func:`against_untrained` read the
+per-trajectory CSVs a stage writes. Only numpy, scipy and the standard library are used.
 """
 
 from __future__ import annotations
 
+import csv
 import inspect
 import warnings
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import bootstrap
@@ -318,8 +321,6 @@ def read_errors(path) -> tuple[list[int], dict]:
     Raises:
         ValueError: naming the file, if it has no rows or lacks one of those columns or a value is not a number.
     """
-    import csv
-
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     try:
@@ -335,8 +336,6 @@ def read_errors(path) -> tuple[list[int], dict]:
 def compare_files(path_a, path_b, names: tuple[str, str], horizon: int, seed: int = 0) -> dict | None:
     """:func:`compare_errors` of two per-trajectory CSVs (:func:`read_errors`), or None when either file is missing
     or the two do not cover the same trajectories in the same order (nothing to pair)."""
-    from pathlib import Path
-
     if not (Path(path_a).is_file() and Path(path_b).is_file()):
         return None
     (ids_a, a), (ids_b, b) = read_errors(path_a), read_errors(path_b)
@@ -360,6 +359,24 @@ def against_reference(reference_csv, others: dict, reference: str, horizon: int,
               "wins on MSE, and blow-ups (a trajectory above 10× the larger median MSE, or holding over half the "
               "sum).")
     return found, summary_table(found) + "\n\n" + legend
+
+
+#: where a stage's run directory keeps the untrained model's per-trajectory errors (the reference of its tables)
+UNTRAINED_CSV = "per_trajectory_untrained.csv"
+
+
+def point_csv(name: str, rung: int | None = None) -> str:
+    """Where a study's point keeps its per-trajectory errors, relative to the run directory: the trained forecast of
+    a sweep or context-study point, or rung ``rung``'s forecast of a search point."""
+    return f"points/{name}/per_trajectory_{'trained' if rung is None else f'rung{rung}'}.csv"
+
+
+def against_untrained(run_dir, trained: dict, horizon: int, seed: int = 0) -> tuple[list, str]:
+    """:func:`against_reference` with the untrained model of the run directory ``run_dir`` (:data:`UNTRAINED_CSV`)
+    as the reference; ``trained`` = ``{label: per-trajectory CSV path relative to run_dir}``."""
+    run_dir = Path(run_dir)
+    return against_reference(run_dir / UNTRAINED_CSV, {k: run_dir / v for k, v in trained.items()}, "untrained",
+                             horizon, seed)
 
 
 def summary_table(comparisons, spec: str = ".4g") -> str:

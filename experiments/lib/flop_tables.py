@@ -1,6 +1,6 @@
-"""The coursework's FLOP tables, from the closed form :func:`miniqwen.flop_count.forward_flops_breakdown` (tested equal to
-what the model modules count): per-component costs of one forward pass, per-token costs, the planned cost of every
-stage (:func:`experiments.lib.plans.stage_plans`) and the ledger, rendered as Markdown and JSON.
+"""The coursework's FLOP tables, from the closed form :func:`miniqwen.flop_count.forward_flops_breakdown` (tested
+equal to what the model modules count): per-component costs of one forward pass, per-token costs, the planned cost of
+every stage (:func:`experiments.lib.plans.stage_plans`) and the ledger, rendered as Markdown and JSON.
 ``python -m experiments.flops`` prints them."""
 
 from __future__ import annotations

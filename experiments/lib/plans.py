@@ -1,7 +1,8 @@
 """What each stage will spend, in FLOPs, before it starts: one pricing function per stage (the one the stage checks
 against the ledger, :meth:`Session.check`) and the plan of every stage at its defaults (:func:`stage_plans`, for
 ``python -m experiments.flops``). Every price comes from :mod:`experiments.lib.costs`, i.e. the closed form of
-:mod:`miniqwen.flop_count`, and the defaults from :mod:`experiments.lib.defaults`, so the plan is what the stages run."""
+:mod:`miniqwen.flop_count`, and the defaults from :mod:`experiments.lib.defaults`, so the plan is what the stages
+run."""
 
 from __future__ import annotations
 

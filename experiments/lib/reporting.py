@@ -14,6 +14,7 @@ from .budget import BUDGET, Ledger, LedgerError
 from .errors import UsageError
 from .plots import plot_horizon_errors
 from .results import Evaluation, Results
+from .run_directory import dig, read_json
 from .tables import evaluation_table, format_number, horizon_growth, tie_note
 
 
@@ -57,9 +58,7 @@ def vs_untrained(results_root: Path, run: str, r: Results, trained: dict[str, st
     """Each trained forecaster of run ``run`` against its untrained model, trajectory by trajectory, from the
     per-trajectory CSVs the stage wrote (``trained``: ``{label: CSV path relative to the run}``): the paired
     bootstrap table of :func:`compare.against_reference`, or nothing where the files do not pair."""
-    horizon = next(iter(r.evaluations.values())).horizon
-    _, md = compare.against_reference(results_root / run / "per_trajectory_untrained.csv",
-                                      {k: results_root / run / v for k, v in trained.items()}, "untrained", horizon,
+    _, md = compare.against_untrained(results_root / run, trained, next(iter(r.evaluations.values())).horizon,
                                       r.seed)
     return ["Trajectory by trajectory against the untrained model:", "", md, ""] if md else []
 
@@ -82,8 +81,8 @@ def grid_section(results: dict[str, Results], results_root: Path, root: Path) ->
                f"{agree}; Spearman ρ between the two rankings over the grid = {format_number(rho, '.2f')}. "
                + (f"{tie} " if tie else "")
                + "The untrained row is the same base model on the same trajectories and validation chunks.", ""]
-        md += vs_untrained(results_root, run, r, {x["name"]: f"points/{x['name']}/per_trajectory_trained.csv"
-                                                  for x in d["grid"] if "name" in x})
+        md += vs_untrained(results_root, run, r, {x["name"]: compare.point_csv(x["name"]) for x in d["grid"]
+                                                  if "name" in x})
         md += _image(results_root, run, "heatmap_forecast_mse.png", root, "forecast MSE heat map")
         md += _image(results_root, run, "heatmap_val_loss.png", root, "validation loss heat map")
         md += _image(results_root, run, "loss_curves.png", root, "training curves")
@@ -109,8 +108,8 @@ def context_section(results: dict[str, Results], results_root: Path, root: Path)
                "Error growth with the horizon (MAE over the last quarter of the forecast steps / the first quarter; "
                "if short windows teach only short-range continuation, the shortest window grows fastest): "
                + ", ".join(growth) + ".", ""]
-        md += vs_untrained(results_root, run, r, {f"context {x['context_length']}": f"points/{x['name']}/"
-                                                  "per_trajectory_trained.csv" for x in rows if "name" in x})
+        md += vs_untrained(results_root, run, r, {f"context {x['context_length']}": compare.point_csv(x["name"])
+                                                  for x in rows if "name" in x})
         md += _image(results_root, run, "horizon_mae.png", root, "MAE by forecast step per context length")
     return md
 
@@ -134,7 +133,7 @@ def search_section(results: dict[str, Results], results_root: Path, root: Path) 
     still running (a run record, no results.json yet) is shown from the rung records it has written, said so."""
     md = []
     running = [d for d in sorted(results_root.glob("**/run.json")) if not (d.parent / "results.json").exists()
-               and _read_stage(d) == "search"]
+               and dig(read_json(d), "stage") == "search"]
     for run, r in [(k, v) for k, v in results.items() if v.stage == "search"] + [
             (str(d.parent.relative_to(results_root)), None) for d in running]:
         run_dir = results_root / run
@@ -153,28 +152,19 @@ def search_section(results: dict[str, Results], results_root: Path, root: Path) 
                    "`--resume` continues it); the untrained model's score is computed when the search finishes.", "",
                    tables.search_table(rows, untrained=_untrained_row(run_dir)), ""]
         horizon = next((x["evaluation"]["horizon"] for records in done for x in records), 20)
-        _, paired = compare.against_reference(
-            run_dir / "per_trajectory_untrained.csv",
-            {f"{x['name']} @ {x['steps']}": run_dir / "points" / x["name"] / f"per_trajectory_rung{x['rung']}.csv"
-             for x in rows}, "untrained", horizon, r.seed if r is not None else 0)
+        _, paired = compare.against_untrained(
+            run_dir, {f"{x['name']} @ {x['steps']}": compare.point_csv(x["name"], x["rung"]) for x in rows}, horizon,
+            r.seed if r is not None else 0)
         md += ["Each point against the untrained model, trajectory by trajectory:", "", paired, ""] if paired else []
         md += _image(results_root, run, "rungs.png", root, "search rungs")
     return md
-
-
-def _read_stage(record: Path) -> str | None:
-    try:
-        value = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    return value.get("stage") if isinstance(value, dict) else None
 
 
 def _untrained_row(run_dir: Path) -> dict | None:
     """The untrained reference row of a running search, from what it saved: medians of its per-trajectory CSV and
     the validation loss in untrained.json (the score needs persistence on the data, so it is left out)."""
     try:
-        _, errors = compare.read_errors(run_dir / "per_trajectory_untrained.csv")
+        _, errors = compare.read_errors(run_dir / compare.UNTRAINED_CSV)
         saved = json.loads((run_dir / "untrained.json").read_text())
     except (OSError, ValueError):
         return None

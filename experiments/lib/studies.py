@@ -397,9 +397,7 @@ def study_results(session: Session, forecast: ForecastSettings, records: list[di
     out.flops["planned"] = planned
     for kind, flops in charged_flops(records, untrained, session.out / "untrained.json").items():
         out.add_flops(kind, flops)
-    paired, markdown = compare.against_reference(
-        session.out / "per_trajectory_untrained.csv",
-        {r["name"]: session.out / "points" / r["name"] / "per_trajectory_trained.csv" for r in records},
-        "untrained", forecast.horizon, session.run.seed)
+    trained = {r["name"]: compare.point_csv(r["name"]) for r in records}
+    paired, markdown = compare.against_untrained(session.out, trained, forecast.horizon, session.run.seed)
     out.details["vs_untrained"] = paired
     return out, markdown
