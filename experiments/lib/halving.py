@@ -114,6 +114,7 @@ def saved_score(session: Session, forecast: ForecastSettings, path: Path) -> dic
 
 
 def rung_path(session: Session, name: str, rung: int) -> Path:
+    """The rung record of point ``name`` at rung ``rung``: ``out/points/<name>/rung<k>.json``."""
     return session.out / "points" / name / f"rung{rung}.json"
 
 

@@ -53,6 +53,7 @@ class RunDirectory:
 
 
 def read_json(path: Path):
+    """The JSON in ``path``, or None when it is not a readable file of JSON (never raises)."""
     try:
         if not path.is_file():
             return None
@@ -70,6 +71,7 @@ def dig(value, *keys):
 
 
 def nonempty_object(value) -> dict | None:
+    """``value`` if it is a non-empty JSON object, else None."""
     return value if isinstance(value, dict) and value else None
 
 

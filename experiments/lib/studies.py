@@ -88,6 +88,7 @@ def grid_axis(text: str, kind, flag: str, field: str | None = None) -> tuple:
 
 
 def point_name(lr: float, rank: int) -> str:
+    """A grid point's directory name, e.g. ``lr0.0001_rank8`` (part of every record and path: never change it)."""
     return f"lr{lr:g}_rank{rank}"
 
 
