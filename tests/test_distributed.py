@@ -61,7 +61,8 @@ def tiny(tmp_path_factory):
                       root / f"{out}.jsonl", "--train-chunks", root / "train.safetensors", "--val-chunks",
                       root / "val.safetensors", "--context-length", L, "--batch-size", 4, "--lr", "1e-2",
                       "--max-steps", 8, "--checkpoint-every", 2, "--eval-every", 3, "--eval-batches", 2,
-                      "--early-stop", 0, "--no-progress", "--stage", "test", *extra, nproc=nproc)
+                      "--early-stop", 0, "--no-progress", "--stage", "test", "--device", "cpu", *extra,
+                      nproc=nproc)
 
     done = train("one")
     assert done.returncode == 0, done.stderr
