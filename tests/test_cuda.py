@@ -9,16 +9,16 @@ import json
 import pytest
 import torch
 
-from experiments import search, sweep
+from experiments import search
 from experiments.lib import halving
 from experiments.lib.budget import Ledger
 from lora import apply_lora, merged
 from miniqwen import FlopCounter, generate, load_pretrained
-from safetensors.torch import load_file
 
 from test_device import run_training, tiny_dir  # noqa: F401 (the fixture)
 from test_grid_stages import Killed, common
 from test_lora import randomize_lora, tiny_model
+from test_search import SEARCH_OPTIONS, assert_continued_equals_straight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
@@ -118,23 +118,16 @@ def test_search_on_cuda_continues_points_exactly(tiny_full_vocab, sim_file, tmp_
     """The search end to end on the GPU in bf16: the rungs, the ledger, and a point taken to 4 steps over two
     rungs equal to one trained to 4 steps straight (the sweep, also on the GPU)."""
     out, ledger = tmp_path / "search", tmp_path / "search.jsonl"
-    assert search.main(on_cuda(tiny_full_vocab, sim_file, out, ledger) + [
-        "--lrs", "1e-3,1e-2", "--ranks", "2,4", "--min-steps", "2", "--eta", "2", "--rungs", "2",
-        "--checkpoint-every", "1"]) == 0
+    assert search.main(on_cuda(tiny_full_vocab, sim_file, out, ledger) + SEARCH_OPTIONS) == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["details"]["rows"]
     assert [r["rung"] for r in rows] == [0, 0, 0, 0, 1, 1]
     assert Ledger(ledger).total() == results["flops"]["total"] <= results["flops"]["planned"]
     kept = halving.survivors(rows[:4], 2)
     assert [r["name"] for r in rows[4:]] == [r["name"] for r in rows[:4] if r["name"] in kept]
-    name, lr, rank = rows[4]["name"], rows[4]["lr"], rows[4]["rank"]
-    straight = tmp_path / "straight"
-    args = on_cuda(tiny_full_vocab, sim_file, straight, tmp_path / "straight.jsonl")
-    assert sweep.main(args + ["--lrs", f"{lr:g}", "--ranks", str(rank), "--max-steps", "4", "--eval-every", "0",
-                              "--checkpoint-every", "1", "--no-eval-at-start"]) == 0
-    a = load_file(out / "points" / name / "training" / "adapter" / "adapter.safetensors")
-    b = load_file(straight / "points" / name / "training" / "adapter" / "adapter.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rows[4]["steps"] == 4
+    assert_continued_equals_straight(out, rows[4], on_cuda(tiny_full_vocab, sim_file, tmp_path / "straight",
+                                                           tmp_path / "straight.jsonl"))
 
 
 def test_final_stage_on_cuda_resumes_to_the_uninterrupted_result(tiny_full_vocab, sim_file, tmp_path):

@@ -3,6 +3,7 @@ score, rungs that continue points exactly (a point taken to 3N in two rungs equa
 kill inside a rung that resumes to the same table."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +19,28 @@ from safetensors.torch import load_file
 from test_grid_stages import Killed, common
 
 
+#: a search of 4 points over 2 rungs of 2 and 4 steps
+SEARCH_OPTIONS = ["--lrs", "1e-3,1e-2", "--ranks", "2,4", "--min-steps", "2", "--eta", "2", "--rungs", "2",
+                  "--checkpoint-every", "1"]
+
+
 def search_args(model, data, out, ledger):
-    return common(model, data, out, ledger) + ["--lrs", "1e-3,1e-2", "--ranks", "2,4", "--min-steps", "2",
-                                               "--eta", "2", "--rungs", "2", "--checkpoint-every", "1"]
+    return common(model, data, out, ledger) + SEARCH_OPTIONS
+
+
+def assert_continued_equals_straight(search_dir, row: dict, straight_args: list) -> None:
+    """The adapter of the search's point ``row`` (taken to ``row["steps"]`` over rungs, in ``search_dir``) equals
+    that of the same point trained to those steps straight by the sweep, run with ``straight_args`` (the common
+    options, ``--out`` naming the straight run's directory)."""
+    from experiments import sweep
+
+    straight = Path(straight_args[straight_args.index("--out") + 1])
+    assert sweep.main(straight_args + ["--lrs", f"{row['lr']:g}", "--ranks", str(row["rank"]), "--max-steps",
+                                       str(row["steps"]), "--eval-every", "0", "--checkpoint-every", "1",
+                                       "--no-eval-at-start"]) == 0
+    adapter = Path("points") / row["name"] / "training" / "adapter" / "adapter.safetensors"
+    a, b = load_file(search_dir / adapter), load_file(straight / adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_schedule_keeps_one_over_eta_and_multiplies_the_steps():
@@ -65,17 +85,10 @@ def test_search_continues_points_exactly_and_resumes_after_a_kill(tiny_full_voca
         assert (whole / name).is_file(), name
 
     # a point taken to 4 steps over two rungs has the weights of one trained to 4 steps straight
-    from experiments import sweep
-
     name = rows[4]["name"]
-    straight = tmp_path / "straight"
-    lr, rank = rows[4]["lr"], rows[4]["rank"]
-    args = common(tiny_full_vocab, sim_file, straight, tmp_path / "straight.jsonl")
-    assert sweep.main(args + ["--lrs", f"{lr:g}", "--ranks", str(rank), "--max-steps", "4", "--eval-every", "0",
-                              "--checkpoint-every", "1", "--no-eval-at-start"]) == 0
-    a = load_file(whole / "points" / name / "training" / "adapter" / "adapter.safetensors")
-    b = load_file(straight / "points" / name / "training" / "adapter" / "adapter.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rows[4]["steps"] == 4
+    assert_continued_equals_straight(whole, rows[4], common(tiny_full_vocab, sim_file, tmp_path / "straight",
+                                                            tmp_path / "straight.jsonl"))
 
     # killed inside rung 1 (after step 3 of its first point, checkpointed at 3), then resumed: the same table
     part, ledger_part = tmp_path / "part", tmp_path / "part.jsonl"

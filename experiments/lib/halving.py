@@ -32,7 +32,7 @@ import numpy as np
 
 from lora import merged, remove_lora
 
-from . import results, runs, studies
+from . import compare, results, runs, studies
 from .classical_forecasters import Persistence
 from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
 from .errors import UsageError
@@ -144,7 +144,7 @@ def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: i
              key: dict, reference: dict[str, np.ndarray], on_step=None) -> dict:
     """Train ``point`` to its rung's steps, forecast the validation subset with it and write its rung record
     (``rung<k>.json`` last, then the forecast is charged). Returns the record."""
-    out = studies.point_directory(session, point.name, may_restart=rung == 0)
+    studies.point_directory(session, point.name, may_restart=rung == 0)
     t = point.train
     print(f"\n=== rung {rung}: {point.name} (lr {t.lr:g}, rank {point.lora.rank}) to step {t.max_steps} ===")
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
@@ -156,7 +156,7 @@ def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: i
         remove_lora(session.model)
     evaluation.validation_loss = summary["val_loss"]
     mse = per_trajectory_mse(pred, truth)
-    write_csv(out / f"per_trajectory_rung{rung}.csv", per_trajectory_rows(indices, pred, truth, forecasts))
+    write_csv(session.out / compare.point_csv(point.name, rung), per_trajectory_rows(indices, pred, truth, forecasts))
     record = {"settings": key, "name": point.name, "rung": rung, "steps": summary["steps"], "lr": t.lr,
               "rank": point.lora.rank, "context_length": t.context_length, "score": robust_score(mse, reference),
               "median_mse": {s: float(np.median(v)) for s, v in mse.items()}, "val_loss": summary["val_loss"],
