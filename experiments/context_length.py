@@ -65,8 +65,8 @@ def main(argv=None, on_step=None) -> int:
         return runs.follow(session)
     indices = session.dataset.forecast_set(forecast)[0]
     study = studies.context_points(lora, train, contexts)
-    records, untrained, untrained_losses, planned = studies.run_all(
-        session, forecast, study, studies.study_key(session, forecast, lora, train), on_step=on_step)
+    key = studies.study_key(session, forecast, lora, train, studies.CONTEXT_FIELDS)
+    records, untrained, untrained_losses, planned = studies.run_all(session, forecast, study, key, on_step=on_step)
 
     rows = studies.table_rows(records)
     for row, record in zip(rows, records):
@@ -88,7 +88,8 @@ def main(argv=None, on_step=None) -> int:
                          {f"context {r['context_length']}": session.out / "points" / r["name"] / "training" /
                           "log.jsonl" for r in records}, f"training loss; {scale}")
     table = markdown(rows, untrained, untrained_losses)
-    results, paired_md = studies.study_results(session, forecast, records, untrained, planned, lora=lora, train=train)
+    results, paired_md = studies.study_results(session, forecast, records, untrained, planned,
+                                               studies.CONTEXT_FIELDS, lora=lora, train=train)
     results.settings["study"] = {"contexts": list(contexts), "preset": preset, "from_sweep": picked or None}
     results.details.update(contexts=rows, selection=selection, scale=scale, table_markdown=table,
                            untrained_val_loss=untrained_losses)

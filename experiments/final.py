@@ -104,7 +104,7 @@ def main(argv=None, on_step=None) -> int:
     untrained.validation_loss = evals[0]["val_loss"] if evals and evals[0]["step"] == 0 else None
     if train.restore_best and summary["best_step"] is not None:
         trained.validation_loss = summary["best_val_loss"]
-    session.charge("generate", trained.flops, session.out / "per_trajectory_trained.csv", what="trained forecast")
+    session.charge("generate", trained.flops, session.out / compare.TRAINED_CSV, what="trained forecast")
 
     classical, search, forecasters = side_by_side.classical(session, forecast, orders, predictions)
     evaluations = {"untrained": untrained, "lora": trained, **classical}

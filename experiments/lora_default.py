@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     results.add_flops("train", summary["train_flops"])
     results.add_flops("eval", summary["eval_flops"])
     table = tables.evaluation_table(evaluations)
-    paired, paired_md = compare.against_untrained(session.out, {"lora": "per_trajectory_trained.csv"},
+    paired, paired_md = compare.against_untrained(session.out, {"lora": compare.TRAINED_CSV},
                                                   forecast.horizon, session.run.seed)
     results.details.update(training=summary, table_markdown=table, vs_untrained=paired)
     results.seconds["training_this_session"] = summary["seconds_this_session"]

@@ -91,6 +91,7 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
               "chosen": {"lr": winner["lr"], "rank": winner["rank"], "context_length": winner["context_length"],
                          "steps": winner["steps"], "point": winner["name"]}}
     results = session.results(forecast=forecast, lora=lora, train=train)
+    results.settings = studies.without_point_fields(results.settings, studies.GRID_FIELDS)  # each row gives its own
     results.settings["search"] = {"lrs": sorted({r["lr"] for r in rows}), "ranks": sorted({r["rank"] for r in rows}),
                                   "min_steps": s["min_steps"], "eta": s["eta"], "rungs": [list(r) for r in rungs],
                                   "preset": preset}

@@ -67,7 +67,7 @@ def main(argv=None, on_step=None) -> int:
                       join=join, progress=train.progress)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return runs.follow(session)
-    key = studies.study_key(session, forecast, lora, train)
+    key = studies.study_key(session, forecast, lora, train, studies.GRID_FIELDS)
     if shard is not None:
         mine = points[shard[0]::shard[1]]
         print(f"shard {shard[0]}/{shard[1]}: points {', '.join(p.name for p in mine) or 'none'} of {len(points)}")
@@ -97,7 +97,8 @@ def write_results(session: Session, records: list[dict], untrained: Evaluation, 
     chosen = grid.selection(rows)
     grid.write_plots(session, rows, lrs, ranks, untrained, scale)
     table = grid.grid_table(rows, untrained, chosen["chosen"])
-    results, paired_md = studies.study_results(session, forecast, records, untrained, planned, lora=lora, train=train)
+    results, paired_md = studies.study_results(session, forecast, records, untrained, planned,
+                                               studies.GRID_FIELDS, lora=lora, train=train)
     results.settings["grid"] = {"lrs": list(lrs), "ranks": list(ranks), **provenance}
     results.details.update(grid=rows, selection=chosen, scale=scale, table_markdown=table)
     write_json(session.out / "grid.json", {"scale": scale, "weights": session.weights, "selection": chosen,

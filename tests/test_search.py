@@ -83,6 +83,12 @@ def test_search_continues_points_exactly_and_resumes_after_a_kill(tiny_full_voca
     assert "| – | untrained | 0 |" in (whole / "README.md").read_text()
     for name in ("search.csv", "README.md", "untrained.json"):
         assert (whole / name).is_file(), name
+    # lr and rank differ by point: neither results.json's settings nor a rung record's study key holds one of them
+    assert "lr" not in results["settings"]["train"] and "rank" not in results["settings"]["lora"]
+    assert results["settings"]["search"]["lrs"] == [1e-3, 1e-2] and results["settings"]["search"]["ranks"] == [2, 4]
+    for r in rows:
+        key = json.loads((whole / "points" / r["name"] / f"rung{r['rung']}.json").read_text())["settings"]
+        assert key["points_vary"] == ["lr", "rank"] and "lr" not in key["train"] and "rank" not in key["lora"]
 
     # a point taken to 4 steps over two rungs has the weights of one trained to 4 steps straight
     name = rows[4]["name"]
@@ -111,10 +117,31 @@ def test_search_continues_points_exactly_and_resumes_after_a_kill(tiny_full_voca
     assert f"Selection: {results['details']['selection']['rule']}" in text
     assert text.count(f"| {rows[0]['name']} @ 2 vs untrained | prey |") == 2
     assert "vs untrained" in (whole / "README.md").read_text()
+    # rung records saved before lr and rank left the study key held the first point's values there: still read back
+    for path in (part / "points").glob("*/rung0.json"):
+        record = json.loads(path.read_text())
+        key = record["settings"]
+        del key["points_vary"]
+        key["train"]["lr"], key["lora"]["rank"] = 1e-3, 2
+        path.write_text(json.dumps(record))
     assert search.main(search_args(tiny_full_vocab, sim_file, part, ledger_part) + ["--resume"]) == 0
     resumed = json.loads((part / "results.json").read_text())
     assert resumed["details"]["rows"] == rows
     assert resumed["details"]["selection"] == results["details"]["selection"]
+
+
+def test_a_study_key_leaves_out_what_its_points_vary_and_still_matches_an_older_one():
+    from experiments.lib.studies import same_study, without_point_fields
+
+    key = {"run": {"seed": 0}, "lora": {"targets": ["q_proj"]}, "train": {"batch_size": 4},
+           "points_vary": ["lr", "rank"]}
+    older = {"run": {"seed": 0}, "lora": {"targets": ["q_proj"], "rank": 2}, "train": {"batch_size": 4, "lr": 1e-5}}
+    assert same_study(older, key) and same_study(key, key)
+    assert without_point_fields(older, ["lr", "rank"]) == {k: v for k, v in key.items() if k != "points_vary"}
+    # a field the points do not vary still has to agree, in an older key or a newer one
+    assert not same_study({**older, "train": {"batch_size": 8, "lr": 1e-5}}, key)
+    assert not same_study({**key, "lora": {"targets": ["v_proj"]}}, key)
+    assert not same_study({**key, "points_vary": ["lr"]}, key)
 
 
 def test_search_refuses_a_schedule_that_depends_on_the_run_length(tiny_full_vocab, sim_file, tmp_path):

@@ -361,14 +361,20 @@ def against_reference(reference_csv, others: dict, reference: str, horizon: int,
     return found, summary_table(found) + "\n\n" + legend
 
 
-#: where a stage's run directory keeps the untrained model's per-trajectory errors (the reference of its tables)
-UNTRAINED_CSV = "per_trajectory_untrained.csv"
+def csv_name(tag: str | None = None) -> str:
+    """The file name of a forecaster's per-trajectory errors in a run directory: ``per_trajectory[_<tag>].csv``."""
+    return f"per_trajectory_{tag}.csv" if tag else "per_trajectory.csv"
+
+
+#: where a stage's run directory keeps the untrained model's per-trajectory errors (the reference of its tables),
+#: and the trained model's (the LoRA stages)
+UNTRAINED_CSV, TRAINED_CSV = csv_name("untrained"), csv_name("trained")
 
 
 def point_csv(name: str, rung: int | None = None) -> str:
     """Where a study's point keeps its per-trajectory errors, relative to the run directory: the trained forecast of
     a sweep or context-study point, or rung ``rung``'s forecast of a search point."""
-    return f"points/{name}/per_trajectory_{'trained' if rung is None else f'rung{rung}'}.csv"
+    return f"points/{name}/" + (TRAINED_CSV if rung is None else csv_name(f"rung{rung}"))
 
 
 def against_untrained(run_dir, trained: dict, horizon: int, seed: int = 0) -> tuple[list, str]:

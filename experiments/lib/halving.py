@@ -179,7 +179,7 @@ def read_rung(session: Session, name: str, rung: int, key: dict) -> dict | None:
     if not path.is_file():
         return None
     record = results.read_record(path, _valid_rung, "delete it to redo that rung")
-    if record["settings"] != key:
+    if not studies.same_study(record["settings"], key):
         raise UsageError(f"{path} was made with other settings than these; use another --out or --overwrite")
     return record
 
@@ -251,9 +251,9 @@ def run(session: Session, forecast: ForecastSettings, grid: list[Point], rungs: 
 def study_key(session: Session, forecast: ForecastSettings, base: Point, rungs: list[tuple[int, int]],
               eta: int) -> dict:
     """What every rung record of a search must share: the points' study key (:func:`studies.study_key`, with the
-    last rung's steps) and the schedule."""
+    last rung's steps, without lr and rank, which each point's record gives) and the schedule."""
     key = studies.study_key(session, forecast, base.lora,
-                            dataclasses.replace(base.train, max_steps=rungs[-1][0]))
+                            dataclasses.replace(base.train, max_steps=rungs[-1][0]), varies=studies.GRID_FIELDS)
     key["search"] = {"rungs": [list(r) for r in rungs], "eta": eta, "score": SCORE_RULE}
     return key
 

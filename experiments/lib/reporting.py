@@ -188,8 +188,8 @@ def final_section(results: dict[str, Results], results_root: Path, root: Path) -
                ".", "", r.details["table_markdown"], ""]
         paired = r.details.get("comparisons") or [  # runs made before the stage wrote them: from its CSVs
             c for other in sorted((results_root / run).glob("per_trajectory_*.csv"))
-            if other.stem != "per_trajectory_trained"
-            if (c := compare.compare_files(results_root / run / "per_trajectory_trained.csv", other,
+            if other.name != compare.TRAINED_CSV
+            if (c := compare.compare_files(results_root / run / compare.TRAINED_CSV, other,
                                            ("lora", other.stem.removeprefix("per_trajectory_")),
                                            r.evaluations["lora"].horizon, r.seed)) is not None]
         if paired:
@@ -281,7 +281,7 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
                    f"batch {t.get('batch_size')}, context {t.get('context_length')}, {tr.get('steps')} steps; "
                    f"forecasts of {len(trained.trajectories)} {trained.split} trajectories; FLOPs "
                    f"{format_number(r.flops.get('total'), '.3g')}.", "", evaluation_table(r.evaluations), ""]
-            md += vs_untrained(results_root, run, r, {"lora": "per_trajectory_trained.csv"})
+            md += vs_untrained(results_root, run, r, {"lora": compare.TRAINED_CSV})
 
     md += grid_section(results, results_root, root)
     md += context_section(results, results_root, root)

@@ -15,6 +15,7 @@ from data import Chunks, chunk_texts
 from lora import export_peft, merged, remove_lora
 from lora.head_bias import PEFT_HEAD_BIAS, has_head_bias
 
+from . import compare
 from .adapter_card import CARD_FILE, card_for
 from .classical_forecasters import Persistence
 from .costs import lora_stage_cost
@@ -65,7 +66,7 @@ def forecast_and_save(session: Session, forecaster: Forecaster, forecast: Foreca
     if predictions is not None:
         predictions[evaluation.forecaster] = pred
     out, suffix = out or session.out, f"_{tag}" if tag else ""
-    write_csv(out / f"per_trajectory{suffix}.csv", per_trajectory_rows(indices, pred, truth, forecasts))
+    write_csv(out / compare.csv_name(tag), per_trajectory_rows(indices, pred, truth, forecasts))
     if write_texts and any(forecasts.texts):
         with open(out / f"generations{suffix}.jsonl", "w") as fh:
             for idx, texts in zip(indices, forecasts.texts):

@@ -162,7 +162,7 @@ def peer_table(session: Session, forecast: ForecastSettings, peers, predictions:
         remove_lora(session.model)
     evaluations, preds = {**lora_evals, **evaluations}, {**lora_preds, **preds}
     flops = sum(e.flops for e in evaluations.values())
-    session.charge("generate", flops, session.out / "per_trajectory_trained.csv",
+    session.charge("generate", flops, session.out / compare.TRAINED_CSV,
                    what=f"forecasts of trajectories {peers[0]}-{peers[-1]} outside the test split")
     paired = comparisons(preds, truth, peers, "lora", seed=session.run.seed)
     outside = sorted(set(peers.tolist()) - set(int(i) for i in indices))

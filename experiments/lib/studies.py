@@ -39,6 +39,11 @@ try:
 except ImportError:  # not POSIX: no lock, as for the ledger
     fcntl = None
 
+#: the fields the points of the lr × rank grid (the sweep, the search) differ in, and those of the context study:
+#: left out of the study key and of results.json's settings, since each point's record gives its own
+GRID_FIELDS = ("lr", "rank")
+CONTEXT_FIELDS = ("context_length",)
+
 #: the lock file in a point's directory: the process running the point holds it
 LOCK = ".lock"
 
@@ -52,16 +57,40 @@ class Point:
     train: TrainSettings
 
 
-def study_key(session: Session, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings) -> dict:
+def study_key(session: Session, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,
+              varies: tuple[str, ...] = ()) -> dict:
     """What every point of a study must share (model, precision, seed, data, forecast and base settings): a point
-    saved under another key is refused rather than mixed into the table. The points' own lr, rank and context length
-    are in their records, not here."""
+    saved under another key is refused rather than mixed into the table. The fields the points vary (``varies``:
+    names of :class:`LoRASettings` / :class:`TrainSettings` fields, e.g. ``("lr", "rank")``) are left out of their
+    sections and named under "points_vary"; each point's own values are in its record."""
     key = settings.as_record(run=session.run, data=session.data_settings, forecast=forecast, lora=lora, train=train)
     key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
     # of training, what changes a point's result (not how often it logs, checkpoints or shows progress)
     # (a field that as_record leaves out at its default stays out: keys made before it existed still match)
     key["train"] = {k: key["train"][k] for k in (*TrainSettings.RESUME_FIXED, "max_steps") if k in key["train"]}
+    if varies:
+        key = without_point_fields(key, varies)
+        key["points_vary"] = list(varies)
     return key
+
+
+def without_point_fields(record: dict, varies) -> dict:
+    """A copy of a settings record (``{"lora": {...}, "train": {...}, ...}``) without the fields in ``varies`` in
+    its "lora" and "train" sections: what a study's results.json records, since its points differ in them."""
+    out = dict(record)
+    for section in ("lora", "train"):
+        if section in out:
+            out[section] = {k: v for k, v in out[section].items() if k not in varies}
+    return out
+
+
+def same_study(saved: dict, key: dict) -> bool:
+    """Whether a record's study key ``saved`` equals ``key`` (:func:`study_key`). A key saved before the points'
+    own fields were left out (it holds the first point's values and no "points_vary") still matches."""
+    varies = key.get("points_vary")
+    if varies and "points_vary" not in saved:
+        saved = {**without_point_fields(saved, varies), "points_vary": varies}
+    return saved == key
 
 
 def grid_axis(text: str, kind, flag: str, field: str | None = None) -> tuple:
@@ -217,7 +246,7 @@ def read_point(path: Path, key: dict, session: Session | None = None) -> dict:
     Raises UsageError naming the file if it is damaged or was made with other settings."""
     record = results.read_record(path, _valid_point, "delete it and run again with --resume to forecast the point "
                                  "again from its checkpoint, or choose another --out")
-    if record["settings"] != key:
+    if not same_study(record["settings"], key):
         overwrite = "" if getattr(session, "join", False) else " or --overwrite"
         raise UsageError(f"{path} was made with other settings than these; give the same settings, or use another "
                          f"--out{overwrite}")
@@ -384,15 +413,17 @@ def charged_flops(records: list[dict], reference: Evaluation, path: Path) -> dic
 
 
 def study_results(session: Session, forecast: ForecastSettings, records: list[dict], untrained: Evaluation,
-                  planned: int, **settings) -> tuple[results.Results, str]:
+                  planned: int, varies: tuple[str, ...], **settings) -> tuple[results.Results, str]:
     """The results of a study of points (the sweep, the context study): every point's evaluation beside the
     untrained model's and persistence's on the same trajectories, the plan, the FLOPs charged, and each point against
     the untrained model trajectory by trajectory (``details["vs_untrained"]``, paired bootstrap intervals,
-    :func:`compare.against_reference`). ``settings``: the settings dataclasses to record. Returns ``(results,
+    :func:`compare.against_reference`). ``settings``: the settings dataclasses to record, without the fields the
+    points vary (``varies``, as in :func:`study_key`). Returns ``(results,
     Markdown of the paired table)``; the caller adds its own details and finishes the session."""
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
     _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
     out = session.results(forecast=forecast, **settings)
+    out.settings = without_point_fields(out.settings, varies)
     out.evaluations = {"untrained": untrained, **{r["name"]: Evaluation(**r["evaluation"]) for r in records},
                        "persistence": persistence}
     out.flops["planned"] = planned
