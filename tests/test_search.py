@@ -144,6 +144,34 @@ def test_a_study_key_leaves_out_what_its_points_vary_and_still_matches_an_older_
     assert not same_study({**key, "points_vary": ["lr"]}, key)
 
 
+def test_the_final_run_continues_the_search_winners_run_and_selects_by_forecast_from_there(
+        tiny_full_vocab, sim_file, tmp_path):
+    from experiments import final
+
+    found, ledger = tmp_path / "search", tmp_path / "ledger.jsonl"
+    assert search.main(search_args(tiny_full_vocab, sim_file, found, ledger)) == 0
+    chosen = json.loads((found / "results.json").read_text())["details"]["selection"]["chosen"]
+    args = common(tiny_full_vocab, sim_file, tmp_path / "final", ledger)
+    i = args.index("--context-length")  # the search's choice
+    assert final.main(args[:i] + args[i + 2:] + ["--from-search", str(found), "--max-steps", "8", "--eval-every",
+                                                 "2", "--orders", "1,2", "--peer-indices", "none"]) == 0
+    out = tmp_path / "final"
+    assert json.loads((out / "continued_from.json").read_text())["step"] == chosen["steps"] == 4
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["train"]["lr"] == chosen["lr"] and results["settings"]["lora"]["rank"] == chosen["rank"]
+    # the search selected by validation loss; the final run by forecast score, from the continued step on
+    summary = json.loads((out / "training" / "summary.json").read_text())
+    assert summary["select_by"] == "forecast" and summary["steps"] == 8 and summary["best_step"] in (6, 8)
+    from experiments.lib.training import read_log
+
+    log = read_log(out / "training" / "log.jsonl")
+    searched = read_log(found / "points" / chosen["point"] / "training" / "log.jsonl")
+    train = [e for e in log if e["kind"] == "train"]
+    assert [e["step"] for e in train] == list(range(1, 9))
+    assert train[:4] == [e for e in searched if e["kind"] == "train"]  # the first four steps are the search's
+    assert all("forecast_score" in e for e in log if e["kind"] == "eval" and e["step"] > 4)
+
+
 def test_search_refuses_a_schedule_that_depends_on_the_run_length(tiny_full_vocab, sim_file, tmp_path):
     with pytest.raises(UsageError, match="--lr-schedule cosine"):
         search.main(search_args(tiny_full_vocab, sim_file, tmp_path / "s", tmp_path / "l.jsonl")

@@ -264,14 +264,15 @@ def continue_point(search_dir: str, picked: dict, train: TrainSettings, out: Pat
     ``{"search", "point", "step", "train_flops", "eval_flops"}`` (FLOPs already charged under the search).
 
     Raises UsageError if the search's run is missing or was trained with settings a resumed run may not change
-    (:attr:`TrainSettings.RESUME_FIXED`)."""
+    (:attr:`TrainSettings.RESUME_FIXED`; the search selects by validation loss, and the final run may select by
+    forecast score from the continued step on, :attr:`TrainSettings.RESELECTABLE`)."""
     record_path = out / "continued_from.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
     source = Path(search_dir) / "points" / picked["point"] / "training"
     theirs = json.loads((Path(search_dir) / "results.json").read_text())["settings"]["train"]
     theirs = {k: theirs.get(k, getattr(TrainSettings(), k)) for k in TrainSettings.RESUME_FIXED}  # left out: default
-    differ = [k for k in TrainSettings.RESUME_FIXED if k != "lr" and theirs[k] != (
+    differ = [k for k in TrainSettings.RESUME_FIXED if k not in ("lr", *TrainSettings.RESELECTABLE) and theirs[k] != (
         list(getattr(train, k)) if isinstance(getattr(train, k), tuple) else getattr(train, k))]
     if differ:
         raise UsageError(f"--from-search {search_dir}: the search trained with " + ", ".join(

@@ -244,7 +244,9 @@ class TrainSettings:
             best-validation weights back into the model at the end.
         select_by: what "best" means for early stopping and ``restore_best``: "loss" (the validation loss) or
             "forecast" (the validation forecast score a stage computes at every evaluation, e.g.
-            ``halving.forecast_scorer``; both are logged either way when the stage gives a scorer).
+            ``halving.forecast_scorer``; both are logged either way when the stage gives a scorer). A run may be
+            resumed with another ``select_by`` (:attr:`RESELECTABLE`, e.g. the final stage continuing a search
+            point's run): the best so far is then forgotten and the selection starts at the resumed step.
         checkpoint_every: checkpoint (and charge the ledger) every this many steps and after the last.
         loss_vocabulary: "full" (the coursework's loss: softmax over the whole vocabulary) or "numeric" (softmax
             over the numeric alphabet only: a different objective that also skips most of the output head; the
@@ -282,6 +284,10 @@ class TrainSettings:
     #: schedule that depends on it, the same ``max_steps``: :attr:`schedule_depends_on_max_steps`)
     RESUME_FIXED = ("lr", "batch_size", "context_length", "stride", "train_limit", "weight_decay", "betas", "eps",
                     "max_grad_norm", "eval_batches", "loss_vocabulary", "select_by", "lr_schedule", "warmup_steps")
+
+    #: of :attr:`RESUME_FIXED`, what a resumed run may change without changing its weights: what "best" means
+    #: (the best so far, chosen by the old criterion, is forgotten on such a resume)
+    RESELECTABLE = ("select_by",)
 
     @property
     def schedule_depends_on_max_steps(self) -> bool:

@@ -258,7 +258,8 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Opt
 
 def check_same_run(ckpt: Path, saved: dict, now: dict) -> None:
     """Refuse to resume with settings that change the optimisation, other adapters, seed or data; with a learning-
-    rate schedule that depends on ``max_steps`` (cosine), also another ``max_steps``.
+    rate schedule that depends on ``max_steps`` (cosine), also another ``max_steps``. What "best" means
+    (:attr:`TrainSettings.RESELECTABLE`) may change: the caller then forgets the best so far.
 
     ``saved``: the checkpoint's state.json (at ``ckpt``); ``now``: this run's record (``settings``, ``lora``,
     ``seed``, ``data`` fingerprints, as the loop writes them into a checkpoint).
@@ -271,7 +272,8 @@ def check_same_run(ckpt: Path, saved: dict, now: dict) -> None:
     default = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
     was = {k: saved["settings"].get(k, default[k]) for k in (*fixed, "max_steps")}
     is_ = {k: now["settings"].get(k, default[k]) for k in (*fixed, "max_steps")}
-    changed = [f"{k}: checkpoint {was[k]!r} vs now {is_[k]!r}" for k in fixed if was[k] != is_[k]]
+    changed = [f"{k}: checkpoint {was[k]!r} vs now {is_[k]!r}" for k in fixed
+               if was[k] != is_[k] and k not in TrainSettings.RESELECTABLE]
     schedule = TrainSettings(lr_schedule=is_["lr_schedule"])
     if schedule.schedule_depends_on_max_steps and was["max_steps"] != is_["max_steps"]:
         changed.append(f"max_steps: checkpoint {was['max_steps']} vs now {is_['max_steps']} (the {is_['lr_schedule']}"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -198,7 +199,8 @@ def _prepare(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, 
 def _start_or_resume(run: Run, resume: bool) -> None:
     """A fresh start seeds Python, NumPy and torch with ``run.seed`` and empties ``log.jsonl``; a resume restores
     the adapters, optimizer, gradient scaler, best weights, loop state and RNG states from the checkpoint and cuts
-    the log back to its step.
+    the log back to its step. A resume with another ``select_by`` (:attr:`TrainSettings.RESELECTABLE`) forgets the
+    best weights and ``best_adapter/``: they were chosen by the other criterion.
 
     Raises:
         FileExistsError: ``out_dir`` holds a checkpoint and ``resume`` is False.
@@ -232,6 +234,14 @@ def _start_or_resume(run: Run, resume: bool) -> None:
     if run.main:
         _truncate_log(log_path, st.step)
         print(f"resuming {out_dir} from step {st.step} (epoch {st.epoch}, position {st.position})", file=sys.stderr)
+    was = saved.state["settings"].get("select_by", TrainSettings.select_by)
+    if was != run.settings.select_by:  # "best" means something else now: the selection starts here
+        run.best, st.best_step, st.best_val_loss, st.best_forecast_score = None, None, None, None
+        st.evals_since_best = 0
+        if run.main:
+            shutil.rmtree(out_dir / "best_adapter", ignore_errors=True)  # chosen by the old criterion
+            print(f"select_by {run.settings.select_by!r} (the checkpoint's: {was!r}): the best adapter so far is "
+                  f"forgotten; the selection starts at step {st.step}", file=sys.stderr)
 
 
 def _truncate_log(path: Path, step: int) -> None:
