@@ -331,14 +331,16 @@ def test_resume_on_other_data_is_refused_before_anything_is_spent(env, tmp_path)
 
 
 def test_committed_runs_are_legacy_runs_of_their_stage():
-    """The results/ directories made before run records are recognised as their stages' runs, and hold nothing
-    a stage did not write (so --overwrite and --resume keep working on them)."""
+    """The results/ directories are recognised as their stages' runs — those made before run records as legacy
+    runs, later ones (with run.json) as runs — and hold nothing a stage did not write (so --overwrite and --resume
+    keep working on them)."""
     runs = sorted(p.parent for p in (REPO / "results").glob("*/results.json"))
     assert runs
     for run in runs:
         found = inspect_out(run)
         stage = json.loads((run / "results.json").read_text())["stage"]
-        assert (found.kind, found.stage) == ("legacy", stage), run
+        kind = "run" if (run / "run.json").is_file() else "legacy"
+        assert (found.kind, found.stage) == (kind, stage), run
         assert found.not_written_by_a_stage() == [], run
     assert inspect_out(REPO).kind == "foreign"
 
