@@ -234,14 +234,15 @@ def _start_or_resume(run: Run, resume: bool) -> None:
     if run.main:
         _truncate_log(log_path, st.step)
         print(f"resuming {out_dir} from step {st.step} (epoch {st.epoch}, position {st.position})", file=sys.stderr)
-    was = saved.state["settings"].get("select_by", TrainSettings.select_by)
-    if was != run.settings.select_by:  # "best" means something else now: the selection starts here
+    was = {k: saved.state["settings"].get(k, getattr(TrainSettings, k)) for k in TrainSettings.RESELECTABLE}
+    now = {k: getattr(run.settings, k) for k in TrainSettings.RESELECTABLE}
+    if was != now:  # "best" means something else now: the selection starts here
         run.best, st.best_step, st.best_val_loss, st.best_forecast_score = None, None, None, None
         st.evals_since_best = 0
         if run.main:
             shutil.rmtree(out_dir / "best_adapter", ignore_errors=True)  # chosen by the old criterion
-            print(f"select_by {run.settings.select_by!r} (the checkpoint's: {was!r}): the best adapter so far is "
-                  f"forgotten; the selection starts at step {st.step}", file=sys.stderr)
+            print(f"{now} (the checkpoint's: {was}): the best adapter so far is forgotten; the selection starts at "
+                  f"step {st.step}", file=sys.stderr)
 
 
 def _truncate_log(path: Path, step: int) -> None:
