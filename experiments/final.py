@@ -83,7 +83,7 @@ def main(argv=None, on_step=None) -> int:
     chunks = runs.training_chunks(session, train)
     untrained_path = session.out / "untrained.json"
     reuse = session.run.resume and untrained_path.is_file()
-    start = checkpoint_step(session.out / "training") if session.run.resume or continued else 0
+    start = checkpoint_step(session.out / "training", session.precision) if session.run.resume or continued else 0
     planned = plan(session.model.config, runs.SessionSizes(session), forecast, lora, train, start,
                    untrained=not reuse)
     if peers is not None:  # the LLMs on the peer trajectories outside the test split

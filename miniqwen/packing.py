@@ -15,6 +15,7 @@ Parameters and has the same ``in_features`` / ``out_features``, so the state dic
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -29,6 +30,23 @@ def onednn_available() -> bool:
     """True when this torch build has oneDNN and the two private ops packing uses."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+@functools.cache
+def packing_supported() -> bool:
+    """True when oneDNN can pack a bf16 weight on this CPU, found by packing a tiny one once.
+
+    oneDNN's bf16 linear needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT; on a CPU with only AVX2 the reorder raises
+    ``RuntimeError`` ("bf16 path needs the cpu support ...") and bf16 matmuls go through ``F.linear``'s own
+    fallback, which has no per-call re-packing to save. Never raises.
+    """
+    if not onednn_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -73,7 +91,8 @@ def pack_weights(model: nn.Module, batch_size: int = 1, lm_head: bool = False) -
     """Replace the bf16 CPU projections of ``model`` (``q/k/v/o_proj``, ``gate/up/down_proj``, and ``lm_head`` if
     asked) by :class:`PackedLinear`, in place. Anything else (float32, whose ``F.linear`` goes to MKL and would
     round differently; CUDA; LoRA-wrapped projections) is left as it is, as is everything when this torch build has
-    no oneDNN. Costs a copy of the packed weights (0.7 GB for Qwen2.5-0.5B) until :func:`unpack_weights`.
+    no oneDNN or this CPU cannot run oneDNN's bf16 linear (:func:`packing_supported`). Costs a copy of the packed
+    weights (0.7 GB for Qwen2.5-0.5B) until :func:`unpack_weights`.
 
     Args:
         model: a :class:`miniqwen.model.Qwen2ForCausalLM` (or any model with the same module names).
@@ -84,9 +103,9 @@ def pack_weights(model: nn.Module, batch_size: int = 1, lm_head: bool = False) -
     Returns:
         ``{module path: the original nn.Linear}``, to give to :func:`unpack_weights`.
     """
-    if not onednn_available():
-        return {}
     targets = [(name, m) for name, m in model.named_modules() if _packable(name, m, lm_head)]
+    if not targets or not packing_supported():
+        return {}
     originals: dict[str, nn.Linear] = {}
     try:
         for name, linear in targets:

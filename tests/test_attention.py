@@ -9,7 +9,8 @@ import torch
 import miniqwen.model as model_module
 from miniqwen import FlopCounter, KVCache, PackedLinear, Qwen2Config, Qwen2ForCausalLM, generate
 from miniqwen.attention import attention, reference_attention, sdpa_attention, single_query_attention
-from miniqwen.packing import onednn_available, pack_weights, packed_weights, unpack_weights
+from miniqwen import packing
+from miniqwen.packing import pack_weights, packed_weights, packing_supported, unpack_weights
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +150,7 @@ def test_qwen2model_returns_hidden_states():
         model.model(ids, mask[:, 1:])
 
 
-@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not packing_supported(), reason="no oneDNN bf16 linear here (torch build or CPU: AVX2 only)")
 def test_packed_linear_is_a_module_swap_the_flop_counter_cannot_tell_apart():
     """pack_weights swaps PackedLinear in (same parameters, shapes and FLOP count, bit-identical bf16 logits);
     unpack_weights puts the very same nn.Linear modules back; generate leaves none behind."""
@@ -178,3 +179,15 @@ def test_packed_linear_is_a_module_swap_the_flop_counter_cannot_tell_apart():
         with packed_weights(model):
             raise RuntimeError("inside")
     assert all(before[name] is m for name, m in model.named_modules())  # put back on an error too
+
+
+def test_packing_is_skipped_where_onednn_cannot_pack_bf16(monkeypatch):
+    """On a CPU whose oneDNN has no bf16 linear (AVX2 only), pack_weights packs nothing and generate still runs
+    on the plain layers, with the same tokens."""
+    model = tiny_model(torch.bfloat16, seed=3)
+    want = generate(model, [[1, 2, 3]], 4, pad_token_id=0)
+    monkeypatch.setattr(packing, "packing_supported", lambda: False)
+    before = dict(model.named_modules())
+    assert pack_weights(model, 2, lm_head=True) == {}
+    assert all(before[name] is m for name, m in model.named_modules())
+    assert generate(model, [[1, 2, 3]], 4, pad_token_id=0) == want

@@ -332,3 +332,28 @@ def test_report_refuses_a_ledger_that_is_not_there_or_not_a_file(tmp_path, capsy
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--out" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.jsonl", "results"]
     assert [p.name for p in results.iterdir()] == ["flops_ledger.jsonl"]  # not even the figures directory
+
+
+def test_a_resume_in_another_compute_dtype_is_refused_with_the_option_to_pass(tmp_path):
+    """The checkpoint records the dtype it was trained in (as resolved: --precision auto picks float32 on a CPU
+    without native bf16, bfloat16 on one with it); a resume in another dtype is refused, naming the one to pass,
+    and the same dtype continues."""
+    model, chunks, settings = tiny_run(tmp_path)
+    out = tmp_path / "run"
+    train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2), precision="float32")
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["precision"] == "float32"
+    saved = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
+    model2, _, settings2 = tiny_run(tmp_path, max_steps=6)
+    with pytest.raises(CheckpointError) as info:
+        train(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True, precision="bfloat16")
+    message = str(info.value)
+    assert "precision: checkpoint float32 vs now bfloat16" in message and "--precision float32" in message
+    assert "\n" not in message and {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == saved
+    model3, _, settings3 = tiny_run(tmp_path, max_steps=6)
+    train(model3, chunks, chunks, settings3, out, lora=LoRASettings(rank=2), resume=True, precision="float32")
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["loop"]["step"] == 6
+    # what a stage asks before it spends anything
+    from experiments.lib.training import checkpoint_step
+    assert checkpoint_step(out) == checkpoint_step(out, "float32") == 6
+    with pytest.raises(CheckpointError, match="--precision float32"):
+        checkpoint_step(out, "bfloat16")

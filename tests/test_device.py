@@ -86,6 +86,19 @@ def test_auto_precision_on_cpu_keeps_its_rule(monkeypatch, cpu_bf16, expected):
     assert mdevice.default_compute_dtype("meta") == torch.float32
 
 
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_bf16_on_a_cpu_without_it_is_flagged_as_emulated(monkeypatch, cpu_bf16):
+    """Asking for bfloat16 where the CPU has no bf16 instructions runs, with a one-line warning; nothing else is
+    flagged."""
+    monkeypatch.setattr(mdevice, "cpu_supports_bf16", lambda: cpu_bf16)
+    warning = mdevice.emulated_precision("cpu", "bfloat16")
+    assert (warning is None) == cpu_bf16
+    if warning:
+        assert "emulated" in warning and "\n" not in warning
+    assert mdevice.emulated_precision("cpu", "float32") is None
+    assert mdevice.emulated_precision("meta", "bfloat16") is None
+
+
 def test_mps_bf16_is_what_torch_reports(monkeypatch):
     probe = mdevice.mps_supports_bf16.__wrapped__  # the uncached function
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, write_sim_file, write_tiny_checkpoint
@@ -449,3 +450,43 @@ def test_a_read_only_out_is_one_line_naming_it_and_nothing_is_spent(env, tmp_pat
     refused(*cli(report.main, ["--results", str(tmp_path), "--ledger", str(env["ledger"]), "--out",
                                str(read_only / "R.md")], capsys), str(read_only), "Read-only file system")
     assert snapshot(env["ledger"]) == before and not read_only.exists()
+
+
+@pytest.mark.parametrize("asked, resolved, saved, reused", [
+    ("auto", "float32", "float32", True),
+    ("auto", "float32", "bfloat16", False),  # auto picked bf16 on the machine that wrote it, float32 here
+    ("bfloat16", "bfloat16", "bfloat16", True),
+    ("float32", "float32", "bfloat16", False),
+    ("auto", "bfloat16", "auto", True),  # a file from before the dtype was recorded: taken at its word
+])
+def test_an_untrained_evaluation_is_reused_only_in_the_same_compute_dtype(tmp_path, monkeypatch, asked, resolved,
+                                                                          saved, reused):
+    """untrained.json records the dtype as resolved; --resume reads it back only when this run computes in the
+    same one, and otherwise forecasts (and charges) again."""
+    from types import SimpleNamespace
+
+    from experiments.lib import runs
+    from experiments.lib.results import Evaluation
+    from experiments.lib.settings import ForecastSettings
+
+    metrics = {s: {"mse": 1.0, "mae": 1.0, "r2": 0.0} for s in ("prey", "predator")}
+    old = Evaluation("untrained", "test", [0], 8, 2, metrics, flops=5)
+    session = SimpleNamespace(run=RunSettings(model="m", precision=asked), data_settings=DataSettings(),
+                              precision=resolved, charged=[])
+    session.charge = lambda kind, flops, *a, **k: session.charged.append(flops)
+    forecast = ForecastSettings()
+    key = runs.as_record(run=session.run, data=session.data_settings, forecast=forecast)
+    key["run"] = {"model": "m", "precision": saved, "seed": key["run"]["seed"]}
+    path = tmp_path / "untrained.json"
+    path.write_text(json.dumps({"settings": key, "untrained": old.__dict__}))
+    new = Evaluation("untrained", "test", [0], 8, 2, metrics, flops=7)
+
+    def forecast_again(session, forecaster, forecast, tag, title, *, predictions, **kw):
+        predictions["untrained"] = np.zeros((1, 2, 2))
+        return new
+    monkeypatch.setattr(runs, "llm_forecaster", lambda *a: None)
+    monkeypatch.setattr(runs, "forecast_and_save", forecast_again)
+    got = runs.untrained_evaluation(session, forecast, "test", path, reuse=True)
+    assert got.flops == (5 if reused else 7) and session.charged == ([] if reused else [7])
+    if not reused:
+        assert json.loads(path.read_text())["settings"]["run"]["precision"] == resolved

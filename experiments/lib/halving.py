@@ -200,7 +200,7 @@ def plan_rung(session: Session, forecast: ForecastSettings, alive: list[Point]) 
     sizes = runs.SessionSizes(session)
     costs = {}
     for p in alive:
-        start = checkpoint_step(session.out / "points" / p.name / "training")
+        start = checkpoint_step(session.out / "points" / p.name / "training", session.precision)
         costs[p.name] = sum(lora_run_cost(session.model.config, sizes, forecast, p.lora, p.train, start).values())
     return costs
 

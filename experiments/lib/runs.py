@@ -180,12 +180,16 @@ def read_untrained(path: Path) -> dict:
 def untrained_evaluation(session: Session, forecast: ForecastSettings, title: str, path: Path,
                          reuse: bool, predictions: dict | None = None) -> Evaluation:
     """The untrained model's forecast of ``forecast``'s trajectories, saved in ``path`` (JSON) and charged; with
-    ``reuse`` a saved one made with the same model, precision, seed, data and forecast settings is read back
-    instead (what --resume does). Its predictions [n, H, 2] are saved with it and put into ``predictions`` (if a
-    dict is given) under "untrained" (an older file without them gives none)."""
+    ``reuse`` a saved one made with the same model, compute dtype (``--precision`` as resolved; a file that
+    records only "auto" is taken at its word when "auto" is asked for again), seed, data and forecast settings is
+    read back instead (what --resume does). Its predictions [n, H, 2] are saved with it and put into
+    ``predictions`` (if a dict is given) under "untrained" (an older file without them gives none)."""
     key = as_record(run=session.run, data=session.data_settings, forecast=forecast)
     key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
+    key["run"]["precision"] = session.precision  # as resolved: "auto" picks by device and CPU
     saved = read_untrained(path) if reuse and path.is_file() else None
+    if saved and session.run.precision == "auto" and saved["settings"].get("run", {}).get("precision") == "auto":
+        saved["settings"]["run"]["precision"] = session.precision  # written before the dtype was recorded
     if saved and saved["settings"] == key:
         print(f"reusing the untrained evaluation in {path}")
         if predictions is not None and "predictions" in saved:
@@ -263,7 +267,7 @@ def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, t
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
     chunks = training_chunks(session, train_settings)
     untrained_path = out / "untrained.json"
-    start_step = checkpoint_step(out / "training") if run.resume else 0
+    start_step = checkpoint_step(out / "training", session.precision) if run.resume else 0
     planned = session.check(lora_stage_cost(session.model.config, SessionSizes(session), forecast, lora,
                                             train_settings, start_step,
                                             untrained=not (run.resume and untrained_path.is_file())))

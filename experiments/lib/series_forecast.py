@@ -10,6 +10,7 @@ Shapes: a series is ``[T, 2]`` (prey, predator, data units); the context is its 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -186,7 +187,7 @@ def llm_forecast(run: RunSettings, forecast: ForecastSettings, fmt: TextFormat, 
 
     from lora import load_peft, merged
     from miniqwen import load_pretrained
-    from miniqwen.device import resolve_device
+    from miniqwen.device import emulated_precision, resolve_device
     from miniqwen.loading import resolve_model_dir
 
     device = resolve_device(run.device)
@@ -195,6 +196,8 @@ def llm_forecast(run: RunSettings, forecast: ForecastSettings, fmt: TextFormat, 
     label = weights_label(run.model)
     print(f"model: {label} — computing on {device} in {precision}; LLMTIME scale {fmt.llmtime_scale:.5g} "
           f"({fmt.source}), {fmt.decimals} decimals, {fmt.encoding}, prompt {fmt.prompt}")
+    if slow := emulated_precision(device, precision):
+        print(slow, file=sys.stderr)
     if fmt.base_model and fmt.base_model != label:
         print(f"warning: the adapter was trained on {fmt.base_model}, not on {label}")
     if adapter:

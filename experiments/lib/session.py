@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -25,6 +26,7 @@ import torch
 from data import DataError, LotkaVolterraData, encode, fit_scale, load_trajectories, resolve_data_path, split_indices
 from miniqwen import WeightsError, load_pretrained
 from miniqwen.atomic import atomic_write
+from miniqwen.device import emulated_precision
 from miniqwen.loading import resolve_model_dir, weights_fingerprint
 
 from .budget import Ledger, LedgerError
@@ -310,6 +312,8 @@ class Session:
                                f"{tokenizer.vocab_size} token ids of its tokenizer.json: the tokenizer is not these "
                                "weights' (use the model's own tokenizer.json)")
         print(f"model: {self.weights} — computing on {self.device} in {self.precision}")
+        if slow := emulated_precision(self.device, self.precision):
+            print(slow, file=sys.stderr)
         return model.eval(), tokenizer
 
     @property

@@ -263,7 +263,8 @@ def scan(session: Session, points: list[Point], key: dict) -> tuple[dict, dict]:
         if path.is_file():
             done[point.name], start_steps[point.name] = read_point(path, key, session), None
         elif (session.out / "points" / point.name / "training").exists():
-            start_steps[point.name] = checkpoint_step(session.out / "points" / point.name / "training")
+            start_steps[point.name] = checkpoint_step(session.out / "points" / point.name / "training",
+                                                      session.precision)
     return done, start_steps
 
 

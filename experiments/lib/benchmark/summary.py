@@ -154,7 +154,7 @@ def markdown(results: dict) -> str:
         lines += _forecast_lines(results["forecast"])
     lines += _throughput_lines(results)
     if "matmul_peak" in results:
-        lines += ["", "Matmul peak: " + ", ".join(f"{d} {r['gflops_per_s']:.0f} GFLOP/s ({r['size']}²)"
+        lines += ["", "Matmul peak: " + ", ".join(f"{d} {r['gflops_per_s']:.3g} GFLOP/s ({r['size']}²)"
                                                   for d, r in results["matmul_peak"].items()) + "."]
     if results.get("targets"):
         lines += _target_lines(results["targets"])

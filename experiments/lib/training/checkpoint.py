@@ -193,11 +193,26 @@ def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def checkpoint_step(run_dir: str | os.PathLike) -> int:
+def checkpoint_step(run_dir: str | os.PathLike, precision: str | None = None) -> int:
     """The step a resumed run of ``run_dir`` would start from: its checkpoint's, or 0 if it has none. Raises
-    CheckpointError if the checkpoint is damaged (see :func:`read_checkpoint`)."""
+    CheckpointError if the checkpoint is damaged (see :func:`read_checkpoint`) or, when ``precision`` (the compute
+    dtype as resolved) is given, was trained in another dtype — so that a stage refuses before it spends anything."""
     path = find_checkpoint(run_dir)
-    return 0 if path is None else int(read_checkpoint(path).state["loop"]["step"])
+    if path is None:
+        return 0
+    state = read_checkpoint(path).state
+    if precision is not None and (why := precision_change(state, precision)):
+        raise CheckpointError(f"{path}: cannot resume with different settings: {why}")
+    return int(state["loop"]["step"])
+
+
+def precision_change(saved: dict, precision: str | None) -> str | None:
+    """Why a checkpoint's state (``saved``) cannot be continued in the compute dtype ``precision``, or None. A
+    checkpoint written before the dtype was recorded cannot be checked (None)."""
+    if saved.get("precision", precision) == precision:
+        return None
+    return (f"precision: checkpoint {saved['precision']} vs now {precision} (steps in another dtype would not "
+            f"continue the run exactly; pass --precision {saved['precision']}, or start a new run)")
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -257,12 +272,12 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Opt
 
 
 def check_same_run(ckpt: Path, saved: dict, now: dict) -> None:
-    """Refuse to resume with settings that change the optimisation, other adapters, seed or data; with a learning-
-    rate schedule that depends on ``max_steps`` (cosine), also another ``max_steps``. What "best" means
+    """Refuse to resume with settings that change the optimisation, other adapters, seed, compute dtype or data;
+    with a learning-rate schedule that depends on ``max_steps`` (cosine), also another ``max_steps``. What "best" means
     (:attr:`TrainSettings.RESELECTABLE`) may change: the caller then forgets the best so far.
 
     ``saved``: the checkpoint's state.json (at ``ckpt``); ``now``: this run's record (``settings``, ``lora``,
-    ``seed``, ``data`` fingerprints, as the loop writes them into a checkpoint).
+    ``seed``, ``precision`` as resolved, ``data`` fingerprints, as the loop writes them into a checkpoint).
 
     Raises:
         CheckpointError: naming every field that differs, or the data fingerprints.
@@ -281,6 +296,9 @@ def check_same_run(ckpt: Path, saved: dict, now: dict) -> None:
                        "would not equal one trained straight to them: keep max_steps, or start a new run)")
     changed += [f"lora: checkpoint {saved['lora']} vs now {now['lora']}"] if saved["lora"] != now["lora"] else []
     changed += [f"seed: checkpoint {saved['seed']} vs now {now['seed']}"] if saved["seed"] != now["seed"] else []
+    # the compute dtype, as resolved: "--precision auto" picks by device and CPU, so on another machine it may pick
+    # another one
+    changed += [why] if (why := precision_change(saved, now.get("precision"))) else []
     if changed:
         raise CheckpointError(f"{ckpt}: cannot resume with different settings: " + "; ".join(changed))
     if saved["data"] != now["data"]:

@@ -188,7 +188,7 @@ def _prepare(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, 
     # float16 only: scale the loss so that small gradients survive float16, skip steps whose gradients overflowed
     # (counted: AdamW's own step count then trails the loop's by skipped_steps, recorded with the scaler's state)
     scaler = torch.amp.GradScaler(device.type) if precision == "float16" else None
-    record = {**as_record(settings=settings, lora=lora), "seed": seed,
+    record = {**as_record(settings=settings, lora=lora), "seed": seed, "precision": precision,
               "data": {"train": fingerprint(train_chunks), "val": fingerprint(val)}}
     return Run(model=model, settings=settings, lora=lora, seed=seed, stage=stage, precision=precision,
                out_dir=out_dir, train_chunks=train_chunks, val=val, head=head, params=params, device=device,
@@ -204,7 +204,8 @@ def _start_or_resume(run: Run, resume: bool) -> None:
 
     Raises:
         FileExistsError: ``out_dir`` holds a checkpoint and ``resume`` is False.
-        CheckpointError: ``resume`` with no checkpoint, a corrupt one, or one of other settings, seed or data.
+        CheckpointError: ``resume`` with no checkpoint, a corrupt one, or one of other settings, seed, precision
+            or data.
     """
     out_dir, log_path = run.out_dir, run.log_path
     ckpt = find_checkpoint(out_dir)
