@@ -177,3 +177,17 @@ def test_search_refuses_a_schedule_that_depends_on_the_run_length(tiny_full_voca
         search.main(search_args(tiny_full_vocab, sim_file, tmp_path / "s", tmp_path / "l.jsonl")
                     + ["--lr-schedule", "cosine"])
     assert not (tmp_path / "s").exists() and not (tmp_path / "l.jsonl").exists()
+
+
+def test_a_study_key_holds_the_resolved_dtype_and_an_older_auto_one_matches_only_auto():
+    """Points computed in another dtype are not mixed into a study: the key records the dtype as resolved; a key
+    saved when it recorded only "--precision auto" matches a run that asks for auto again, nothing else."""
+    from experiments.lib.studies import same_study
+
+    key = {"run": {"model": "m", "precision": "float32", "seed": 0}, "train": {"batch_size": 4}}
+    bf16 = {**key, "run": {**key["run"], "precision": "bfloat16"}}
+    auto = {**key, "run": {**key["run"], "precision": "auto"}}
+    assert same_study(key, key, "auto") and same_study(key, key, "float32")
+    assert not same_study(bf16, key, "auto") and not same_study(bf16, key, "float32")
+    assert same_study(auto, key, "auto") and same_study(auto, bf16 | {"run": bf16["run"]}, "auto")
+    assert not same_study(auto, key, "float32") and not same_study(auto, key)

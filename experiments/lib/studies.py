@@ -59,12 +59,13 @@ class Point:
 
 def study_key(session: Session, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,
               varies: tuple[str, ...] = ()) -> dict:
-    """What every point of a study must share (model, precision, seed, data, forecast and base settings): a point
-    saved under another key is refused rather than mixed into the table. The fields the points vary (``varies``:
-    names of :class:`LoRASettings` / :class:`TrainSettings` fields, e.g. ``("lr", "rank")``) are left out of their
-    sections and named under "points_vary"; each point's own values are in its record."""
+    """What every point of a study must share (model, compute dtype as resolved, seed, data, forecast and base
+    settings): a point saved under another key is refused rather than mixed into the table. The fields the points
+    vary (``varies``: names of :class:`LoRASettings` / :class:`TrainSettings` fields, e.g. ``("lr", "rank")``) are
+    left out of their sections and named under "points_vary"; each point's own values are in its record."""
     key = settings.as_record(run=session.run, data=session.data_settings, forecast=forecast, lora=lora, train=train)
     key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
+    key["run"]["precision"] = session.precision  # as resolved: "auto" picks by device and CPU
     # of training, what changes a point's result (not how often it logs, checkpoints or shows progress)
     # (a field that as_record leaves out at its default stays out: keys made before it existed still match)
     key["train"] = {k: key["train"][k] for k in (*TrainSettings.RESUME_FIXED, "max_steps") if k in key["train"]}
@@ -84,9 +85,13 @@ def without_point_fields(record: dict, varies) -> dict:
     return out
 
 
-def same_study(saved: dict, key: dict) -> bool:
+def same_study(saved: dict, key: dict, precision_option: str | None = None) -> bool:
     """Whether a record's study key ``saved`` equals ``key`` (:func:`study_key`). A key saved before the points'
-    own fields were left out (it holds the first point's values and no "points_vary") still matches."""
+    own fields were left out (it holds the first point's values and no "points_vary") still matches, and so does
+    one saved before the dtype was resolved (precision "auto") when ``precision_option`` (this run's
+    ``--precision``) is "auto" too."""
+    if precision_option == "auto" and saved.get("run", {}).get("precision") == "auto":
+        saved = {**saved, "run": {**saved["run"], "precision": key["run"]["precision"]}}
     varies = key.get("points_vary")
     if varies and "points_vary" not in saved:
         saved = {**without_point_fields(saved, varies), "points_vary": varies}
@@ -246,7 +251,7 @@ def read_point(path: Path, key: dict, session: Session | None = None) -> dict:
     Raises UsageError naming the file if it is damaged or was made with other settings."""
     record = results.read_record(path, _valid_point, "delete it and run again with --resume to forecast the point "
                                  "again from its checkpoint, or choose another --out")
-    if not same_study(record["settings"], key):
+    if not same_study(record["settings"], key, getattr(getattr(session, "run", None), "precision", None)):
         overwrite = "" if getattr(session, "join", False) else " or --overwrite"
         raise UsageError(f"{path} was made with other settings than these; give the same settings, or use another "
                          f"--out{overwrite}")
