@@ -14,7 +14,7 @@ from experiments import baseline, lora_default
 from experiments.lib.budget import Ledger
 from experiments.lib.settings import LoRASettings, TrainSettings
 from experiments.lib.cli import run_cli
-from experiments.lib.training import CheckpointError, train_lora as train
+from experiments.lib.training import CheckpointError, read_log, train_lora as train
 from miniqwen import Qwen2Config, Qwen2ForCausalLM
 
 
@@ -357,3 +357,36 @@ def test_a_resume_in_another_compute_dtype_is_refused_with_the_option_to_pass(tm
     assert checkpoint_step(out) == checkpoint_step(out, "float32") == 6
     with pytest.raises(CheckpointError, match="--precision float32"):
         checkpoint_step(out, "bfloat16")
+
+
+def test_ctrl_c_charges_the_steps_since_the_last_checkpoint_as_discarded(tmp_path):
+    """Stopped by Ctrl-C after step 3 with checkpoints every 2 steps, the run charges step 3 (marked discarded)
+    before it stops; resumed from step 2 it charges steps 3 and 4 again, so the ledger holds the uninterrupted
+    run's FLOPs plus the discarded step, and the resumed weights equal the uninterrupted run's."""
+    model, chunks, settings = tiny_run(tmp_path)
+
+    def ctrl_c(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        train(model, chunks, chunks, settings, tmp_path / "run", lora=LoRASettings(rank=2), ledger=ledger,
+              on_step=ctrl_c)
+    discarded = [e for e in ledger.entries() if "discarded" in e]
+    assert [(e["kind"], e["step"]) for e in discarded] == [("train", 3)]
+    model2, _, _ = tiny_run(tmp_path)
+    resumed = train(model2, chunks, chunks, settings, tmp_path / "run", lora=LoRASettings(rank=2), ledger=ledger,
+                    resume=True)
+    whole_ledger = Ledger(tmp_path / "whole.jsonl")
+    model3, _, _ = tiny_run(tmp_path)
+    whole = train(model3, chunks, chunks, settings, tmp_path / "whole", lora=LoRASettings(rank=2),
+                  ledger=whole_ledger)
+    log = read_log(tmp_path / "whole" / "log.jsonl")
+    after_2 = [e for e in log if e["step"] == 2][-1]  # step 2 and its evaluation: charged at the checkpoint
+    step_3 = [e for e in log if e["kind"] == "train" and e["step"] == 3][0]
+    assert discarded[0]["flops"] == step_3["flops_so_far"] - after_2["flops_so_far"] > 0
+    assert resumed["total_flops"] == whole["total_flops"]
+    assert ledger.total() == whole_ledger.total() + discarded[0]["flops"]
+    for (name, a), (_, b) in zip(model2.state_dict().items(), model3.state_dict().items()):
+        assert torch.equal(a, b), name

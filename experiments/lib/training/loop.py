@@ -14,7 +14,8 @@ uninterrupted run on the same device and thread count (tested).
 FLOPs (coursework rules): every forward runs inside a :class:`miniqwen.flop_count.FlopCounter` (model + LoRA + loss); a
 training step is charged 3× its counted forward (backward = 2× forward), an evaluation 1×. The ledger is charged at
 each checkpoint with what was spent since the last charge, before the checkpoint is written: a crash never loses a
-charge (steps redone after a crash are charged again, an over-count, never an under-count).
+charge (steps redone after a crash are charged again, an over-count, never an under-count). Stopped by Ctrl-C, the
+run also charges the steps since its last checkpoint, marked "discarded" in the ledger: a resume redoes them.
 
 Several processes (``torchrun``, :mod:`.distributed`): ``batch_size`` is the *global* batch, split evenly over the
 ranks — rank r takes its contiguous slice of each step's indices from the same epoch permutation — and the model is

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -88,14 +89,17 @@ class Run:
         with open(self.log_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def charge(self) -> None:
-        """Charge the ledger (if any) with the train and eval FLOPs spent since the last charge."""
+    def charge(self, discarded: bool = False) -> None:
+        """Charge the ledger (if any) with the train and eval FLOPs spent since the last charge; ``discarded``:
+        the run is stopping without a checkpoint of that work (a resume redoes it), which the entry says."""
         st = self.st
+        note = {"discarded": f"interrupted after step {st.step}, before a checkpoint; a resume redoes the steps "
+                             "since the last one"} if discarded else {}
         for kind in ("train", "eval"):
             delta = getattr(st, f"{kind}_flops") - getattr(st, f"charged_{kind}")
             if self.ledger is not None and delta > 0:
                 self.ledger.charge(self.stage, delta, kind, run=f"{self.out_dir.parent.name}/{self.out_dir.name}",
-                                   step=st.step)
+                                   step=st.step, **note)
                 setattr(st, f"charged_{kind}", getattr(st, f"charged_{kind}") + delta)
 
     def evaluate(self) -> None:
@@ -218,21 +222,34 @@ class Run:
     def run_steps(self, on_step: Callable[[int], None] | None = None) -> None:
         """Evaluate at the start (``eval_at_start``, a fresh run only), then train step by step until ``max_steps``
         or an early stop, with a progress bar (rank 0, ``settings.progress``); ``on_step(step)`` after each step.
-        Leaves the model in eval mode."""
+        Leaves the model in eval mode. Stopped by Ctrl-C (SIGINT, ``KeyboardInterrupt``), it charges the steps and
+        evaluations completed since the last checkpoint before it stops (:meth:`charge`, marked discarded): they
+        were spent, and a resume spends them again. A crash or a kill (SIGKILL, power loss) leaves them uncharged:
+        the ledger then holds the run's work, not the compute lost to the crash."""
         st, settings = self.st, self.settings
-        if self.val is not None and st.step == 0 and settings.eval_at_start:  # a resumed run is past step 0
-            self.evaluate()
-        bar = tqdm(total=settings.max_steps, initial=st.step, disable=not (settings.progress and self.main),
-                   desc=self.stage, dynamic_ncols=True)
-        self.model.train()
-        while st.step < settings.max_steps and not st.stopped_early:
-            loss_value = self.train_step()
-            self.evaluate_if_due()
-            self.checkpoint_if_due()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", flops=f"{st.train_flops + st.eval_flops:.3g}")
-            if on_step is not None:
-                on_step(st.step)
+        bar = None
+        try:
+            if self.val is not None and st.step == 0 and settings.eval_at_start:  # a resumed run is past step 0
+                self.evaluate()
+            bar = tqdm(total=settings.max_steps, initial=st.step, disable=not (settings.progress and self.main),
+                       desc=self.stage, dynamic_ncols=True)
             self.model.train()
+            while st.step < settings.max_steps and not st.stopped_early:
+                loss_value = self.train_step()
+                self.evaluate_if_due()
+                self.checkpoint_if_due()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", flops=f"{st.train_flops + st.eval_flops:.3g}")
+                if on_step is not None:
+                    on_step(st.step)
+                self.model.train()
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            try:
+                self.charge(discarded=True)
+            except Exception as err:  # the ledger itself failing: say so, and let the interruption through
+                print(f"warning: the FLOPs since the last checkpoint were not charged: {err}", file=sys.stderr)
+            raise
         bar.close()
         self.model.eval()
