@@ -474,6 +474,7 @@ def test_an_untrained_evaluation_is_reused_only_in_the_same_compute_dtype(tmp_pa
     session = SimpleNamespace(run=RunSettings(model="m", precision=asked), data_settings=DataSettings(),
                               precision=resolved, charged=[])
     session.charge = lambda kind, flops, *a, **k: session.charged.append(flops)
+    session.run_key = lambda: {"model": "m", "precision": resolved, "seed": session.run.seed}
     forecast = ForecastSettings()
     key = runs.as_record(run=session.run, data=session.data_settings, forecast=forecast)
     key["run"] = {"model": "m", "precision": saved, "seed": key["run"]["seed"]}

@@ -24,7 +24,7 @@ from .evaluation import (Forecaster, LLMForecaster, allowed_token_ids, evaluate,
                          write_csv)
 from .plots import plot_forecasts
 from .results import Evaluation, read_record, valid_evaluation, write_json
-from .session import Session
+from .session import Session, with_resolved_precision
 from .settings import ForecastSettings, LoRASettings, TrainSettings, as_record
 from .training import checkpoint_step, distributed, read_log, train_lora, validation_subset
 
@@ -184,13 +184,9 @@ def untrained_evaluation(session: Session, forecast: ForecastSettings, title: st
     records only "auto" is taken at its word when "auto" is asked for again), seed, data and forecast settings is
     read back instead (what --resume does). Its predictions [n, H, 2] are saved with it and put into
     ``predictions`` (if a dict is given) under "untrained" (an older file without them gives none)."""
-    key = as_record(run=session.run, data=session.data_settings, forecast=forecast)
-    key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
-    key["run"]["precision"] = session.precision  # as resolved: "auto" picks by device and CPU
+    key = {"run": session.run_key(), **as_record(data=session.data_settings, forecast=forecast)}
     saved = read_untrained(path) if reuse and path.is_file() else None
-    if saved and session.run.precision == "auto" and saved["settings"].get("run", {}).get("precision") == "auto":
-        saved["settings"]["run"]["precision"] = session.precision  # written before the dtype was recorded
-    if saved and saved["settings"] == key:
+    if saved and with_resolved_precision(saved["settings"], session.run.precision, session.precision) == key:
         print(f"reusing the untrained evaluation in {path}")
         if predictions is not None and "predictions" in saved:
             predictions["untrained"] = np.asarray(saved["predictions"], dtype=np.float64)

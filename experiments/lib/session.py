@@ -131,6 +131,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return str(default_compute_dtype(device)).removeprefix("torch.")
 
 
+def with_resolved_precision(saved: dict, precision_option: str | None, precision: str | None) -> dict:
+    """A saved settings record (``{"run": {..., "precision": ...}, ...}``) as :meth:`Session.run_key` writes it
+    now: one written before the compute dtype was resolved says only ``"auto"``, which is taken to mean
+    ``precision`` when this run asks for ``"auto"`` too (``precision_option``, its ``--precision``). Anything else
+    is returned as it is (a copy only when changed)."""
+    run = saved.get("run", {})
+    if precision_option == "auto" and run.get("precision") == "auto":
+        return {**saved, "run": {**run, "precision": precision}}
+    return saved
+
+
 def _model_name(model) -> str | None:
     return Path(str(model)).name if model else None
 
@@ -301,6 +312,13 @@ class Session:
     def precision(self) -> str:
         """The compute dtype's name: "float32", "bfloat16" or "float16"."""
         return resolve_precision(self.run.precision, self.device)
+
+    def run_key(self) -> dict:
+        """What of the run settings a saved result must share to be read back instead of computed again: the
+        model (as recorded), the compute dtype as resolved (``--precision auto`` picks by device and CPU) and the
+        seed."""
+        run = as_record(run=self.run)["run"]
+        return {"model": run["model"], "precision": self.precision, "seed": run["seed"]}
 
     @cached_property
     def _loaded(self):

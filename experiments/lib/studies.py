@@ -30,7 +30,7 @@ from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
 from .evaluation import evaluate
 from .errors import UsageError
 from .results import Evaluation, write_json
-from .session import Session
+from .session import Session, with_resolved_precision
 from .settings import ForecastSettings, LoRASettings, TrainSettings
 from .training import checkpoint_step, read_log, validation_loss, validation_subset
 
@@ -63,9 +63,8 @@ def study_key(session: Session, forecast: ForecastSettings, lora: LoRASettings, 
     settings): a point saved under another key is refused rather than mixed into the table. The fields the points
     vary (``varies``: names of :class:`LoRASettings` / :class:`TrainSettings` fields, e.g. ``("lr", "rank")``) are
     left out of their sections and named under "points_vary"; each point's own values are in its record."""
-    key = settings.as_record(run=session.run, data=session.data_settings, forecast=forecast, lora=lora, train=train)
-    key["run"] = {k: key["run"][k] for k in ("model", "precision", "seed")}
-    key["run"]["precision"] = session.precision  # as resolved: "auto" picks by device and CPU
+    key = {"run": session.run_key(), **settings.as_record(data=session.data_settings, forecast=forecast, lora=lora,
+                                                          train=train)}
     # of training, what changes a point's result (not how often it logs, checkpoints or shows progress)
     # (a field that as_record leaves out at its default stays out: keys made before it existed still match)
     key["train"] = {k: key["train"][k] for k in (*TrainSettings.RESUME_FIXED, "max_steps") if k in key["train"]}
@@ -90,8 +89,7 @@ def same_study(saved: dict, key: dict, precision_option: str | None = None) -> b
     own fields were left out (it holds the first point's values and no "points_vary") still matches, and so does
     one saved before the dtype was resolved (precision "auto") when ``precision_option`` (this run's
     ``--precision``) is "auto" too."""
-    if precision_option == "auto" and saved.get("run", {}).get("precision") == "auto":
-        saved = {**saved, "run": {**saved["run"], "precision": key["run"]["precision"]}}
+    saved = with_resolved_precision(saved, precision_option, key.get("run", {}).get("precision"))
     varies = key.get("points_vary")
     if varies and "points_vary" not in saved:
         saved = {**without_point_fields(saved, varies), "points_vary": varies}
@@ -251,7 +249,7 @@ def read_point(path: Path, key: dict, session: Session | None = None) -> dict:
     Raises UsageError naming the file if it is damaged or was made with other settings."""
     record = results.read_record(path, _valid_point, "delete it and run again with --resume to forecast the point "
                                  "again from its checkpoint, or choose another --out")
-    if not same_study(record["settings"], key, getattr(getattr(session, "run", None), "precision", None)):
+    if not same_study(record["settings"], key, session.run.precision if session is not None else None):
         overwrite = "" if getattr(session, "join", False) else " or --overwrite"
         raise UsageError(f"{path} was made with other settings than these; give the same settings, or use another "
                          f"--out{overwrite}")
