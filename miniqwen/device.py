@@ -15,8 +15,10 @@ Precision (``--precision auto``, :func:`default_compute_dtype`):
 * CPUs: bfloat16 where the matmuls run on bf16 instructions — AVX512-BF16 (Intel Cooper Lake and later, AMD Zen 4
   and later), AMX-BF16 (Intel Sapphire Rapids and later) or Arm's BF16 extension — else float32. bf16 halves the
   bytes of every weight read, and decoding one token at a time is bound by reading the weights, so bf16 pays where
-  it is native; elsewhere it is emulated by converting to float32, which is slower than plain float32. float16 is
-  never chosen on a CPU (few CPUs multiply it natively), though ``--precision float16`` works there.
+  it is native. Elsewhere PyTorch's own bf16 matmuls are a slow fallback, so ``--precision bfloat16`` there runs
+  them in float32 kernels on the bf16 values (:mod:`miniqwen.emulation`; the stages switch it on), and auto picks
+  float32, the more precise of two at about the same speed. float16 is never chosen on a CPU (few CPUs multiply it
+  natively), though ``--precision float16`` works there.
 
 float16 has bf16's precision or better but a far smaller range (largest value 65,504, against bf16's and float32's
 ~3.4e38). Qwen2.5's activations stay finite in float16 on the tiny test model (``tests/test_device.py`` checks every
@@ -147,13 +149,15 @@ def unsupported_precision(device: torch.device | str, precision: str) -> str | N
 
 
 def emulated_precision(device: torch.device | str, precision: str) -> str | None:
-    """A one-line warning when ``precision`` (a dtype name) runs on ``device`` without native arithmetic, else
-    None: bfloat16 on a CPU without bf16 matmul instructions (:func:`cpu_supports_bf16` False), which torch converts
-    to float32 and back at every matmul. Measured on a 2-core AMD EPYC with AVX2 only (torch 2.13,
-    ``results/benchmark_avx2/``): a 2048 x 2048 matmul ran at 0.31 GFLOP/s in bfloat16 against 85 in float32, a
-    [2048, 896] x [896, 4864] one 6.3x slower, and a LoRA training step (batch 4 x 512) had not finished after 5
-    minutes, against 32 s in float32."""
+    """A one-line note when ``precision`` (a dtype name) runs on ``device`` without native arithmetic, else None:
+    bfloat16 on a CPU without bf16 matmul instructions (:func:`cpu_supports_bf16` False). There PyTorch's own bf16
+    matmuls are a slow fallback — measured on a 2-core AMD EPYC with AVX2 only (torch 2.13,
+    ``results/benchmark_avx2/``): a 2048 x 2048 matmul at 0.31 GFLOP/s against 85 in float32, and a LoRA training
+    step (batch 4 x 512) not finished after 5 minutes against 32 s in float32 — so the stages then run bf16 matmuls
+    through :class:`miniqwen.emulation.Float32Matmuls` (float32 kernels on the bf16 values, about float32's
+    speed)."""
     if torch.device(device).type == "cpu" and precision == "bfloat16" and not cpu_supports_bf16():
-        return ("warning: this CPU has no native bf16 arithmetic (AVX512-BF16, AMX-BF16 or Arm BF16), so bfloat16 "
-                "is emulated and several times slower than float32 (--precision auto picks float32 here)")
+        return ("note: this CPU has no native bf16 arithmetic (AVX512-BF16, AMX-BF16 or Arm BF16), so bfloat16 is "
+                "emulated: its matmuls run as float32 kernels on the bf16 values, at about float32's speed "
+                "(--precision auto picks float32 here)")
     return None

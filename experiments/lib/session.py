@@ -27,6 +27,7 @@ from data import DataError, LotkaVolterraData, encode, fit_scale, load_trajector
 from miniqwen import WeightsError, load_pretrained
 from miniqwen.atomic import atomic_write
 from miniqwen.device import emulated_precision
+from miniqwen.emulation import Float32Matmuls
 from miniqwen.loading import resolve_model_dir, weights_fingerprint
 
 from .budget import Ledger, LedgerError
@@ -177,6 +178,7 @@ class Session:
     def __init__(self, stage: str, run: RunSettings, data: DataSettings, *, trains: bool = False,
                  join: bool = False, progress: bool = True):
         self.stage, self.run, self.data_settings, self.join, self.progress = stage, run, data, join, progress
+        self.emulation: Float32Matmuls | None = None  # entered for the process when bf16 is emulated (see _loaded)
         self.out = Path(run.out).expanduser() if run.out else Path("runs") / stage
         if run.resume and not trains and not join:
             raise UsageError(f"--resume: experiments.{stage} has nothing to resume (it does not train); run it "
@@ -330,8 +332,11 @@ class Session:
                                f"{tokenizer.vocab_size} token ids of its tokenizer.json: the tokenizer is not these "
                                "weights' (use the model's own tokenizer.json)")
         print(f"model: {self.weights} — computing on {self.device} in {self.precision}")
-        if slow := emulated_precision(self.device, self.precision):
-            print(slow, file=sys.stderr)
+        if note := emulated_precision(self.device, self.precision):
+            print(note, file=sys.stderr)
+            # every bf16 matmul from here on, training and forecasting, runs in float32 kernels (for the process)
+            self.emulation = Float32Matmuls()
+            self.emulation.__enter__()
         return model.eval(), tokenizer
 
     @property
