@@ -1,6 +1,8 @@
 """bf16 matmuls in float32 kernels (miniqwen.emulation): the definition on each op, the model end to end against
 PyTorch's own bf16, float32 untouched, and the stages turning it on where bf16 is not native."""
 
+from contextlib import ExitStack
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,11 +16,11 @@ aten = torch.ops.aten
 bf16 = torch.bfloat16
 
 
+GEN = torch.Generator().manual_seed(0)
+
+
 def randn(*shape, dtype=bf16):
     return torch.randn(*shape, generator=GEN, dtype=torch.float32).to(dtype)
-
-
-GEN = torch.Generator().manual_seed(0)
 
 
 @pytest.mark.parametrize("op", ["mm", "addmm", "bmm", "baddbmm"])
@@ -59,9 +61,12 @@ def tiny_lora_model(dtype):
     return model
 
 
-def loss_and_grads(model, ids, mode=None):
+def loss_and_grads(model, ids, *contexts):
+    """Logits and the LoRA gradients of one next-token loss, computed within ``contexts``."""
     model.zero_grad()
-    with mode or torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=bf16):
+    with ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
         logits = model(ids)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
@@ -72,9 +77,9 @@ def test_a_training_step_matches_pytorchs_own_bf16_within_bf16_rounding():
     """Forward and backward of the LoRA model in bf16: emulated and PyTorch's own bf16 kernels each differ from
     float32 by bf16 rounding, and from each other by no more than that."""
     ids = torch.randint(0, 96, (2, 24), generator=GEN)
-    reference = loss_and_grads(tiny_lora_model(torch.float32), ids, torch.autocast("cpu", enabled=False))
-    native = loss_and_grads(tiny_lora_model(bf16), ids)
-    emulated = loss_and_grads(tiny_lora_model(bf16), ids, Float32Matmuls())
+    reference = loss_and_grads(tiny_lora_model(torch.float32), ids)  # float32 throughout, no autocast
+    native = loss_and_grads(tiny_lora_model(bf16), ids, torch.autocast("cpu", dtype=bf16))
+    emulated = loss_and_grads(tiny_lora_model(bf16), ids, Float32Matmuls(), torch.autocast("cpu", dtype=bf16))
 
     def rel(x, y):
         return ((x - y).norm() / y.norm()).item()
