@@ -24,8 +24,9 @@ Timings are medians of ``--repeats`` runs after a warm-up, the two implementatio
 goes first) so that drifts in machine load hit both; the 100-trajectory forecasts run once each. ``counting``,
 ``throughput`` and ``forecast`` run in the default dtype (``--precision``). Peak memory is measured per call (see
 :func:`~experiments.lib.benchmark.harness.memory_method`) and, for the whole process, after each section. Writes
-``<out>/benchmark.json`` and a README-ready ``<out>/benchmark.md`` (an existing pair is replaced only with
-``--overwrite``, which is checked, with every option, before any section runs); the targets of the speed issue are
+``<out>/benchmark.json`` and a README-ready ``<out>/benchmark.md`` in a run directory with its run record (an earlier
+benchmark run is replaced only with ``--overwrite``, a directory of other files never; checked, with every option,
+before any section runs); the targets of the speed issue are
 reported as met / not met. Nothing is charged to the FLOP ledger (a benchmark is not an experiment; the forecast's
 counted FLOPs are recorded).
 """
@@ -50,9 +51,11 @@ from .lib.benchmark.summary import check_targets, markdown, run_record
 from .lib.benchmark.throughput import throughputs
 from .lib.cli import run_cli
 from .lib.results import write_json
+from .lib.run_directory import claim_out, record_written
 from .lib.session import load_dataset, resolve_precision
 from .lib.settings import DataSettings
 
+STAGE = "benchmark"
 #: options left out of the recorded settings (recorded elsewhere, or a machine path)
 UNRECORDED = ("model", "data", "out", "sections", "overwrite")
 
@@ -93,12 +96,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sections = options.check_options(args)
     hf.require(*options.packages_needed(sections))
-    options.check_out(args.out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     default = resolve_precision(args.precision, device)
     model_dir = resolve_model_dir(args.model)
+    # a run directory like every stage's: a benchmark run is replaced only with --overwrite, other files never
+    claim_out(args.out, STAGE, {k: v for k, v in vars(args).items() if k not in UNRECORDED},
+              overwrite=args.overwrite)
     torch.manual_seed(0)
     results = run_record(args.model, device, default, sections,
                          {k: v for k, v in vars(args).items() if k not in UNRECORDED})
@@ -116,6 +121,7 @@ def main(argv=None) -> int:
     table = markdown(results)
     atomic_write(args.out / "benchmark.md", table)
     print(table)
+    record_written(args.out)
     print(f"wrote {args.out / 'benchmark.json'} and {args.out / 'benchmark.md'}")
     return 0
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from .lib import cli, defaults, errors, runs, settings, tables
-from .lib.classical_forecasters import validated_forecasters
+from .lib.classical_forecasters import parrot_lengths_for, validated_forecasters
 from .lib.compare import compare_to_best, comparison_table
 from .lib.session import Session
 from .lib.side_by_side import positive_integers
@@ -34,7 +34,7 @@ def build_parser():
                    help="AR/VAR orders to choose from on the validation split (default 1..20)")
     p.add_argument("--parrot-lengths", default=None,
                    help="context-parroting match lengths m to choose from on the validation split (default "
-                        f"{','.join(map(str, PARROT_LENGTHS))}, those below --context-steps)")
+                        f"{','.join(map(str, PARROT_LENGTHS))}, those whose match and Theiler window fit in --context-steps)")
     p.add_argument("--log", action="store_true", help="fit AR/VAR to log-populations (default: populations)")
     p.add_argument("--no-ode", action="store_true", help="skip the Lotka-Volterra ODE fit (the slowest forecaster)")
     return p
@@ -57,8 +57,9 @@ def main(argv=None) -> int:
     C = forecast.context_steps
     orders = integers("--orders", s["orders"], (C - 2) // 3,  # a VAR(p) with intercept needs 3p + 2 observed steps
                       f"a VAR(p) fitted to {C} observed steps needs 3p + 2 of them")
-    lengths = [m for m in PARROT_LENGTHS if m < C] if s["parrot_lengths"] is None else \
-        integers("--parrot-lengths", s["parrot_lengths"], C - 1, f"a match of m steps needs m + 1 of the {C} observed")
+    lengths = parrot_lengths_for(C, PARROT_LENGTHS) if s["parrot_lengths"] is None else \
+        integers("--parrot-lengths", s["parrot_lengths"], max(1, C // 2),
+                 f"a match of m steps at lag >= max(m, 2) needs m + max(m, 2) of the {C} observed")
     session = Session(STAGE, run, data)
     ds = session.dataset
     dt = float(ds.data.time[1] - ds.data.time[0])
@@ -78,14 +79,11 @@ def main(argv=None) -> int:
         fs = dataclasses.replace(forecast, split=split)
         indices, _, _, split_truth = ds.forecast_set(fs)
         for forecaster in forecasters:
-            tag = f"{forecaster.name}_{split}".replace("(", "").replace(")", "")
+            tag = f"{runs.file_tag(forecaster.name)}_{split}"
             evaluation = runs.forecast_and_save(session, forecaster, fs, tag, f"{forecaster.name}, {split}",
                                                 settings=forecaster.settings(), weights=None)
-            evaluation.settings["fallbacks"] = forecaster.n_fallback
             results.evaluations[f"{forecaster.name}/{split}"] = evaluation
             tables.print_evaluation(evaluation)
-            if forecaster.n_fallback:
-                print(f"  ({forecaster.n_fallback} trajectories fell back to persistence)")
         # paired comparisons with the best forecaster of this split, trajectory by trajectory
         comparisons[split] = compare_to_best({f.name: f.last_prediction for f in forecasters}, split_truth, indices,
                                              seed=run.seed)

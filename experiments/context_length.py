@@ -15,10 +15,13 @@ contexts.json, horizon_mae.png, loss_curves.png, README.md and one directory per
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .lib import cli, defaults, plans, runs, studies, tables
 from .lib.evaluation import write_csv
 from .lib.plots import plot_horizon_errors, plot_training_curves
 from .lib.results import Evaluation, write_json
+from .lib.run_directory import check_run_of
 from .lib.session import Session
 from .lib.studies import forecast_mse, grid_axis
 
@@ -57,8 +60,11 @@ def main(argv=None, on_step=None) -> int:
     preset = cli.preset_name(argv, PRESETS)
     s = cli.parse(build_parser(preset), argv)
     contexts = grid_axis(s["contexts"], int, "--contexts", field="context_length")  # each >= 2 tokens, one wording
+    if s["from_sweep"]:  # a sweep's run, by its run record, before anything in it is read
+        check_run_of(Path(s["from_sweep"]).expanduser(), "sweep", "--from-sweep")
     picked = studies.chosen(s["from_sweep"], "sweep")
     lora, train = studies.choose(s, picked, DEFAULTS)
+    cli.check_positions(s["run"].model, contexts, "--contexts")  # before any work: the model's config.json only
     lr, rank, forecast = train.lr, lora.rank, s["forecast"]
     session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress)
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs

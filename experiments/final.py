@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .lib import cli, compare, defaults, halving, plans, runs, side_by_side, studies, tables
+from .lib import by_type, cli, compare, defaults, halving, plans, runs, side_by_side, studies, tables
 from .lib.errors import UsageError
 from .lib.plots import plot_horizon_errors
 from .lib.session import Session
@@ -62,6 +62,7 @@ def main(argv=None, on_step=None) -> int:
         raise UsageError("--from-search gives lr, rank and context length: it takes no --from-sweep/--from-context")
     picked = {**studies.chosen(s["from_sweep"], "sweep"), **studies.chosen(s["from_context"], "context_length"),
               **studies.chosen(s["from_search"], "search")}
+    studies.refuse_conflicts(s, picked, lambda dest: cli.given(build_parser(preset), argv, dest))
     lora, train = studies.choose(s, picked, DEFAULTS)
     if not cli.given(build_parser(preset), argv, "context_length") and "context_length" in picked:
         train = dataclasses.replace(train, context_length=picked["context_length"])
@@ -122,10 +123,12 @@ def main(argv=None, on_step=None) -> int:
     for metric in ("mae", "mse"):
         plot_horizon_errors(session.out / f"horizon_{metric}.png", curves, f"{metric.upper()} by step; {scale}",
                             metric=metric)
+    kinds = by_type.section(session.out, predictions, truth, contexts, "lora", [*best.values(), *(
+        n for n in predictions if n.startswith("var("))], scale)
     table = tables.evaluation_table(evaluations)
     body = (f"{scale}.\n\n{table}\n\nBest classical forecaster by MSE: prey {best['prey']}, predator "
             f"{best['predator']}.\n\n### The LoRA model against each forecaster, trajectory by trajectory\n\n"
-            f"{compare.comparison_table(comparisons)}\n")
+            f"{compare.comparison_table(comparisons)}\n\n{kinds['markdown']}\n")
     peer = None
     if peers is not None:
         adapter = session.out / "training" / ("best_adapter" if train.restore_best and
@@ -141,7 +144,7 @@ def main(argv=None, on_step=None) -> int:
     results.add_flops("eval", summary["eval_flops"] - inherited.get("eval_flops", 0))
     results.details.update(training=summary, order_search=search, scale=scale, table_markdown=table,
                            best_classical=best, comparisons=comparisons, continued_from_search=inherited,
-                           peer_trajectories=peer)
+                           peer_trajectories=peer, by_type=kinds)
     results.seconds["training_this_session"] = summary["seconds_this_session"]
     tables.write_run_readme(session.out / "README.md", "Final LoRA run on the test split",
                              tables.command_line("experiments.final", argv), body)

@@ -2,9 +2,10 @@
 
 Usage::
 
-    python -m experiments.flops [--out runs/flops] [--ledger PATH] [--model DIR]
+    python -m experiments.flops [--out runs/flops] [--ledger PATH] [--model DIR] [--overwrite]
 
-Prints everything and writes ``<out>/flop_tables.md`` and ``<out>/flop_tables.json``. All numbers come from the
+Prints everything and writes ``<out>/flop_tables.md`` and ``<out>/flop_tables.json`` in a run directory (with its
+run record; an earlier one is replaced only with ``--overwrite``, a directory of other files never). All numbers come from the
 closed form :func:`miniqwen.flop_count.forward_flops_breakdown` (coursework FLOP rules; tested equal to what the model
 modules count), for ``config.json`` in ``--model DIR`` or, without it, :class:`miniqwen.config.Qwen2Config`'s
 defaults (Qwen2.5-0.5B-Instruct). Nothing here runs a model: it takes well under a second.
@@ -27,6 +28,7 @@ from .lib.budget import Ledger
 from .lib.cli import ArgumentParser, run_cli
 from .lib.flop_tables import load_config, render
 from .lib.plans import stage_plans
+from .lib.run_directory import claim_out, record_written
 
 __all__ = ["main", "stage_plans"]
 
@@ -39,20 +41,22 @@ def main(argv: list[str] | None = None) -> int:
                                                        "runs/flops_ledger.jsonl)")
     parser.add_argument("--model", default=None, help="model directory with config.json (default: "
                                                       "Qwen2.5-0.5B-Instruct's sizes)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the flops run already in --out")
     args = parser.parse_args(argv)
+    out = Path(args.out).expanduser()
     try:
         config = load_config(args.model)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    claim_out(out, "flops", {"model": args.model}, overwrite=args.overwrite)
     source = f"config from {args.model}" if args.model else "Qwen2Config() defaults = Qwen2.5-0.5B-Instruct"
     ledger = Ledger(args.ledger)
     text, data = render(config, source, ledger)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "flop_tables.md", text)
     atomic_write(out / "flop_tables.json", json.dumps(data, indent=2) + "\n")
+    record_written(out, ignore=(str(ledger.path),))
     print(f"wrote {out / 'flop_tables.md'} and {out / 'flop_tables.json'}")
     return 1 if "error" in data["ledger"] else 0
 

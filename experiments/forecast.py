@@ -1,51 +1,63 @@
 """Forecast any two-species series with the base model, a trained adapter or a classical forecaster.
 
+From Python, :func:`forecast` (``experiments.lib.forecast_core``); on the command line, a thin layer over it:
+
     python -m experiments.forecast --data SERIES.csv [--columns PREY,PREDATOR] [--adapter DIR] [--samples N]
     python -m experiments.forecast --data lotka_volterra_data.h5 --index 950 [--adapter DIR] [--method var]
 
-The first ``--context-steps`` rows are the context (default: 80 of an HDF5 trajectory, every row of a CSV); the next
-``--horizon`` steps are forecast. ``--adapter DIR`` is a PEFT-format export of this project (``peft_adapter/``
-of a training stage); its card (``miniqwen_llmtime.json``, :mod:`experiments.lib.adapter_card`) gives the LLMTIME
-scale, decimals, encoding and prompt it was trained with. Without it the base model reads the series at a scale
-fitted on the context (or ``--llmtime-scale``). ``--samples N`` > 1: the median of N samples with their 10–90 %
-band (LLMTIME's point and interval). ``--method var|ar|parrot|persistence|lv`` fits a classical forecaster to the
-context instead (orders chosen on a holdout at its end, :func:`series_forecast.classical`).
+The context is the last ``--context-steps`` rows of a CSV (default 80; the forecast continues past its end, and a
+file of any length is read row by row, keeping only those rows), or the first ``--context-steps`` steps of an HDF5
+trajectory (default 80; the steps after them are compared with the forecast). The next ``--horizon`` steps are
+forecast. ``--adapter DIR`` is a PEFT-format export of this project (``peft_adapter/`` of a training stage); its card
+(``miniqwen_llmtime.json``, :mod:`experiments.lib.adapter_card`) gives the LLMTIME scale, decimals, encoding and
+prompt it was trained with. Without it the base model reads the series at a scale fitted on the context (or
+``--llmtime-scale``). ``--samples N`` > 1: the median of N samples with their 10–90 % band (LLMTIME's point and
+interval). ``--method var|ar|parrot|persistence|lv`` fits a classical forecaster to the context instead (orders
+chosen on a holdout at its end, :func:`experiments.lib.forecast_core.classical`); these import no torch.
 
-Writes ``forecast.csv`` (step, time, prey, predator[, quantiles]), ``forecast.png`` and ``run.json`` under ``--out``
-(default ``runs/forecast``; a run there is replaced only with ``--overwrite``). A bad CSV, option or adapter stops
-it with one line (exit status 2) before anything is written. Not charged to the FLOP ledger (a forecast of your own
-series is not one of the experiments); the counted FLOPs are printed and recorded in run.json.
+Writes ``forecast.csv`` (step, time, prey, predator[, quantiles], under the CSV's own column names, the forecast
+times continuing the context's last time step), ``forecast.png`` and ``run.json`` under ``--out`` (default
+``runs/forecast``; a run there is replaced only with ``--overwrite``). A bad CSV, option or adapter stops it with
+one line (exit status 2) before anything is written. Progress bars only when stderr is a terminal (``--progress``,
+``--no-progress`` to choose). Not charged to the FLOP ledger (a forecast of your own series is not one of the
+experiments); the counted FLOPs are printed and recorded in run.json.
+
+Nothing imported here at module level imports torch: only ``method="llm"`` (and the command line) loads it.
 """
 
 from __future__ import annotations
 
 import os
-import time
+import time as clock
 from pathlib import Path
 
-import numpy as np
+from .lib.forecast_core import METHODS, Forecast, check_options, forecast, parrot_note  # noqa: F401 (the API)
+from .lib.forecast_core import _forecast
 
-from .lib import cli
-from .lib import series_forecast as sf
-from .lib import settings
-from .lib.evaluation import write_csv
-from .lib.session import seed_everything
-
-STAGE = sf.STAGE
+STAGE = "forecast"
 OPTIONS = {"context_steps", "decimals", "encoding", "prompt"}  # explicit values are checked against the card
 
 
+# ------------------------------------------------------------------------------------------------ the command line
+
 def build_parser():
+    from .lib import cli, settings
+
     p = cli.ArgumentParser(prog="python -m experiments.forecast", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("series")
     g.add_argument("--data", required=True, help="a CSV with a header row, or the coursework HDF5 file (--index)")
     g.add_argument("--index", type=int, default=None, help="trajectory of the HDF5 file to forecast")
     g.add_argument("--columns", default=None, help="the CSV's prey and predator columns (default: prey,predator)")
-    g.add_argument("--method", default="llm", choices=sf.METHODS, help="forecaster (default llm)")
+    g.add_argument("--time-column", default=None,
+                   help="the CSV's time column (default: one named time or t, else the first other column if it "
+                        "holds increasing numbers)")
+    g.add_argument("--method", default="llm", choices=METHODS, help="forecaster (default llm)")
     g.add_argument("--adapter", default=None, help="PEFT-format adapter directory with its card (default: none)")
     g.add_argument("--llmtime-scale", type=float, default=None,
                    help="data units per text unit (default: the adapter's, else fitted on the context)")
-    g.add_argument("--context-steps", type=int, default=80, help="rows of context (default: 80 of HDF5, all of CSV)")
+    g.add_argument("--context-steps", type=int, default=80,
+                   help="rows of context: the last of a CSV, the first of an HDF5 trajectory (default 80, or all "
+                        "rows if fewer)")
     g.add_argument("--horizon", type=int, default=20, help="steps to forecast (default 20)")
     g.add_argument("--samples", type=int, default=1, help="1 = greedy (default); N = median of N, 10-90%% band")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (--samples > 1)")
@@ -61,62 +73,69 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--out", default=None, help="output directory (default runs/forecast)")
     g.add_argument("--overwrite", action="store_true", help="replace the forecast run already in --out")
+    g.add_argument("--progress", dest="show_progress", action="store_const", const=True, default=None,
+                   help="progress bars even when stderr is not a terminal (default: only on a terminal)")
+    g.add_argument("--no-progress", dest="show_progress", action="store_const", const=False, help="no progress bars")
     return p
 
 
 def main(argv=None) -> int:
+    from .lib import cli, settings
+    from .lib import series_forecast as sf
+    from .lib.evaluation import write_csv
+
     p = build_parser()
     s = cli.parse(p, argv)
-    run, data, forecast, method, adapter = s["run"], s["data"], s["forecast"], s["method"], s["adapter"]
+    run, data, fcs, method, adapter = s["run"], s["data"], s["forecast"], s["method"], s["adapter"]
     explicit = {name for name in OPTIONS if cli.given(p, argv, name)}
     scale = s["llmtime_scale"]
-    sf.check_options(method, adapter, scale, forecast.samples, explicit)
-    series = sf.read_input(data.data, s["index"], s["columns"],
-                           forecast.context_steps if "context_steps" in explicit else None)
-    hdf5 = s["index"] is not None  # read_input wants --index for an HDF5 file and refuses it for a CSV
-    C = min(forecast.context_steps if "context_steps" in explicit or hdf5 else len(series.values), len(series.values))
-    H = forecast.horizon
-    context = series.values[:C]
+    check_options(method, adapter, scale, fcs.samples, explicit, cli=True)
+    series = sf.read_input(data.data, s["index"], s["columns"], s["time_column"], fcs.context_steps,
+                           "context_steps" in explicit)
+    C, H = min(fcs.context_steps, len(series.values)), fcs.horizon
     out = Path(run.out).expanduser() if run.out else Path("runs") / STAGE
-    if method == "llm":
-        fmt = sf.text_format(adapter, data, forecast, scale, context, explicit)
-        warning = sf.check_digits(context, fmt, series.source)
-        if warning:
-            print(f"warning: {series.source}: {warning}")
     found = sf.check_out(out, run.overwrite)  # refused before any model is loaded or file written
-    seed_everything(run.seed)
-    print(f"series: {series.source}, {len(series.values)} steps; context {C}, horizon {H}; method {method}")
-    t0, details = time.time(), {}
+    where = "the first" if s["index"] is not None else "the last"
+    print(f"series: {series.source}, {series.rows} steps; context {where} {C}, horizon {H}; method {method}")
+    t0 = clock.time()
+    result = _forecast(series.values[:C], H, method, adapter, run.model if method == "llm" else None, scale,
+                       fcs.samples, columns=series.columns, time=None if series.time is None else series.time[:C],
+                       temperature=fcs.temperature, top_p=fcs.top_p, progress=s["show_progress"],
+                       decimals=data.decimals if "decimals" in explicit else None,
+                       encoding=data.encoding if "encoding" in explicit else None,
+                       prompt=fcs.prompt if "prompt" in explicit else None, device=run.device,
+                       precision=run.precision, seed=run.seed, cli=True, source=series.source, log=print)
+    details = dict(result.settings)
     if method == "llm":
-        forecasts, label = sf.llm_forecast(run, forecast, fmt, adapter, context, H)
-        name = "/".join(Path(adapter).resolve().parts[-2:]) if adapter else None  # no machine path in outputs
-        details = {"text_format": vars(fmt), "adapter": name, "weights": label, "texts": forecasts.texts[0],
-                   "steps_unparsed": int(np.isnan(forecasts.values).any(-1).sum())}
-        title = f"{'LoRA adapter ' + name + ' on ' if adapter else 'base model '}{label}"
+        title = f"{'LoRA adapter ' + details['adapter'] + ' on ' if adapter else 'base model '}{details['weights']}"
+        details["texts"] = result.texts
     else:
-        forecaster, details = sf.classical(method, context, H, series.time_step(C) or 1.0)
-        forecasts = forecaster.forecast(context[None], H)
-        details |= {"forecaster": forecaster.settings(), "fell_back": forecaster.n_fallback}
-        title = forecaster.name + (f", chosen on a holdout of {details['holdout_steps']} steps"
-                                   if "chosen" in details else "")
+        title = details["label"] + (f", chosen on a holdout of {details['holdout_steps']} steps"
+                                    if "chosen" in details else "")
         scores = ", ".join(f"{k}: {v:.4g}" for k, v in details.get("mse_by_choice", {}).items())
         print(f"forecaster: {title}" + (f" (holdout MSE by choice: {scores})" if scores else ""))
-    times = sf.future_times(series, C, H)
-    rows = sf.forecast_rows(forecasts, times)
-    record = {"settings": settings.as_record(run=run, data=data, forecast=forecast),
-              "input": {"source": series.source, "columns": list(series.columns), "rows": len(series.values)},
-              "context_steps": C, "horizon": H, "method": method, "flops": int(forecasts.flops),
-              "seconds": round(time.time() - t0, 2), **details}
+        if method == "parrot" and (note := parrot_note(details["forecaster"]["m"], details["period"],
+                                                       details["fallbacks"])):
+            print(note)
+    time_name = series.time_column or "time"
+    rows = sf.forecast_rows(result, time_name)
+    record = {"settings": settings.as_record(run=run, data=data, forecast=fcs),
+              "input": {"source": series.source, "columns": list(series.columns), "time_column": series.time_column,
+                        "rows": series.rows, "context": f"{where} {C} rows"},
+              "context_steps": C, "horizon": H, "method": method, "flops": int(result.flops),
+              "seconds": round(clock.time() - t0, 2), **details}
     sf.write_run(out, found, record, {
         "forecast.csv": lambda path: write_csv(path, rows),
-        "forecast.png": lambda path: sf.plot(path, series, C, forecasts, times,
+        "forecast.png": lambda path: sf.plot(path, series, C, result,
                                              f"{series.source}: {C} steps of context, {H} forecast\n{title}")})
 
-    for line in sf.summary(series, C, forecasts, rows, method):
+    for line in sf.summary(series, C, result, rows, method):
         print(line)
     print(f"wrote {out}/forecast.csv, forecast.png, {sf.RECORD}")
     return 0
 
 
 if __name__ == "__main__":
-    cli.run_cli(main)
+    from .lib.cli import run_cli
+
+    run_cli(main)

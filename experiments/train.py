@@ -24,6 +24,7 @@ from miniqwen import load_pretrained
 
 from .lib import cli, errors, runs, settings
 from .lib.budget import Ledger
+from .lib.run_directory import claim_out, inspect_out, record_written
 from .lib.training import distributed, train_lora
 
 
@@ -91,6 +92,9 @@ def main(argv=None) -> int:
     if s["train"].loss_vocabulary != "full":  # chunk files do not say which alphabet their text was written in
         raise errors.UsageError("--loss-vocabulary numeric: experiments.train trains on token chunks whose "
                                 "numeric alphabet it cannot know; use the full vocabulary (or a stage)")
+    out = Path(run.out).expanduser()
+    if distributed.is_main():
+        inspect_out(out)  # under the command line: locks --out for the whole run before anything is read
     train_chunks = load_chunks(s["train_chunks"])
     val_chunks = load_chunks(s["val_chunks"]) if s["val_chunks"] else None
     precision = "float32" if run.precision == "auto" else run.precision
@@ -99,14 +103,20 @@ def main(argv=None) -> int:
     if val_chunks is not None:
         check_chunks(val_chunks, s["val_chunks"], model.config.vocab_size, s["train"], training=False)
 
+    if distributed.is_main():  # the same directory rules as every stage (a user's directory is never written in)
+        claim_out(out, "train", settings.as_record(run=run, lora=s["lora"], train=s["train"]),
+                  overwrite=run.overwrite, resume=run.resume)
+
     def on_step(step: int) -> None:
         if step == s["kill_after_step"] and s["kill_rank"] in (None, distributed.rank()):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    summary = train_lora(model, train_chunks, val_chunks, s["train"], Path(run.out), lora=s["lora"], seed=run.seed,
-                         stage=s["stage"], precision=precision, ledger=None if s["no_ledger"] else Ledger(run.ledger),
-                         resume=run.resume, force=run.force, on_step=on_step)
+    ledger = None if s["no_ledger"] else Ledger(run.ledger)
+    summary = train_lora(model, train_chunks, val_chunks, s["train"], out, lora=s["lora"], seed=run.seed,
+                         stage=s["stage"], precision=precision, ledger=ledger, resume=run.resume, force=run.force,
+                         on_step=on_step)
     if distributed.is_main():
+        record_written(out, ignore=(str(ledger.path),) if ledger else ())
         print(json.dumps({k: v for k, v in summary.items() if k not in ("settings", "lora")}, indent=2))
     return 0
 

@@ -167,6 +167,16 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     return config
 
 
+def _check_finite(state: dict[str, torch.Tensor], source) -> None:
+    """Refuse (AdapterError naming ``source`` and a tensor) weights holding NaN or infinity: they would turn every
+    forecast into NaN without a word."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterError(f"{source}: tensor {key!r} holds {bad} NaN or infinite value(s) (a diverged or damaged "
+                               "adapter)")
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, LoRALinear]:
     """Load an adapter saved by :func:`save_adapter` into ``model``.
 
@@ -175,7 +185,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, 
     bias); a model that has them must have the same settings, the head bias's presence included.
 
     Returns ``{module path: LoRALinear}``. Raises AdapterError for a missing/invalid directory, different
-    settings, or weights that do not fit (missing/unexpected keys, wrong shapes).
+    settings, weights holding NaN or infinity, or weights that do not fit (missing/unexpected keys, wrong shapes).
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
@@ -184,6 +194,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, 
         state = load_file(str(weights))
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise AdapterError(f"{weights}: cannot read adapter weights ({err})") from None
+    _check_finite(state, weights)
     if not lora_modules(model):
         apply_lora(model, config["rank"], config["alpha"], config["targets"])
         if config.get("head_bias"):
@@ -321,7 +332,7 @@ def load_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, LoR
     gets its LoRA layers here; a model with LoRA layers must then have a head bias, and one without the file none.
 
     Returns ``{module path: LoRALinear}``. Raises AdapterError for a missing/invalid directory, config or weights
-    file, other settings than the model's LoRA layers, or weights that do not fit (missing/unexpected keys, wrong
+    file, weights holding NaN or infinity, other settings than the model's LoRA layers, or weights that do not fit (missing/unexpected keys, wrong
     shapes; nothing is copied then); RuntimeError if the model's LoRA layers are merged.
     """
     adapter_dir = Path(adapter_dir)
@@ -340,6 +351,7 @@ def load_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, LoR
         state.update(read_peft_head_bias(adapter_dir))
     except ValueError as err:
         raise AdapterError(str(err)) from None
+    _check_finite(state, weights)
     if not lora_modules(model):
         try:
             apply_lora(model, config["rank"], config["alpha"], config["targets"])

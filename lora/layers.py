@@ -33,9 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from miniqwen import flop_count
-from miniqwen.flop_count import DEFAULT_LORA_TARGETS, PROJECTIONS
+from miniqwen.config import PROJECTIONS, projection_shapes
 
 from .head_bias import remove_head_bias
+
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+"""The projections LoRA adapts unless told otherwise (Hu et al. 2021, section 7.1: query and value), some of
+:data:`miniqwen.config.PROJECTIONS`. The closed-form FLOP counts of :mod:`miniqwen.flop_count` default to the same
+two (miniqwen may not import this package)."""
 
 
 class LoRALinear(nn.Module):
@@ -149,7 +154,7 @@ def apply_lora(
         model: the model to adapt (modified in place).
         rank: LoRA rank r (>= 1).
         alpha: scaling numerator (default ``rank``); the update is scaled by ``alpha / rank``.
-        targets: module names to wrap, any of ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``.
+        targets: module names to wrap, any of :data:`~miniqwen.config.PROJECTIONS` (q_proj … down_proj).
         dtype: dtype of the new LoRA matrices (default float32, see :class:`LoRALinear`).
 
     Returns:
@@ -207,10 +212,7 @@ def lora_parameter_count(config, rank: int, targets: Iterable[str] = DEFAULT_LOR
 
     Raises ValueError for an unknown target name.
     """
-    d, I, D = config.hidden_size, config.intermediate_size, config.head_dim
-    Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
-    dims = {"q_proj": (d, Hq * D), "k_proj": (d, Hkv * D), "v_proj": (d, Hkv * D), "o_proj": (Hq * D, d),
-            "gate_proj": (d, I), "up_proj": (d, I), "down_proj": (I, d)}
+    dims = projection_shapes(config)
     total = 0
     for t in targets:
         if t not in dims:

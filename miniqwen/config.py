@@ -16,6 +16,10 @@ class ConfigError(ValueError):
     """
 
 
+#: The linear layers of one decoder layer, by their Hugging Face names: the attention's four projections, then the
+#: MLP's three (``model.layers.<i>.self_attn.q_proj`` …, ``model.layers.<i>.mlp.gate_proj`` …).
+PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "max_position_embeddings")
 _POSITIVE_REALS = ("rope_theta", "rms_norm_eps")
@@ -166,6 +170,17 @@ class Qwen2Config:
     def to_dict(self) -> dict:
         """The fields as a HF-style dict (``model_type`` included), e.g. to write a ``config.json``."""
         return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **asdict(self)}
+
+
+def projection_shapes(config) -> dict[str, tuple[int, int]]:
+    """``{name: (in_features, out_features)}`` of the linear layers of one decoder layer, in :data:`PROJECTIONS`
+    order, for a :class:`Qwen2Config` (or anything with its size fields). With d = ``hidden_size``, I =
+    ``intermediate_size``, D = ``head_dim``, Hq / Hkv query / key-value heads: q_proj d → Hq·D, k_proj and v_proj
+    d → Hkv·D (grouped-query attention), o_proj Hq·D → d, gate_proj and up_proj d → I, down_proj I → d."""
+    d, I, D = config.hidden_size, config.intermediate_size, config.head_dim
+    Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
+    return {"q_proj": (d, Hq * D), "k_proj": (d, Hkv * D), "v_proj": (d, Hkv * D), "o_proj": (Hq * D, d),
+            "gate_proj": (d, I), "up_proj": (d, I), "down_proj": (I, d)}
 
 
 def _unsupported(raw: dict) -> str | None:

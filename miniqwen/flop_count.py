@@ -61,6 +61,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from .config import PROJECTIONS, projection_shapes
+
 _ACTIVE: list["FlopCounter"] = []
 
 
@@ -139,20 +141,14 @@ COMPONENTS: tuple[str, ...] = (
     "lm_head", "lora",
 )
 
-#: Linear layers LoRA may wrap (the names of transformers' Qwen2 modules).
-PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
-"""The projections LoRA adapts unless told otherwise (Hu et al. 2021, section 7.1: query and value)."""
+#: LoRA targets costed when none are given: query and value, the coursework's setting (and LoRA's own default,
+#: ``lora.DEFAULT_LORA_TARGETS``, which this package may not import).
+_QUERY_VALUE: tuple[str, ...] = ("q_proj", "v_proj")
 
 
 def _linear_dims(config, name: str) -> tuple[int, int]:
     """(in_features, out_features) of the linear layer ``name`` in one decoder layer."""
-    d, I, D = config.hidden_size, config.intermediate_size, config.head_dim
-    Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
-    dims = {
-        "q_proj": (d, Hq * D), "k_proj": (d, Hkv * D), "v_proj": (d, Hkv * D), "o_proj": (Hq * D, d),
-        "gate_proj": (d, I), "up_proj": (d, I), "down_proj": (I, d),
-    }
+    dims = projection_shapes(config)
     if name not in dims:
         raise ValueError(f"unknown LoRA target {name!r}; expected some of {PROJECTIONS}")
     return dims[name]
@@ -165,7 +161,7 @@ def forward_flops_breakdown(
     lora_rank: int = 0,
     cache_len: int = 0,
     logits_to_keep: int = 0,
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    lora_targets: tuple[str, ...] = _QUERY_VALUE,
     *,
     head_rows: int | None = None,
     head_bias: bool = False,
@@ -179,7 +175,8 @@ def forward_flops_breakdown(
         lora_rank: r, LoRA rank on every layer's ``lora_targets`` (0 = no LoRA).
         cache_len: tokens per row already in the KV cache; the new tokens attend to S = cache_len + T keys.
         logits_to_keep: compute ``lm_head`` only for the last K = min(logits_to_keep, T) positions (0 = all T).
-        lora_targets: names of the wrapped linear layers (any of :data:`PROJECTIONS`).
+        lora_targets: names of the wrapped linear layers (any of :data:`miniqwen.config.PROJECTIONS`; default
+            q_proj and v_proj, as ``lora.DEFAULT_LORA_TARGETS``).
         head_rows: R, rows of ``lm_head`` computed (None = all V): the allowed tokens' count when the model runs
             with :class:`miniqwen.model.HeadRows` (``generate(..., allowed_token_ids=...)``).
         head_bias: the head has a bias (``lora.head_bias``, trainable): + B·K·R adds (1 FLOP each) in ``lm_head``.
@@ -306,7 +303,7 @@ def forward_flops(
     lora_rank: int = 0,
     cache_len: int = 0,
     logits_to_keep: int = 0,
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    lora_targets: tuple[str, ...] = _QUERY_VALUE,
     *,
     head_rows: int | None = None,
     head_bias: bool = False,
@@ -324,7 +321,7 @@ def training_flops(
     lora_rank: int = 0,
     cache_len: int = 0,
     logits_to_keep: int = 0,
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    lora_targets: tuple[str, ...] = _QUERY_VALUE,
 ) -> int:
     """FLOPs (int) of ONE training step = 3 × :func:`forward_flops` (coursework rule: backward = 2× forward,
     whatever is frozen — LoRA does not make the backward pass cheaper under this convention)."""
@@ -337,7 +334,7 @@ def generation_flops(
     new_tokens: int,
     batch_size: int = 1,
     lora_rank: int = 0,
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    lora_targets: tuple[str, ...] = _QUERY_VALUE,
     num_samples: int = 1,
     *,
     head_rows: int | None = None,

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: The projections of a decoder layer that are packed (and ``lm_head`` when asked).
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .config import PROJECTIONS  # the projections of a decoder layer that are packed (and lm_head when asked)
 
 
 def onednn_available() -> bool:

@@ -21,6 +21,7 @@ from experiments.lib.classical_forecasters import (
     fit_ar,
     fit_lotka_volterra,
     fit_var,
+    parrot_lengths_for,
     parrot_match,
     select_order,
     validated_forecasters,
@@ -212,8 +213,9 @@ def test_api_surface():
     assert AR(3).settings() == {"name": "ar", "p": 3, "intercept": True, "log": False}
     assert VAR(2, log=True).name == "var(2)-log"
     assert LotkaVolterraODE().name == "lv_ode"
-    assert ContextParroting(4).settings() == {"name": "parrot", "m": 4}
-    assert ContextParroting(4).name == "parrot(4)"
+    assert ContextParroting(4).settings() == {"name": "parrot", "m": 4, "min_lag": 4}
+    assert ContextParroting(4).name == "parrot(4)" and ContextParroting(1).min_lag == 2
+    assert ContextParroting(4, min_lag=1).name == "parrot(4, lag>=1)"
 
 
 # ----------------------------------------------------------------------------- context parroting
@@ -228,7 +230,9 @@ def test_parroting_continues_a_periodic_series_exactly(period, m):
     model = ContextParroting(m)
     out = model.predict(contexts, 50)  # 50 > period: the copy wraps round several times
     np.testing.assert_array_equal(out, truth)
-    assert model.lags.tolist() == [period, period] and model.n_fallback == 0
+    lag = period * -(-max(m, 2) // period)  # the most recent exact match outside the Theiler window
+    assert model.lags.tolist() == [lag, lag] and model.n_fallback == 0
+    assert model.fallback_counts() == {"persistence": 0, "short_period": 0}
     np.testing.assert_array_equal(model.last_prediction, out)
 
 
@@ -248,15 +252,46 @@ def test_parrot_match_by_hand():
     assert (j, lag) == (0, 6) and distance == pytest.approx(0.2)
     np.testing.assert_array_equal(ContextParroting(1).predict(context[None], 8)[0],
                                   context[[1, 2, 3, 4, 5, 6, 1, 2]])  # what followed, then wrapped with period 6
-    # a constant series matches its most recent window: persistence
+    # a constant series matches its most recent window outside the Theiler window (lag >= m = 4)
     j, lag, distance = parrot_match(np.ones((10, 2)), 4)
-    assert (j, lag, distance) == (8, 1, 0.0)
-    with pytest.raises(ValueError, match="at least 5 time steps"):
-        parrot_match(np.ones((4, 2)), 4)
-    with pytest.raises(ValueError, match="at least 5 time steps"):
-        ContextParroting(4).predict(np.ones((1, 4, 2)), 3)
+    assert (j, lag, distance) == (5, 4, 0.0)
+    assert parrot_match(np.ones((10, 2)), 4, min_lag=1)[:2] == (8, 1)  # without it: the adjacent window
+    with pytest.raises(ValueError, match="at least 8 time steps"):
+        parrot_match(np.ones((7, 2)), 4)
+    with pytest.raises(ValueError, match="at least 8 time steps"):
+        ContextParroting(4).predict(np.ones((1, 7, 2)), 3)
     with pytest.raises(ValueError, match="m must be"):
         ContextParroting(0)
+
+
+def damped_oscillation(steps, period=17.0, decay=0.03):
+    """Two species oscillating a quarter period apart around (2, 1.5) with an amplitude that decays by
+    ``exp(-decay)`` per step: the shape of the coursework's damped trajectories."""
+    t = np.arange(steps)
+    envelope = np.exp(-decay * t)
+    return np.stack([2 + envelope * np.sin(2 * np.pi * t / period),
+                     1.5 + 0.5 * envelope * np.cos(2 * np.pi * t / period)], axis=1)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_parroting_continues_a_damped_oscillation_as_an_oscillation(m):
+    series = damped_oscillation(100)
+    model = ContextParroting(m)
+    out = model.predict(series[None, :80], 20)[0]
+    assert model.lags[0] >= max(m, 2) and model.fallback_counts() == {"persistence": 0, "short_period": 0}
+    assert 16 <= model.lags[0] <= 18  # one cycle back
+    assert np.ptp(out[:, 0]) > 0.5 * np.ptp(series[80:, 0])  # it oscillates (persistence: ptp 0)
+    persistence = np.abs(series[79] - series[80:]).mean()
+    assert np.abs(out - series[80:]).mean() < persistence  # the previous cycle, larger by exp(0.03 * 17)
+    # without the Theiler window the query shifted by one step is nearest: period 1, the persistence forecast
+    adjacent = ContextParroting(m, min_lag=1)
+    np.testing.assert_array_equal(adjacent.predict(series[None, :80], 20)[0], np.repeat(series[79:80], 20, 0))
+    assert adjacent.fallback_counts()["persistence"] == 1
+
+
+def test_parrot_lengths_for_a_context():
+    assert parrot_lengths_for(80, [1, 2, 3, 5, 8, 12, 16, 20, 40, 41]) == [1, 2, 3, 5, 8, 12, 16, 20, 40]
+    assert parrot_lengths_for(3, [1, 2]) == [1]
 
 
 def figure_eight(steps, shift, period=20):
@@ -286,7 +321,7 @@ def test_parroting_match_length_chosen_on_validation():
 @pytest.mark.parametrize("value", ["0", "1,x", "", "80"])
 def test_parrot_lengths_option_is_validated(value, capsys):
     argv = ["--context-steps", "80", "--parrot-lengths", value]
-    with pytest.raises(errors.UsageError, match=r"^--parrot-lengths .*between 1 and 79"):
+    with pytest.raises(errors.UsageError, match=r"^--parrot-lengths .*between 1 and 40"):
         classical.main(argv)
     with pytest.raises(SystemExit) as exit_info:
         cli.run_cli(lambda: classical.main(argv))

@@ -1,5 +1,10 @@
 """docs/model.md stays true: its Python blocks run, in order, as one script, and its FLOP tables and figures are the
-counter's closed form for Qwen2.5-0.5B."""
+counter's closed form for Qwen2.5-0.5B.
+
+Blocks fenced ```` ```python ```` form that script. The block fenced ```` ```python real-weights ```` (the guide's last)
+stands alone: it runs on the real weights when ``MINIQWEN_TEST_MODEL`` names them (skipped, with that reason,
+otherwise), and on a tiny random checkpoint always, so its code cannot rot while the weights are absent.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from miniqwen.config import Qwen2Config
 from miniqwen.flop_count import COMPONENTS, forward_flops_breakdown
 
@@ -16,8 +23,23 @@ ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "model.md"
 
 
-def python_blocks(text: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
+REAL_WEIGHTS = "python real-weights"
+
+
+def python_blocks(text: str, info: str = "python") -> list[str]:
+    """The bodies of the code blocks whose fence's info string is exactly ``info``."""
+    return re.findall(rf"^```{re.escape(info)}\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+def run_blocks(blocks: list[str], tmp_path: Path, **env: str) -> str:
+    """Run ``blocks`` as one script from the repository root (``env`` added to the environment); its stdout."""
+    script = tmp_path / "guide.py"
+    script.write_text("\n\n".join(blocks))
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def tables(text: str) -> list[list[list[str]]]:
@@ -39,12 +61,29 @@ def number(cell: str) -> int:
 def test_the_guides_code_runs(tmp_path):
     blocks = python_blocks(GUIDE.read_text())
     assert len(blocks) >= 5
-    script = tmp_path / "guide.py"
-    script.write_text("\n\n".join(blocks))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_blocks(blocks, tmp_path)
+
+
+def real_weight_block() -> list[str]:
+    text = GUIDE.read_text()
+    blocks = python_blocks(text, REAL_WEIGHTS)
+    assert len(blocks) == 1, f"docs/model.md needs exactly one ```{REAL_WEIGHTS} block, found {len(blocks)}"
+    assert text.rstrip().endswith(blocks[0] + "```"), "the real-weight block must end the guide"
+    return blocks
+
+
+def test_the_guides_real_weight_block_matches_transformers(real_model_dir, tmp_path):
+    """The guide's last block on the real weights (``MINIQWEN_TEST_MODEL``): our logits are transformers'."""
+    pytest.importorskip("transformers")
+    out = run_blocks(real_weight_block(), tmp_path, MINIQWEN_TEST_MODEL=str(real_model_dir))
+    assert "largest logit difference" in out
+
+
+def test_the_guides_real_weight_block_runs_on_a_tiny_checkpoint(tiny_full_vocab, tmp_path):
+    """The same block on a tiny random checkpoint with the real tokenizer, so it runs without the weights too."""
+    pytest.importorskip("transformers")
+    out = run_blocks(real_weight_block(), tmp_path, MINIQWEN_TEST_MODEL=str(tiny_full_vocab))
+    assert "largest logit difference" in out
 
 
 def test_the_guides_flop_tables_are_the_closed_form():

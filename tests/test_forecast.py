@@ -17,7 +17,6 @@ from data import SeriesError, load_trajectories, read_series_csv
 from experiments import forecast
 from experiments.lib.adapter_card import CARD_FILE, AdapterCard, card_for, read_card
 from experiments.lib.classical_forecasters import VAR
-from experiments.lib.evaluation import Forecasts
 from experiments.lib.series_forecast import TextFormat, check_digits, forecast_rows
 from experiments.lib.session import load_dataset
 from experiments.lib.settings import DataSettings
@@ -70,7 +69,8 @@ def adapter(tiny_full_vocab, sim_file, tmp_path_factory):
 
 @pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "adapter"])
 def test_csv_and_hdf5_give_the_same_forecast(tiny_full_vocab, sim_file, adapter, tmp_path, capsys, with_adapter):
-    series = write_series(tmp_path / "series.csv", sim_file, 7)
+    # the context: the first 20 steps of the HDF5 trajectory, the last 20 rows of the CSV (which has those 20)
+    series = write_series(tmp_path / "series.csv", sim_file, 7, rows=20)
     common = ["--model", tiny_full_vocab, "--context-steps", 20, "--horizon", 4]
     common += ["--adapter", adapter] if with_adapter else []
     assert run(["--data", sim_file, "--index", 7, "--out", tmp_path / "h5", *common], capsys)[0] == 0
@@ -297,9 +297,7 @@ def test_samples_write_the_quantile_columns(tiny_full_vocab, sim_file, tmp_path,
 def test_quantile_columns_are_the_samples_10_and_90_percent_quantiles():
     samples = np.random.default_rng(0).uniform(0.5, 2.0, (1, 5, 3, 2))
     samples[0, :, 2, 1] = np.nan  # a step no sample parsed is left empty, never filled in
-    forecasts = Forecasts(np.nanmedian(samples, axis=1), samples, [[]], np.zeros(1, int), np.zeros(1, int),
-                          np.ones(1, bool))
-    rows = forecast_rows(forecasts, np.array([1.0, 2.0, 3.0]))
+    rows = forecast_rows(forecast.Forecast.from_samples(samples[0], [], 0, {}, np.array([1.0, 2.0, 3.0])))
     assert rows[0]["prey_q10"] == np.quantile(samples[0, :, 0, 0], 0.1)
     assert rows[1]["predator_q90"] == np.quantile(samples[0, :, 1, 1], 0.9)
     assert rows[2]["prey"] == np.median(samples[0, :, 2, 0]) and rows[2]["time"] == 3.0

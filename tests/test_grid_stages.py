@@ -142,9 +142,23 @@ def test_final_run_resumes_and_evaluates_on_test_beside_classical(tiny_full_voca
     assert resumed["evaluations"]["lora"]["metrics"] == fresh["evaluations"]["lora"]["metrics"]
     assert resumed["evaluations"]["lora"]["split"] == "test"
     assert resumed["details"]["training"]["steps"] == 6
-    for name in ("horizon_mae.png", "README.md", "peft_adapter/adapter_config.json"):
+    for name in ("horizon_mae.png", "horizon_by_type.png", "README.md", "peft_adapter/adapter_config.json"):
         assert (tmp_path / "final" / name).is_file(), name
     assert Ledger(tmp_path / "ledger.jsonl").total() == resumed["flops"]["total"]
+    # every forecast is kept: the run's metrics are recomputed from its predictions files and the data alone
+    from data import load_trajectories
+    from experiments.lib import by_type, runs
+
+    rescored = by_type.rescore(tmp_path / "final", load_trajectories(sim_file).trajectories)
+    tags = {"lora": "trained", "untrained": "untrained", **{k: runs.file_tag(k) for k in resumed["evaluations"]
+                                                          if k not in ("lora", "untrained")}}
+    for name, evaluation in resumed["evaluations"].items():
+        indices, metrics = rescored[tags[name]]
+        assert indices == evaluation["trajectories"], name
+        for species in ("prey", "predator"):
+            for key in ("mse", "mae", "r2"):
+                assert metrics[species][key] == pytest.approx(evaluation["metrics"][species][key], rel=1e-12), name
+    assert sorted(resumed["details"]["by_type"]["summary"]) <= ["all", "damped", "sustained"]
 
 
 def test_plan_total_is_the_sum_of_the_stages_own_plans_at_their_defaults(tmp_path):

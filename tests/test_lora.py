@@ -236,3 +236,12 @@ def test_peft_export_gives_same_logits_as_transformers_plus_peft(tiny_checkpoint
     ids = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_the_flop_counters_default_targets_are_loras_default():
+    import inspect
+
+    import lora
+    from miniqwen.flop_count import forward_flops
+
+    assert inspect.signature(forward_flops).parameters["lora_targets"].default == lora.DEFAULT_LORA_TARGETS

@@ -65,6 +65,15 @@ def checksums(root) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def record(out, stage: str):
+    """Make ``out`` a run directory of ``stage`` (its run record, as a stage writes it first): a directory without
+    one is nobody's run."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"made_by": "miniqwen", "stage": stage, "weights": None,
+                                              "written": []}) + "\n")
+    return out
+
+
 def stage_args(model, data, out, ledger):
     return ["--model", str(model), "--data", str(data), "--out", str(out), "--ledger", str(ledger), "--device", "cpu",
             "--precision", "float32", "--limit", "2", "--context-steps", "8", "--horizon", "3", "--no-progress"]
@@ -140,6 +149,7 @@ def test_a_second_copy_of_a_running_point_is_refused(tiny_full_vocab, sim_file, 
     # the first copy, still running, holds the lock of its point
     held = out / "points" / "lr0.001_rank4"
     held.mkdir(parents=True)
+    record(out, "search" if stage == "search" else "sweep")
     fd = os.open(held / studies.LOCK, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -179,6 +189,7 @@ def test_a_damaged_point_json_is_one_line_naming_it(setup, tmp_path, capsys, dam
             str(ledger), "--lrs", "1e-3", "--ranks", "2"]
     path = out / "points" / "lr0.001_rank2" / "point.json"
     path.parent.mkdir(parents=True)
+    record(out, "sweep")
     if DAMAGE[damage] is None:
         path.write_text(json.dumps({"settings": {}, "name": "lr0.001_rank2", "lr": 1e-3, "rank": 2,
                                     "context_length": 512, "training": {}, "train_loss_last_10": None}))
@@ -195,6 +206,7 @@ def test_a_point_made_with_other_settings_advises_only_what_works(setup, tmp_pat
     out = tmp_path / "out"
     path = out / "points" / "lr0.001_rank2" / "point.json"
     path.parent.mkdir(parents=True)
+    record(out, "sweep")
     evaluation = {"forecaster": "x", "split": "validation", "trajectories": [1], "context_steps": 8, "horizon": 3,
                   "metrics": {s: {"mse": 1.0, "mae": 1.0, "r2": 0.0} for s in ("prey", "predator")}}
     path.write_text(json.dumps({"settings": {"other": 1}, "name": "lr0.001_rank2", "lr": 1e-3, "rank": 2,
@@ -214,6 +226,7 @@ def test_a_damaged_untrained_json_is_one_line_before_any_work(tiny_full_vocab, s
     out, ledger = tmp_path / "out", tmp_path / "ledger.jsonl"
     Ledger(ledger).charge("earlier", 777, "train")
     (out / "training").mkdir(parents=True)  # an interrupted lora_default run
+    record(out, "lora_default")
     path = out / "untrained.json"
     path.write_bytes(DAMAGE[damage] if DAMAGE[damage] is not None else json.dumps({"settings": {}}).encode())
     before = checksums(out)
@@ -222,7 +235,9 @@ def test_a_damaged_untrained_json_is_one_line_before_any_work(tiny_full_vocab, s
     code, err, _ = run(lora_default.main, argv, capsys)
     one_line(code, err, str(path), "delete it")
     assert Ledger(ledger).total() == 777
-    assert {k: v for k, v in checksums(out).items() if k != "run.json"} == before
+    after = checksums(out)
+    after.pop("run.json"), before.pop("run.json")  # the run's own record gains the weights' identity
+    assert after == before
 
 
 # ------------------------------------------------------------------------------- late failures come first
@@ -470,7 +485,7 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: flops.main(["--out", str(tmp_path / "f")]))
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err == f"error: {tmp_path / 'f' / 'flop_tables.md'}: No space left on device"
+    assert exit_info.value.code == 2 and err == f"error: {tmp_path / 'f' / 'run.json'}: No space left on device"
 
 
 # ------------------------------------------------------------------------------------- messages and choices

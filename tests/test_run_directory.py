@@ -296,6 +296,10 @@ def test_resume_refuses_another_stages_run(env, tmp_path, capsys, stage, theirs,
     code, err = cli(stage.main, args + ["--resume"], capsys)
     if stage is baseline:
         refused(code, err, "--resume", "nothing to resume")
+    elif legacy and stage is context_length:  # --from-sweep is checked first: no record, no sweep run
+        refused(code, err, f"--from-sweep {out}", "no miniqwen run record")
+    elif legacy:  # no run record: files no stage wrote, whatever their names
+        refused(code, err, f"--out {out}", "no stage wrote")
     else:
         refused(code, err, f"--out {out}", f"holds a {theirs} run, not a {stage.STAGE} run")
     assert snapshot(tmp_path, env["ledger"]) == before
@@ -331,45 +335,20 @@ def test_resume_on_other_data_is_refused_before_anything_is_spent(env, tmp_path)
     assert snapshot(tmp_path) == before
 
 
-def test_committed_runs_are_legacy_runs_of_their_stage():
-    """The results/ directories are recognised as their stages' runs — those made before run records as legacy
-    runs, later ones (with run.json) as runs — and hold nothing a stage did not write (so --overwrite and --resume
-    keep working on them)."""
+def test_committed_runs_are_runs_only_with_their_record():
+    """A results/ directory is a run of its stage only if it holds its run record (run.json); one made before run
+    records is nobody's run (never resumed or emptied); a recorded run holds nothing its record does not list."""
     runs = sorted(p.parent for p in (REPO / "results").glob("*/results.json"))
     assert runs
     for run in runs:
         found = inspect_out(run)
-        stage = json.loads((run / "results.json").read_text())["stage"]
-        kind = "run" if (run / "run.json").is_file() else "legacy"
-        assert (found.kind, found.stage) == (kind, stage), run
-        assert found.not_written_by_a_stage() == [], run
+        if (run / RECORD).is_file():
+            stage = json.loads((run / "results.json").read_text())["stage"]
+            assert (found.kind, found.stage) == ("run", stage), run
+            assert found.not_written_by_a_stage() == [], run
+        else:
+            assert found.kind == "foreign", run
     assert inspect_out(REPO).kind == "foreign"
-
-
-def test_a_committed_run_still_resumes_on_its_weights_and_not_on_others(env, tmp_path):
-    final_cpu = REPO / "results" / "final_cpu"
-    if not (final_cpu / "results.json").is_file():
-        pytest.skip("results/final_cpu is not in this checkout")
-    out = tmp_path / "final_cpu"
-    out.mkdir()
-    for name in ("results.json", "untrained.json", "README.md"):
-        shutil.copy(final_cpu / name, out / name)
-    results = json.loads((out / "results.json").read_text())
-    sha = hashlib.sha256(Path(env["data"]).read_bytes()).hexdigest()
-    results["data"]["sha256"] = sha  # as if it had been run on the test data
-    (out / "results.json").write_text(json.dumps(results))
-    named = tmp_path / results["settings"]["run"]["model"]  # the weights under the name the run recorded
-    named.symlink_to(env["model"], target_is_directory=True)
-    before = snapshot(out)
-    with pytest.raises(UsageError, match="other weights"):
-        Session("final", RunSettings(out=str(out), model=str(env["model"]), resume=True),
-                DataSettings(data=str(env["data"])), trains=True)
-    assert snapshot(out) == before
-    session = Session("final", RunSettings(out=str(out), model=str(named), resume=True),
-                      DataSettings(data=str(env["data"])), trains=True)
-    record = json.loads((out / RECORD).read_text())
-    assert record["stage"] == "final" and "continues" in record
-    assert session.out == out
 
 
 def test_resume_with_nothing_there_is_refused(env, tmp_path, capsys):
@@ -393,19 +372,16 @@ def test_a_damaged_run_record_is_refused_naming_it(env, lora_run, tmp_path, caps
 # ----------------------------------------------------------------------------------------------------- benchmark
 
 def test_benchmark_never_replaces_its_results_without_overwrite(env, tmp_path, capsys):
+    bench = ["--model", str(env["model"]), "--sections", "peak", "--repeats", "1", "--peak-size", "8",
+             "--bandwidth-mib", "1", "--device", "cpu"]
     out = tmp_path / "results"
-    out.mkdir()
-    (out / "benchmark.json").write_text('{"benchmark": 2, "mine": true}\n')
-    (out / "benchmark.md").write_text("| my table |\n")
+    assert benchmark.main(bench + ["--out", str(out)]) == 0
+    assert "benchmark.json" in json.loads((out / RECORD).read_text())["written"]
     before = snapshot(tmp_path)
-    code, err = cli(benchmark.main, ["--model", str(env["model"]), "--data", str(env["data"]), "--out", str(out),
-                                     "--sections", "peak", "--repeats", "1", "--peak-size", "8",
-                                     "--bandwidth-mib", "1", "--device", "cpu"], capsys)
-    refused(code, err, f"--out {out}", "benchmark.json", "--overwrite")
+    code, err = cli(benchmark.main, bench + ["--data", str(env["data"]), "--out", str(out)], capsys)
+    refused(code, err, f"--out {out}", "already holds a benchmark run", "--overwrite")
     assert snapshot(tmp_path) == before
-    assert benchmark.main(["--model", str(env["model"]), "--out", str(out), "--sections", "peak", "--repeats", "1",
-                           "--peak-size", "8", "--bandwidth-mib", "1", "--device", "cpu", "--overwrite"]) == 0
-    assert "mine" not in (out / "benchmark.json").read_text()
+    assert benchmark.main(bench + ["--out", str(out), "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("argv,option", [

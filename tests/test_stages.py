@@ -44,7 +44,8 @@ def test_results_round_trip(tmp_path):
 def test_session_refuses_an_output_directory_that_holds_results(sim_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "results.json").write_text('{"stage": "s"}')  # a stage's results (any other file is the user's)
+    (out / "results.json").write_text('{"stage": "s"}')  # a stage's results, by its run record below
+    (out / "run.json").write_text('{"made_by": "miniqwen", "stage": "s", "written": ["results.json", "run.json"]}')
     run = settings.RunSettings(out=str(out), ledger=str(tmp_path / "l.jsonl"))
     data = settings.DataSettings(data=str(sim_file))
     with pytest.raises(errors.UsageError, match="--overwrite"):

@@ -13,8 +13,9 @@ context only (no pooling across trajectories), by least squares (parroting: by a
 * ``LotkaVolterraODE`` — the Lotka–Volterra equations (Lotka 1925; Volterra 1926) fitted with
   ``scipy.optimize.least_squares`` and integrated with ``scipy.integrate.solve_ivp``.
 * ``ContextParroting(m)`` — copy what followed the earlier stretch of the context that best matches its last m
-  steps, repeated with the period this match implies (Zhang & Gilpin 2025, "context parroting"); no fitted
-  parameters but m, which is chosen on the validation split.
+  steps, repeated with the period this match implies (Zhang & Gilpin 2025, "context parroting"); stretches
+  overlapping the last m steps are excluded (a Theiler window); no fitted parameters but m, which is chosen on the
+  validation split.
 
 No forecast is ever NaN: when a trajectory's fit fails, or its forecast is non-finite or absurd (any
 ``|value| > ABSURD_FACTOR * max |context|``), that trajectory gets the persistence forecast and is counted in
@@ -80,6 +81,11 @@ class ClassicalForecaster:
     def n_fallback(self) -> int:
         """Trajectories that fell back to persistence in the last ``predict`` call."""
         return self._n_fallback
+
+    def fallback_counts(self) -> dict:
+        """``{"persistence": trajectories whose forecast of the last ``predict`` call is the persistence forecast
+        because the fit failed}`` (``ContextParroting`` adds its own counts)."""
+        return {"persistence": self.n_fallback}
 
     def settings(self) -> dict:
         """JSON-serialisable parameters, e.g. ``{"name": "ar", "p": 3, ...}``."""
@@ -419,34 +425,55 @@ PARROT_TIE_TOLERANCE = 1e-9
 ``parrot_match``)."""
 
 
-def parrot_match(context: np.ndarray, m: int) -> tuple[int, int, float]:
+def parrot_min_lag(m: int, min_lag: int | None = None) -> int:
+    """The smallest lag (implied period, in time steps) a parroting match may have: ``min_lag`` if given, else
+    ``max(m, 2)`` — the Theiler window that excludes every candidate window overlapping the query (a window ending
+    at lag < m shares steps with the last m) and the lag-1 window that repeats the last value."""
+    return max(m, 2) if min_lag is None else _as_int(min_lag, "min_lag", 1)
+
+
+def parrot_lengths_for(context_steps: int, lengths: Iterable[int]) -> list[int]:
+    """The match lengths m of ``lengths`` that a context of ``context_steps`` can hold with the default Theiler
+    window (``m + parrot_min_lag(m) <= context_steps``), in order."""
+    return [m for m in lengths if m + parrot_min_lag(m) <= context_steps]
+
+
+def parrot_match(context: np.ndarray, m: int, min_lag: int | None = None) -> tuple[int, int, float]:
     """The earlier window of ``context`` that best matches its last ``m`` steps (the search of ``ContextParroting``).
 
-    Candidates are the windows ``context[j-m+1 : j+1]`` ending at every ``j`` from ``m - 1`` to ``C - 2`` (so that at
-    least the step ``j + 1`` that followed is known; the last one overlaps the query). The distance is the Euclidean
-    norm of the difference over all ``m x 2`` values, in data units (prey and predator unscaled). Distances within
-    ``PARROT_TIE_TOLERANCE`` times the norm of the query of the smallest one are ties, and ties go to the most recent
-    window (the shortest lag), so that float rounding in a periodic series does not pick a multiple of its period.
+    Candidates are the windows ``context[j-m+1 : j+1]`` ending at every ``j`` from ``m - 1`` to ``C - 1 - L``, with
+    ``L = parrot_min_lag(m, min_lag)`` (default ``max(m, 2)``): the lag ``C - 1 - j`` of a candidate is at least L.
+    Windows closer in time to the query are excluded — a Theiler window (J. Theiler, "Spurious dimension from
+    correlation integrals applied to limited time-series data", Phys. Rev. A 34, 1986; H. Kantz & T. Schreiber,
+    *Nonlinear Time Series Analysis*, 2nd ed., ch. 4, on excluding temporal neighbours from nearest-neighbour
+    searches): on a smooth series the query shifted by one step is always nearest, and it implies period 1, i.e.
+    persistence. The distance is the Euclidean norm of the difference over all ``m x 2`` values, in data units
+    (prey and predator unscaled). Distances within ``PARROT_TIE_TOLERANCE`` times the norm of the query of the
+    smallest one are ties, and ties go to the most recent window (the shortest lag), so that float rounding in a
+    periodic series does not pick a multiple of its period.
 
     Args:
-        context: ``[C, 2]`` (prey, predator), finite. m: match length, ``1 <= m <= C - 1``.
+        context: ``[C, 2]`` (prey, predator), finite. m: match length >= 1. min_lag: L >= 1, or None for the
+        default (``min_lag=1`` is the search without a Theiler window).
     Returns:
-        ``(j, lag, distance)``: the end position of the matched window, ``lag = C - 1 - j`` (>= 1, the period the
+        ``(j, lag, distance)``: the end position of the matched window, ``lag = C - 1 - j`` (>= L, the period the
         match implies, in time steps) and its distance (data units).
     Raises:
-        ValueError: context not ``[C, 2]`` or not finite, bad m, or ``C < m + 1``.
+        ValueError: context not ``[C, 2]`` or not finite, bad m or min_lag, or ``C < m + L``.
     """
     x = np.asarray(context, dtype=np.float64)
     m = _as_int(m, "m", 1)
+    L = parrot_min_lag(m, min_lag)
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"parrot_match: context must have shape [C, 2], got {x.shape}")
     C = x.shape[0]
-    if C < m + 1:
-        raise ValueError(f"parrot_match: a match of m = {m} steps needs at least {m + 1} time steps, got C = {C}")
+    if C < m + L:
+        raise ValueError(f"parrot_match: a match of m = {m} steps at lag >= {L} needs at least {m + L} time steps, "
+                         f"got C = {C}")
     if not np.isfinite(x).all():
         raise ValueError("parrot_match: context contains NaN or inf")
     query = x[C - m:]
-    windows = np.lib.stride_tricks.sliding_window_view(x[:C - 1], m, axis=0)  # [C - m, 2, m]; k ends at k + m - 1
+    windows = np.lib.stride_tricks.sliding_window_view(x[:C - L], m, axis=0)  # [C-L-m+1, 2, m]; k ends at k+m-1
     distance = np.sqrt(((windows - query.T) ** 2).sum(axis=(1, 2)))
     tied = np.flatnonzero(distance <= distance.min() + PARROT_TIE_TOLERANCE * np.linalg.norm(query))
     j = int(tied[-1]) + m - 1
@@ -462,29 +489,40 @@ class ContextParroting(ClassicalForecaster):
     (2025), the section that defines the parroting model (section numbers not checked against the PDFs here).
 
     For one context ``x [C, 2]`` (prey, predator, data units): ``parrot_match`` finds the window ``x[j-m+1 : j+1]``
-    (``j <= C - 2``) nearest (Euclidean, over its ``m x 2`` values) to the last m steps ``x[C-m : C]``; the match
-    implies the period ``p = C - 1 - j`` time steps, and forecast step ``h = 0, 1, ..., H - 1`` is
-    ``x[j + 1 + (h mod p)]``: the values that followed the match, in order, and once the copy reaches the end of the
-    context, the same ``p`` values again. An exactly periodic series of period P is therefore continued exactly
-    (its last window recurs P steps earlier, the most recent exact match). A match at ``j = C - 2`` (lag 1) gives
-    the persistence forecast.
+    at lag ``C - 1 - j >= L`` (the Theiler window, default ``L = max(m, 2)``: no candidate overlaps the last m
+    steps) nearest (Euclidean, over its ``m x 2`` values) to the last m steps ``x[C-m : C]``; the match implies the
+    period ``p = C - 1 - j`` time steps, and forecast step ``h = 0, 1, ..., H - 1`` is ``x[j + 1 + (h mod p)]``: the
+    values that followed the match, in order, and once the copy reaches the end of the context, the same ``p``
+    values again. An exactly periodic series of period P >= L is therefore continued exactly (its last window recurs
+    P steps earlier, the most recent exact match); a damped oscillation is continued by its previous cycle.
 
-    Args: m: match length in time steps (>= 1); the only parameter, chosen on the validation split like an AR
-    order (``select_order``). Name ``"parrot(m)"``; needs ``C >= m + 1`` (ValueError otherwise). Forecasts are
-    copies of context values, so they are always finite and never fall back. After ``predict``, ``lags`` holds
-    the implied period p of each trajectory (int ``[n]``).
+    Args: m: match length in time steps (>= 1), chosen on the validation split like an AR order
+    (``select_order``); min_lag: L (default None: ``max(m, 2)``; 1 allows the adjacent window, which on smooth
+    series gives persistence). Name ``"parrot(m)"`` (``"parrot(m, lag>=L)"`` for a non-default L); needs
+    ``C >= m + L`` (ValueError otherwise). Forecasts are copies of context values, so they are always finite and
+    never fall back. After ``predict``, ``lags`` holds the implied period p of each trajectory (int ``[n]``) and
+    ``fallback_counts()`` how many forecasts were persistence (p = 1) or repeat a stretch shorter than the match
+    (p < m).
     """
 
-    def __init__(self, m: int) -> None:
+    def __init__(self, m: int, min_lag: int | None = None) -> None:
         super().__init__()
         self.m = _as_int(m, "m", 1)
-        self.name = f"parrot({self.m})"
-        self.min_context = self.m + 1
+        self.min_lag = parrot_min_lag(self.m, min_lag)
+        default = self.min_lag == parrot_min_lag(self.m)
+        self.name = f"parrot({self.m})" if default else f"parrot({self.m}, lag>={self.min_lag})"
+        self.min_context = self.m + self.min_lag
         self.lags = np.zeros(0, dtype=int)
         self._lags: list[int] = []
 
     def settings(self) -> dict:
-        return {"name": "parrot", "m": self.m}
+        return {"name": "parrot", "m": self.m, "min_lag": self.min_lag}
+
+    def fallback_counts(self) -> dict:
+        """Of the last ``predict`` call: ``{"persistence": forecasts that repeat the last value (implied period 1,
+        or the generic fallback), "short_period": forecasts whose implied period is shorter than m}``."""
+        return {"persistence": int((self.lags == 1).sum()) + self.n_fallback,
+                "short_period": int((self.lags < self.m).sum())}
 
     def predict(self, contexts: np.ndarray, horizon: int) -> np.ndarray:
         self._lags, self.lags = [], np.zeros(0, dtype=int)
@@ -493,7 +531,7 @@ class ContextParroting(ClassicalForecaster):
         return out
 
     def _predict_one(self, context, horizon):
-        j, lag, _ = parrot_match(context, self.m)
+        j, lag, _ = parrot_match(context, self.m, self.min_lag)
         self._lags.append(lag)
         return context[j + 1 + np.arange(horizon) % lag]
 

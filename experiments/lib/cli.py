@@ -18,6 +18,7 @@ from miniqwen import ConfigError, WeightsError
 
 from .budget import BudgetExceededError, LedgerError
 from .errors import OptionError, UsageError
+from .run_directory import cli_locks, share_lock
 from .settings import GROUPS, LR_SCHEDULES, MODEL_ENV_VAR, PRECISIONS, SPLITS
 
 
@@ -26,6 +27,12 @@ def _none_or(kind):
         return None if text.lower() in ("none", "all", "") else kind(text)
     convert.__name__ = kind.__name__
     return convert
+
+
+#: the options that take a comma-separated list of numbers (each element read by a scalar option's rules; the
+#: stage checks its range)
+NUMBER_LISTS = ("lrs", "ranks", "contexts", "orders", "parrot_lengths", "peer_indices", "counting_lengths",
+                "throughput_batches")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -41,11 +48,15 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
     def _get_value(self, action, arg_string):
-        # int() and float() also read other scripts' digits ("٢" is 2): a number on the command line is ASCII
+        # int() and float() also read other scripts' digits ("٢" is 2): a number on the command line is ASCII, in a
+        # list option's every element as in a scalar option
         kind = getattr(action.type, "__name__", None)
         if kind in ("int", "float") and isinstance(arg_string, str) and not arg_string.isascii():
             self.error(f"argument {'/'.join(action.option_strings) or action.dest}: invalid {kind} value: "
                        f"{arg_string!r}")
+        if action.dest in NUMBER_LISTS and isinstance(arg_string, str) and not arg_string.isascii():
+            self.error(f"argument {'/'.join(action.option_strings)}: invalid value {arg_string!r}: must be "
+                       "comma-separated numbers in ASCII digits")
         return super()._get_value(action, arg_string)
 
 
@@ -220,6 +231,8 @@ def parse(p: argparse.ArgumentParser, argv=None) -> dict:
         UsageError: one line naming the option, its value and what is allowed (exit status 2 via :func:`run_cli`).
     """
     args = vars(p.parse_args(argv))
+    # the shards of a sweep share one --out (each point has its own lock); --collect and --overwrite do not
+    share_lock("shard" in args and not args.get("collect") and not args.get("overwrite"))
     out: dict = {}
     fields_of = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in GROUPS.items()}
     if "no_eval_at_start" in args:
@@ -248,14 +261,31 @@ def parse(p: argparse.ArgumentParser, argv=None) -> dict:
     return out
 
 
+def check_positions(model: str, lengths, option: str) -> None:
+    """Refuse (UsageError naming ``option``) a training context in ``lengths`` longer than the positions of
+    ``model`` (config.json's ``max_position_embeddings``; the weights are not read). Raises WeightsError or
+    ConfigError for a model that cannot be found or has no valid config.json."""
+    from miniqwen.config import Qwen2Config
+    from miniqwen.loading import resolve_model_dir
+
+    positions = Qwen2Config.from_json(resolve_model_dir(model) / "config.json").max_position_embeddings
+    too_long = [n for n in lengths if n > positions]
+    if too_long:
+        raise UsageError(f"{option} {','.join(map(str, too_long))}: longer than the {positions} positions of the "
+                         f"model (max_position_embeddings in {model}'s config.json)")
+
+
 def run_cli(main) -> None:
-    """Run ``main()`` and turn the errors a user can fix into one clear line on stderr and exit status 2."""
+    """Run ``main()`` and turn the errors a user can fix into one clear line on stderr and exit status 2. The run
+    directory a stage inspects is locked for the whole command (:func:`run_directory.cli_locks`): a second stage into
+    it is refused."""
     from lora import AdapterError
 
     from .training import CheckpointError, distributed
 
     try:
-        sys.exit(main())
+        with cli_locks():
+            sys.exit(main())
     except (UsageError, DataError, WeightsError, ConfigError, BudgetExceededError, LedgerError, AdapterError,
             CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

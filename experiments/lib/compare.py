@@ -368,6 +368,43 @@ def csv_name(tag: str | None = None) -> str:
 
 #: where a stage's run directory keeps the untrained model's per-trajectory errors (the reference of its tables),
 #: and the trained model's (the LoRA stages)
+def predictions_name(tag: str | None = None) -> str:
+    """The file name of a forecaster's forecasts in a run directory: ``predictions[_<tag>].csv`` (columns
+    ``trajectory``, ``step``, ``prey``, ``predator``; data units; written by ``runs.forecast_and_save``)."""
+    return f"predictions_{tag}.csv" if tag else "predictions.csv"
+
+
+def read_predictions(path) -> tuple[np.ndarray, np.ndarray]:
+    """``(trajectories [n] int, predictions [n, H, 2] float64)`` from a ``predictions_<tag>.csv``, in the file's
+    trajectory order. Raises ValueError naming the file if a row is missing, repeated or not finite, or the steps of
+    a trajectory are not 1..H."""
+    path = Path(path)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or set(rows[0]) != {"trajectory", "step", "prey", "predator"}:
+        raise ValueError(f"{path}: not a predictions file (columns trajectory, step, prey, predator)")
+    order, values = [], {}
+    try:
+        for r in rows:
+            t = int(r["trajectory"])
+            if t not in values:
+                order.append(t)
+                values[t] = []
+            values[t].append((int(r["step"]), float(r["prey"]), float(r["predator"])))
+    except ValueError:
+        raise ValueError(f"{path}: a cell is not a number") from None
+    H = len(values[order[0]])
+    out = np.empty((len(order), H, 2))
+    for i, t in enumerate(order):
+        steps = sorted(values[t])
+        if [s[0] for s in steps] != list(range(1, H + 1)):
+            raise ValueError(f"{path}: trajectory {t} does not have steps 1..{H} exactly once")
+        out[i] = [s[1:] for s in steps]
+    if not np.isfinite(out).all():
+        raise ValueError(f"{path}: predictions contain NaN or inf")
+    return np.array(order, dtype=int), out
+
+
 UNTRAINED_CSV, TRAINED_CSV = csv_name("untrained"), csv_name("trained")
 
 

@@ -4,7 +4,8 @@ Conventions: training = 3× forward (backward = 2× forward), evaluation and gen
 
 from __future__ import annotations
 
-from miniqwen.flop_count import DEFAULT_LORA_TARGETS, forward_flops, generation_flops, loss_flops
+from lora import DEFAULT_LORA_TARGETS
+from miniqwen.flop_count import forward_flops, generation_flops, loss_flops
 
 from .settings import ForecastSettings, LoRASettings, LossSettings, TrainSettings
 

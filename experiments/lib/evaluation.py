@@ -275,6 +275,16 @@ def per_trajectory_rows(indices, pred: np.ndarray, truth: np.ndarray, forecasts:
     return rows
 
 
+def prediction_rows(indices, pred: np.ndarray) -> list[dict]:
+    """One CSV row per (trajectory, horizon step) of ``pred`` [n, H, 2] (data units, unparsed steps already filled
+    by persistence, i.e. exactly what the metrics score): ``trajectory``, ``step`` (1..H, the steps right after the
+    context), ``prey``, ``predator``. Written as ``predictions_<tag>.csv`` beside every per-trajectory CSV, so that
+    every figure can be recomputed from the files (:func:`experiments.lib.compare.read_predictions` reads it)."""
+    return [{"trajectory": int(idx), "step": h + 1, SPECIES[0]: repr(float(pred[i, h, 0])),
+             SPECIES[1]: repr(float(pred[i, h, 1]))}
+            for i, idx in enumerate(indices) for h in range(pred.shape[1])]
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Write dict rows (same keys) to ``path`` as CSV."""
     with naming(path), open(path, "w", newline="") as fh:

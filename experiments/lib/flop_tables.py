@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora import DEFAULT_LORA_TARGETS
 from miniqwen.config import ConfigError, Qwen2Config
-from miniqwen.flop_count import COMPONENTS, DEFAULT_LORA_TARGETS, forward_flops, forward_flops_breakdown
+from miniqwen.flop_count import COMPONENTS, forward_flops, forward_flops_breakdown
 
 from .budget import BUDGET, Ledger, LedgerError
 from .plans import stage_plans, stage_settings

@@ -1,38 +1,49 @@
-"""Run directories: a stage writes, resumes and removes only a directory a stage made.
+"""Run directories: a stage writes, resumes and removes only a directory a stage made, one stage at a time.
 
-:func:`inspect_out` classifies an output directory (empty, a stage's run, a run made before run records, or someone
-else's), :func:`why_protected` names the directories ``--overwrite`` must never empty, and
-:func:`empty_run_directory` empties one. :class:`session.Session` applies these rules before any work is spent."""
+A directory is a run only if it holds the run record a stage wrote (:data:`RECORD`, marked ``"made_by":
+"miniqwen"``); nothing is guessed from file names. :func:`inspect_out` classifies an output directory (empty, a
+stage's run, or someone else's) and, under the command line (:func:`cli_locks`), holds an OS lock on it for the whole
+stage; :func:`why_protected` names the directories ``--overwrite`` must never empty; :func:`empty_run_directory`
+removes what a run's record lists and nothing else; :func:`claim_out` applies the rules for the stages that keep no
+:class:`session.Session` (flops, benchmark, train)."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+
+from miniqwen.atomic import atomic_write
 
 from .errors import UsageError
 
-#: the run record a Session keeps in every run directory it makes: stage, settings, data and weights identity
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks
+    fcntl = None
+
+#: the run record a stage keeps in every run directory it makes: stage, settings, data and weights identity, and
+#: (``written``) the top-level names the finished run holds
 RECORD = "run.json"
-#: top-level names the stages write in a run directory (a record's ``written`` list adds what a finished run held)
+#: top-level names a stage writes in a run directory before it finishes (an unfinished run's record lists nothing
+#: yet): only ever matched inside a directory that holds a run record
 STAGE_FILES = ("run.json", "results.json", "README.md", "untrained.json", "training", "points", "peft_adapter",
                "grid.csv", "grid.json", "contexts.csv", "contexts.json", "search.csv", "per_trajectory*.csv",
                "generations*.jsonl", "forecasts*.png", "horizon_*.png", "heatmap_*.png", "loss_curve*.png",
-               "rungs.png", ".*.tmp")
-#: what an interrupted run of a stage that trains leaves before its results.json (runs made before run records)
-_PARTIAL_RUN = ("untrained.json", "training", "points")
+               "rungs.png", "continued_from.json", "checkpoint", "adapter", "log.jsonl", "summary.json", ".*.tmp")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
 class RunDirectory:
-    """What an output directory holds. ``kind``: "empty" (absent, empty, or only a run record), "run" (made by a
-    stage: it has a run record), "legacy" (made by a stage before run records: a results.json naming its stage, or
-    an interrupted training run's files) or "foreign" (anything else). ``stage`` is the stage that made it (None if
-    unknown), ``entries`` its top-level names."""
+    """What an output directory holds. ``kind``: "empty" (absent, empty, or only a run record), "run" (it holds a
+    stage's run record) or "foreign" (anything else). ``stage`` is the stage that made it, ``entries`` its
+    top-level names."""
 
     path: Path
     kind: str
@@ -45,11 +56,20 @@ class RunDirectory:
         names = self.entries if names is None else names
         return ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
+    def owned(self) -> list[str]:
+        """The top-level entries that are the run's: those its record lists as written; for a run that has not
+        finished (its record lists nothing yet), its record and the names a stage writes while it runs."""
+        if self.kind != "run":
+            return []
+        written = (self.record or {}).get("written")
+        if isinstance(written, list) and written:
+            return [n for n in self.entries if n in written or n == RECORD]
+        return [n for n in self.entries if any(fnmatch.fnmatchcase(n, p) for p in STAGE_FILES)]
+
     def not_written_by_a_stage(self) -> list[str]:
-        """Top-level entries no stage wrote: neither a stage's file name nor listed in the record."""
-        written = set((self.record or {}).get("written") or [])
-        return [n for n in self.entries
-                if n not in written and not any(fnmatch.fnmatchcase(n, pattern) for pattern in STAGE_FILES)]
+        """Top-level entries that are not the run's (:meth:`owned`): ``--overwrite`` refuses to run beside them."""
+        owned = set(self.owned())
+        return [n for n in self.entries if n not in owned]
 
 
 def read_json(path: Path):
@@ -75,39 +95,125 @@ def nonempty_object(value) -> dict | None:
     return value if isinstance(value, dict) and value else None
 
 
-def inspect_out(out: Path, option: str = "--out") -> RunDirectory:
-    """Classify ``out`` (see :class:`RunDirectory`), following a symbolic link to its target.
+# ------------------------------------------------------------------------------------- one stage per directory
 
-    Raises UsageError: ``out`` is not a directory (a file, a link to nothing), cannot be listed, or holds a run
-    record that is not one.
+_locking = False  # True while a command line runs (cli_locks): inspect_out then locks the directory it inspects
+_shared = False  # the command is one of several jobs that share the directory (sweep shards)
+_held: dict[str, int] = {}  # resolved path -> the open directory whose lock this process holds
+_created: list[Path] = []  # directories made only to lock them, removed again if the stage left them empty
+
+
+@contextlib.contextmanager
+def cli_locks(shared: bool = False):
+    """While a command runs: every directory :func:`inspect_out` looks at is locked for this process (an OS lock,
+    ``flock``, released when the command ends or the process dies), and directories created only to lock them
+    are removed again if the command left them empty."""
+    global _locking, _shared
+    _locking, _shared = True, shared
+    try:
+        yield
+    finally:
+        _locking = _shared = False
+        for fd in _held.values():
+            os.close(fd)
+        _held.clear()
+        for path in reversed(_created):
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if empty
+        _created.clear()
+
+
+def share_lock(shared: bool) -> None:
+    """Take the following directory locks shared (jobs that run side by side in one directory, e.g. the shards of
+    a sweep) instead of exclusive."""
+    global _shared
+    _shared = shared
+
+
+def lock_out(out: Path, option: str = "--out") -> None:
+    """Lock ``out`` (a link's target; created if absent) for this process until the command ends; nothing is
+    written in it. A no-op outside :func:`cli_locks` and where the file system has no locks.
+
+    Raises UsageError: another stage holds ``out`` now, or it cannot be created.
+    """
+    if not _locking or fcntl is None:
+        return
+    target = Path(os.path.realpath(out))
+    if str(target) in _held:
+        return
+    missing = [p for p in (target, *target.parents) if not p.exists()]
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{option} {out}: cannot create it ({err.strerror or err})") from None
+    _created.extend(reversed(missing))
+    try:
+        fd = os.open(target, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # not a directory (inspect_out says so) or unreadable (it cannot be listed either)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if _shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{option} {out}: another stage is running in it now: wait for it to finish, or choose "
+                         f"another {option}") from None
+    except OSError:  # a file system without locks (some network mounts): go on unlocked
+        os.close(fd)
+        return
+    _held[str(target)] = fd
+
+
+# ------------------------------------------------------------------------------------------- what a directory is
+
+def inspect_out(out: Path, option: str = "--out") -> RunDirectory:
+    """Classify ``out`` (see :class:`RunDirectory`), following a symbolic link to its target; under the command
+    line, first lock it for this stage (:func:`lock_out`).
+
+    Raises UsageError: ``out`` is not a directory (a file, a link to nothing), cannot be listed, holds a run record
+    that is not one, or another stage is running in it.
     """
     if out.is_symlink() and not out.exists():
         raise UsageError(f"{option} {out} is a symbolic link to {os.readlink(out)}, which does not exist")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{option} {out} is a file, not a directory: choose another {option}")
+    lock_out(out, option)
     if not out.exists():
         return RunDirectory(out, "empty")
-    if not out.is_dir():
-        raise UsageError(f"{option} {out} is a file, not a directory: choose another {option}")
     try:  # an atomic write's temporary file (another job writing the record this instant) is nobody's content
         entries = sorted(n for n in os.listdir(out) if not fnmatch.fnmatchcase(n, ".*.tmp"))
     except OSError as err:
         raise UsageError(f"{option} {out}: cannot list it ({err.strerror})") from None
     if not entries:
         return RunDirectory(out, "empty")
-    if RECORD in entries:
-        record = read_json(out / RECORD)
-        if not (isinstance(record, dict) and isinstance(record.get("stage"), str)
-                and record.get("made_by") == "miniqwen"):
-            raise UsageError(f"{option} {out}: {out / RECORD} is not a miniqwen run record (damaged or not ours): "
-                             f"choose another {option}")
-        if entries == [RECORD]:  # made, then refused or stopped before it wrote anything
-            return RunDirectory(out, "empty", record["stage"], record, entries)
-        return RunDirectory(out, "run", record["stage"], record, entries)
+    if RECORD not in entries:
+        return RunDirectory(out, "foreign", None, None, entries)
+    record = read_json(out / RECORD)
+    if not (isinstance(record, dict) and isinstance(record.get("stage"), str) and record.get("made_by") == "miniqwen"
+            and isinstance(record.get("written", []), list)):
+        raise UsageError(f"{option} {out}: {out / RECORD} is not a miniqwen run record (damaged or not ours): "
+                         f"choose another {option}")
     results = read_json(out / "results.json") if "results.json" in entries else None
-    if isinstance(results, dict) and isinstance(results.get("stage"), str):
-        return RunDirectory(out, "legacy", results["stage"], None, entries, results)
-    if "results.json" not in entries and any(n in entries for n in _PARTIAL_RUN):
-        return RunDirectory(out, "legacy", None, None, entries)
-    return RunDirectory(out, "foreign", None, None, entries)
+    kind = "empty" if entries == [RECORD] else "run"  # made, then refused or stopped before it wrote anything
+    return RunDirectory(out, kind, record["stage"], record, entries, results if isinstance(results, dict) else None)
+
+
+def check_run_of(path: Path, stage: str, option: str) -> RunDirectory:
+    """``path`` as a finished run of ``stage`` (an input a stage reads, e.g. ``final --from-search DIR``), checked
+    by its run record before anything in it is read.
+
+    Raises UsageError naming ``option``: not a directory, no run record of ``stage``, or no results yet.
+    """
+    if not path.is_dir():
+        raise UsageError(f"{option} {path}: not a directory")
+    record = read_json(path / RECORD)
+    if not (isinstance(record, dict) and record.get("made_by") == "miniqwen"):
+        raise UsageError(f"{option} {path}: not a run of experiments.{stage} (it holds no miniqwen run record, "
+                         f"{RECORD})")
+    if record.get("stage") != stage:
+        raise UsageError(f"{option} {path}: a {record.get('stage')} run, not a {stage} run")
+    if not (path / "results.json").is_file():
+        raise UsageError(f"{option} {path}: the {stage} run has no results.json yet (unfinished)")
+    return RunDirectory(path, "run", stage, record, sorted(os.listdir(path)))
 
 
 def why_protected(path: Path) -> str | None:
@@ -132,9 +238,14 @@ def why_protected(path: Path) -> str | None:
 
 
 def empty_run_directory(out: Path) -> None:
-    """Remove everything in ``out`` (a run directory; a link's target), not ``out`` itself; links are removed, not
-    followed. Raises UsageError naming what could not be removed."""
-    for child in sorted(out.iterdir()):
+    """Remove the run in ``out`` (a link's target): only what its record lists (:meth:`RunDirectory.owned`), never
+    anything else; links are removed, not followed. Raises UsageError naming what could not be removed, or if
+    ``out`` holds no run record."""
+    found = inspect_out(out)
+    if found.kind == "foreign":
+        raise UsageError(f"--overwrite: --out {out} holds no run record ({RECORD}): nothing in it is a stage's")
+    for name in found.owned():
+        child = out / name
         try:
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
@@ -142,3 +253,62 @@ def empty_run_directory(out: Path) -> None:
                 child.unlink()
         except OSError as err:
             raise UsageError(f"--overwrite: cannot remove {child} ({err.strerror or err})") from None
+
+
+# ------------------------------------------------------------------- stages that keep no Session (flops, benchmark, train)
+
+def claim_out(out: Path, stage: str, settings: dict, *, overwrite: bool = False, resume: bool = False,
+              option: str = "--out") -> RunDirectory:
+    """Make ``out`` this ``stage``'s run directory, by the rules every stage keeps: a directory of files no stage
+    wrote is refused; another run is replaced only with ``overwrite`` (and only what its record lists), continued
+    only with ``resume`` and only if it is this stage's. Writes the run record (``settings`` in it) unless a run
+    is continued; :func:`record_written` completes it when the stage finishes.
+
+    Raises UsageError (one line, nothing changed): as above; ``resume`` with nothing to resume; ``overwrite`` of a
+    protected directory (:func:`why_protected`) or of a run beside other files. OSError naming the file where the
+    record cannot be written.
+    """
+    found = inspect_out(out, option)
+    if found.kind == "foreign":
+        raise UsageError(f"{option} {out} holds files no stage wrote ({found.listing()}): choose another {option}")
+    if found.kind == "empty" and resume:
+        raise UsageError(f"--resume: nothing to resume in {out} (it is empty or does not exist)")
+    if found.kind == "run":
+        if resume and found.stage != stage:
+            raise UsageError(f"{option} {out} holds a {found.stage} run, not a {stage} run: --resume continues only "
+                             f"a run of the same stage; choose another {option}")
+        if resume:
+            return found
+        if not overwrite:
+            raise UsageError(f"{option} {out} already holds a {found.stage} run ({found.listing()}): pass "
+                             f"--overwrite to replace it, or choose another {option}")
+        why = why_protected(out.resolve())
+        if why:
+            raise UsageError(f"--overwrite: {option} {out} is {why}, which a stage never empties: choose another "
+                             f"{option}")
+        extra = found.not_written_by_a_stage()
+        if extra:
+            raise UsageError(f"--overwrite: {option} {out} holds a {found.stage} run but also files no stage wrote "
+                             f"({found.listing(extra)}): move them away or choose another {option}")
+        empty_run_directory(out)
+    record = {"made_by": "miniqwen", "stage": stage,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": settings,
+              "written": []}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / RECORD, json.dumps(record, indent=2, default=str) + "\n")
+    return RunDirectory(out, "empty", stage, record, [RECORD])
+
+
+def record_written(out: Path, ignore: tuple[str, ...] = ()) -> None:
+    """List what ``out`` holds now in its run record (``written``), so that a later ``--overwrite`` removes exactly
+    that; ``ignore`` names paths that are not the run's (a ledger kept in ``out``). Never raises."""
+    try:
+        record = read_json(out / RECORD)
+        if not isinstance(record, dict):
+            return
+        skip = {os.path.realpath(p) for p in ignore} | {os.path.realpath(p) + ".lock" for p in ignore}
+        record["written"] = sorted(n for n in os.listdir(out) if os.path.realpath(out / n) not in skip
+                                   and not fnmatch.fnmatchcase(n, ".*.tmp"))
+        atomic_write(out / RECORD, json.dumps(record, indent=2, default=str) + "\n")
+    except OSError:
+        pass

@@ -20,8 +20,8 @@ from .adapter_card import CARD_FILE, card_for
 from .classical_forecasters import Persistence
 from .costs import lora_stage_cost
 from .errors import UsageError
-from .evaluation import (Forecaster, LLMForecaster, allowed_token_ids, evaluate, per_trajectory_rows, prompt_lengths,
-                         write_csv)
+from .evaluation import (Forecaster, LLMForecaster, allowed_token_ids, evaluate, per_trajectory_rows, prediction_rows,
+                         prompt_lengths, write_csv)
 from .plots import plot_forecasts
 from .results import Evaluation, read_record, valid_evaluation, write_json
 from .session import Session, with_resolved_precision
@@ -51,22 +51,33 @@ def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> L
                          progress=session.progress)
 
 
+def file_tag(name: str) -> str:
+    """A forecaster's name as it appears in file names: ``"var(11)"`` -> ``"var11"``, ``"parrot(8, lag>=3)"`` ->
+    ``"parrot8_lag3"``."""
+    return "".join(c for c in name.replace(", ", "_").replace(" ", "_") if c.isalnum() or c in "_-.")
+
+
 def forecast_and_save(session: Session, forecaster: Forecaster, forecast: ForecastSettings, tag: str,
                       title: str, settings: dict | None = None, write_texts: bool = True,
                       weights: str | None = "session", out: Path | None = None,
                       predictions: dict | None = None) -> Evaluation:
     """Forecast ``forecast``'s trajectories with ``forecaster``, score them and write, under the session's output
-    directory, ``per_trajectory[_<tag>].csv``, ``generations[_<tag>].jsonl`` (if it writes text) and
+    directory, ``per_trajectory[_<tag>].csv``, ``predictions[_<tag>].csv`` (every forecast value), ``generations[_<tag>].jsonl`` (if it writes text) and
     ``forecasts[_<tag>].png`` (titled with ``weights``: the session's weights label unless given, None for
     forecasters that use no weights), or under ``out`` if given. Returns the :class:`results.Evaluation`; the
     predictions [n, H, 2] (data units, unparsed steps filled by persistence) go into ``predictions`` under the
     forecaster's name if a dict is given (for paired comparisons)."""
     indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)
     forecasts, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices, settings)
+    if hasattr(forecaster, "fallback_counts"):  # classical forecasters: trajectories given persistence, and why
+        evaluation.settings = {**evaluation.settings, "fallbacks": forecaster.fallback_counts()}
+        if any(evaluation.settings["fallbacks"].values()):
+            print(f"  {forecaster.name}: {describe_fallbacks(evaluation.settings['fallbacks'])}")
     if predictions is not None:
         predictions[evaluation.forecaster] = pred
     out, suffix = out or session.out, f"_{tag}" if tag else ""
     write_csv(out / compare.csv_name(tag), per_trajectory_rows(indices, pred, truth, forecasts))
+    write_csv(out / compare.predictions_name(tag), prediction_rows(indices, pred))
     if write_texts and any(forecasts.texts):
         with open(out / f"generations{suffix}.jsonl", "w") as fh:
             for idx, texts in zip(indices, forecasts.texts):
@@ -77,6 +88,13 @@ def forecast_and_save(session: Session, forecaster: Forecaster, forecast: Foreca
                        title + (f" — {session.weights if weights == 'session' else weights}" if weights else ""),
                        forecast.plots)
     return evaluation
+
+
+def describe_fallbacks(counts: dict) -> str:
+    """One phrase for a classical forecaster's ``fallback_counts()``, e.g. "2 trajectories forecast by persistence,
+    1 repeating a stretch shorter than its match"."""
+    words = {"persistence": "forecast by persistence", "short_period": "repeating a stretch shorter than its match"}
+    return ", ".join(f"{n} trajector{'y' if n == 1 else 'ies'} {words.get(k, k)}" for k, n in counts.items() if n)
 
 
 def token_chunks(session: Session, split: str, limit: int | None, context_length: int,
@@ -188,8 +206,12 @@ def untrained_evaluation(session: Session, forecast: ForecastSettings, title: st
     saved = read_untrained(path) if reuse and path.is_file() else None
     if saved and with_resolved_precision(saved["settings"], session.run.precision, session.precision) == key:
         print(f"reusing the untrained evaluation in {path}")
-        if predictions is not None and "predictions" in saved:
-            predictions["untrained"] = np.asarray(saved["predictions"], dtype=np.float64)
+        if "predictions" in saved:
+            pred = np.asarray(saved["predictions"], dtype=np.float64)
+            write_csv(path.parent / compare.predictions_name("untrained"),
+                      prediction_rows(saved["untrained"]["trajectories"], pred))
+            if predictions is not None:
+                predictions["untrained"] = pred
         return Evaluation(**saved["untrained"])
     forecaster = llm_forecaster(session, forecast, "untrained")
     made: dict = {}

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data import ENCODINGS
-from miniqwen.flop_count import DEFAULT_LORA_TARGETS, PROJECTIONS
+from lora import DEFAULT_LORA_TARGETS
+from miniqwen.config import PROJECTIONS
 from miniqwen.loading import DEFAULT_MODEL
 
 from .errors import OptionError, UsageError
@@ -38,6 +39,10 @@ MAX_LORA_SCALE = 1e4
 # ---------------------------------------------------------------------------------------------------------------
 # Checks shared by the dataclasses
 # ---------------------------------------------------------------------------------------------------------------
+
+#: digits of a scaled value (integer part of --scale-target + --decimals): more, and a step's text outgrows a context
+MAX_VALUE_DIGITS = 12
+
 
 def _int(name: str, value, minimum: int, optional: bool = False) -> None:
     if optional and value is None:
@@ -154,6 +159,10 @@ class DataSettings:
             raise OptionError("decimals", self.decimals, "must be between 0 and 8")
         _float("scale_quantile", self.scale_quantile, 0.0, 1.0, low_open=True)
         _float("scale_target", self.scale_target, 0.0, low_open=True)
+        if len(str(int(self.scale_target))) + self.decimals > MAX_VALUE_DIGITS:
+            raise OptionError("scale_target", self.scale_target,
+                              f"writes values of more than {MAX_VALUE_DIGITS} digits at --decimals {self.decimals} "
+                              f"(a step would fill a context): must be < 1e{MAX_VALUE_DIGITS - self.decimals}")
         _choice("encoding", self.encoding, ENCODINGS)
 
 
@@ -324,7 +333,7 @@ class TrainSettings:
         _int("stride", self.stride, 1, optional=True)
         _int("max_steps", self.max_steps, 1)
         _int("train_limit", self.train_limit, 1, optional=True)
-        _float("weight_decay", self.weight_decay, 0.0)
+        _float("weight_decay", self.weight_decay, 0.0, 1.0, high_open=True)
         _float("eps", self.eps, 0.0, low_open=True)
         for b in self.betas:
             _float("betas", b, 0.0, 1.0, high_open=True)

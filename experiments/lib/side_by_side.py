@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import compare, runs
-from .classical_forecasters import validated_forecasters
+from .classical_forecasters import parrot_lengths_for, validated_forecasters
 from .costs import forecast_cost
 from .defaults import PARROT_LENGTHS
 from .errors import UsageError
@@ -57,11 +57,11 @@ def classical(session: Session, forecast: ForecastSettings, orders, predictions:
     ds = session.dataset
     _, _, val_contexts, val_truth = ds.forecast_set(dataclasses.replace(forecast, split="validation", limit=None))
     dt = float(ds.data.time[1] - ds.data.time[0])
-    lengths = [m for m in parrot_lengths if m < forecast.context_steps]
+    lengths = parrot_lengths_for(forecast.context_steps, parrot_lengths)
     forecasters, search = validated_forecasters(val_contexts, val_truth, orders, dt, parrot_lengths=lengths)
     evaluations = {}
     for forecaster in forecasters:
-        tag = forecaster.name.replace("(", "").replace(")", "").replace(" ", "_")
+        tag = runs.file_tag(forecaster.name)
         evaluations[forecaster.name] = runs.forecast_and_save(
             session, forecaster, dataclasses.replace(forecast, plots=0), tag, forecaster.name,
             settings=forecaster.settings(), weights=None, predictions=predictions)

@@ -30,6 +30,7 @@ from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
 from .evaluation import evaluate
 from .errors import UsageError
 from .results import Evaluation, write_json
+from .run_directory import check_run_of
 from .session import Session, with_resolved_precision
 from .settings import ForecastSettings, LoRASettings, TrainSettings
 from .training import checkpoint_step, read_log, validation_loss, validation_subset
@@ -152,6 +153,20 @@ def add_choice_options(p, defaults: dict) -> None:
     p.add_argument("--from-sweep", default=None, help="sweep output directory whose selection gives lr and rank")
 
 
+def refuse_conflicts(s: dict, picked: dict, given) -> None:
+    """With ``--from-search``, refuse (UsageError) an explicit ``--lr`` / ``--rank`` / ``--context-length`` other
+    than the search's choice in ``picked``: the search's point is continued as it ran, so another value cannot be
+    honoured. ``s`` are the parsed options, ``given(dest)`` says whether an option was on the command line."""
+    if not s.get("from_search"):
+        return
+    for dest, option, key in (("chosen_lr", "--lr", "lr"), ("chosen_rank", "--rank", "rank"),
+                              ("context_length", "--context-length", "context_length")):
+        value = s[dest] if dest in s else s["train"].context_length
+        if given(dest) and key in picked and value != picked[key]:
+            raise UsageError(f"{option} {value:g}: --from-search {s['from_search']} chose {key} {picked[key]:g}; "
+                             f"leave {option} out, or train without --from-search")
+
+
 def chosen(directory: str | None, stage: str, key: str = "selection") -> dict:
     """The selection recorded in ``directory``/results.json by ``stage`` ({} if ``directory`` is None), e.g.
     ``{"lr": 1e-5, "rank": 2}`` from the sweep or ``{…, "context_length": 512}`` from the context study.
@@ -159,6 +174,9 @@ def chosen(directory: str | None, stage: str, key: str = "selection") -> dict:
     Raises UsageError naming the file if it is missing or holds no selection."""
     if directory is None:
         return {}
+    option = {"search": "--from-search", "sweep": "--from-sweep", "context_length": "--from-context"}.get(stage)
+    if option:  # a run of that stage, by its run record, before anything in it is read
+        check_run_of(Path(directory).expanduser(), stage, option)
     path = Path(directory) / "results.json"
     try:
         raw = json.loads(path.read_text())

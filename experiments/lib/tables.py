@@ -26,6 +26,13 @@ def evaluation_table(evaluations: dict[str, Evaluation]) -> str:
         for key, label, spec in (("mse", "MSE", ".4f"), ("mae", "MAE", ".4f"), ("r2", "R²", ".3f")):
             rows.append((f"{species} {label}", [e.metrics[species][key] for e in evaluations.values()], spec))
     rows.append(("forecasts parsed completely", [e.parsed_fraction for e in evaluations.values()], ".0%"))
+    fallbacks = [(e.settings or {}).get("fallbacks") for e in evaluations.values()]
+    if any(isinstance(f, dict) for f in fallbacks):  # classical forecasters: trajectories given persistence
+        rows.append(("persistence fallbacks (trajectories)",
+                     [f.get("persistence") if isinstance(f, dict) else None for f in fallbacks], "d"))
+        if any(isinstance(f, dict) and "short_period" in f for f in fallbacks):
+            rows.append(("period shorter than the match (trajectories)",
+                         [f.get("short_period") if isinstance(f, dict) else None for f in fallbacks], "d"))
     rows.append(("forecast FLOPs", [e.flops for e in evaluations.values()], ".3g"))
     lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     lines += [f"| {label} | " + " | ".join(format_number(v, spec) for v in values) + " |"

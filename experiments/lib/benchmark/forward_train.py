@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from data import chunk_texts
-from lora import apply_lora
+from lora import DEFAULT_LORA_TARGETS, apply_lora
 from miniqwen import FlopCounter, Qwen2Config, QwenTokenizer, load_pretrained
-from miniqwen.flop_count import DEFAULT_LORA_TARGETS, forward_flops, loss_flops
+from miniqwen.flop_count import forward_flops, loss_flops
 
 from ..errors import UsageError
 from ..session import load_dataset

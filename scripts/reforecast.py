@@ -1,0 +1,110 @@
+"""Forecast a committed run's split again with its kept adapter and keep every forecast: ``predictions_<tag>.csv``
+for the LoRA model and every classical forecaster beside it, the damped/sustained tables and the MSE-by-step plot.
+
+    python scripts/reforecast.py --run results/final_search_cpu --model DIR --data FILE --out DIR
+                                 --ledger results/flops_ledger.jsonl
+
+Made for runs committed before forecasts were kept (the final run wrote per-trajectory errors only). The adapter is
+the run's ``training/best_adapter`` (else ``training/adapter``); the split, context, horizon, LLMTIME scale, decimals,
+encoding, prompt, precision and seed are read from the run's results.json; the classical forecasters are the
+``experiments.final`` set, chosen on the validation split. The forecast's FLOPs are charged to ``--ledger``. Writes
+``--out``/results.json (metrics, by type, the weights' fingerprint beside the run's) and README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import fit_scale, load_trajectories, split_indices  # noqa: E402
+from experiments.lib import by_type, compare, runs  # noqa: E402
+from experiments.lib.budget import Ledger  # noqa: E402
+from experiments.lib.classical_forecasters import parrot_lengths_for, validated_forecasters  # noqa: E402
+from experiments.lib.defaults import PARROT_LENGTHS  # noqa: E402
+from experiments.lib.evaluation import LLMForecaster, evaluate, prediction_rows, write_csv  # noqa: E402
+from experiments.lib.tables import evaluation_table  # noqa: E402
+from lora import load_adapter, merged  # noqa: E402
+from miniqwen.device import emulated_precision  # noqa: E402
+from miniqwen.emulation import Float32Matmuls  # noqa: E402
+from miniqwen.loading import load_pretrained, weights_fingerprint  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name in ("--run", "--model", "--data", "--out", "--ledger"):
+        p.add_argument(name, required=True)
+    a = p.parse_args()
+    run, out = Path(a.run), Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"error: --out {out} is not empty")
+    record = json.loads((run / "results.json").read_text())
+    settings, lora_eval = record["settings"], record["evaluations"]["lora"]
+    f, d = settings["forecast"], settings["data"]
+    data = load_trajectories(a.data)
+    splits = split_indices(data.n_systems)
+    indices = np.asarray(lora_eval["trajectories"])
+    C, H = lora_eval["context_steps"], lora_eval["horizon"]
+    contexts, truth = data.trajectories[indices, :C], data.trajectories[indices, C:C + H].astype(np.float64)
+    scale = fit_scale(data.trajectories[splits["train"]], d["scale_quantile"], d["scale_target"])
+    precision = settings["run"].get("precision", "bfloat16")
+    precision = "bfloat16" if precision == "auto" else precision
+    model, tokenizer = load_pretrained(a.model, dtype=precision)
+    model.eval()
+    adapter = run / "training" / ("best_adapter" if (run / "training" / "best_adapter").is_dir() else "adapter")
+    load_adapter(model, adapter)
+    out.mkdir(parents=True, exist_ok=True)
+    emulate = emulated_precision(next(model.parameters()).device, precision)
+    with (Float32Matmuls() if emulate else nullcontext()), merged(model):
+        forecaster = LLMForecaster(model, tokenizer, scale, d.get("decimals", 2), f["prompt"], f["samples"],
+                                   f["temperature"], f["top_p"], f["gen_batch_size"], settings["run"]["seed"],
+                                   name="lora", encoding=d.get("encoding", "decimal"), progress=True)
+        _, pred, lora = evaluate(forecaster, contexts, truth, lora_eval["split"], indices)
+    predictions, evaluations = {"lora": pred}, {"lora": lora}
+    write_csv(out / compare.predictions_name("trained"), prediction_rows(indices, pred))
+    Ledger(a.ledger).charge("final", lora.flops, "generate", run=out.name,
+                            what=f"re-forecast of {run.name}'s {lora_eval['split']} split with its kept adapter")
+    val = splits["validation"]
+    dt = float(data.time[1] - data.time[0])
+    classical, search = validated_forecasters(data.trajectories[val, :C], data.trajectories[val, C:C + H], range(1, 21),
+                                              dt, parrot_lengths=parrot_lengths_for(C, PARROT_LENGTHS))
+    for forecaster in classical:
+        _, pred, evaluation = evaluate(forecaster, contexts, truth, lora_eval["split"], indices, forecaster.settings())
+        evaluation.settings["fallbacks"] = forecaster.fallback_counts()
+        predictions[forecaster.name], evaluations[forecaster.name] = pred, evaluation
+        write_csv(out / compare.predictions_name(runs.file_tag(forecaster.name)), prediction_rows(indices, pred))
+    saved = json.loads((run / "untrained.json").read_text())
+    if "predictions" in saved:
+        predictions["untrained"] = np.asarray(saved["predictions"], dtype=np.float64)
+        write_csv(out / compare.predictions_name("untrained"), prediction_rows(indices, predictions["untrained"]))
+    paired = [compare.compare_forecasts(predictions["lora"], v, truth, names=("lora", k), indices=indices, seed=0)
+              for k, v in predictions.items() if k != "lora"]
+    scale_line = (f"{run.name}'s kept adapter ({adapter.name}) re-forecast on {len(indices)} {lora_eval['split']} "
+                  f"trajectories, {C}→{H}")
+    kinds = by_type.section(out, predictions, truth, contexts, "lora",
+                            [n for n in predictions if n.startswith(("var(", "ar("))], scale_line)
+    committed = {s: {k: lora_eval["metrics"][s][k] for k in ("mse", "mae", "r2")} for s in ("prey", "predator")}
+    result = {"run": run.name, "adapter": adapter.name, "weights_sha256": weights_fingerprint(a.model),
+              "run_weights": record.get("weights"), "precision": precision, "order_search": search,
+              "evaluations": {k: dataclasses.asdict(e) for k, e in evaluations.items()},
+              "committed_lora_metrics": committed, "comparisons": paired, "by_type": kinds}
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = evaluation_table(evaluations)
+    (out / "README.md").write_text(
+        f"# Re-forecast of {run.name} with its kept adapter\n\n`python scripts/reforecast.py --run {a.run} --model "
+        f"{Path(a.model).name} --data {Path(a.data).name} --out {a.out} --ledger {Path(a.ledger).name}`\n\n"
+        f"{scale_line}.\n\n{table}\n\nCommitted LoRA metrics of the run: {json.dumps(committed)}\n\n"
+        f"### The LoRA model against each forecaster\n\n{compare.comparison_table(paired)}\n\n{kinds['markdown']}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
