@@ -24,9 +24,12 @@ forecasting prompt appends it itself). Two encodings of a value (:data:`ENCODING
   7.2 instead of 10.0 tokens per time step at 2 decimals (results/encoding_tokens.json).
 
 Differences from the paper: LLMTIME chooses a scale per series and, for GPT-3,
-separates digits with spaces. Here a single dataset-wide ``scale`` (see
+separates digits with spaces. Here, by default, a single dataset-wide ``scale`` (see
 :func:`fit_scale`) is used for both species and every system, and digits are not
 spaced, because the Qwen2.5 tokenizer already splits numbers into single digits.
+The paper's per-series choice is :class:`SeriesScale` (:func:`fit_series_scale`): an
+offset and a scale per species fitted on one trajectory's own context, which
+:func:`encode` and :func:`decode` accept in place of the dataset-wide scale.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ STEP_SEPARATOR = ";"
 
 VALUE_SEPARATOR = ","
 """Separates the prey and predator value within one time step."""
+
+SCALINGS = ("dataset", "series")
+"""How values are scaled: "dataset" = one scale α for the whole dataset (:func:`fit_scale`); "series" = an offset and a
+scale per species fitted on each trajectory's own context (:func:`fit_series_scale`)."""
+
+SERIES_OFFSET_BETA = 0.3
+"""β of :func:`fit_series_scale`: the offset sits β × the context's range below its minimum (LLMTIME's own value for
+its per-series scaler, Gruver et al. 2023, code release ``basic=False``)."""
 
 ENCODINGS = ("decimal", "integer")
 """How a value is written: "decimal" = fixed point with the point ("0.45"); "integer" = the same digits without the
@@ -131,7 +142,57 @@ def fit_scale(train_trajectories: np.ndarray, quantile: float = 0.99, target: fl
     return scale
 
 
-def encode(trajectory: np.ndarray, scale: float, decimals: int = 2, encoding: str = "decimal") -> str:
+@dataclass(frozen=True)
+class SeriesScale:
+    """An affine LLMTIME scaling of one trajectory, per species: a value x is written as ``(x − offset) / scale``
+    (negative results, i.e. values below the offset, are written as 0) and read back as ``text · scale + offset``.
+
+    Attributes: ``offset`` and ``scale`` — (prey, predator) pairs in data units, offset >= 0, scale > 0.
+    Made by :func:`fit_series_scale`; :func:`encode` and :func:`decode` take it in place of a float scale.
+    """
+
+    offset: tuple[float, float]
+    scale: tuple[float, float]
+
+    def to_text_units(self, values: np.ndarray) -> np.ndarray:
+        """``values`` [T, 2] data units -> text units (clipped at 0)."""
+        return np.maximum(np.asarray(values, np.float64) - np.asarray(self.offset), 0.0) / np.asarray(self.scale)
+
+    def to_data_units(self, values: np.ndarray) -> np.ndarray:
+        """``values`` [T, 2] text units -> data units."""
+        return np.asarray(values, np.float64) * np.asarray(self.scale) + np.asarray(self.offset)
+
+
+def fit_series_scale(context: np.ndarray, quantile: float = 0.99, target: float = 10.0,
+                     beta: float = SERIES_OFFSET_BETA) -> SeriesScale:
+    """Fit a :class:`SeriesScale` on one trajectory's context, each species on its own.
+
+    Rule (LLMTIME's per-series scaler, Gruver et al. 2023, section 3 and the ``basic=False`` scaler of its code,
+    here per species and with the quantile mapped to ``target``): ``offset = max(min − β·(max − min), 0)`` and
+    ``scale = quantile_q(context − offset) / target``, so that the context's values occupy about
+    ``[10·β/(1+β), target]`` = [2.3, 10] in text units whatever the trajectory's size: a small or decaying
+    oscillation fills the digits instead of wiggling in the last one. A constant species gets ``scale = max(|x|,
+    1e-12) / target``.
+
+    Args: context ``[C, 2]`` (C >= 1) finite, >= 0; quantile in (0, 1]; target > 0; beta >= 0.
+    Raises: ValueError for a bad shape, values or parameter.
+    """
+    x = np.asarray(context, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != 2 or x.shape[0] < 1:
+        raise ValueError(f"fit_series_scale: context must have shape (C >= 1, 2), got {x.shape}.")
+    if not np.all(np.isfinite(x)) or np.any(x < 0):
+        raise ValueError("fit_series_scale: context must be finite and non-negative.")
+    if not 0.0 < quantile <= 1.0 or not (math.isfinite(target) and target > 0) or not beta >= 0:
+        raise ValueError(f"fit_series_scale: need 0 < quantile <= 1, target > 0, beta >= 0, got {quantile!r}, "
+                         f"{target!r}, {beta!r}.")
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    offset = np.maximum(lo - beta * (hi - lo), 0.0)
+    q = np.quantile(x - offset, quantile, axis=0)
+    scale = np.where(q > 0, q, np.maximum(np.abs(hi), 1e-12)) / target
+    return SeriesScale((float(offset[0]), float(offset[1])), (float(scale[0]), float(scale[1])))
+
+
+def encode(trajectory: np.ndarray, scale: float | SeriesScale, decimals: int = 2, encoding: str = "decimal") -> str:
     """Encode one trajectory as LLMTIME text.
 
     Each value is divided by ``scale`` and printed fixed-point with
@@ -159,7 +220,7 @@ def encode(trajectory: np.ndarray, scale: float, decimals: int = 2, encoding: st
 
     Args:
         trajectory: array of shape ``(T, 2)`` (prey, predator), data units, >= 0.
-        scale: scale from :func:`fit_scale` (> 0).
+        scale: scale from :func:`fit_scale` (> 0), or a :class:`SeriesScale` (:func:`fit_series_scale`).
         decimals: number of decimals, implied ones for "integer" (>= 0).
         encoding: one of :data:`ENCODINGS`.
 
@@ -171,7 +232,8 @@ def encode(trajectory: np.ndarray, scale: float, decimals: int = 2, encoding: st
             non-finite, ``scale`` <= 0 / non-finite, ``decimals`` < 0 or
             ``encoding`` is not one of :data:`ENCODINGS`.
     """
-    scale = _check_scale(scale)
+    series = scale if isinstance(scale, SeriesScale) else None
+    scale = 1.0 if series else _check_scale(scale)
     _check_encoding(encoding, "encode")
     if int(decimals) != decimals or decimals < 0:
         raise ValueError(f"encode: decimals must be a non-negative integer, got {decimals!r}.")
@@ -182,7 +244,7 @@ def encode(trajectory: np.ndarray, scale: float, decimals: int = 2, encoding: st
         raise ValueError(f"encode: trajectory has {int((~np.isfinite(values)).sum())} non-finite value(s).")
     if np.any(values < 0):
         raise ValueError(f"encode: trajectory has {int((values < 0).sum())} negative value(s).")
-    scaled = values / scale + 0.0  # "+ 0.0" turns -0.0 into 0.0 so it never prints as "-0.00"
+    scaled = (series.to_text_units(values) if series else values / scale) + 0.0  # -0.0 never prints as "-0.00"
     fmt = f"{{:.{int(decimals)}f}}"
     if encoding == "integer":
         def fmt_value(x: float) -> str:
@@ -242,7 +304,7 @@ def _parse_step(step: str, divisor: float | None = None, scale: float = 1.0) -> 
     return parsed[0], parsed[1]
 
 
-def decode(text: str, scale: float, expected_steps: int | None = None, *, encoding: str = "decimal",
+def decode(text: str, scale: float | SeriesScale, expected_steps: int | None = None, *, encoding: str = "decimal",
            decimals: int | None = None) -> Decoded:
     """Decode LLMTIME text (e.g. a model's forecast) back into data units.
 
@@ -272,7 +334,7 @@ def decode(text: str, scale: float, expected_steps: int | None = None, *, encodi
 
     Args:
         text: the string to decode (``bytes`` are decoded as UTF-8 with replacement).
-        scale: the scale used for encoding (> 0).
+        scale: the scale used for encoding (> 0), or the :class:`SeriesScale` it used.
         expected_steps: number of steps wanted, or None to keep all steps.
         encoding: one of :data:`ENCODINGS`, the one the text was written in.
         decimals: the implied decimals of the "integer" encoding (required for
@@ -289,7 +351,8 @@ def decode(text: str, scale: float, expected_steps: int | None = None, *, encodi
             integer ``decimals`` in 0–300.
         TypeError: if ``text`` is neither ``str`` nor ``bytes``.
     """
-    scale = _check_scale(scale)
+    series = scale if isinstance(scale, SeriesScale) else None
+    scale = 1.0 if series else _check_scale(scale)
     _check_encoding(encoding, "decode")
     divisor = None
     if encoding == "integer":
@@ -322,4 +385,6 @@ def decode(text: str, scale: float, expected_steps: int | None = None, *, encodi
             n_invalid += 1
         else:
             values[row] = parsed
+    if series is not None:
+        values = series.to_data_units(values)  # NaN rows stay NaN
     return Decoded(values=values, n_invalid=n_invalid, n_missing=n_missing)

@@ -10,12 +10,17 @@ The dataset is one HDF5 file with two datasets:
   file).
 
 The coursework file has N = 1000 systems and T = 100 time points. A file with
-the same schema can be generated with ``python -m data.simulate``.
+the same schema can be generated with ``python -m data.simulate``; where no
+coursework file is found, :func:`resolve_data_path` falls back to such a
+synthetic set, generated once into a cache (:func:`synthetic_data_path`).
+A file whose root attribute ``source`` is set (``data.simulate.write_h5``)
+is synthetic; :attr:`LotkaVolterraData.source` carries it into results.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +34,12 @@ DATA_ENV_VAR = "MINIQWEN_DATA"
 """Environment variable that may hold the path of the HDF5 data file."""
 
 DATA_FILENAME = "lotka_volterra_data.h5"
+
+SYNTHETIC_FILENAME = "synthetic_lotka_volterra_v1.h5"
+"""Name of the cached synthetic fallback set (bump the version when its recipe changes)."""
+
+SYNTHETIC_SETTINGS = {"model": "damped", "n_systems": 1000, "n_steps": 100, "t_max": 200.0, "seed": 0}
+"""How the synthetic fallback set is made (``data.simulate.simulate``): the coursework's shape and time grid."""
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _REPO_DIR = _PACKAGE_DIR.parent
@@ -57,11 +68,19 @@ class LotkaVolterraData:
             ``[..., 1]`` predator; all values finite and >= 0.
         time: float64 array of shape ``(T,)``, strictly increasing sample times.
         path: the file the data was read from.
+        source: the file's root attribute ``source`` if set (synthetic data), else None.
     """
 
     trajectories: np.ndarray
     time: np.ndarray
     path: Path
+    source: str | None = None
+    """The file's ``source`` attribute: how a synthetic file was made; None for the coursework file."""
+
+    @property
+    def synthetic(self) -> bool:
+        """True if the file says it was made by the simulator (it has a ``source`` attribute)."""
+        return self.source is not None
 
     @property
     def n_systems(self) -> int:
@@ -87,36 +106,89 @@ def default_data_candidates() -> list[Path]:
     ]
 
 
+def synthetic_cache_dir() -> Path:
+    """Directory of the cached synthetic set: ``$XDG_CACHE_HOME/miniqwen`` if ``XDG_CACHE_HOME`` is set and
+    non-empty, else ``~/.cache/miniqwen``."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "miniqwen"
+
+
+def synthetic_data_path() -> Path:
+    """The synthetic fallback set, generated on first use.
+
+    The file is ``synthetic_cache_dir() / SYNTHETIC_FILENAME``. If it is not there it is simulated
+    deterministically with ``SYNTHETIC_SETTINGS`` (``data.simulate``: the damped Rosenzweig–MacArthur model,
+    1000 trajectories × 100 steps on [0, 200], seed 0, about a second) and written atomically (a temporary
+    file moved into place), so concurrent first uses write identical bytes and a reader never sees a partial
+    file. An existing file is reused as it is (:func:`load_trajectories` validates it).
+
+    Returns:
+        The path of the file.
+
+    Raises:
+        DataError: if the cache directory or file cannot be written.
+    """
+    path = synthetic_cache_dir() / SYNTHETIC_FILENAME
+    if path.is_file():
+        return path
+    from .simulate import describe, simulate, write_h5
+
+    settings = SYNTHETIC_SETTINGS
+    trajectories, time = simulate(settings["n_systems"], settings["n_steps"], settings["t_max"], settings["seed"],
+                                  model=settings["model"])
+    try:
+        return write_h5(path, trajectories, time, source=describe(**settings))
+    except OSError as error:
+        raise DataError(f"{path}: cannot write the synthetic dataset ({error}). {_FIX_ADVICE}") from error
+
+
+def default_data_path() -> tuple[Path, bool]:
+    """The data file used when neither ``--data`` nor ``MINIQWEN_DATA`` names one.
+
+    The first existing file of :func:`default_data_candidates`; if there is none, the synthetic set of
+    :func:`synthetic_data_path` (generated on first use), announced in one line on stderr.
+
+    Returns:
+        ``(path, synthetic)``: synthetic is True for the fallback.
+
+    Raises:
+        DataError: if the synthetic set is needed and cannot be written.
+    """
+    candidates = default_data_candidates()
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate, False
+    path = synthetic_data_path()
+    settings = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in SYNTHETIC_SETTINGS.items())
+    print(f"no coursework data file found: using the synthetic set {path} (data.simulate {settings}), not the "
+          f"coursework file; pass --data or set {DATA_ENV_VAR} to use it", file=sys.stderr)
+    return path, True
+
+
 def resolve_data_path(path: str | os.PathLike | None = None) -> Path:
     """Decide which HDF5 file to use.
 
     Precedence:
 
     1. ``path`` if given (returned as is, even if it does not exist, so that
-       :func:`load_trajectories` can report the problem);
+       :func:`load_trajectories` reports the problem: an explicit path is never
+       silently replaced);
     2. the environment variable ``MINIQWEN_DATA`` if set and non-empty
        (also returned as is);
-    3. the first existing file of :func:`default_data_candidates`.
+    3. :func:`default_data_path`: the first existing file of
+       :func:`default_data_candidates`, else the cached synthetic set
+       (:func:`synthetic_data_path`, generated on first use; one line on stderr
+       says so).
 
     Raises:
-        DataError: if neither ``path`` nor ``MINIQWEN_DATA`` is given and none
-            of the default locations exists; the message lists where it looked
-            and how to fix it.
+        DataError: if the synthetic set is needed and cannot be written.
     """
     if path is not None:
         return Path(path).expanduser()
     from_env = os.environ.get(DATA_ENV_VAR, "").strip()
     if from_env:
         return Path(from_env).expanduser()
-    candidates = default_data_candidates()
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    looked = ", ".join(str(c) for c in candidates)
-    raise DataError(
-        f"{DATA_FILENAME}: no data file found. No path was given, {DATA_ENV_VAR} is not set, "
-        f"and none of the default locations exists ({looked}). {_FIX_ADVICE}"
-    )
+    return default_data_path()[0]
 
 
 def _first_index(mask: np.ndarray) -> tuple[int, ...]:
@@ -148,8 +220,9 @@ def load_trajectories(path: str | os.PathLike | None = None) -> LotkaVolterraDat
         path: the HDF5 file; if None it is chosen by :func:`resolve_data_path`.
 
     Returns:
-        LotkaVolterraData with ``trajectories`` float32 ``(N, T, 2)`` and
-        ``time`` float64 ``(T,)``.
+        LotkaVolterraData with ``trajectories`` float32 ``(N, T, 2)``,
+        ``time`` float64 ``(T,)`` and ``source`` (the file's ``source``
+        attribute: set for synthetic files, else None).
 
     Raises:
         DataError (a ValueError), naming the file, if: the file does not exist;
@@ -168,6 +241,7 @@ def load_trajectories(path: str | os.PathLike | None = None) -> LotkaVolterraDat
         with h5py.File(path, "r") as file:
             trajectories = _read_dataset(file, "trajectories", path)
             time = _read_dataset(file, "time", path)
+            source = file.attrs.get("source")
     except DataError:
         raise
     except OSError as error:  # h5py raises OSError for non-HDF5 or corrupt files
@@ -211,6 +285,7 @@ def load_trajectories(path: str | os.PathLike | None = None) -> LotkaVolterraDat
         trajectories=trajectories.astype(np.float32, copy=False),
         time=time.astype(np.float64, copy=False),
         path=path,
+        source=None if source is None else (source.decode() if isinstance(source, bytes) else str(source)),
     )
 
 

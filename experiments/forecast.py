@@ -4,6 +4,7 @@ From Python, :func:`forecast` (``experiments.lib.forecast_core``); on the comman
 
     python -m experiments.forecast --data SERIES.csv [--columns PREY,PREDATOR] [--adapter DIR] [--samples N]
     python -m experiments.forecast --data lotka_volterra_data.h5 --index 950 [--adapter DIR] [--method var]
+    python -m experiments.forecast --data docs/hare_lynx.csv --columns Hare,Lynx --backtest 5 --horizon 10
 
 The context is the last ``--context-steps`` rows of a CSV (default 80; the forecast continues past its end, and a
 file of any length is read row by row, keeping only those rows), or the first ``--context-steps`` steps of an HDF5
@@ -11,9 +12,12 @@ trajectory (default 80; the steps after them are compared with the forecast). Th
 forecast. ``--adapter DIR`` is a PEFT-format export of this project (``peft_adapter/`` of a training stage); its card
 (``miniqwen_llmtime.json``, :mod:`experiments.lib.adapter_card`) gives the LLMTIME scale, decimals, encoding and
 prompt it was trained with. Without it the base model reads the series at a scale fitted on the context (or
-``--llmtime-scale``). ``--samples N`` > 1: the median of N samples with their 10–90 % band (LLMTIME's point and
+``--llmtime-scale``; ``--llmtime-scale fit`` fits it on the context by the adapter's own rule, for a series in
+any units). ``--samples N`` > 1: the median of N samples with their 10–90 % band (LLMTIME's point and
 interval). ``--method var|ar|parrot|persistence|lv`` fits a classical forecaster to the context instead (orders
 chosen on a holdout at its end, :func:`experiments.lib.forecast_core.classical`); these import no torch.
+``--backtest N`` forecasts the whole series from its last N origins with each of ``--methods`` and compares them
+(:mod:`experiments.lib.backtest`: backtest.csv, backtest.json, backtest.png).
 
 Writes ``forecast.csv`` (step, time, prey, predator[, quantiles], under the CSV's own column names, the forecast
 times continuing the context's last time step), ``forecast.png`` and ``run.json`` under ``--out`` (default
@@ -31,8 +35,9 @@ import os
 import time as clock
 from pathlib import Path
 
+from .lib.backtest import Backtest, backtest, cli_backtest as backtest_stage  # noqa: F401 (the API)
 from .lib.forecast_core import METHODS, Forecast, check_options, forecast, parrot_note  # noqa: F401 (the API)
-from .lib.forecast_core import _forecast
+from .lib.forecast_core import _forecast, number_or_fit
 
 STAGE = "forecast"
 OPTIONS = {"context_steps", "decimals", "encoding", "prompt"}  # explicit values are checked against the card
@@ -53,8 +58,9 @@ def build_parser():
                         "holds increasing numbers)")
     g.add_argument("--method", default="llm", choices=METHODS, help="forecaster (default llm)")
     g.add_argument("--adapter", default=None, help="PEFT-format adapter directory with its card (default: none)")
-    g.add_argument("--llmtime-scale", type=float, default=None,
-                   help="data units per text unit (default: the adapter's, else fitted on the context)")
+    g.add_argument("--llmtime-scale", type=number_or_fit, default=None,
+                   help="data units per text unit, or fit: fitted on the context by the adapter's rule (default: "
+                        "the adapter's, else fitted on the context)")
     g.add_argument("--context-steps", type=int, default=80,
                    help="rows of context: the last of a CSV, the first of an HDF5 trajectory (default 80, or all "
                         "rows if fewer)")
@@ -65,6 +71,11 @@ def build_parser():
     g.add_argument("--prompt", default="raw", choices=["raw", "chat"], help="without an adapter (default raw)")
     g.add_argument("--decimals", type=int, default=2, help="without an adapter (default 2)")
     g.add_argument("--encoding", default="decimal", choices=["decimal", "integer"], help="without an adapter")
+    g.add_argument("--backtest", type=int, default=None, metavar="N",
+                   help="forecast from the series' last N origins with each of --methods, compare them")
+    g.add_argument("--backtest-step", type=int, default=None, help="rows between origins (default --horizon)")
+    g.add_argument("--methods", default=None, help="--backtest's forecasters, e.g. var,parrot,llm (default: "
+                                                   "var,ar,parrot,persistence,lv)")
     g = p.add_argument_group("run")
     g.add_argument("--model", default=os.environ.get(settings.MODEL_ENV_VAR, settings.RunSettings.model),
                    help="HF-layout model directory or Hub repo id (default: $MINIQWEN_MODEL or the Hub's)")
@@ -89,6 +100,8 @@ def main(argv=None) -> int:
     run, data, fcs, method, adapter = s["run"], s["data"], s["forecast"], s["method"], s["adapter"]
     explicit = {name for name in OPTIONS if cli.given(p, argv, name)}
     scale = s["llmtime_scale"]
+    if {s["backtest"], s["backtest_step"], s["methods"]} != {None}:
+        return backtest_stage(p, argv, s, explicit)
     check_options(method, adapter, scale, fcs.samples, explicit, cli=True)
     series = sf.read_input(data.data, s["index"], s["columns"], s["time_column"], fcs.context_steps,
                            "context_steps" in explicit)

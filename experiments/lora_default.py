@@ -6,7 +6,8 @@ to 10,000 steps; the 1e17 plan (``experiments.flops``) gives this stage 1,000.
 
 Forecasts ``--limit`` validation trajectories with the untrained model, trains LoRA on the training trajectories'
 LLMTIME text cut into ``--context-length`` token chunks (validation loss on a fixed subset of the validation chunks;
-checkpoints; ``--resume``), then forecasts the same trajectories with the adapter. Writes under ``--out`` (default
+checkpoints; ``--resume``, refused before any work with another setting that defines the run:
+``session.RUN_DEFINING``), then forecasts the same trajectories with the adapter. Writes under ``--out`` (default
 ``runs/lora_default``): results.json, README.md (the side-by-side table), untrained.json (reused by --resume),
 training/ (log, loss curve, adapters, checkpoint), peft_adapter/ (PEFT format), per-trajectory CSVs and plots.
 """
@@ -28,10 +29,12 @@ def build_parser(preset: str | None = None):
 
 def main(argv=None) -> int:
     s = cli.parse(build_parser(cli.preset_name(argv, PRESETS)), argv)
-    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress)
+    forecast, lora, train_settings = s["forecast"], s["lora"], s["train"]
+    # a --resume with other settings that define the run is refused here, before anything loads or is written
+    session = Session(STAGE, s["run"], s["data"], trains=True, progress=train_settings.progress,
+                      defines={"forecast": forecast, "lora": lora, "train": train_settings})
     if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
         return runs.follow(session)
-    forecast, lora, train_settings = s["forecast"], s["lora"], s["train"]
     evaluations, summary, planned = runs.run_lora(session, forecast, lora, train_settings,
                                                   f"{forecast.prompt} prompt")
 

@@ -75,7 +75,8 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
     """search.csv, rungs.png, README.md (the table) and results.json; the winner is the best point of the last
     rung."""
     rows = tables.search_rows(done)
-    winner = min(done[-1], key=lambda r: halving.finite_score(r["score"]))
+    order, tied = halving.ranking(done[-1])
+    winner = done[-1][order[0]]
     scale = (f"rungs {', '.join(f'{n} points × {steps} steps' for steps, n in rungs)}; batch {train.batch_size} × "
              f"{train.context_length} tokens, {train.loss_vocabulary} loss, constant lr; {len(untrained.trajectories)} "
              f"{forecast.split} trajectories {forecast.context_steps}→{forecast.horizon}; {session.weights}")
@@ -87,7 +88,9 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
         "score": base["score"], "val_loss": untrained.validation_loss, "median_mse": base["median_mse"],
         "prey_r2": m["prey"]["r2"], "predator_r2": m["predator"]["r2"], "parsed_fraction": untrained.parsed_fraction}
     table = tables.search_table(rows, winner, reference)
-    chosen = {"rule": f"best score at the last rung; score = {halving.SCORE_RULE}",
+    ties = [{"rung": k, "tied": halving.ranking(records)[1]} for k, records in enumerate(done)
+            if len(halving.ranking(records)[1]) > 1]
+    chosen = {"rule": f"best at the last rung; score = {halving.SCORE_RULE}; {halving.TIE_RULE}", "ties": ties,
               "chosen": {"lr": winner["lr"], "rank": winner["rank"], "context_length": winner["context_length"],
                          "steps": winner["steps"], "point": winner["name"]}}
     results = session.results(forecast=forecast, lora=lora, train=train)

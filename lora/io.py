@@ -25,6 +25,8 @@ PEFT's format (:func:`export_peft`), what ``peft.PeftModel.from_pretrained(base,
     <name>.json                 (optional) whatever the caller passes as ``extra`` (:func:`export_peft`), e.g. the
                                 experiments' record of how the adapter's inputs are written; this package gives
                                 such files no meaning
+    README.md                   (optional) the model card the caller passes as ``readme`` (:func:`export_peft`):
+                                what the Hugging Face Hub shows; this package gives it no meaning either
     head_bias.safetensors       (only with a trainable head bias) key "lm_head.bias" [vocab], float32: PEFT's
                                 LoraConfig has no place for it; how a transformers + peft user adds it:
                                 :mod:`lora.head_bias`
@@ -57,6 +59,7 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+PEFT_README = "README.md"
 PEFT_PREFIX = "base_model.model."
 FORMAT = "miniqwen-lora"
 
@@ -210,7 +213,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, 
 
 
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
-                extra: dict[str, dict] | None = None) -> Path:
+                extra: dict[str, dict] | None = None, readme: str | None = None) -> Path:
     """Write ``model``'s adapter in PEFT's LoRA format (``adapter_model.safetensors`` + ``adapter_config.json``)
     so that ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)`` reproduces our
     adapted model (tested to 1e-5 in fp32 against transformers + peft), and :func:`load_peft` reads it back.
@@ -220,15 +223,18 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     Args:
         model: a model with LoRA layers (not merged).
         out_dir: directory to write (created if needed).
-        base_model_name_or_path: recorded in the config (Hub id or path of the base weights), as PEFT does.
+        base_model_name_or_path: recorded in the config (Hub id or path of the base weights), as PEFT does: what
+            ``peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)`` loads as the base (a Hub id works anywhere).
         extra: ``{file name: JSON object}`` written beside the adapter (indented JSON, each file replaced
             atomically, before the adapter's own files), e.g. what a caller needs to use the adapter; PEFT ignores
             such files. Names are plain ``*.json`` file names other than ``adapter_config.json``.
+        readme: the text of a ``README.md`` model card written beside them (replaced atomically, with ``extra``),
+            e.g. Hugging Face Hub front matter and usage; None writes none and leaves an existing one alone.
 
     Returns the directory. Raises AdapterError if the model has no (or mixed) LoRA layers; RuntimeError if merged;
-    ValueError (before anything is written) for an ``extra`` name that is not a plain ``*.json`` file name or is
-    the config's, or an object that is not JSON (NaN and infinity included). Key naming and config fields: see the
-    module docstring.
+    ValueError (before anything is written) for a ``readme`` that is not a string, an ``extra`` name that is not a
+    plain ``*.json`` file name or is the config's, or an object that is not JSON (NaN and infinity included). Key
+    naming and config fields: see the module docstring.
     """
     out_dir = Path(out_dir)
     settings = lora_settings(model)
@@ -247,6 +253,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
             extra_text[name] = json.dumps(obj, indent=2, allow_nan=False) + "\n"
         except (TypeError, ValueError) as err:
             raise ValueError(f"export_peft: extra file {name} is not JSON: {err}") from None
+    if readme is not None and not isinstance(readme, str):
+        raise ValueError(f"export_peft: readme must be a string (the README.md text), got {type(readme).__name__}")
     bias = head_bias_parameters(model)  # written beside the PEFT files, not in them (save_peft_head_bias)
     state = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items() if k not in bias}
     config = {
@@ -272,6 +280,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in extra_text.items():  # first: an adapter on disk never lacks what was written beside it
         atomic_write(out_dir / name, text)
+    if readme is not None:
+        atomic_write(out_dir / PEFT_README, readme if readme.endswith("\n") else readme + "\n")
     save_peft_head_bias(model, out_dir)  # head_bias.safetensors, or a stale one removed
     atomic_write(out_dir / PEFT_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     _write_json(out_dir / PEFT_CONFIG, config)

@@ -13,6 +13,12 @@ from .model import Qwen2ForCausalLM
 from .packing import packed_weights
 
 
+def bar_disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a ``progress`` option: True shows the bar, False hides it, None shows it only when
+    stderr (tqdm's stream) is a terminal (tqdm's own ``disable=None``: a log file or a pipe gets no bar)."""
+    return None if progress is None else not progress
+
+
 def token_ids_for(tokenizer, pieces: Iterable[str]) -> list[int]:
     """Ids of vocabulary entries spelled exactly as ``pieces`` (e.g. the ten digits, ".", ",", ";").
 
@@ -64,7 +70,7 @@ def generate(
     allowed_token_ids: Iterable[int] | None = None,
     stop_token_id: int | None = None,
     stop_count: int = 1,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> list[list[int]]:
     """Continue every prompt with a KV cache: one forward per prompt (each alone, unpadded), then one token per
     step for all rows at once, each step attending over the whole pre-allocated cache (``KVCache(fixed_shape=True)``:
@@ -89,7 +95,7 @@ def generate(
             Count the cost with :func:`miniqwen.flop_count.generation_flops` (``head_rows=K``, K distinct ids).
         stop_token_id, stop_count: a row also stops once it has produced ``stop_token_id`` this many times
             (e.g. the ";" that ends each forecast step, times the horizon); that token is kept in the output.
-        progress: show a tqdm bar over decoding steps.
+        progress: show a tqdm bar over decoding steps (None: only when stderr is a terminal, :func:`bar_disabled`).
 
     Returns:
         ``len(prompts) · num_samples`` lists of generated ids, prompt-major (prompt 0's samples first).
@@ -140,7 +146,8 @@ def generate(
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         stops_seen = torch.zeros(rows, dtype=torch.long, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
-        bar = tqdm(total=max_new_tokens, desc="decoding", unit="tok", leave=False, disable=not progress)
+        bar = tqdm(total=max_new_tokens, desc="decoding", unit="tok", leave=False,
+                   disable=bar_disabled(progress))
         for step in range(max_new_tokens):
             bar.update()
             token = _next_token(logits.float(), temperature, top_p, generator)  # a column of logits

@@ -298,15 +298,15 @@ def test_resolve_data_path(tmp_path, monkeypatch):
     assert resolve_data_path(explicit) == explicit
 
 
-def test_resolve_data_path_nothing_found(tmp_path, monkeypatch):
+def test_resolve_data_path_nothing_found_falls_back_to_synthetic(tmp_path, monkeypatch):
     import data.lotka_volterra as lv
 
     monkeypatch.delenv("MINIQWEN_DATA", raising=False)
     monkeypatch.setattr(lv, "default_data_candidates", lambda: [tmp_path / "a.h5", tmp_path / "b.h5"])
-    with pytest.raises(DataError) as info:
-        resolve_data_path(None)
-    message = str(info.value)
-    assert "a.h5" in message and "b.h5" in message and "MINIQWEN_DATA" in message
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fallback = resolve_data_path(None)
+    assert fallback == tmp_path / "cache" / "miniqwen" / lv.SYNTHETIC_FILENAME and fallback.is_file()
+    assert load_trajectories(fallback).synthetic
     (tmp_path / "b.h5").touch()
     assert resolve_data_path(None) == tmp_path / "b.h5"
 
@@ -392,4 +392,7 @@ def test_simulator_cli(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     data = load_trajectories(out)
     assert data.trajectories.shape == (4, 12, 2)
-    np.testing.assert_array_equal(data.trajectories, simulate(4, 12, 30.0, seed=2)[0])
+    np.testing.assert_array_equal(data.trajectories, simulate(4, 12, 30.0, seed=2, model="damped")[0])
+    assert simulate_main(["--out", str(out), "--n-systems", "4", "--steps", "12", "--t-max", "30", "--seed", "2",
+                          "--model", "classic"]) == 0
+    np.testing.assert_array_equal(load_trajectories(out).trajectories, simulate(4, 12, 30.0, seed=2)[0])

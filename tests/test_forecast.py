@@ -347,3 +347,72 @@ def test_an_adapter_with_a_trained_head_bias_names_it_in_its_card_and_forecasts_
     code, stdout, err = run(["--data", tmp_path / "lv.h5", "--index", 19, "--context-steps", 12, "--horizon", 2,
                              "--adapter", adapter, "--model", tiny_full_vocab, "--out", tmp_path / "f"], capsys)
     assert code == 0, err
+
+
+# ------------------------------------------------------------------------------------------------ --llmtime-scale fit
+
+def series_card(adapter, where):
+    """A copy of ``adapter`` whose card says it was trained with per-series scaling (``--scaling series``)."""
+    where.mkdir()
+    for path in adapter.iterdir():
+        (where / path.name).write_bytes(path.read_bytes())
+    card = json.loads((adapter / CARD_FILE).read_text())
+    card["scale_fit"] |= {"scaling": "series", "beta": 0.3, "fit_steps": 80}
+    (where / CARD_FILE).write_text(json.dumps(card))
+    return where
+
+
+@pytest.mark.parametrize("per_series", [False, True], ids=["dataset-card", "series-card"])
+def test_fit_forecasts_a_series_in_any_units_as_in_the_adapters(tiny_full_vocab, sim_file, adapter, tmp_path,
+                                                               monkeypatch, per_series):
+    """c·x is written as the same prompt as x and gives exactly c times its forecast (c = 1024: exact in floating
+    point). The tiny random model writes no numbers, so its continuation is fixed: "1.25,3.5;0.75,2.25;4,0.5;"."""
+    from data import fit_series_scale
+    from experiments.lib import evaluation
+
+    _, tokenizer = load_pretrained(tiny_full_vocab, dtype="float32", device="cpu")
+    answer, prompts = tokenizer.encode("1.25,3.5;0.75,2.25;4,0.5;"), []
+    monkeypatch.setattr(evaluation, "generate", lambda model, batch, *a, num_samples=1, **k: prompts.append(batch)
+                        or [answer] * (len(batch) * num_samples))
+    adapter = series_card(adapter, tmp_path / "series") if per_series else adapter
+    x = load_trajectories(sim_file).trajectories[3][:20].astype(np.float64)
+    small, large = (forecast.forecast(c * x, 3, adapter=str(adapter), model=str(tiny_full_vocab),
+                                      llmtime_scale="fit", progress=False) for c in (1.0, 1024.0))
+    assert prompts[0] == prompts[1] and small.texts == large.texts and np.isfinite(small.values).all()
+    np.testing.assert_array_equal(large.values, 1024.0 * small.values)
+    scale = small.settings["text_format"]["llmtime_scale"]
+    if per_series:
+        fitted = fit_series_scale(x, 0.99, 10.0)
+        assert scale == {"offset": list(fitted.offset), "scale": list(fitted.scale)}
+        assert "scaling series" in small.settings["text_format"]["source"]
+        # the card's scaling is used by default too, and a fixed scale contradicts it
+        default = forecast.forecast(x, 3, adapter=str(adapter), model=str(tiny_full_vocab), progress=False)
+        assert default.texts == small.texts and default.settings["text_format"] == small.settings["text_format"]
+        with pytest.raises(UsageError, match="llmtime_scale=0.5: the adapter was trained with per-series"):
+            forecast.forecast(x, 3, adapter=str(adapter), model=str(tiny_full_vocab), llmtime_scale=0.5)
+    else:
+        assert scale == np.quantile(x, 0.99) / 10.0 and large.settings["text_format"]["llmtime_scale"] == 1024 * scale
+        assert "the adapter's rule" in small.settings["text_format"]["source"]
+        card = forecast.forecast(x, 3, adapter=str(adapter), model=str(tiny_full_vocab), progress=False)
+        assert card.settings["text_format"]["llmtime_scale"] == read_card(adapter).llmtime_scale  # default: card's
+
+
+def test_fit_without_an_adapter_is_the_context_fit_and_the_cli_takes_it(tiny_full_vocab, sim_file, adapter,
+                                                                        tmp_path, capsys):
+    x = load_trajectories(sim_file).trajectories[5][:16]
+    fit, default = (forecast.forecast(x, 2, model=str(tiny_full_vocab), llmtime_scale=s, progress=False)
+                    for s in ("fit", None))
+    assert fit.texts == default.texts and fit.settings["text_format"] == default.settings["text_format"]
+    path = write_series(tmp_path / "s.csv", sim_file, 5, rows=16)
+    code, stdout, err = run(["--data", path, "--adapter", adapter, "--llmtime-scale", "fit", "--horizon", 2,
+                             "--model", tiny_full_vocab, "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["text_format"]["llmtime_scale"] == np.quantile(x, 0.99) / 10.0
+    assert "fitted on the 16 context steps" in stdout
+    for argv, words in [(["--llmtime-scale", "abc"], ["--llmtime-scale", "'abc'"]),
+                        (["--llmtime-scale", "fit", "--method", "var"], ["--llmtime-scale", "--method llm only"]),
+                        (["--llmtime-scale", "-2"], ["--llmtime-scale -2.0", "or fit"])]:
+        code, _, err = run(["--data", path, "--out", tmp_path / "bad", *argv], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "bad").exists()

@@ -1,8 +1,10 @@
 """Reliability, round 4: a run directory is what a stage wrote (its run record, never a guess from file names), one
 stage per directory at a time (an OS lock), every stage keeps the same directory rules, list options read numbers
 as scalar options do, ``--from-*`` directories are runs of their stage, and inputs are checked (adapter weights,
-ledgers, weight decay, scale target, context lengths). Every refusal is exit status 2 and one line, with nothing of
-the user's changed and nothing charged to the ledger. No forecast runs where a refusal is expected."""
+ledgers, weight decay, scale target, context lengths), and a ``--resume`` compares every setting that defines the run
+before the model loads (8) and refuses a directory that is not a run (9). Every refusal is exit status 2 and one
+line, with nothing of the user's changed and nothing charged to the ledger. No forecast runs where a refusal is
+expected."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from experiments import (baseline, benchmark, context_length, final, flops, lora_default, report, search, sweep,
                          train)
 from experiments.lib.run_directory import RECORD
-from test_run_directory import baseline_args, cli, env, fake_run, lora_args, refused, snapshot  # noqa: F401
+from conftest import write_sim_file
+from test_run_directory import (baseline_args, cli, env, fake_run, lora_args, lora_run, refused,  # noqa: F401
+                                snapshot)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -235,3 +239,113 @@ def test_a_context_longer_than_the_models_positions_is_refused(env, tmp_path, ca
                    "--contexts", str(positions))
     assert "max_position_embeddings" in line
     assert snapshot(env["ledger"]) == before and not out.exists()
+
+
+# ------------------------------------------------- 8. a resume compares the settings that define the run first
+
+def with_option(args: list[str], option: str, value: str | None) -> list[str]:
+    """``args`` with ``option`` set to ``value`` (replaced where it is given, else added; a flag when None)."""
+    if option in args:
+        i = args.index(option)
+        return args[:i + 1] + [value] + args[i + 2:]
+    return args + [option] + ([] if value is None else [value])
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the weights are loaded: a refused resume must be refused before the model loads."""
+    from experiments.lib import session
+
+    def load_pretrained(*args, **kwargs):
+        pytest.fail("the model was loaded before the resume was refused")
+    monkeypatch.setattr(session, "load_pretrained", load_pretrained)
+
+
+RESUME_CHANGES = [("--seed", "1"), ("--decimals", "3"), ("--encoding", "integer"), ("--scaling", "series"),
+                  ("--scale-quantile", "0.9"), ("--scale-target", "5"), ("--lr", "0.001"), ("--rank", "2"),
+                  ("--lora-alpha", "8"), ("--targets", "q_proj"), ("--head-bias", None), ("--context-length", "40"),
+                  ("--batch-size", "1"), ("--train-limit", "4"), ("--loss-vocabulary", "numeric"),
+                  ("--lr-schedule", "cosine"), ("--limit", "1"), ("--horizon", "2"), ("--context-steps", "7"),
+                  ("--split", "test"), ("--gen-batch-size", "1"), ("--samples", "2"), ("--prompt", "chat"),
+                  ("--precision", "bfloat16")]
+
+
+@pytest.mark.parametrize("option,value", RESUME_CHANGES, ids=[o for o, _ in RESUME_CHANGES])
+def test_a_resume_with_another_defining_setting_is_refused_before_anything_is_loaded(
+        env, lora_run, tmp_path, capsys, no_model, option, value):
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    before = snapshot(tmp_path, env["ledger"])
+    # the run's own --max-steps: with the cosine schedule another one would be a second difference
+    args = with_option(lora_args(env, out) + ["--max-steps", "2", "--resume"], option, value)
+    line = refused(*cli(lora_default.main, args, capsys), f"the run in {out} was made with", "resume with the same",
+                   "or choose another --out")
+    typed = option if value is None else f"{option} {value}"
+    assert line.startswith(f"error: {typed}"), line
+    assert line.replace(str(out), "").count("--") <= 6, line  # the option it names (and --out), not all
+    assert snapshot(tmp_path, env["ledger"]) == before  # untrained.json, the checkpoint, the record, the ledger
+
+
+def test_a_resume_on_other_data_is_refused_before_anything_is_loaded(env, lora_run, tmp_path, capsys, no_model):
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    other = write_sim_file(tmp_path / "other.h5", n_systems=40, n_steps=30, t_max=60.0, seed=7)
+    before = snapshot(tmp_path, env["ledger"])
+    args = with_option(lora_args(env, out) + ["--max-steps", "3", "--resume"], "--data", str(other))
+    refused(*cli(lora_default.main, args, capsys), "--resume", "other.h5", "--data")
+    assert snapshot(tmp_path, env["ledger"]) == before
+
+
+def test_a_run_recorded_before_its_settings_were_is_compared_by_its_files(env, lora_run, tmp_path, capsys,
+                                                                          no_model):
+    """A run whose record holds only the run and data settings (made before the record kept every group): the
+    forecast settings are read from its results.json and untrained.json, the training ones from its checkpoint."""
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    record = json.loads((out / RECORD).read_text())
+    record["settings"] = {k: v for k, v in record["settings"].items() if k in ("run", "data")}
+    (out / RECORD).write_text(json.dumps(record))
+    os.unlink(out / "results.json")  # as if interrupted: untrained.json and the checkpoint are what it has
+    before = snapshot(tmp_path, env["ledger"])
+    for option, value in (("--limit", "1"), ("--rank", "2"), ("--lr", "0.001"), ("--seed", "1")):
+        args = with_option(lora_args(env, out) + ["--max-steps", "3", "--resume"], option, value)
+        refused(*cli(lora_default.main, args, capsys), f"{option} {value}:", "was made with")
+    assert snapshot(tmp_path, env["ledger"]) == before
+
+
+def test_a_damaged_checkpoint_is_refused_before_the_model_loads(env, lora_run, tmp_path, capsys, no_model):
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    adapter = out / "training" / "checkpoint" / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-8])
+    before = snapshot(tmp_path, env["ledger"])
+    refused(*cli(lora_default.main, lora_args(env, out) + ["--max-steps", "3", "--resume"], capsys), str(adapter),
+            "checksum")
+    assert snapshot(tmp_path, env["ledger"]) == before
+
+
+def test_a_resume_may_change_what_does_not_define_the_run(env, lora_run, tmp_path):
+    """--plots, --max-steps, --eval-every, --checkpoint-every and --no-progress may differ: the resume goes on
+    from the checkpoint and reads the untrained forecast back (untrained.json unchanged, not charged again)."""
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    untrained = snapshot(out / "untrained.json")
+    spent = [json.loads(line) for line in env["ledger"].read_text().splitlines() if line.strip()]
+    args = lora_args(env, out) + ["--max-steps", "3", "--resume", "--plots", "1"]
+    args = with_option(with_option(args, "--eval-every", "3"), "--checkpoint-every", "2")
+    assert lora_default.main(args) == 0
+    assert json.loads((out / "training" / "summary.json").read_text())["steps"] == 3
+    assert snapshot(out / "untrained.json") == untrained
+    charged = [json.loads(line) for line in env["ledger"].read_text().splitlines() if line.strip()][len(spent):]
+    assert not any(e.get("what") == "untrained forecast" for e in charged), charged
+
+
+# --------------------------------------------------------------- 9. a directory that is not a run is not resumed
+
+def test_resume_into_a_users_directory_is_refused_as_not_a_run(env, tmp_path, capsys, no_model):
+    out = user_dir(tmp_path / "mine", {"README.md": "# my project\n", "training/notes.txt": "my notes\n"})
+    before = snapshot(tmp_path, env["ledger"])
+    line = refused(*cli(lora_default.main, lora_args(env, out) + ["--resume"], capsys), f"--out {out}",
+                   "not a run", "nothing to resume", "README.md", "training")
+    assert line.startswith("error: --resume")
+    assert snapshot(tmp_path, env["ledger"]) == before

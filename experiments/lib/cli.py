@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 
-from data import ENCODINGS, DataError
+from data import ENCODINGS, SCALINGS, DataError
 from miniqwen import ConfigError, WeightsError
 
 from .budget import BudgetExceededError, LedgerError
@@ -135,6 +135,10 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
         g.add_argument("--encoding", default=dt.encoding, choices=ENCODINGS,
                        help="how values are written: decimal (1.23,0.05) or integer (123,5: no decimal point, no "
                             f"leading zeros, as in LLMTIME; fewer tokens per step) (default {dt.encoding})")
+        g.add_argument("--scaling", default=dt.scaling, choices=SCALINGS,
+                       help="dataset: one LLMTIME scale fitted on the training split; series: an offset and a scale "
+                            "per species fitted on each trajectory's own context (LLMTIME's per-series scaling) "
+                            f"(default {dt.scaling})")
     if "forecast" in groups:
         g = p.add_argument_group("forecasting")
         g.add_argument("--split", default=f.split, choices=SPLITS, help=f"trajectories to forecast (default {f.split})")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from data import ENCODINGS, decode, encode
 from miniqwen import FlopCounter, chat_prompt, generate, token_ids_for
 from miniqwen.atomic import naming
+from miniqwen.generate import bar_disabled
 from miniqwen.tokenizer import END_OF_TEXT, IM_END
 
 from .results import Evaluation
@@ -74,11 +75,12 @@ class Forecaster(Protocol):
 # The LLM forecaster (LLMTIME, Gruver et al. 2023)
 # ---------------------------------------------------------------------------------------------------------------
 
-def forecast_prompt(context: np.ndarray, llmtime_scale: float, decimals: int, horizon: int, mode: str,
+def forecast_prompt(context: np.ndarray, llmtime_scale, decimals: int, horizon: int, mode: str,
                     encoding: str = "decimal") -> str:
     """The text the model continues for one trajectory.
 
-    ``context`` [C, 2] in data units, written in ``encoding`` ("decimal" or "integer", :func:`data.llmtime.encode`).
+    ``context`` [C, 2] in data units, written at ``llmtime_scale`` (a float α, or a ``data.SeriesScale``) in
+    ``encoding`` ("decimal" or "integer", :func:`data.llmtime.encode`).
     ``mode="raw"``: the LLMTIME string of the context followed by ";" — the model simply continues the sequence
     (Gruver et al. 2023). ``mode="chat"``: the same string inside a Qwen chat turn that asks for the next
     ``horizon`` steps in the same format; the assistant's answer is the forecast.
@@ -122,10 +124,10 @@ def allowed_token_ids(tokenizer, encoding: str = "decimal") -> list[int]:
 
 
 def prompt_lengths(tokenizer, contexts: np.ndarray, llmtime_scale: float, decimals: int, horizon: int,
-                   prompt: str, encoding: str = "decimal") -> list[int]:
-    """Token count of each context's prompt (what the cost plan needs)."""
-    return [len(tokenizer.encode(forecast_prompt(c, llmtime_scale, decimals, horizon, prompt, encoding)))
-            for c in contexts]
+                   prompt: str, encoding: str = "decimal", scaler=None) -> list[int]:
+    """Token count of each context's prompt (what the cost plan needs); ``scaler`` as :class:`LLMForecaster`'s."""
+    return [len(tokenizer.encode(forecast_prompt(c, scaler(c) if scaler else llmtime_scale, decimals, horizon,
+                                                 prompt, encoding))) for c in contexts]
 
 
 @dataclass
@@ -138,7 +140,9 @@ class LLMForecaster:
     ``batch_size`` at a time, sorted by length (less left padding). Every row stops after ``horizon`` ";" (or
     ``max_tokens_per_step(decimals, encoding) · horizon`` tokens); unparseable output is counted, never raised.
     ``encoding``: "decimal" or "integer", how the prompt is written and the output read (:mod:`data.llmtime`).
-    ``progress``: show progress bars.
+    ``progress``: show progress bars. ``scaler``: None (every context at ``llmtime_scale``) or ``context [C, 2] ->
+    data.SeriesScale``, each trajectory written and read at the scaling fitted on its own context (``--scaling
+    series``).
     """
 
     model: object
@@ -153,7 +157,8 @@ class LLMForecaster:
     seed: int = 0
     name: str = "llm"
     encoding: str = "decimal"
-    progress: bool = True
+    progress: bool | None = None
+    scaler: object = None
 
     def forecast(self, contexts: np.ndarray, horizon: int) -> Forecasts:
         """``contexts`` [n, C, 2] data units -> :class:`Forecasts` of ``horizon`` steps (FLOPs counted)."""
@@ -161,8 +166,9 @@ class LLMForecaster:
         allowed = allowed_token_ids(tok, self.encoding)
         semicolon = tok.token_to_id(";")
         eos = [tok.eos_token_id, tok.token_to_id(END_OF_TEXT), tok.token_to_id(IM_END)]
-        prompts = [tok.encode(forecast_prompt(c, self.llmtime_scale, self.decimals, horizon, self.prompt,
-                                              self.encoding)) for c in contexts]
+        scales = [self.scaler(c) if self.scaler else self.llmtime_scale for c in contexts]
+        prompts = [tok.encode(forecast_prompt(c, scale, self.decimals, horizon, self.prompt, self.encoding))
+                   for c, scale in zip(contexts, scales)]
         n, samples = len(prompts), self.samples
         out = np.full((n, samples, horizon, 2), np.nan)
         texts: list[list[str]] = [[] for _ in range(n)]
@@ -170,7 +176,7 @@ class LLMForecaster:
         counter = FlopCounter()
         order = sorted(range(n), key=lambda i: len(prompts[i]))
         with counter, tqdm(total=n, desc=f"forecasting ({self.name}, {samples} sample{'s' * (samples > 1)})",
-                           unit="traj", disable=not self.progress) as bar:
+                           unit="traj", disable=bar_disabled(self.progress)) as bar:
             for start in range(0, n, self.batch_size):
                 rows = order[start : start + self.batch_size]
                 generated = generate(
@@ -184,7 +190,7 @@ class LLMForecaster:
                 for j, i in enumerate(rows):
                     for s in range(samples):
                         text = tok.decode(generated[j * samples + s])
-                        decoded = decode(text, self.llmtime_scale, expected_steps=horizon,
+                        decoded = decode(text, scales[i], expected_steps=horizon,
                                          encoding=self.encoding, decimals=self.decimals)
                         out[i, s] = decoded.values
                         n_invalid[i] += decoded.n_invalid

@@ -23,24 +23,36 @@ from .option_names import option
 METHODS = ("llm", "var", "ar", "parrot", "persistence", "lv")
 ORDERS = tuple(range(1, 21))  # AR/VAR orders tried (as experiments.classical)
 PARROT_LENGTHS = (1, 2, 3, 5, 8, 12, 16, 20)  # = defaults.PARROT_LENGTHS (which imports torch); a test checks
+FIT = "fit"  # llmtime_scale: fit the scale on the context by the adapter's rule (series_forecast.text_format)
 BAND = (0.1, 0.9)  # the quantiles of the samples returned, written and drawn with samples > 1
 MODEL_ENV_VAR = "MINIQWEN_MODEL"  # = settings.MODEL_ENV_VAR (settings imports torch)
 
 
-def check_options(method: str, adapter, scale: float | None, samples: int, explicit: set[str],
+def check_options(method: str, adapter, scale: float | str | None, samples: int, explicit: set[str],
                   cli: bool = False) -> None:
-    """Refuse (UsageError) an unknown ``method``, a bad ``llmtime_scale`` and options of the LLM (``adapter``,
-    ``llmtime_scale``, ``samples`` > 1, and the names in ``explicit``: options given, e.g. decimals, encoding,
-    prompt, model) with a classical ``method``."""
+    """Refuse (UsageError) an unknown ``method``, a bad ``llmtime_scale`` (a positive finite number or "fit") and
+    options of the LLM (``adapter``, ``llmtime_scale``, ``samples`` > 1, and the names in ``explicit``: options
+    given, e.g. decimals, encoding, prompt, model) with a classical ``method``."""
     if method not in METHODS:
         raise UsageError(f"{option('method', method, cli)}: must be one of {', '.join(METHODS)}")
-    if scale is not None and not 0 < scale < float("inf"):
-        raise UsageError(f"{option('llmtime_scale', scale, cli)}: must be a positive finite number")
+    number = isinstance(scale, (int, float, np.floating)) and not isinstance(scale, bool)
+    if scale is not None and not (scale == FIT if isinstance(scale, str) else number and 0 < scale < float("inf")):
+        raise UsageError(f"{option('llmtime_scale', scale, cli)}: must be a positive finite number or "
+                         f"{FIT if cli else repr(FIT)}")
     llm_only = [name for name, used in [("adapter", adapter), ("llmtime_scale", scale), ("samples", samples > 1)]
                 + [(name, name in explicit) for name in ("decimals", "encoding", "prompt", "model")] if used]
     if method != "llm" and llm_only:
         raise UsageError(f"{option(llm_only[0], cli=cli)}: applies to {option('method', 'llm', cli)} only, not "
                          f"{option('method', method, cli)}")
+
+
+def number_or_fit(text: str) -> float | str:
+    """``--llmtime-scale``'s value: "fit" or a number in ASCII digits (an argparse ``type``: ValueError else)."""
+    if text == FIT:
+        return text
+    if not text.isascii():
+        raise ValueError(text)
+    return float(text)
 
 
 def classical(method: str, context: np.ndarray, horizon: int, dt: float, cli: bool = False):
@@ -136,7 +148,7 @@ class Forecast:
 
 
 def forecast(context, horizon: int = 20, method: str = "llm", adapter: str | None = None, model: str | None = None,
-             llmtime_scale: float | None = None, samples: int = 1, *, columns: tuple[str, str] | None = None,
+             llmtime_scale: float | str | None = None, samples: int = 1, *, columns: tuple[str, str] | None = None,
              time=None, temperature: float = 0.7, top_p: float = 0.9, decimals: int | None = None,
              encoding: str | None = None, prompt: str | None = None, device: str | None = None,
              precision: str = "auto", seed: int = 0, progress: bool | None = None) -> Forecast:
@@ -158,7 +170,12 @@ def forecast(context, horizon: int = 20, method: str = "llm", adapter: str | Non
         adapter: a PEFT-format adapter directory of this project, whose card gives its LLMTIME format (llm only).
         model: HF-layout model directory or Hub repo id (default ``$MINIQWEN_MODEL``, else Qwen2.5-0.5B-Instruct).
         llmtime_scale: data units per text unit (default: the adapter's, else fitted on the context: its 0.99
-            quantile written as 10).
+            quantile written as 10), or "fit": with an adapter, fitted on this context by the rule the adapter's
+            scale was fitted with on its training data (its card's ``scale_fit``: quantile_q(context) / target),
+            so the context fills the range of numbers the adapter was trained on whatever its units, and
+            forecasting c·x gives c times the forecast of x (the same text); without one, as the default. An
+            adapter trained with per-series scaling (card ``"scaling": "series"``) always writes the context at
+            ``data.fit_series_scale(context, quantile, target)`` (a number here is refused).
         samples: 1 = greedy decoding; N > 1 = N samples at ``temperature``/``top_p``, their median and 10–90 %.
         columns: a DataFrame's prey and predator columns; for an array, the names the result carries.
         time: ``(T,)`` strictly increasing sample times of the context (or a DataFrame's time column name), which
@@ -234,7 +251,7 @@ def _llm(values, H, adapter, model, scale, samples, temperature, top_p, decimals
     bars = sys.stderr.isatty() if progress is None else bool(progress)
     forecasts, label = sf.llm_forecast(run, fcs, fmt, adapter, values, H, bars, say, warn)
     name = "/".join(Path(adapter).resolve().parts[-2:]) if adapter else None  # no machine path in outputs
-    details = {"text_format": vars(fmt), "adapter": name, "weights": label, "label": label,
+    details = {"text_format": fmt.record(), "adapter": name, "weights": label, "label": label,
                "steps_unparsed": int(np.isnan(forecasts.values).any(-1).sum()),
                "sampling": {"samples": samples, "temperature": temperature, "top_p": top_p, "seed": seed}}
     return forecasts.samples[0], forecasts.texts[0], forecasts.flops, details

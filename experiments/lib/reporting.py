@@ -144,7 +144,19 @@ def search_section(results: dict[str, Results], results_root: Path, root: Path) 
         md += ["## Successive-halving search over learning rate × rank", ""]
         if r is not None:
             sel = r.details["selection"]
-            md += [f"**{run}** — {r.details['scale'].rstrip('.')}.", "", r.details["table_markdown"], "",
+            table = r.details["table_markdown"]
+            if any(x.get("score_sd") is not None for x in rows):  # SDs added to its rung records since: show them
+                base, u = r.details.get("untrained_score"), r.evaluations.get("untrained")
+                untrained = None if not base or u is None else {
+                    "score": base["score"], "median_mse": base["median_mse"], "val_loss": u.validation_loss,
+                    "prey_r2": u.metrics["prey"]["r2"], "predator_r2": u.metrics["predator"]["r2"],
+                    "parsed_fraction": u.parsed_fraction}
+                winner = next((x for records in done[-1:] for x in records if x["name"] == sel["chosen"]["point"]),
+                              None)
+                table = tables.search_table(rows, winner, untrained)
+                table += (f"\n\n± SD: the score's bootstrap standard deviation over the scoring trajectories "
+                          f"(`halving.score_sd`); {halving_tie_rule()}.")
+            md += [f"**{run}** — {r.details['scale'].rstrip('.')}.", "", table, "",
                    f"Selection: {sel['rule']} → **{sel['chosen']['point']} at {sel['chosen']['steps']} steps**.", ""]
         else:
             points = {x["name"] for x in rows}
@@ -158,6 +170,13 @@ def search_section(results: dict[str, Results], results_root: Path, root: Path) 
         md += ["Each point against the untrained model, trajectory by trajectory:", "", paired, ""] if paired else []
         md += _image(results_root, run, "rungs.png", root, "search rungs")
     return md
+
+
+def halving_tie_rule() -> str:
+    """The search's tie rule, as :mod:`experiments.lib.halving` states it."""
+    from .halving import TIE_RULE
+
+    return "ties: " + TIE_RULE
 
 
 def _untrained_row(run_dir: Path) -> dict | None:
@@ -256,6 +275,40 @@ def written_by_report(path: Path) -> bool:
     return head[0].rstrip("\n") == TITLE and head[1].strip() == "" and head[2].startswith(GENERATED)
 
 
+LLM_FORECASTERS = ("zero-shot", "untrained", "lora")
+
+
+def test_split_section(results: dict[str, Results], ledger: Ledger, results_root: Path) -> list[str]:
+    """Every evaluation of the test split by a language model so far, in the order the ledger first charged its
+    run: the stages' results (an LLM forecaster with split "test") and the re-forecasts of ``scripts/reforecast.py``
+    (a results.json with "committed_lora_metrics"), each with its R² — so that a reader sees how often the test
+    split was looked at."""
+    import json
+
+    first: dict[str, str] = {}
+    for e in ledger.entries() if ledger.path.is_file() else []:
+        first.setdefault(str(e.get("run")).split("/")[0], e.get("time", ""))
+    rows = []
+    for run, r in results.items():
+        for name, e in r.evaluations.items():
+            if e.split == "test" and e.forecaster in LLM_FORECASTERS:
+                rows.append((first.get(Path(run).name, ""), run, name, e.metrics))
+    for path in sorted(results_root.glob("*/results.json")):
+        raw = json.loads(path.read_text())
+        if isinstance(raw, dict) and "committed_lora_metrics" in raw and raw.get("split", "test") == "test":
+            rows.append((first.get(path.parent.name, ""), path.parent.name, "lora (re-forecast of " + raw["run"] + ")",
+                         raw["evaluations"]["lora"]["metrics"]))
+    if not rows:
+        return []
+    md = ["## Every look at the test split", "",
+          "Each language-model evaluation of the test split so far, in the order its run was first charged (the "
+          "classical forecasters, which spend no FLOPs and choose nothing on the test split, are not listed).", "",
+          "| first charged | run | forecaster | prey R² | predator R² |", "| --- | --- | --- | ---: | ---: |"]
+    for time, run, name, m in sorted(rows, key=lambda x: (x[0], x[1], x[2])):
+        md.append(f"| {time[:10] or '–'} | {run} | {name} | {m['prey']['r2']:.3f} | {m['predator']['r2']:.3f} |")
+    return md + [""]
+
+
 def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figures: Path, root: Path) -> str:
     """The report's Markdown for ``results`` (``{directory under results_root: Results}``); horizon-error PNGs are
     written to ``figures``; links are relative to ``root`` (the report's directory)."""
@@ -304,6 +357,7 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
     md += search_section(results, results_root, root)
     md += final_section(results, results_root, root)
 
+    md += test_split_section(results, ledger, results_root)
     groups = comparison_groups(results)
 
     def stage_of(label: str) -> str:

@@ -269,6 +269,10 @@ def claim_out(out: Path, stage: str, settings: dict, *, overwrite: bool = False,
     record cannot be written.
     """
     found = inspect_out(out, option)
+    if found.kind == "foreign" and resume:
+        raise UsageError(f"--resume: {option} {out} is not a run (it holds no run record, {RECORD}), so there is "
+                         f"nothing to resume; it holds files no stage wrote ({found.listing()}): choose another "
+                         f"{option}")
     if found.kind == "foreign":
         raise UsageError(f"{option} {out} holds files no stage wrote ({found.listing()}): choose another {option}")
     if found.kind == "empty" and resume:

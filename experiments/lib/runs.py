@@ -16,7 +16,7 @@ from lora import export_peft, merged, remove_lora
 from lora.head_bias import PEFT_HEAD_BIAS, has_head_bias
 
 from . import compare
-from .adapter_card import CARD_FILE, card_for
+from .adapter_card import peft_export_args
 from .classical_forecasters import Persistence
 from .costs import lora_stage_cost
 from .errors import UsageError
@@ -48,7 +48,7 @@ def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> L
     return LLMForecaster(session.model, session.tokenizer, session.dataset.llmtime_scale, session.dataset.decimals,
                          forecast.prompt, forecast.samples, forecast.temperature, forecast.top_p,
                          forecast.gen_batch_size, session.run.seed, name=name, encoding=session.dataset.encoding,
-                         progress=session.progress)
+                         progress=session.progress, scaler=session.dataset.context_scaler())
 
 
 def file_tag(name: str) -> str:
@@ -116,7 +116,7 @@ def show_examples(session: Session, split: str, steps: int = 5) -> list[dict]:
     indices, trajectories = session.dataset.trajectories(split, 2)
     examples = []
     for idx, traj in zip(indices, trajectories):
-        text = encode(traj[:steps], session.dataset.llmtime_scale, session.dataset.decimals,
+        text = encode(traj[:steps], session.dataset.text_scale(traj), session.dataset.decimals,
                       session.dataset.encoding)
         ids = session.tokenizer.encode(text)
         examples.append({"trajectory": int(idx), "raw": traj[:steps].tolist(), "text": text, "token_ids": ids})
@@ -161,7 +161,7 @@ class SessionSizes:
         ds = self.session.dataset
         contexts = ds.forecast_set(forecast)[2]
         return prompt_lengths(self.session.tokenizer, contexts, ds.llmtime_scale, ds.decimals, forecast.horizon,
-                              forecast.prompt, ds.encoding)
+                              forecast.prompt, ds.encoding, scaler=ds.context_scaler())
 
     def val_rows(self, train: TrainSettings) -> int:
         key = (train.context_length, train.stride)
@@ -195,16 +195,26 @@ def read_untrained(path: Path) -> dict:
                                                 "again), or choose another --out")
 
 
+def _without_plots(key: dict) -> dict:
+    """An untrained evaluation's settings ``key`` without the forecast's ``plots`` (figures, not numbers)."""
+    forecast = key.get("forecast")
+    if not isinstance(forecast, dict):
+        return key
+    return {**key, "forecast": {k: v for k, v in forecast.items() if k != "plots"}}
+
+
 def untrained_evaluation(session: Session, forecast: ForecastSettings, title: str, path: Path,
                          reuse: bool, predictions: dict | None = None) -> Evaluation:
     """The untrained model's forecast of ``forecast``'s trajectories, saved in ``path`` (JSON) and charged; with
     ``reuse`` a saved one made with the same model, compute dtype (``--precision`` as resolved; a file that
-    records only "auto" is taken at its word when "auto" is asked for again), seed, data and forecast settings is
-    read back instead (what --resume does). Its predictions [n, H, 2] are saved with it and put into
-    ``predictions`` (if a dict is given) under "untrained" (an older file without them gives none)."""
+    records only "auto" is taken at its word when "auto" is asked for again), seed, data and forecast settings
+    (but for ``plots``, which draws figures only) is read back instead (what --resume does). Its predictions
+    [n, H, 2] are saved with it and put into ``predictions`` (if a dict is given) under "untrained" (an older file
+    without them gives none)."""
     key = {"run": session.run_key(), **as_record(data=session.data_settings, forecast=forecast)}
     saved = read_untrained(path) if reuse and path.is_file() else None
-    if saved and with_resolved_precision(saved["settings"], session.run.precision, session.precision) == key:
+    if saved and _without_plots(with_resolved_precision(saved["settings"], session.run.precision,
+                                                        session.precision)) == _without_plots(key):
         print(f"reusing the untrained evaluation in {path}")
         if "predictions" in saved:
             pred = np.asarray(saved["predictions"], dtype=np.float64)
@@ -251,8 +261,7 @@ def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRAS
                                  on_step=on_step, forecast_score=forecast_score)
         if export:  # with its card: the LLMTIME scale, decimals, encoding and prompt it needs (adapter_card)
             bias = PEFT_HEAD_BIAS if has_head_bias(session.model) else None  # written by export_peft beside it
-            export_peft(session.model, out / "peft_adapter", base_model_name_or_path=session.weights,
-                        extra={CARD_FILE: card_for(session, forecast.prompt, head_bias=bias).to_json()})
+            export_peft(session.model, out / "peft_adapter", **peft_export_args(session, forecast.prompt, bias))
         forecaster = llm_forecaster(session, forecast, "lora")
         with merged(session.model):  # W + BA·scale in plain linear layers: the fast inference paths apply
             trained = forecast_and_save(session, forecaster, forecast, "trained",

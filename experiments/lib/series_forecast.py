@@ -12,13 +12,14 @@ Errors name options as on the command line when ``cli`` is true, else as Python 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from data import Series, fit_scale, is_hdf5, read_series_csv, read_trajectory
+from data import Series, SeriesScale, fit_scale, fit_series_scale, is_hdf5, read_series_csv, read_trajectory
 from miniqwen.atomic import atomic_write
 
 from .adapter_card import CARD_FILE, read_card
@@ -35,12 +36,13 @@ MAX_INTEGER_DIGITS = 3  # what one forecast step's token budget allows per value
 
 
 def read_input(path: str, index: int | None, columns: str | None, time_column: str | None, context_steps: int,
-               explicit: bool) -> Series:
+               explicit: bool, whole: bool = False) -> Series:
     """The series to forecast: trajectory ``index`` of a coursework HDF5 file (recognised by its signature or a
     .h5/.hdf5 name), whole, its first ``context_steps`` the context; else the last ``context_steps`` rows of a CSV
     (:func:`data.read_series_csv`, prey/predator columns named by ``columns`` "PREY,PREDATOR" or by the header, the
     time column by ``time_column`` or the header; every row validated, only those kept, so a file of any length
-    gives a bounded context). ``explicit``: ``--context-steps`` was given, so the series must have that many rows.
+    gives a bounded context), or with ``whole`` (a backtest) every row. ``explicit``: ``--context-steps`` was
+    given, so the series must have that many rows.
 
     Raises UsageError for options that do not fit the file kind; data.DataError / SeriesError (one line naming the
     file and row) for a bad file (a FIFO, device or socket refused before it is opened) or too few rows."""
@@ -62,17 +64,18 @@ def read_input(path: str, index: int | None, columns: str | None, time_column: s
         if len(names) != 2 or not all(names):
             raise UsageError(f"--columns {columns!r}: must be two column names, PREY,PREDATOR")
     return read_series_csv(path, names, context_steps if explicit else 1,
-                           f"--context-steps {context_steps}" if explicit else "", time_column, last=context_steps)
+                           f"--context-steps {context_steps}" if explicit else "", time_column,
+                           last=None if whole else context_steps)
 
 
 @dataclass
 class TextFormat:
-    """How the context is written for the LLM: LLMTIME scale (data units per text unit), decimals, encoding,
-    prompt mode, where the scale comes from (``source``), ``target``, the value the scale maps 99 % of its data
-    to (the typical range of the numbers the model reads), and the adapter's base weights (``base_model``, if
-    recorded)."""
+    """How the context is written for the LLM: LLMTIME scale (data units per text unit, or a ``data.SeriesScale``:
+    an offset and a scale per species), decimals, encoding, prompt mode, where the scale comes from (``source``),
+    ``target``, the value the scale maps 99 % of its data to (the typical range of the numbers the model reads),
+    and the adapter's base weights (``base_model``, if recorded)."""
 
-    llmtime_scale: float
+    llmtime_scale: float | SeriesScale
     decimals: int
     encoding: str
     prompt: str
@@ -80,17 +83,39 @@ class TextFormat:
     target: float = 10.0
     base_model: str | None = None
 
+    def to_text_units(self, values: np.ndarray) -> np.ndarray:
+        """``values`` [T, 2] data units -> the numbers the text writes (before rounding to ``decimals``)."""
+        scale = self.llmtime_scale
+        return scale.to_text_units(values) if isinstance(scale, SeriesScale) else np.asarray(values) / scale
 
-def text_format(adapter: str | None, scale: float | None, context: np.ndarray, decimals: int | None = None,
+    def describe(self) -> str:
+        """The scale in words: ``LLMTIME scale 0.59954`` or ``LLMTIME offsets (…) and scales (…) per species``."""
+        scale = self.llmtime_scale
+        if isinstance(scale, SeriesScale):
+            return (f"LLMTIME offsets ({scale.offset[0]:.5g}, {scale.offset[1]:.5g}) and scales ({scale.scale[0]:.5g}, "
+                    f"{scale.scale[1]:.5g}) per species")
+        return f"LLMTIME scale {scale:.5g}"
+
+    def record(self) -> dict:
+        """JSON-ready fields (a ``SeriesScale`` as ``{"offset": [prey, predator], "scale": [prey, predator]}``)."""
+        scale = self.llmtime_scale
+        return vars(self) | {"llmtime_scale": ({k: list(v) for k, v in asdict(scale).items()}
+                                               if isinstance(scale, SeriesScale) else scale)}
+
+
+def text_format(adapter: str | None, scale: float | str | None, context: np.ndarray, decimals: int | None = None,
                 encoding: str | None = None, prompt: str | None = None, cli: bool = False) -> TextFormat:
-    """The adapter's format (its card, :mod:`experiments.lib.adapter_card`; ``scale`` overrides its scale), else
-    ``decimals``/``encoding``/``prompt`` (None: 2, "decimal", "raw") with ``scale`` or a scale fitted on
-    ``context`` [C, 2] by the dataset rule (the 0.99 quantile of the values -> 10, ``DataSettings``; LLMTIME fits a
+    """The adapter's format (its card, :mod:`experiments.lib.adapter_card`; a number ``scale`` overrides its scale,
+    ``scale="fit"`` fits one on ``context`` [C, 2] by the card's rule, ``quantile_q(context) / target`` from its
+    ``scale_fit``, as the adapter's own scale was fitted on its training split; a card with ``"scaling":
+    "series"`` always gives ``data.fit_series_scale(context, quantile, target)``), else
+    ``decimals``/``encoding``/``prompt`` (None: 2, "decimal", "raw") with a number ``scale`` or a scale fitted on
+    ``context`` by the dataset rule (the 0.99 quantile of the values -> 10, ``DataSettings``; LLMTIME fits a
     scale per series too). Options given (not None) must agree with the card.
 
-    Raises UsageError: an option contradicts the card; an adapter without a card and no ``scale``; a context of
-    zeros with no scale given. (A trained head bias named by the card is loaded with the adapter by
-    ``lora.load_peft``.)
+    Raises UsageError: an option contradicts the card (a number ``scale`` for a per-series card too); an adapter
+    without a card and no ``scale``; a context of zeros with no scale given. (A trained head bias named by the card
+    is loaded with the adapter by ``lora.load_peft``.)
     AdapterError: a bad adapter directory or card."""
     given = {name: value for name, value in (("decimals", decimals), ("encoding", encoding), ("prompt", prompt))
              if value is not None}
@@ -105,21 +130,40 @@ def text_format(adapter: str | None, scale: float | None, context: np.ndarray, d
             if value != getattr(card, name):
                 raise UsageError(f"{option(name, value, cli)}: the adapter was trained with {name} "
                                  f"{getattr(card, name)} ({CARD_FILE}); leave the option out")
-        return TextFormat(scale or card.llmtime_scale, card.decimals, card.encoding, card.prompt,
-                          option("llmtime_scale", cli=cli) if scale else f"the adapter's ({CARD_FILE})",
+        rule = card.scale_fit
+        q = rule.get("quantile", DataSettings.scale_quantile)
+        q = float(q) if isinstance(q, (int, float)) and 0 < q <= 1 else DataSettings.scale_quantile
+        how = f"the {q:g} quantile -> {card.scale_target:g}, the adapter's rule ({CARD_FILE})"
+        if rule.get("scaling") == "series":
+            if scale not in (None, "fit"):
+                raise UsageError(f"{option('llmtime_scale', scale, cli)}: the adapter was trained with per-series "
+                                 f"scaling ({CARD_FILE}: scaling series), fitted on each context; leave it out")
+            scale, source = fit_series_scale(context, q, card.scale_target), f"fitted per species on the " \
+                f"{len(context)} context steps ({how}, scaling series)"
+        elif scale == "fit":
+            scale, source = _fit(context, q, card.scale_target, cli), f"fitted on the {len(context)} context " \
+                f"steps ({how})"
+        else:
+            source = option("llmtime_scale", cli=cli) if scale else f"the adapter's ({CARD_FILE})"
+        return TextFormat(scale or card.llmtime_scale, card.decimals, card.encoding, card.prompt, source,
                           card.scale_target, card.base_model)
     data = DataSettings(**{k: v for k, v in given.items() if k != "prompt"})
-    if scale is None:
-        try:
-            scale = fit_scale(context, data.scale_quantile, data.scale_target)
-        except ValueError:
-            raise UsageError("the context is (almost) all zero: no LLMTIME scale can be fitted to it; pass "
-                             f"{option('llmtime_scale', cli=cli)}") from None
+    if scale in (None, "fit"):
+        scale = _fit(context, data.scale_quantile, data.scale_target, cli)
         source = f"fitted on the {len(context)} context steps"
     else:
         source = option("llmtime_scale", cli=cli)
     return TextFormat(scale, data.decimals, data.encoding, given.get("prompt", ForecastSettings.prompt), source,
                       data.scale_target)
+
+
+def _fit(context: np.ndarray, quantile: float, target: float, cli: bool) -> float:
+    """``data.fit_scale(context, quantile, target)``; UsageError for a context of (almost) only zeros."""
+    try:
+        return fit_scale(context, quantile, target)
+    except ValueError:
+        raise UsageError("the context is (almost) all zero: no LLMTIME scale can be fitted to it; pass "
+                         f"{option('llmtime_scale', cli=cli)}") from None
 
 
 def check_digits(context: np.ndarray, fmt: TextFormat, where: str, cli: bool = False) -> str | None:
@@ -128,34 +172,49 @@ def check_digits(context: np.ndarray, fmt: TextFormat, where: str, cli: bool = F
 
     Raises UsageError (one line, ``where`` first): a value would need more than :data:`MAX_INTEGER_DIGITS` integer
     digits (the model could not even write such a forecast in its token budget), or every value is written as 0."""
-    scaled = np.asarray(context, dtype=np.float64) / fmt.llmtime_scale
-    top, unit = float(scaled.max()), 10.0 ** -fmt.decimals
+    scaled = fmt.to_text_units(np.asarray(context, dtype=np.float64))
+    top, unit, at = float(scaled.max()), 10.0 ** -fmt.decimals, f"at {fmt.describe()} ({fmt.source})"
+    fit = "" if fmt.source.startswith("fitted") else f" or pass {option('llmtime_scale', 'fit', cli)}"
     if top >= 10 ** MAX_INTEGER_DIGITS:
-        raise UsageError(f"{where}: values up to {float(np.max(context)):.4g} are {top:.4g} in text units at LLMTIME "
-                         f"scale {fmt.llmtime_scale:.5g} ({fmt.source}): {len(str(int(top)))} integer digits, more "
-                         f"than the {MAX_INTEGER_DIGITS} a forecast step may write, so the forecast would be garbage; "
-                         f"rescale the series (e.g. to the adapter's units) or pass {option('llmtime_scale', cli=cli)}")
+        raise UsageError(f"{where}: values up to {float(np.max(context)):.4g} are {top:.4g} in text units {at}: "
+                         f"{len(str(int(top)))} integer digits, more than the {MAX_INTEGER_DIGITS} a forecast step "
+                         f"may write, so the forecast would be garbage; rescale the series (e.g. to the adapter's "
+                         f"units){fit} or pass {option('llmtime_scale', cli=cli)}")
     if top < unit / 2:
-        raise UsageError(f"{where}: every value is written as 0 at LLMTIME scale {fmt.llmtime_scale:.5g} with "
-                         f"{fmt.decimals} decimals ({fmt.source}): rescale the series or pass "
-                         f"{option('llmtime_scale', cli=cli)}")
+        raise UsageError(f"{where}: every value is written as 0 {at} with {fmt.decimals} decimals: rescale the "
+                         f"series{fit} or pass {option('llmtime_scale', cli=cli)}")
     if top >= 10 * fmt.target:
-        return (f"values reach {top:.0f} in text units at LLMTIME scale {fmt.llmtime_scale:.5g} ({fmt.source}), "
-                f"{top / fmt.target:.0f} times the {fmt.target:g} this scale maps 99 % of its data to: the model "
-                "has seen few such numbers")
+        return (f"values reach {top:.0f} in text units {at}, {top / fmt.target:.0f} times the {fmt.target:g} this "
+                f"scale maps 99 % of its data to: the model has seen few such numbers{fit.replace(' or', ';')}")
     if np.quantile(scaled, 0.99) < 10 * unit:
-        return (f"values are mostly below {10 * unit:g} in text units at LLMTIME scale {fmt.llmtime_scale:.5g} "
-                f"({fmt.source}): written with {fmt.decimals} decimals they keep less than 2 significant digits")
+        return (f"values are mostly below {10 * unit:g} in text units {at}: written with {fmt.decimals} decimals "
+                f"they keep less than 2 significant digits{fit.replace(' or', ';')}")
     return None
+
+
+_loaded: dict | None = None  # inside keep_loaded(): {(model, device, precision, adapter): (model, tokenizer)}
+
+
+@contextmanager
+def keep_loaded():
+    """Within it, :func:`llm_forecast` loads each (model, device, precision, adapter) once and reuses it (a
+    backtest forecasts many contexts with one model); outside, every call loads its own, kept no longer."""
+    global _loaded
+    outer, _loaded = _loaded, ({} if _loaded is None else _loaded)
+    try:
+        yield
+    finally:
+        _loaded = outer
 
 
 def llm_forecast(run: RunSettings, forecast: ForecastSettings, fmt: TextFormat, adapter: str | None,
                  context: np.ndarray, horizon: int, progress: bool, log=print, warn=print) -> tuple[Forecasts, str]:
     """Load ``run.model`` (and the PEFT adapter ``adapter``, merged into its weights while forecasting:
-    ``lora.merged``) and forecast one context [C, 2] with :class:`evaluation.LLMForecaster` in ``fmt`` and
-    ``forecast``'s sampling (tqdm bars if ``progress``). Returns ``(Forecasts, the weights' label)``; says what it
-    loaded with ``log`` and, through ``warn``, if the adapter's card names other base weights or the precision is
-    emulated. Raises WeightsError/ConfigError (model), AdapterError (adapter)."""
+    ``lora.merged``; inside :func:`keep_loaded`, once) and forecast one context [C, 2] with
+    :class:`evaluation.LLMForecaster` in ``fmt`` and ``forecast``'s sampling (tqdm bars if ``progress``). Returns
+    ``(Forecasts, the weights' label)``; says what it loaded with ``log`` and, through ``warn``, if the adapter's
+    card names other base weights or the precision is emulated. Raises WeightsError/ConfigError (model),
+    AdapterError (adapter)."""
     import torch
 
     from lora import load_peft, merged
@@ -165,16 +224,24 @@ def llm_forecast(run: RunSettings, forecast: ForecastSettings, fmt: TextFormat, 
 
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
-    model, tokenizer = load_pretrained(resolve_model_dir(run.model), dtype=getattr(torch, precision), device=device)
     label = weights_label(run.model)
-    log(f"model: {label} — computing on {device} in {precision}; LLMTIME scale {fmt.llmtime_scale:.5g} "
-        f"({fmt.source}), {fmt.decimals} decimals, {fmt.encoding}, prompt {fmt.prompt}")
-    if slow := emulated_precision(device, precision):
-        warn(slow)
-    if fmt.base_model and fmt.base_model != label:
-        warn(f"the adapter was trained on {fmt.base_model}, not on {label}")
-    if adapter:
-        load_peft(model, adapter)
+    key = (run.model, str(device), precision, str(Path(adapter).resolve()) if adapter else None)
+    if _loaded is not None and key in _loaded:
+        model, tokenizer = _loaded[key]
+    else:
+        model, tokenizer = load_pretrained(resolve_model_dir(run.model), dtype=getattr(torch, precision),
+                                           device=device)
+        log(f"model: {label} — computing on {device} in {precision}; {fmt.describe()} ({fmt.source}), "
+            f"{fmt.decimals} decimals, {fmt.encoding}, prompt {fmt.prompt}")
+        if slow := emulated_precision(device, precision):
+            warn(slow)
+        if fmt.base_model and fmt.base_model != label:
+            warn(f"the adapter was trained on {fmt.base_model}, not on {label}")
+        if adapter:
+            load_peft(model, adapter)
+        if _loaded is not None:
+            _loaded.clear()  # one model at a time
+            _loaded[key] = model, tokenizer
     forecaster = LLMForecaster(model, tokenizer, fmt.llmtime_scale, fmt.decimals, fmt.prompt, forecast.samples,
                                forecast.temperature, forecast.top_p, 1, run.seed, name="lora" if adapter else "base",
                                encoding=fmt.encoding, progress=progress)

@@ -10,6 +10,7 @@ one path for compute: plan -> check -> spend -> write results -> charge.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import DataError, LotkaVolterraData, encode, fit_scale, load_trajectories, resolve_data_path, split_indices
+from data import (DataError, LotkaVolterraData, encode, fit_scale, fit_series_scale, load_trajectories,
+                  resolve_data_path, split_indices)
 from miniqwen import WeightsError, load_pretrained
 from miniqwen.atomic import atomic_write
 from miniqwen.device import emulated_precision
@@ -35,8 +37,26 @@ from .errors import UsageError
 from .results import Results
 from .run_directory import (RECORD, RunDirectory, dig, empty_run_directory, inspect_out, nonempty_object, read_json,
                             why_protected)
-from .settings import DataSettings, ForecastSettings, RunSettings, as_record
+from .settings import GROUPS, SERIES_FIT_STEPS, DataSettings, ForecastSettings, RunSettings, TrainSettings, as_record
 from .training import distributed
+from .training.checkpoint import find_checkpoint, read_checkpoint
+
+#: The settings that define a run, by group: ``--resume`` must give the same ones, and :class:`Session` compares
+#: them with what the run recorded before the model loads and before anything is written or charged. The weights
+#: and the data are compared by identity (sha256, not by name), the compute dtype as resolved (``--precision auto``
+#: picks by device), and with the cosine learning-rate schedule also ``max_steps``. ``gen_batch_size`` is one of
+#: them: the rows batched together (their padding, the sampling seeds per batch) change the forecasts. Everything
+#: else may differ on a resume: where to compute (``--device``), the ledger, ``--force``, progress bars, ``--plots``
+#: (figures only), how long to train (``--max-steps``), when to evaluate, checkpoint or stop early, whether to
+#: restore the best weights and what "best" means (``--select-by``), ``--compile``.
+RUN_DEFINING = {
+    "run": ("seed",),
+    "data": ("decimals", "encoding", "scaling", "scale_quantile", "scale_target"),
+    "forecast": ("split", "limit", "context_steps", "horizon", "prompt", "samples", "temperature", "top_p",
+                 "gen_batch_size"),
+    "lora": ("rank", "lora_alpha", "targets", "head_bias"),
+    "train": tuple(k for k in TrainSettings.RESUME_FIXED if k not in TrainSettings.RESELECTABLE),
+}
 
 
 @dataclass
@@ -45,7 +65,9 @@ class Dataset:
 
     Attributes: ``data`` (trajectories [N, T, 2], time [T]), ``splits`` ({name: indices}), ``llmtime_scale``
     (data units per text unit), ``sha256`` of the file, ``decimals`` of the LLMTIME text and its ``encoding``
-    ("decimal" or "integer", ``data.llmtime.encode``).
+    ("decimal" or "integer", ``data.llmtime.encode``); ``scaling`` "dataset" (every text at ``llmtime_scale``) or
+    "series" (each trajectory at its own ``data.llmtime.fit_series_scale`` with ``scale_quantile`` / ``scale_target``:
+    fitted on its first ``SERIES_FIT_STEPS`` steps for training text, on the context for a prompt).
     """
 
     data: LotkaVolterraData
@@ -54,6 +76,22 @@ class Dataset:
     sha256: str
     decimals: int
     encoding: str = "decimal"
+    scaling: str = "dataset"
+    scale_quantile: float = 0.99
+    scale_target: float = 10.0
+
+    def context_scaler(self):
+        """None for "dataset" scaling (every text at ``llmtime_scale``); for "series" the function ``context [C, 2]
+        -> SeriesScale`` that fits a trajectory's scaling on the context it is given."""
+        if self.scaling == "dataset":
+            return None
+        return lambda context: fit_series_scale(context, self.scale_quantile, self.scale_target)
+
+    def text_scale(self, trajectory: np.ndarray):
+        """The scale a whole trajectory ``[T, 2]`` is written with: ``llmtime_scale``, or its series scaling fitted
+        on its first ``SERIES_FIT_STEPS`` steps (what a forecast's context would give)."""
+        scaler = self.context_scaler()
+        return self.llmtime_scale if scaler is None else scaler(trajectory[:SERIES_FIT_STEPS])
 
     def trajectories(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(indices (n,), trajectories [n, T, 2])`` of the first ``limit`` trajectories of ``split``."""
@@ -62,7 +100,7 @@ class Dataset:
 
     def texts(self, split: str, limit: int | None = None) -> list[str]:
         """LLMTIME text of whole trajectories of ``split`` (the training and validation-loss corpus)."""
-        return [encode(t, self.llmtime_scale, self.decimals, self.encoding)
+        return [encode(t, self.text_scale(t), self.decimals, self.encoding)
                 for t in self.trajectories(split, limit)[1]]
 
     def forecast_set(self, forecast: ForecastSettings):
@@ -83,10 +121,14 @@ class Dataset:
         return indices, trajectories, contexts, truth
 
     def record(self) -> dict:
-        """What results say about the data: file name (no directory), checksum, scale, text format, size."""
+        """What results say about the data: file name (no directory), checksum, scale, text format, size; for a
+        synthetic file (one with a ``source`` attribute, e.g. the fallback set used when no coursework file is
+        found) also ``"synthetic": True`` and its ``"source"`` (how it was simulated)."""
         return {"file": self.data.path.name, "sha256": self.sha256, "llmtime_scale": self.llmtime_scale,
                 "decimals": self.decimals, "encoding": self.encoding, "n_trajectories": self.data.n_systems,
-                "n_steps": self.data.n_steps}
+                "n_steps": self.data.n_steps, **({} if self.scaling == "dataset" else {
+                    "scaling": self.scaling, "series_fit_steps": SERIES_FIT_STEPS}),
+                **({"synthetic": True, "source": self.data.source} if getattr(self.data, "source", None) else {})}
 
 
 def load_dataset(settings: DataSettings) -> Dataset:
@@ -100,7 +142,8 @@ def load_dataset(settings: DataSettings) -> Dataset:
         raise DataError(f"{data.path}: cannot fit the LLMTIME scale on its training split "
                         f"({str(err).removeprefix('fit_scale: ').rstrip('.')})") from None
     sha = hashlib.sha256(data.path.read_bytes()).hexdigest()
-    return Dataset(data, splits, scale, sha, settings.decimals, settings.encoding)
+    return Dataset(data, splits, scale, sha, settings.decimals, settings.encoding, settings.scaling,
+                   settings.scale_quantile, settings.scale_target)
 
 
 def seed_everything(seed: int) -> None:
@@ -143,6 +186,26 @@ def with_resolved_precision(saved: dict, precision_option: str | None, precision
     return saved
 
 
+def _option(field: str) -> str:
+    """A settings field's command-line option: ``gen_batch_size`` -> ``--gen-batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def _comparable(value):
+    """A setting as JSON reads it back (tuples are lists), to compare a recorded value with one given now."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _spelled(option: str, value) -> str:
+    """``option`` with ``value`` as it is typed: ``--seed 0``, ``--targets q_proj,v_proj``, ``--limit none``,
+    ``--head-bias`` / ``--no-head-bias``."""
+    if isinstance(value, bool):
+        return option if value else "--no-" + option[2:]
+    if isinstance(value, (list, tuple)):
+        return f"{option} {','.join(map(str, value))}"
+    return f"{option} {'none' if value is None else value}"
+
+
 def _model_name(model) -> str | None:
     return Path(str(model)).name if model else None
 
@@ -157,8 +220,12 @@ class Session:
             ranks > 0 (``is_main`` False) only run rank 0's training jobs (``runs.follow``); they neither check
             nor touch ``run.out``. A stage that does not train refuses torchrun.
         join: ``run.out`` is shared with other jobs (sweep shards): it may hold results or nothing yet.
-        progress: show the forecasts' progress bars (training stages pass ``--no-progress`` here, so that it silences
-            every bar of the stage, not only the training loop's).
+        progress: the forecasts' progress bars: True (the default) shows them only where stderr is a terminal (no
+            bars in a pipe or a log file), False hides them (training stages pass ``--no-progress`` here, so that it
+            silences every bar of the stage, not only the training loop's).
+        defines: the stage's other settings groups that define its runs (e.g. ``{"forecast": ..., "lora": ...,
+            "train": ...}``): kept in the run record, and on ``--resume`` compared (:data:`RUN_DEFINING`) with what
+            the run recorded before anything is loaded, written or charged (:meth:`_check_same_settings`).
 
     ``run.out`` is a run directory: the Session keeps a run record (:data:`RECORD`: the stage, the settings, the data
     checksum and the weights' identity) in every one it makes, and only a directory a stage made is resumed (by the
@@ -169,15 +236,19 @@ class Session:
     Raises:
         UsageError: ``run.out`` holds files no stage wrote, or another stage's run, or results and neither
             ``resume`` nor ``overwrite`` is set (neither when joining); ``resume`` for a stage that does not train,
-            with nothing in ``run.out`` to resume, or on other data or weights than the run's; ``overwrite`` of the
+            with nothing in ``run.out`` to resume (or a directory that is not a run), on other data or weights than
+            the run's, or with another setting that defines the run (one line naming the option); ``overwrite`` of the
             current directory, a parent of it, the repository, the home directory or the root; torchrun for a stage
             that does not train; ``run.out`` cannot be created.
         data.DataError: the data file is missing or invalid.
     """
 
     def __init__(self, stage: str, run: RunSettings, data: DataSettings, *, trains: bool = False,
-                 join: bool = False, progress: bool = True):
-        self.stage, self.run, self.data_settings, self.join, self.progress = stage, run, data, join, progress
+                 join: bool = False, progress: bool = True, defines: dict | None = None):
+        # bars on a terminal only: a stage's "progress" (no --no-progress) shows them where stderr is a terminal
+        self.stage, self.run, self.data_settings, self.join = stage, run, data, join
+        self.progress = None if progress is True else progress
+        self.defines = dict(defines or {})
         self.emulation: Float32Matmuls | None = None  # entered for the process when bf16 is emulated (see _loaded)
         self.out = Path(run.out).expanduser() if run.out else Path("runs") / stage
         if run.resume and not trains and not join:
@@ -195,6 +266,8 @@ class Session:
         if found is not None:
             if (run.resume or join) and found.kind in ("run", "legacy"):
                 self._check_same_run(found)
+            if run.resume and found.kind == "run":
+                self._check_same_settings(found)
             if run.overwrite and found.kind in ("run", "legacy"):
                 empty_run_directory(self.out)
                 found = RunDirectory(self.out, "empty")
@@ -206,6 +279,10 @@ class Session:
         """What ``--out`` holds, refused (UsageError) unless this run may use it as asked; changes nothing."""
         run, out, stage = self.run, self.out, self.stage
         found = inspect_out(out)
+        if found.kind == "foreign" and run.resume and not join:
+            raise UsageError(f"--resume: --out {out} is not a run (it holds no run record, {RECORD}), so there is "
+                             f"nothing to resume; it holds files no stage wrote ({found.listing()}): choose another "
+                             "--out")
         if found.kind == "foreign":
             raise UsageError(f"--out {out} holds files no stage wrote ({found.listing()}): choose another --out")
         if found.kind == "empty":
@@ -256,6 +333,53 @@ class Session:
                                  f"({', '.join(sorted(names))}): resume with the same --model, or choose another "
                                  "--out")
 
+    def _check_same_settings(self, found: RunDirectory) -> None:
+        """Refuse (UsageError, one line naming each option that differs) to resume ``found`` with other settings
+        that define the run (:data:`RUN_DEFINING`, of the groups this stage has: run, data and ``defines``; the
+        compute dtype as resolved) than the run was made with. What it was made with is what it recorded: its run
+        record's settings, its results.json's, untrained.json's for a group neither of those holds (a record
+        written before it kept every group) and its training checkpoint (``training/``, when the stage trains:
+        the training and LoRA settings, seed and dtype its steps were taken with; a damaged checkpoint is refused
+        here too, naming the file). Reads only; runs before the model loads and before anything is written or
+        charged, so that a refused resume leaves the run exactly as it was."""
+        now = as_record(run=self.run, data=self.data_settings, **self.defines)
+        record, results = dig(found.record, "settings"), dig(found.results, "settings")
+        sources = [s for s in (record, results) if isinstance(s, dict)]
+        untrained = dig(read_json(self.out / "untrained.json"), "settings")
+        untrained = untrained if isinstance(untrained, dict) else {}
+        sources.append({g: v for g, v in untrained.items() if not any(isinstance(s.get(g), dict) for s in sources)})
+        dtypes = [dig(record, "run", "precision"), dig(results, "run", "precision")]  # as given: "auto" says nothing
+        ckpt = find_checkpoint(self.out / "training") if "train" in self.defines else None
+        if ckpt is not None:  # the dtype the steps were taken in, as resolved
+            state = read_checkpoint(ckpt).state
+            sources.append({"train": state.get("settings"), "lora": state.get("lora"),
+                            "run": {"seed": state["seed"]} if "seed" in state else None})
+            dtypes.append(state.get("precision"))
+        else:  # the untrained forecast's, as resolved ("auto" in a file from before the dtype was resolved)
+            dtypes.append(dig(untrained, "run", "precision"))
+        changed: dict[str, tuple] = {}  # option -> (its value now, the run's)
+        cosine = dig(now, "train", "lr_schedule") == "cosine"  # TrainSettings.schedule_depends_on_max_steps
+        for source in sources:
+            for group, fields in RUN_DEFINING.items():
+                saved = source.get(group)
+                if group not in now or not isinstance(saved, dict):
+                    continue
+                defaults = {f.name: f.default for f in dataclasses.fields(GROUPS[group])}
+                for name in fields + (("max_steps",) if group == "train" and cosine else ()):
+                    was, is_ = saved.get(name, defaults[name]), now[group].get(name, defaults[name])
+                    if _comparable(was) != _comparable(is_):
+                        changed.setdefault(_option(name), (is_, was))
+        for dtype in dtypes:
+            if isinstance(dtype, str) and dtype != "auto" and dtype != self.precision:
+                asked = self.run.precision
+                changed.setdefault("--precision", (asked if asked == self.precision else
+                                                   f"{asked} ({self.precision} here)", dtype))
+        if changed:
+            options = list(changed)
+            raise UsageError(f"{', '.join(_spelled(o, changed[o][0]) for o in options)}: the run in {self.out} was "
+                             f"made with {', '.join(_spelled(o, changed[o][1]) for o in options)}; resume with the "
+                             f"same {' and '.join(options)}, or choose another --out")
+
     def _make_out(self, found: RunDirectory) -> None:
         """Create ``--out`` (a link's target) and its run record, or keep the record of the run being continued."""
         try:
@@ -265,7 +389,7 @@ class Session:
                 return
             record = {"made_by": "miniqwen", "stage": self.stage,
                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "settings": as_record(run=self.run, data=self.data_settings),
+                      "settings": as_record(run=self.run, data=self.data_settings, **self.defines),
                       "data": {"file": self.dataset.data.path.name, "sha256": self.dataset.sha256},
                       "weights": None, "written": []}
             if found.kind == "legacy":

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import ENCODINGS
+from data import ENCODINGS, SCALINGS
 from lora import DEFAULT_LORA_TARGETS
 from miniqwen.config import PROJECTIONS
 from miniqwen.loading import DEFAULT_MODEL
@@ -131,6 +131,10 @@ class RunSettings:
             raise UsageError("--resume and --overwrite cannot be used together")
 
 
+#: steps of a training trajectory its "series" scaling is fitted on: the forecast context (80 of the coursework's 100)
+SERIES_FIT_STEPS = 80
+
+
 @dataclass
 class DataSettings:
     """Where the data is and how it becomes LLMTIME text.
@@ -145,6 +149,10 @@ class DataSettings:
             zeros, LLMTIME's own encoding; 7.2 instead of 10.0 tokens per step at 2 decimals), see
             ``data.llmtime.encode``. Recorded only when not "decimal" (:func:`as_record`), so records made before
             the option existed still match.
+        scaling: "dataset" (one scale α fitted on the training split) or "series" (an offset and a scale per
+            species fitted on each trajectory's own context, ``data.llmtime.fit_series_scale``: on its first
+            :data:`SERIES_FIT_STEPS` steps for training text, on the forecast's context for a prompt). Recorded
+            only when not "dataset".
     """
 
     data: str | None = None
@@ -152,6 +160,7 @@ class DataSettings:
     scale_quantile: float = 0.99
     scale_target: float = 10.0
     encoding: str = "decimal"
+    scaling: str = "dataset"
 
     def validate(self) -> None:
         _int("decimals", self.decimals, 0)
@@ -164,6 +173,7 @@ class DataSettings:
                               f"writes values of more than {MAX_VALUE_DIGITS} digits at --decimals {self.decimals} "
                               f"(a step would fill a context): must be < 1e{MAX_VALUE_DIGITS - self.decimals}")
         _choice("encoding", self.encoding, ENCODINGS)
+        _choice("scaling", self.scaling, SCALINGS)
 
 
 @dataclass
@@ -381,7 +391,7 @@ GROUPS = {"run": RunSettings, "data": DataSettings, "forecast": ForecastSettings
 #: fields added after records existed, recorded only when they differ from these values (:func:`as_record`): the
 #: record (and study key) of a run that does not use them equals the one made before they existed; a reader of a
 #: record takes a missing field as this value
-RECORDED_UNLESS = {LoRASettings: {"head_bias": False},
+RECORDED_UNLESS = {DataSettings: {"scaling": "dataset"}, LoRASettings: {"head_bias": False},
                    TrainSettings: {"lr_schedule": "constant", "warmup_steps": 0}}
 
 

@@ -92,7 +92,7 @@ def search_rows(rungs: list[list[dict]]) -> list[dict]:
         for r in records:
             m = r["evaluation"]["metrics"]
             rows.append({"rung": r["rung"], "name": r["name"], "lr": r["lr"], "rank": r["rank"], "steps": r["steps"],
-                         "score": r["score"], "val_loss": r["val_loss"],
+                         "score": r["score"], "score_sd": r.get("score_sd"), "val_loss": r["val_loss"],
                          "prey_median_mse": r["median_mse"]["prey"],
                          "predator_median_mse": r["median_mse"]["predator"], "prey_mse": m["prey"]["mse"],
                          "predator_mse": m["predator"]["mse"], "prey_r2": m["prey"]["r2"],
@@ -107,16 +107,16 @@ def search_table(rows: list[dict], winner: dict | None = None, untrained: dict |
     "median_mse": {"prey", "predator"}, "prey_r2", "predator_r2", "parsed_fraction"}``, a value None where unknown),
     then one row per :func:`search_rows` row, the ``winner`` (a rung record) in bold."""
     fmt = format_number
-    lines = ["| rung | point | steps | score | val loss | prey median MSE | predator median MSE | prey R² | "
-             "predator R² | parsed |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| rung | point | steps | score | ± SD | val loss | prey median MSE | predator median MSE | prey R² | "
+             "predator R² | parsed |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     if untrained is not None:
         u = untrained
-        lines.append(f"| – | untrained | 0 | {fmt(u['score'])} | {fmt(u['val_loss'])} | "
+        lines.append(f"| – | untrained | 0 | {fmt(u['score'])} | {fmt(u.get('score_sd'))} | {fmt(u['val_loss'])} | "
                      f"{fmt(u['median_mse']['prey'])} | {fmt(u['median_mse']['predator'])} | "
                      f"{fmt(u['prey_r2'], '.3f')} | {fmt(u['predator_r2'], '.3f')} | {u['parsed_fraction']:.0%} |")
     for r in rows:
         bold = "**" if winner and (r["name"], r["rung"]) == (winner["name"], winner["rung"]) else ""
         lines.append(f"| {r['rung']} | {bold}{r['name']}{bold} | {r['steps']} | {bold}{fmt(r['score'])}{bold} | "
-                     f"{fmt(r['val_loss'])} | {fmt(r['prey_median_mse'])} | {fmt(r['predator_median_mse'])} | "
+                     f"{fmt(r.get('score_sd'))} | {fmt(r['val_loss'])} | {fmt(r['prey_median_mse'])} | {fmt(r['predator_median_mse'])} | "
                      f"{fmt(r['prey_r2'], '.3f')} | {fmt(r['predator_r2'], '.3f')} | {r['parsed_fraction']:.0%} |")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from data.chunks import Chunks
 from miniqwen import flop_count
 from miniqwen.flop_count import FlopCounter, loss_flops
+from miniqwen.generate import bar_disabled
 from miniqwen.model import HeadRows
 
 IGNORE_INDEX = -100  # the target of positions without one (PyTorch's and transformers' convention)
@@ -68,8 +69,9 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def validation_loss(model: nn.Module, chunks: Chunks, batch_size: int, precision: str = "float32",
-                    progress: bool = True) -> tuple[float, int]:
-    """Mean token-level cross-entropy of ``model`` over all of ``chunks`` (padding masked), on the model's device.
+                    progress: bool | None = None) -> tuple[float, int]:
+    """Mean token-level cross-entropy of ``model`` over all of ``chunks`` (padding masked), on the model's device,
+    with a tqdm bar if ``progress`` (None: only when stderr is a terminal).
 
     Returns ``(loss, forward_flops)``: the loss (nats/token; sum over all targets / their number, nan if none) and
     the FLOPs counted for the forwards + loss (1× convention: what an evaluation costs).
@@ -80,7 +82,7 @@ def validation_loss(model: nn.Module, chunks: Chunks, batch_size: int, precision
 
 @torch.no_grad()
 def validation_sums(model: nn.Module, chunks: Chunks, batch_size: int, precision: str = "float32",
-                    progress: bool = False) -> tuple[float, int, int]:
+                    progress: bool | None = False) -> tuple[float, int, int]:
     """``(sum of the token losses, number of targets, forward FLOPs)`` of ``model`` over ``chunks`` [M, L] in
     batches of ``batch_size``: what :func:`validation_loss` divides, and what ranks sum when each evaluates a shard
     (every counted FLOP is proportional to the rows, so the shards' FLOPs add up to the whole set's)."""
@@ -90,7 +92,7 @@ def validation_sums(model: nn.Module, chunks: Chunks, batch_size: int, precision
     total, count = 0.0, 0
     with FlopCounter() as counter:
         for start in tqdm(range(0, len(chunks), batch_size), desc="validation loss", unit="batch", leave=False,
-                          disable=not progress):
+                          disable=bar_disabled(progress)):
             ids = chunks.input_ids[start:start + batch_size].to(device)
             mask = chunks.attention_mask[start:start + batch_size].to(device)
             with autocast_context(device, precision):

@@ -24,6 +24,7 @@ from data.chunks import Chunks
 from lora import lora_state_dict
 from miniqwen.device import FLOAT16_OVERFLOW
 from miniqwen.flop_count import FlopCounter
+from miniqwen.generate import bar_disabled
 from miniqwen.model import HeadRows
 
 from ..errors import UsageError
@@ -221,7 +222,9 @@ class Run:
 
     def run_steps(self, on_step: Callable[[int], None] | None = None) -> None:
         """Evaluate at the start (``eval_at_start``, a fresh run only), then train step by step until ``max_steps``
-        or an early stop, with a progress bar (rank 0, ``settings.progress``); ``on_step(step)`` after each step.
+        or an early stop, with a progress bar (rank 0, ``settings.progress``: True or None = only when stderr is a
+        terminal, False = none);
+        ``on_step(step)`` after each step.
         Leaves the model in eval mode. Stopped by Ctrl-C (SIGINT, ``KeyboardInterrupt``), it charges the steps and
         evaluations completed since the last checkpoint before it stops (:meth:`charge`, marked discarded): they
         were spent, and a resume spends them again. A crash or a kill (SIGKILL, power loss) leaves them uncharged:
@@ -231,8 +234,8 @@ class Run:
         try:
             if self.val is not None and st.step == 0 and settings.eval_at_start:  # a resumed run is past step 0
                 self.evaluate()
-            bar = tqdm(total=settings.max_steps, initial=st.step, disable=not (settings.progress and self.main),
-                       desc=self.stage, dynamic_ncols=True)
+            bar = tqdm(total=settings.max_steps, initial=st.step, desc=self.stage, dynamic_ncols=True,
+                       disable=bar_disabled(None if settings.progress else False) if self.main else True)
             self.model.train()
             while st.step < settings.max_steps and not st.stopped_early:
                 loss_value = self.train_step()
