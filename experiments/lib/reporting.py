@@ -316,8 +316,10 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
           "`results.json` (settings, weights and data checksum recorded beside it).", ""]
     weights = sorted({r.weights for r in results.values() if r.weights})
     data = sorted({(r.data.get("file"), r.data.get("sha256")) for r in results.values()})
+    synthetic = sorted({r.data["source"] for r in results.values() if r.data.get("synthetic") and r.data.get("source")})
     md += ["**Weights:** " + "; ".join(weights) if weights else "**Weights:** –",
            "", "**Data:** " + "; ".join(f"`{f}` (sha256 {s[:12]}…)" for f, s in data), ""]
+    md += [f"**Synthetic data:** {'; '.join(synthetic)}.", ""] if synthetic else []
 
     baselines = {k: r for k, r in results.items() if r.stage == "baseline"}
     examples = next((r.details.get("examples") for r in baselines.values() if r.details.get("examples")), None)

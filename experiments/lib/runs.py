@@ -85,7 +85,9 @@ def forecast_and_save(session: Session, forecaster: Forecaster, forecast: Foreca
     if forecast.plots:
         plot_forecasts(out / f"forecasts{suffix}.png", session.dataset.data.time, indices, trajectories, forecasts,
                        forecast.context_steps, forecast.horizon,
-                       title + (f" — {session.weights if weights == 'session' else weights}" if weights else ""),
+                       title + (f" — {session.weights if weights == 'session' else weights}" if weights else "")
+                       + (" — synthetic data (data.simulate), not the coursework file"
+                          if getattr(session.dataset.data, "synthetic", False) else ""),
                        forecast.plots)
     return evaluation
 
