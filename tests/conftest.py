@@ -10,6 +10,30 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO.parent / "shared" / "models" / "qwen2.5-tokenizer"
 
 
+def run_forecast(argv, capsys):
+    """``(exit status, stdout, stderr)`` of ``python -m experiments.forecast`` run as from the command line."""
+    from experiments import forecast
+    from experiments.lib.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: forecast.main([str(a) for a in argv]))
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def toy_lora_argv(model, tmp_path: Path, lr: str, *extra) -> list[str]:
+    """``experiments.lora_default`` options of a toy run (20 simulated systems of 30 steps written to
+    ``tmp_path/lv.h5``, 2 steps at context 48, 2 trajectories forecast 8 → 2) into ``tmp_path/run``, then ``extra``."""
+    from data.simulate import simulate, write_h5
+
+    write_h5(tmp_path / "lv.h5", *simulate(n_systems=20, n_steps=30, seed=0))
+    argv = ["--model", model, "--data", tmp_path / "lv.h5", "--device", "cpu", "--out", tmp_path / "run",
+            "--ledger", tmp_path / "ledger.jsonl", "--train-limit", "4", "--limit", "2", "--context-steps", "8",
+            "--horizon", "2", "--context-length", "48", "--batch-size", "2", "--max-steps", "2", "--eval-every", "2",
+            "--eval-batches", "1", "--lr", lr, "--no-progress", *extra]
+    return [str(a) for a in argv]
+
+
 def tiny_hf_config(tie: bool, **overrides):
     """A 3-layer Qwen2 config with GQA (4 query heads, 2 key/value heads) small enough for CPU tests."""
     transformers = pytest.importorskip("transformers")

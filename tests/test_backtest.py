@@ -7,26 +7,20 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import REPO, run_forecast
 from experiments import forecast
 from experiments.lib import backtest as bt
 from experiments.lib import series_forecast as sf
-from experiments.lib.cli import run_cli
 from experiments.lib.compare import compare_to_best
 from experiments.lib.errors import UsageError
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: forecast.main([str(a) for a in argv]))
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
+run = run_forecast
 
 
 def noisy_cycle(T: int, seed: int = 0) -> np.ndarray:

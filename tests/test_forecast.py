@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_forecast, toy_lora_argv
 from data import SeriesError, load_trajectories, read_series_csv
 from experiments import forecast
 from experiments.lib.adapter_card import CARD_FILE, AdapterCard, card_for, read_card
@@ -20,7 +21,6 @@ from experiments.lib.classical_forecasters import VAR
 from experiments.lib.series_forecast import TextFormat, check_digits, forecast_rows
 from experiments.lib.session import load_dataset
 from experiments.lib.settings import DataSettings
-from experiments.lib.cli import run_cli
 from experiments.lib.errors import UsageError
 from lora import AdapterError, apply_lora, export_peft, load_peft, lora_modules, lora_state_dict, save_adapter
 from miniqwen import Qwen2Config, Qwen2ForCausalLM, load_pretrained
@@ -29,12 +29,7 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_key_value_heads=2)
 
 
-def run(argv, capsys):
-    """``(exit status, stdout, stderr)`` of the stage run as from the command line."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: forecast.main([str(a) for a in argv]))
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
+run = run_forecast
 
 
 def write_series(path, sim_file, index, rows=None, header="time,prey,predator"):
@@ -307,15 +302,10 @@ def test_quantile_columns_are_the_samples_10_and_90_percent_quantiles():
 def test_a_trained_adapter_carries_its_card_into_the_forecast(tiny_full_vocab, tmp_path, capsys):
     """A training stage (lora_default at toy scale) exports the adapter with its card; the forecast stage uses it
     with no other option than --adapter."""
-    from data.simulate import simulate, write_h5
     from experiments import lora_default
 
-    write_h5(tmp_path / "lv.h5", *simulate(n_systems=20, n_steps=30, seed=0))
-    argv = ["--model", tiny_full_vocab, "--data", tmp_path / "lv.h5", "--device", "cpu", "--out", tmp_path / "run",
-            "--ledger", tmp_path / "ledger.jsonl", "--train-limit", "4", "--limit", "2", "--context-steps", "8",
-            "--horizon", "2", "--context-length", "48", "--batch-size", "2", "--max-steps", "2", "--eval-every", "2",
-            "--eval-batches", "1", "--lr", "1e-3", "--no-progress", "--encoding", "integer", "--decimals", "3"]
-    assert lora_default.main([str(a) for a in argv]) == 0
+    argv = toy_lora_argv(tiny_full_vocab, tmp_path, "1e-3", "--encoding", "integer", "--decimals", "3")
+    assert lora_default.main(argv) == 0
     assert "%|" not in capsys.readouterr().err  # --no-progress: no bar at all, the forecasts' included (tqdm's "%|")
     adapter = tmp_path / "run" / "peft_adapter"
     card = read_card(adapter)
@@ -333,15 +323,10 @@ def test_a_trained_adapter_carries_its_card_into_the_forecast(tiny_full_vocab, t
 
 def test_an_adapter_with_a_trained_head_bias_names_it_in_its_card_and_forecasts_with_it(tiny_full_vocab, tmp_path,
                                                                                          capsys):
-    from data.simulate import simulate, write_h5
     from experiments import lora_default
 
-    write_h5(tmp_path / "lv.h5", *simulate(n_systems=20, n_steps=30, seed=0))
-    argv = ["--model", tiny_full_vocab, "--data", tmp_path / "lv.h5", "--device", "cpu", "--out", tmp_path / "run",
-            "--ledger", tmp_path / "ledger.jsonl", "--train-limit", "4", "--limit", "2", "--context-steps", "8",
-            "--horizon", "2", "--context-length", "48", "--batch-size", "2", "--max-steps", "2", "--eval-every", "2",
-            "--eval-batches", "1", "--lr", "1e-2", "--no-progress", "--head-bias"]
-    assert lora_default.main([str(a) for a in argv]) == 0
+    argv = toy_lora_argv(tiny_full_vocab, tmp_path, "1e-2", "--head-bias")
+    assert lora_default.main(argv) == 0
     adapter = tmp_path / "run" / "peft_adapter"
     assert read_card(adapter).head_bias == "head_bias.safetensors" and (adapter / "head_bias.safetensors").is_file()
     code, stdout, err = run(["--data", tmp_path / "lv.h5", "--index", 19, "--context-steps", 12, "--horizon", 2,

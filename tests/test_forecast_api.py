@@ -17,23 +17,17 @@ import pytest
 
 from data import load_trajectories
 from data.series import not_a_regular_file
+from conftest import REPO, run_forecast
 from experiments import forecast
 from experiments.lib import defaults
 from experiments.lib import series_forecast as sf
 from experiments.lib.classical_forecasters import ContextParroting
-from experiments.lib.cli import run_cli
 from experiments.lib.errors import UsageError
 from experiments.lib.forecast_core import PARROT_LENGTHS, parrot_fallbacks, parrot_note
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def run(argv, capsys):
-    """``(exit status, stdout, stderr)`` of the stage run as from the command line."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: forecast.main([str(a) for a in argv]))
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
+run = run_forecast
 
 
 def read_rows(path):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_TOKENIZER
+from conftest import REPO, SHARED_TOKENIZER, toy_lora_argv
 from experiments.lib.adapter_card import (CARD_FILE, DEFAULT_HUB_ID, README_FILE, AdapterCard, hub_model_id,
                                           model_card)
 from test_hub_cache import lay_out_hf_cache, offline_cache  # noqa: F401  (a fixture)
@@ -85,7 +85,6 @@ def test_a_stage_exports_an_adapter_that_autopeft_loads_from_an_offline_hub_cach
     front matter, and a fresh process with nothing but HF_HUB_CACHE + HF_HUB_OFFLINE=1 loads the adapter with
     AutoPeftModelForCausalLM (the exported LoRA tensors, every one) and runs the card's forecasting snippet."""
     pytest.importorskip("peft")
-    from data.simulate import simulate, write_h5
     from experiments import lora_default
 
     model_dir = tmp_path / "tiny"
@@ -93,12 +92,8 @@ def test_a_stage_exports_an_adapter_that_autopeft_loads_from_an_offline_hub_cach
     if (SHARED_TOKENIZER / "tokenizer_config.json").is_file():  # what AutoTokenizer reads beside tokenizer.json
         shutil.copy(SHARED_TOKENIZER / "tokenizer_config.json", model_dir)
     lay_out_hf_cache(model_dir, offline_cache, DEFAULT_HUB_ID, REVISION)
-    write_h5(tmp_path / "lv.h5", *simulate(n_systems=20, n_steps=30, seed=0))
-    argv = ["--model", DEFAULT_HUB_ID, "--data", tmp_path / "lv.h5", "--device", "cpu", "--out", tmp_path / "run",
-            "--ledger", tmp_path / "ledger.jsonl", "--train-limit", "4", "--limit", "2", "--context-steps", "8",
-            "--horizon", "2", "--context-length", "48", "--batch-size", "2", "--max-steps", "2", "--eval-every", "2",
-            "--eval-batches", "1", "--lr", "1e-2", "--no-progress", "--precision", "float32"]
-    assert lora_default.main([str(a) for a in argv]) == 0
+    argv = toy_lora_argv(DEFAULT_HUB_ID, tmp_path, "1e-2", "--precision", "float32")
+    assert lora_default.main(argv) == 0
     adapter = tmp_path / "run" / "peft_adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == DEFAULT_HUB_ID
     assert json.loads((adapter / CARD_FILE).read_text())["base_model"] == DEFAULT_HUB_ID  # the weights' label

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import toy_lora_argv
 from data import SeriesScale, decode, encode, fit_series_scale
 
 
@@ -64,16 +65,11 @@ def test_values_below_the_offset_are_written_as_zero_and_bad_input_is_refused():
 
 
 def test_a_lora_run_with_series_scaling_records_it_and_forecasts_in_data_units(tiny_full_vocab, tmp_path):
-    from data.simulate import simulate, write_h5
     from experiments import lora_default
     from experiments.lib.adapter_card import read_card
 
-    write_h5(tmp_path / "lv.h5", *simulate(n_systems=20, n_steps=30, seed=0))
-    argv = ["--model", tiny_full_vocab, "--data", tmp_path / "lv.h5", "--device", "cpu", "--out", tmp_path / "run",
-            "--ledger", tmp_path / "ledger.jsonl", "--train-limit", "4", "--limit", "2", "--context-steps", "8",
-            "--horizon", "2", "--context-length", "48", "--batch-size", "2", "--max-steps", "2", "--eval-every", "2",
-            "--eval-batches", "1", "--lr", "1e-3", "--no-progress", "--scaling", "series"]
-    assert lora_default.main([str(a) for a in argv]) == 0
+    argv = toy_lora_argv(tiny_full_vocab, tmp_path, "1e-3", "--scaling", "series")
+    assert lora_default.main(argv) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["settings"]["data"]["scaling"] == "series" and results["data"]["scaling"] == "series"
     card = read_card(tmp_path / "run" / "peft_adapter")
@@ -84,7 +80,7 @@ def test_a_lora_run_with_series_scaling_records_it_and_forecasts_in_data_units(t
     from experiments.lib import cli
 
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_cli(lambda: lora_default.main([str(a) for a in argv[:-2]] + ["--resume"]))
+        cli.run_cli(lambda: lora_default.main(argv[:-2] + ["--resume"]))
     assert exit_info.value.code == 2
 
 
