@@ -14,7 +14,8 @@ Independent of the model code: tokenization takes any object with
 """
 
 from .chunks import Chunks, chunk_texts, make_chunks, tokenize_texts
-from .llmtime import ENCODINGS, SCALINGS, Decoded, SeriesScale, decode, encode, fit_scale, fit_series_scale
+from .llmtime import (ENCODINGS, NUMERIC_ALPHABET, SCALINGS, Decoded, SeriesScale, decode, encode, fit_scale,
+                      fit_series_scale, max_tokens_per_step, numeric_alphabet)
 from .lotka_volterra import (
     DATA_ENV_VAR,
     SPLITS,
@@ -31,6 +32,7 @@ from .series import Series, SeriesError, is_hdf5, read_series_csv, read_trajecto
 __all__ = [
     "DATA_ENV_VAR",
     "ENCODINGS",
+    "NUMERIC_ALPHABET",
     "SPLITS",
     "Chunks",
     "DataError",
@@ -46,6 +48,8 @@ __all__ = [
     "is_hdf5",
     "load_trajectories",
     "make_chunks",
+    "max_tokens_per_step",
+    "numeric_alphabet",
     "read_series_csv",
     "read_trajectory",
     "resolve_data_path",

@@ -58,6 +58,27 @@ ENCODINGS = ("decimal", "integer")
 """How a value is written: "decimal" = fixed point with the point ("0.45"); "integer" = the same digits without the
 point and without leading zeros ("45"), LLMTIME's encoding (Gruver et al. 2023, section 3). See :func:`encode`."""
 
+NUMERIC_ALPHABET = list("0123456789") + [".", ",", ";"]
+"""What LLMTIME text in the "decimal" encoding is written with (:func:`numeric_alphabet` for either encoding)."""
+
+
+def numeric_alphabet(encoding: str = "decimal") -> list[str]:
+    """The characters LLMTIME text in ``encoding`` is written with: digits, "," and ";", and "." for "decimal"
+    (:data:`NUMERIC_ALPHABET`); the "integer" encoding has no point. Raises ValueError for an unknown encoding."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r} ({', '.join(ENCODINGS)})")
+    return [c for c in NUMERIC_ALPHABET if encoding == "decimal" or c != "."]
+
+
+def max_tokens_per_step(decimals: int, encoding: str = "decimal") -> int:
+    """Generous token budget for one "prey,pred;" step: up to 3 integer digits, the point ("decimal" encoding only)
+    and ``decimals`` digits per value (Qwen tokenizes digits one by one), plus "," and ";". What a forecast may
+    generate per step and what its FLOP plan assumes. Raises ValueError for an unknown encoding."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r} ({', '.join(ENCODINGS)})")
+    return 2 * (3 + (encoding == "decimal") + decimals) + 2
+
+
 # A plain decimal number, optionally with an exponent, in ASCII digits. Deliberately stricter than
 # float(): it rejects "nan", "inf", "1_000", hex, embedded whitespace and other scripts' digits ("١٫٢",
 # which float() reads; \d would match them).

@@ -16,6 +16,7 @@ import time
 from .lib import cli, defaults, plans, runs, tables
 from .lib.classical_forecasters import Persistence
 from .lib.evaluation import evaluate
+from .lib.loader import emulation
 from .lib.session import Session
 from .lib.training import validation_loss
 
@@ -41,40 +42,41 @@ def main(argv=None) -> int:
     s = cli.parse(build_parser(cli.preset_name(argv, PRESETS)), argv)
     run, data, forecast, loss_settings = s["run"], s["data"], s["forecast"], s["loss"]
     session = Session(STAGE, run, data, progress=not s["hide_progress"])
-    indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)
-    ds = session.dataset
-    print(f"data: {ds.data.path.name} ({ds.data.n_systems} trajectories x {ds.data.n_steps} steps); split "
-          f"{forecast.split}: {len(indices)} trajectories; LLMTIME scale = {ds.llmtime_scale:.5g} (fitted on "
-          f"{len(ds.splits['train'])} training trajectories)")
-    examples = runs.show_examples(session, forecast.split)
+    with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
+        indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)
+        ds = session.dataset
+        print(f"data: {ds.data.path.name} ({ds.data.n_systems} trajectories x {ds.data.n_steps} steps); split "
+              f"{forecast.split}: {len(indices)} trajectories; LLMTIME scale = {ds.llmtime_scale:.5g} (fitted on "
+              f"{len(ds.splits['train'])} training trajectories)")
+        examples = runs.show_examples(session, forecast.split)
 
-    loss_chunks = None
-    if loss_settings.loss_limit != 0:
-        loss_chunks = runs.token_chunks(session, "validation", loss_settings.loss_limit,
-                                        loss_settings.loss_context_length)
-    results = session.results(forecast=forecast, loss=loss_settings)
-    results.flops["planned"] = session.check(plan(session.model.config, runs.SessionSizes(session), forecast,
-                                                  loss_settings))
+        loss_chunks = None
+        if loss_settings.loss_limit != 0:
+            loss_chunks = runs.token_chunks(session, "validation", loss_settings.loss_limit,
+                                            loss_settings.loss_context_length)
+        results = session.results(forecast=forecast, loss=loss_settings)
+        results.flops["planned"] = session.check(plan(session.model.config, runs.SessionSizes(session), forecast,
+                                                      loss_settings))
 
-    forecaster = runs.llm_forecaster(session, forecast, "zero-shot")
-    zero_shot = runs.forecast_and_save(session, forecaster, forecast, "",
-                                       f"zero-shot {forecast.prompt}, {forecast.samples} sample(s)")
-    results.add_flops("generate", zero_shot.flops)
-    if loss_chunks is not None:
-        t0 = time.time()
-        loss, loss_flops = validation_loss(session.model, loss_chunks, loss_settings.loss_batch_size,
-                                           session.precision, progress=session.progress)
-        zero_shot.validation_loss = loss
-        results.add_flops("eval", loss_flops)
-        results.seconds["validation_loss"] = round(time.time() - t0, 2)
-        results.details["validation_loss"] = {"loss": loss, "tokens": runs.real_targets(loss_chunks),
-                                              "chunks": len(loss_chunks),
-                                              "context_length": loss_settings.loss_context_length, "flops": loss_flops}
-    _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
-    results.evaluations = {"zero-shot": zero_shot, "persistence": persistence}
-    results.seconds["forecast"] = zero_shot.seconds
-    results.details["examples"] = examples
-    session.finish(results, charge={"generate": zero_shot.flops, "eval": results.flops.get("eval", 0)})
+        forecaster = runs.llm_forecaster(session, forecast, "zero-shot")
+        zero_shot = runs.forecast_and_save(session, forecaster, forecast, "",
+                                           f"zero-shot {forecast.prompt}, {forecast.samples} sample(s)")
+        results.add_flops("generate", zero_shot.flops)
+        if loss_chunks is not None:
+            t0 = time.time()
+            loss, loss_flops = validation_loss(session.model, loss_chunks, loss_settings.loss_batch_size,
+                                               session.precision, progress=session.progress)
+            zero_shot.validation_loss = loss
+            results.add_flops("eval", loss_flops)
+            results.seconds["validation_loss"] = round(time.time() - t0, 2)
+            results.details["validation_loss"] = {
+                "loss": loss, "tokens": runs.real_targets(loss_chunks), "chunks": len(loss_chunks),
+                "context_length": loss_settings.loss_context_length, "flops": loss_flops}
+        _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
+        results.evaluations = {"zero-shot": zero_shot, "persistence": persistence}
+        results.seconds["forecast"] = zero_shot.seconds
+        results.details["examples"] = examples
+        session.finish(results, charge={"generate": zero_shot.flops, "eval": results.flops.get("eval", 0)})
 
     print()
     tables.print_evaluation(zero_shot, persistence)

@@ -52,7 +52,8 @@ from .lib.benchmark.throughput import throughputs
 from .lib.cli import run_cli
 from .lib.results import write_json
 from .lib.run_directory import claim_out, record_written
-from .lib.session import load_dataset, resolve_precision
+from .lib.loader import resolve_precision
+from .lib.session import load_dataset
 from .lib.settings import DataSettings
 
 STAGE = "benchmark"

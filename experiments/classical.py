@@ -106,6 +106,8 @@ def integers(option: str, text: str, largest: int, why: str) -> list[int]:
     """The sorted distinct integers of a comma-separated ``text``; UsageError naming ``option`` unless all are in
     ``1..largest`` (``why`` says where the bound comes from)."""
     values = positive_integers(text)
+    if largest < 1:  # no value could do: say which option makes it so
+        raise errors.UsageError(f"{option} {text!r}: none fits ({why}): give more --context-steps")
     if not values or values[-1] > largest:
         raise errors.UsageError(f"{option} {text!r}: integers between 1 and {largest} ({why})")
     return values

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .lib import cli, defaults, plans, runs, studies, tables
 from .lib.evaluation import write_csv
+from .lib.loader import emulation
 from .lib.plots import plot_horizon_errors, plot_training_curves
 from .lib.results import Evaluation, write_json
 from .lib.run_directory import check_run_of
@@ -66,13 +67,16 @@ def main(argv=None, on_step=None) -> int:
     lora, train = studies.choose(s, picked, DEFAULTS)
     cli.check_positions(s["run"].model, contexts, "--contexts")  # before any work: the model's config.json only
     lr, rank, forecast = train.lr, lora.rank, s["forecast"]
-    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress)
-    if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-        return runs.follow(session)
-    indices = session.dataset.forecast_set(forecast)[0]
-    study = studies.context_points(lora, train, contexts)
-    key = studies.study_key(session, forecast, lora, train, studies.CONTEXT_FIELDS)
-    records, untrained, untrained_losses, planned = studies.run_all(session, forecast, study, key, on_step=on_step)
+    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress,
+                      defines={"forecast": forecast, "lora": lora, "train": train},
+                      varies=studies.CONTEXT_FIELDS)  # not --contexts: each context is its own run, the study may grow
+    with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
+        if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
+            return runs.follow(session)
+        indices = session.dataset.forecast_set(forecast)[0]
+        study = studies.context_points(lora, train, contexts)
+        key = studies.study_key(session, forecast, lora, train, studies.CONTEXT_FIELDS)
+        records, untrained, untrained_losses, planned = studies.run_all(session, forecast, study, key, on_step=on_step)
 
     rows = studies.table_rows(records)
     for row, record in zip(rows, records):

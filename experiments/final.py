@@ -24,6 +24,7 @@ import dataclasses
 
 from .lib import by_type, cli, compare, defaults, halving, plans, runs, side_by_side, studies, tables
 from .lib.errors import UsageError
+from .lib.loader import emulation
 from .lib.plots import plot_horizon_errors
 from .lib.session import Session
 from .lib.training import checkpoint_step, distributed, read_log
@@ -36,7 +37,7 @@ plan = plans.final
 def build_parser(preset: str | None = None):
     p = cli.parser("python -m experiments.final", __doc__.split("\n\n")[0], "run", "data", "forecast", "lora",
                    "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS,
-                   exclude=("lr", "rank"))
+                   exclude=("lr", "rank"), scores_forecasts=True)
     studies.add_choice_options(p, DEFAULTS)
     p.add_argument("--from-context", default=None,
                    help="context-length study directory whose selection gives --context-length")
@@ -74,68 +75,69 @@ def main(argv=None, on_step=None) -> int:
         raise UsageError("--select-by forecast: " + ("--score-limit must be >= 1" if s["score_limit"] < 1 else
                                                       "scores forecasts in one process; use --select-by loss under "
                                                       "torchrun"))
-    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress)
-    if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-        return runs.follow(session)
-    ds = session.dataset
-    peers = side_by_side.peer_indices(s["peer_indices"], ds.data.n_systems)
-    indices, _, contexts, truth = ds.forecast_set(forecast)
-    continued = s["from_search"] is not None and s["continue_search"]
-    inherited = halving.continue_point(s["from_search"], picked, train, session.out) if continued else {}
-    chunks = runs.training_chunks(session, train)
-    untrained_path = session.out / "untrained.json"
-    reuse = session.run.resume and untrained_path.is_file()
-    start = checkpoint_step(session.out / "training", session.precision) if session.run.resume or continued else 0
-    planned = plan(session.model.config, runs.SessionSizes(session), forecast, lora, train, start,
-                   untrained=not reuse)
-    if peers is not None:  # the LLMs on the peer trajectories outside the test split
-        planned["peer trajectories"] = side_by_side.peer_cost(session, forecast, lora, peers, indices)
-    planned = session.check(planned)
+    if (s["peer_indices"] or "none").lower() != "none":  # its form now, its bounds once the data is read
+        side_by_side.indices_range(s["peer_indices"], None)
+    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress,
+                      defines={"forecast": forecast, "lora": lora, "train": train})  # compared on --resume
+    with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
+        if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
+            return runs.follow(session)
+        peers = side_by_side.peer_indices(s["peer_indices"], session.dataset.data.n_systems)
+        indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+        continued = s["from_search"] is not None and s["continue_search"]
+        inherited = halving.continue_point(s["from_search"], picked, train, session.out) if continued else {}
+        chunks = runs.training_chunks(session, train)
+        untrained_path, resume = session.out / "untrained.json", session.run.resume
+        start = checkpoint_step(session.out / "training", session.precision) if resume or continued else 0
+        planned = plan(session.model.config, runs.SessionSizes(session), forecast, lora, train, start,
+                       untrained=not (resume and untrained_path.is_file()))
+        if peers is not None:  # the LLMs on the peer trajectories outside the test split
+            planned["peer trajectories"] = side_by_side.peer_cost(session, forecast, lora, peers, indices)
+        planned = session.check(planned)
 
-    predictions: dict = {}
-    untrained = runs.untrained_evaluation(session, forecast, f"{forecast.split} split", untrained_path,
-                                          session.run.resume, predictions=predictions)
-    scorer = None
-    if train.select_by == "forecast":  # the search's fixed validation subset
-        scorer = halving.forecast_scorer(session, dataclasses.replace(
-            forecast, split="validation", limit=s["score_limit"], plots=0))
-    trained, summary = runs.train_and_forecast(session, forecast, lora, train, chunks, session.out,
-                                               f"{forecast.split} split", on_step=on_step, predictions=predictions,
-                                               resume=session.run.resume or continued, forecast_score=scorer)
-    evals = [e for e in read_log(session.out / "training" / "log.jsonl") if e["kind"] == "eval"]
-    untrained.validation_loss = evals[0]["val_loss"] if evals and evals[0]["step"] == 0 else None
-    if train.restore_best and summary["best_step"] is not None:
-        trained.validation_loss = summary["best_val_loss"]
-    session.charge("generate", trained.flops, session.out / compare.TRAINED_CSV, what="trained forecast")
+        predictions: dict = {}
+        untrained = runs.untrained_evaluation(session, forecast, f"{forecast.split} split", untrained_path, resume,
+                                              predictions=predictions)
+        scorer = None
+        if train.select_by == "forecast":  # the search's fixed validation subset
+            scorer = halving.forecast_scorer(session, dataclasses.replace(
+                forecast, split="validation", limit=s["score_limit"], plots=0))
+        trained, summary = runs.train_and_forecast(session, forecast, lora, train, chunks, session.out,
+                                                   f"{forecast.split} split", on_step=on_step, predictions=predictions,
+                                                   resume=resume or continued, forecast_score=scorer)
+        evals = [e for e in read_log(session.out / "training" / "log.jsonl") if e["kind"] == "eval"]
+        untrained.validation_loss = evals[0]["val_loss"] if evals and evals[0]["step"] == 0 else None
+        if train.restore_best and summary["best_step"] is not None:
+            trained.validation_loss = summary["best_val_loss"]
+        session.charge("generate", trained.flops, session.out / compare.TRAINED_CSV, what="trained forecast")
 
-    classical, search, forecasters = side_by_side.classical(session, forecast, orders, predictions)
-    evaluations = {"untrained": untrained, "lora": trained, **classical}
-    predictions = {"lora": predictions.pop("lora"), **predictions}
-    best = side_by_side.best_classical(evaluations)
-    comparisons = side_by_side.comparisons(predictions, truth, indices, "lora", seed=session.run.seed)
-    adapter_step = summary["best_step"] if train.restore_best else summary["steps"]
-    note = f" (the first {inherited['step']} in the search's {inherited['point']})" if inherited else ""
-    scale = (f"lr {train.lr:g}, rank {lora.rank}, batch {train.batch_size} × {train.context_length} tokens, "
-             f"{summary['steps']} of {train.max_steps} steps{' (stopped early)' if summary['stopped_early'] else ''}"
-             f"{note}, {train.loss_vocabulary} loss, "
-             f"adapter of step {adapter_step}; {len(indices)} {forecast.split} trajectories "
-             f"{forecast.context_steps}→{forecast.horizon}; {session.weights}")
-    curves = {name: e.metrics for name, e in evaluations.items()}
-    for metric in ("mae", "mse"):
-        plot_horizon_errors(session.out / f"horizon_{metric}.png", curves, f"{metric.upper()} by step; {scale}",
-                            metric=metric)
-    kinds = by_type.section(session.out, predictions, truth, contexts, "lora", [*best.values(), *(
-        n for n in predictions if n.startswith("var("))], scale)
-    table = tables.evaluation_table(evaluations)
-    body = (f"{scale}.\n\n{table}\n\nBest classical forecaster by MSE: prey {best['prey']}, predator "
-            f"{best['predator']}.\n\n### The LoRA model against each forecaster, trajectory by trajectory\n\n"
-            f"{compare.comparison_table(comparisons)}\n\n{kinds['markdown']}\n")
-    peer = None
-    if peers is not None:
-        adapter = session.out / "training" / ("best_adapter" if train.restore_best and
-                                              (session.out / "training" / "best_adapter").is_dir() else "adapter")
-        peer = side_by_side.peer_table(session, forecast, peers, predictions, indices, adapter, forecasters)
-        body += f"\n{peer['markdown']}\n"
+        classical, search, forecasters = side_by_side.classical(session, forecast, orders, predictions)
+        evaluations = {"untrained": untrained, "lora": trained, **classical}
+        predictions = {"lora": predictions.pop("lora"), **predictions}
+        best = side_by_side.best_classical(evaluations)
+        comparisons = side_by_side.comparisons(predictions, truth, indices, "lora", seed=session.run.seed)
+        note = f" (the first {inherited['step']} in the search's {inherited['point']})" if inherited else ""
+        note = (" (stopped early)" if summary["stopped_early"] else "") + note
+        scale = (f"lr {train.lr:g}, rank {lora.rank}, batch {train.batch_size} × {train.context_length} tokens, "
+                 f"{summary['steps']} of {train.max_steps} steps{note}, {train.loss_vocabulary} loss, adapter of step "
+                 f"{summary['best_step'] if train.restore_best else summary['steps']}; {len(indices)} "
+                 f"{forecast.split} trajectories {forecast.context_steps}→{forecast.horizon}; {session.weights}")
+        curves = {name: e.metrics for name, e in evaluations.items()}
+        for metric in ("mae", "mse"):
+            plot_horizon_errors(session.out / f"horizon_{metric}.png", curves, f"{metric.upper()} by step; {scale}",
+                                metric=metric)
+        kinds = by_type.section(session.out, predictions, truth, contexts, "lora", [*best.values(), *(
+            n for n in predictions if n.startswith("var("))], scale)
+        table = tables.evaluation_table(evaluations)
+        body = (f"{scale}.\n\n{table}\n\nBest classical forecaster by MSE: prey {best['prey']}, predator "
+                f"{best['predator']}.\n\n### The LoRA model against each forecaster, trajectory by trajectory\n\n"
+                f"{compare.comparison_table(comparisons)}\n\n{kinds['markdown']}\n")
+        peer = None
+        if peers is not None:
+            adapter = session.out / "training" / ("best_adapter" if train.restore_best and
+                                                  (session.out / "training" / "best_adapter").is_dir() else "adapter")
+            peer = side_by_side.peer_table(session, forecast, peers, predictions, indices, adapter, forecasters)
+            body += f"\n{peer['markdown']}\n"
     results = session.results(forecast=forecast, lora=lora, train=train)
     results.settings["chosen_from"] = {"preset": preset, **picked}
     results.evaluations = evaluations

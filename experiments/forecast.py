@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import time as clock
+from contextlib import nullcontext
 from pathlib import Path
 
 from .lib.backtest import Backtest, backtest, cli_backtest as backtest_stage  # noqa: F401 (the API)
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
     from .lib import cli, settings
     from .lib import series_forecast as sf
     from .lib.evaluation import write_csv
+    from .lib.loader import emulation
 
     p = build_parser()
     s = cli.parse(p, argv)
@@ -111,13 +113,14 @@ def main(argv=None) -> int:
     where = "the first" if s["index"] is not None else "the last"
     print(f"series: {series.source}, {series.rows} steps; context {where} {C}, horizon {H}; method {method}")
     t0 = clock.time()
-    result = _forecast(series.values[:C], H, method, adapter, run.model if method == "llm" else None, scale,
-                       fcs.samples, columns=series.columns, time=None if series.time is None else series.time[:C],
-                       temperature=fcs.temperature, top_p=fcs.top_p, progress=s["show_progress"],
-                       decimals=data.decimals if "decimals" in explicit else None,
-                       encoding=data.encoding if "encoding" in explicit else None,
-                       prompt=fcs.prompt if "prompt" in explicit else None, device=run.device,
-                       precision=run.precision, seed=run.seed, cli=True, source=series.source, log=print)
+    with emulation(run.device, run.precision) if method == "llm" else nullcontext():  # bf16 emulated if no bf16
+        result = _forecast(series.values[:C], H, method, adapter, run.model if method == "llm" else None, scale,
+                           fcs.samples, columns=series.columns, time=None if series.time is None else series.time[:C],
+                           temperature=fcs.temperature, top_p=fcs.top_p, progress=s["show_progress"],
+                           decimals=data.decimals if "decimals" in explicit else None,
+                           encoding=data.encoding if "encoding" in explicit else None,
+                           prompt=fcs.prompt if "prompt" in explicit else None, device=run.device,
+                           precision=run.precision, seed=run.seed, cli=True, source=series.source, log=print)
     details = dict(result.settings)
     if method == "llm":
         title = f"{'LoRA adapter ' + details['adapter'] + ' on ' if adapter else 'base model '}{details['weights']}"

@@ -15,6 +15,7 @@ training/ (log, loss curve, adapters, checkpoint), peft_adapter/ (PEFT format), 
 from __future__ import annotations
 
 from .lib import cli, compare, defaults, plans, runs, tables
+from .lib.loader import emulation
 from .lib.session import Session
 
 STAGE = "lora_default"
@@ -33,10 +34,11 @@ def main(argv=None) -> int:
     # a --resume with other settings that define the run is refused here, before anything loads or is written
     session = Session(STAGE, s["run"], s["data"], trains=True, progress=train_settings.progress,
                       defines={"forecast": forecast, "lora": lora, "train": train_settings})
-    if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-        return runs.follow(session)
-    evaluations, summary, planned = runs.run_lora(session, forecast, lora, train_settings,
-                                                  f"{forecast.prompt} prompt")
+    with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
+        if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
+            return runs.follow(session)
+        evaluations, summary, planned = runs.run_lora(session, forecast, lora, train_settings,
+                                                      f"{forecast.prompt} prompt")
 
     results = session.results(forecast=forecast, lora=lora, train=train_settings)
     results.evaluations = evaluations

@@ -19,6 +19,7 @@ from __future__ import annotations
 from .lib import cli, compare, defaults, halving, runs, studies, tables
 from .lib.errors import UsageError
 from .lib.evaluation import write_csv
+from .lib.loader import emulation
 from .lib.plots import plot_rungs
 from .lib.results import Evaluation
 from .lib.session import Session
@@ -54,17 +55,21 @@ def main(argv=None, on_step=None) -> int:
                          "points over rungs; use constant (warm-up allowed)")
     grid = studies.grid_points(lora, train, lrs, ranks)
     rungs = halving.schedule(len(grid), s["min_steps"], s["eta"], s["rungs"])
-    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress)
-    if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-        return runs.follow(session)
-    key = halving.study_key(session, forecast, grid[0], rungs, s["eta"])
-    with studies.locked(session, [p.name for p in grid]):  # a second copy of this search is refused here
-        chunks = studies.ChunkCache(session)
-        chunks(grid[0].train)  # cut (and checked against the batch size) before anything is spent
-        sizes = runs.SessionSizes(session)
-        planned = session.check(halving.plan(session.model.config, sizes, forecast, grid, rungs))
-        untrained, _, loss_flops = studies.untrained(session, forecast, grid, chunks, session.out / "untrained.json")
-        done = halving.run(session, forecast, grid, rungs, key, on_step=on_step)
+    session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress,
+                      defines={"forecast": forecast, "lora": lora, "train": train}, varies=studies.GRID_FIELDS,
+                      study={"lrs": lrs, "ranks": ranks, **{k: s[k] for k in ("min_steps", "eta", "rungs")}})
+    with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
+        if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
+            return runs.follow(session)
+        key = halving.study_key(session, forecast, grid[0], rungs, s["eta"])
+        with studies.locked(session, [p.name for p in grid]):  # a second copy of this search is refused here
+            chunks = studies.ChunkCache(session)
+            chunks(grid[0].train)  # cut (and checked against the batch size) before anything is spent
+            sizes = runs.SessionSizes(session)
+            planned = session.check(halving.plan(session.model.config, sizes, forecast, grid, rungs))
+            untrained, _, loss_flops = studies.untrained(session, forecast, grid, chunks,
+                                                         session.out / "untrained.json")
+            done = halving.run(session, forecast, grid, rungs, key, on_step=on_step)
     write_results(session, done, untrained, loss_flops, planned, forecast, lora, train, rungs, s, preset, argv)
     return 0
 

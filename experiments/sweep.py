@@ -25,6 +25,7 @@ import dataclasses
 
 from .lib import cli, defaults, grid, plans, runs, studies, tables
 from .lib.errors import UsageError
+from .lib.loader import emulation
 from .lib.results import Evaluation, write_json
 from .lib.session import Session
 from .lib.settings import ForecastSettings, LoRASettings, TrainSettings
@@ -64,22 +65,24 @@ def main(argv=None, on_step=None) -> int:
         raise UsageError("--overwrite would delete the other shards' points: remove --out by hand to start again")
     points = grid_points(lora, train, lrs, ranks)  # refuses a --lora-alpha absurd at some rank, before any work
     session = Session(STAGE, dataclasses.replace(run, resume=True) if join else run, s["data"], trains=True,
-                      join=join, progress=train.progress)
-    if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-        return runs.follow(session)
-    key = studies.study_key(session, forecast, lora, train, studies.GRID_FIELDS)
-    if shard is not None:
-        mine = points[shard[0]::shard[1]]
-        print(f"shard {shard[0]}/{shard[1]}: points {', '.join(p.name for p in mine) or 'none'} of {len(points)}")
-        studies.run_all(session, forecast, mine, key, on_step=on_step, reference=False)
-        print(f"shard {shard[0]}/{shard[1]} done; when every shard is, assemble the table with --collect")
-        return 0
-    if s["collect"]:
-        missing = [p.name for p in points if p.name not in studies.scan(session, points, key)[0]]
-        if missing:
-            raise UsageError(f"--collect: {len(missing)} of {len(points)} points are not finished in {session.out}: "
-                             f"{', '.join(missing)} (run their shards first)")
-    records, untrained, _, planned = studies.run_all(session, forecast, points, key, on_step=on_step)
+                      join=join, progress=train.progress, defines={"forecast": forecast, "lora": lora, "train": train},
+                      varies=studies.GRID_FIELDS)  # not --lrs/--ranks: each point is its own run, a grid may grow
+    with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
+        if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
+            return runs.follow(session)
+        key = studies.study_key(session, forecast, lora, train, studies.GRID_FIELDS)
+        if shard is not None:
+            mine = points[shard[0]::shard[1]]
+            print(f"shard {shard[0]}/{shard[1]}: points {', '.join(p.name for p in mine) or 'none'} of {len(points)}")
+            studies.run_all(session, forecast, mine, key, on_step=on_step, reference=False)
+            print(f"shard {shard[0]}/{shard[1]} done; when every shard is, assemble the table with --collect")
+            return 0
+        if s["collect"]:
+            missing = [p.name for p in points if p.name not in studies.scan(session, points, key)[0]]
+            if missing:
+                raise UsageError(f"--collect: {len(missing)} of {len(points)} points are not finished in "
+                                 f"{session.out}: {', '.join(missing)} (run their shards first)")
+        records, untrained, _, planned = studies.run_all(session, forecast, points, key, on_step=on_step)
     write_results(session, records, untrained, planned, forecast, lora, train, lrs, ranks,
                   {"preset": preset, "collected_from_shards": s["collect"]}, argv)
     return 0

@@ -20,10 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data.chunks import Chunks
-from miniqwen import load_pretrained
+from data.series import not_a_regular_file
 
-from .lib import cli, errors, runs, settings
+from .lib import cli, errors, loader, runs, settings
 from .lib.budget import Ledger
+from .lib.loader import emulation
 from .lib.run_directory import claim_out, inspect_out, record_written
 from .lib.training import distributed, train_lora
 
@@ -35,7 +36,10 @@ def save_chunks(chunks: Chunks, path: str | os.PathLike) -> None:
 
 
 def load_chunks(path: str | os.PathLike) -> Chunks:
-    """Read chunks written by :func:`save_chunks`. Raises UsageError naming the file if it is missing or not one."""
+    """Read chunks written by :func:`save_chunks`. Raises UsageError naming the file if it is missing or not one
+    (a FIFO or device is refused before it is opened: reading it would block)."""
+    if kind := not_a_regular_file(path):
+        raise errors.UsageError(f"{path}: not a chunk file ({kind})")
     try:
         t = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as err:
@@ -86,6 +90,10 @@ def main(argv=None) -> int:
     p.add_argument("--kill-rank", type=int, default=None,
                    help="testing aid, under torchrun: only rank R is killed by --kill-after-step (default: every rank)")
     s = cli.parse(p, argv)
+    for option in ("kill_after_step", "kill_rank"):  # a step or rank that never comes would kill nothing, silently
+        if s[option] is not None and s[option] < (1 if option == "kill_after_step" else 0):
+            raise errors.UsageError(f"--{option.replace('_', '-')} {s[option]}: must be "
+                                    f"{'a step >= 1' if option == 'kill_after_step' else 'a rank >= 0'}")
     run = s["run"]
     if run.out is None:
         raise errors.UsageError("--out is required")
@@ -97,8 +105,10 @@ def main(argv=None) -> int:
         inspect_out(out)  # under the command line: locks --out for the whole run before anything is read
     train_chunks = load_chunks(s["train_chunks"])
     val_chunks = load_chunks(s["val_chunks"]) if s["val_chunks"] else None
-    precision = "float32" if run.precision == "auto" else run.precision
-    model, _ = load_pretrained(run.model, dtype="float32", device=distributed.device(run.device or "cpu"))
+    # float32 weights, autocast to --precision ("auto": float32); the chunks are checked against config.vocab_size
+    loaded = loader.load_model(run.model, run.device or "cpu", "float32" if run.precision == "auto" else run.precision,
+                               weights_dtype="float32", check_tokenizer=False)
+    model = loaded.model
     check_chunks(train_chunks, s["train_chunks"], model.config.vocab_size, s["train"], training=True)
     if val_chunks is not None:
         check_chunks(val_chunks, s["val_chunks"], model.config.vocab_size, s["train"], training=False)
@@ -112,9 +122,10 @@ def main(argv=None) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
 
     ledger = None if s["no_ledger"] else Ledger(run.ledger)
-    summary = train_lora(model, train_chunks, val_chunks, s["train"], out, lora=s["lora"], seed=run.seed,
-                         stage=s["stage"], precision=precision, ledger=ledger, resume=run.resume, force=run.force,
-                         on_step=on_step)
+    with emulation(loaded.device, loaded.precision):  # bf16 emulated where this CPU has none
+        summary = train_lora(model, train_chunks, val_chunks, s["train"], out, lora=s["lora"], seed=run.seed,
+                             stage=s["stage"], precision=loaded.precision, ledger=ledger, resume=run.resume,
+                             force=run.force, on_step=on_step)
     if distributed.is_main():
         record_written(out, ignore=(str(ledger.path),) if ledger else ())
         print(json.dumps({k: v for k, v in summary.items() if k not in ("settings", "lora")}, indent=2))

@@ -14,7 +14,8 @@ well as the forward, and the model code does not change. Only the ops in :data:`
 when a CPU tensor among their inputs is bf16; everything else (float32, CUDA, elementwise ops) passes through.
 
 Used by ``experiments`` when ``--precision bfloat16`` runs on a CPU without native bf16
-(:func:`miniqwen.device.emulated_precision`).
+(:func:`miniqwen.device.emulated_precision`): each stage holds ``experiments.lib.loader.emulation``, a ``with``
+block around its work, left when the stage is done.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ trained forecasts kept by each run (``predictions_trained.csv``) are compared wi
 
     python scripts/compare_levers.py --data FILE --base results/levers/dataset_300 \
         --lever results/levers/series_300 [--lever results/levers/decimals3_300 ...] --out results/levers/comparison
+        [--trajectories 840-899]
 
 Writes ``--out``.md (the tables) and ``--out``.json. A lever "wins" on a species when the paired 95 % interval of its
 mean MSE minus the baseline's lies below zero on all trajectories.
@@ -30,11 +31,15 @@ def main() -> int:
     p.add_argument("--base", required=True)
     p.add_argument("--lever", action="append", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--trajectories", default=None, help="only trajectories A-B (inclusive), e.g. those held out")
     a = p.parse_args()
     data = load_trajectories(a.data).trajectories
     base_dir = Path(a.base)
     C = json.loads((base_dir / "results.json").read_text())["evaluations"]["lora"]["context_steps"]
     idx, base = compare.read_predictions(base_dir / "predictions_trained.csv")
+    lo, hi = (int(x) for x in a.trajectories.split("-")) if a.trajectories else (idx.min(), idx.max())
+    keep = (idx >= lo) & (idx <= hi)
+    idx, base = idx[keep], base[keep]
     H = base.shape[1]
     truth = data[idx, C:C + H].astype(np.float64)
     types = by_type.trajectory_types(data[idx, :C])
@@ -43,6 +48,7 @@ def main() -> int:
     for lever in a.lever:
         lever_dir = Path(lever)
         lidx, pred = compare.read_predictions(lever_dir / "predictions_trained.csv")
+        lidx, pred = lidx[(lidx >= lo) & (lidx <= hi)], pred[(lidx >= lo) & (lidx <= hi)]
         if lidx.tolist() != idx.tolist():
             raise SystemExit(f"error: {lever_dir} forecast other trajectories than {base_dir}")
         entry = {"by_type": by_type.by_type({lever_dir.name: pred, base_dir.name: base}, truth, types,

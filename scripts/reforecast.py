@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +26,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import fit_scale, load_trajectories, split_indices  # noqa: E402
-from experiments.lib import by_type, compare, runs  # noqa: E402
+from experiments.lib import by_type, compare, loader, runs  # noqa: E402
 from experiments.lib.budget import Ledger  # noqa: E402
 from experiments.lib.classical_forecasters import parrot_lengths_for, validated_forecasters  # noqa: E402
 from experiments.lib.defaults import PARROT_LENGTHS  # noqa: E402
 from experiments.lib.evaluation import LLMForecaster, evaluate, prediction_rows, write_csv  # noqa: E402
 from experiments.lib.tables import evaluation_table  # noqa: E402
 from lora import load_adapter, merged  # noqa: E402
-from miniqwen.device import emulated_precision  # noqa: E402
-from miniqwen.emulation import Float32Matmuls  # noqa: E402
-from miniqwen.loading import load_pretrained, weights_fingerprint  # noqa: E402
+from miniqwen.loading import weights_fingerprint  # noqa: E402
 
 
 def main() -> int:
@@ -47,6 +44,7 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=None, help="median of N samples (default: the run's, greedy)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the run's)")
     p.add_argument("--limit", type=int, default=None, help="only the first N trajectories of the split")
+    p.add_argument("--skip", type=int, default=0, help="leave out the first N trajectories of the split (before --limit)")
     p.add_argument("--gen-batch-size", type=int, default=None, help="prompts per batch (default: the run's)")
     a = p.parse_args()
     run, out = Path(a.run), Path(a.out)
@@ -59,7 +57,7 @@ def main() -> int:
     splits = split_indices(data.n_systems)
     indices = np.asarray(lora_eval["trajectories"] if a.split in (None, lora_eval["split"]) else splits[a.split])
     split = a.split or lora_eval["split"]
-    indices = indices[:a.limit]
+    indices = indices[a.skip:][:a.limit]
     samples = a.samples or f["samples"]
     temperature = f["temperature"] if a.temperature is None else a.temperature
     batch = a.gen_batch_size or f["gen_batch_size"]
@@ -68,13 +66,12 @@ def main() -> int:
     scale = fit_scale(data.trajectories[splits["train"]], d["scale_quantile"], d["scale_target"])
     precision = settings["run"].get("precision", "bfloat16")
     precision = "bfloat16" if precision == "auto" else precision
-    model, tokenizer = load_pretrained(a.model, dtype=precision)
-    model.eval()
+    loaded = loader.load_model(a.model, None, precision)
+    model, tokenizer = loaded.model, loaded.tokenizer
     adapter = run / "training" / ("best_adapter" if (run / "training" / "best_adapter").is_dir() else "adapter")
     load_adapter(model, adapter)
     out.mkdir(parents=True, exist_ok=True)
-    emulate = emulated_precision(next(model.parameters()).device, precision)
-    with (Float32Matmuls() if emulate else nullcontext()), merged(model):
+    with loader.emulation(loaded.device, loaded.precision), merged(model):  # bf16 emulated where this CPU has none
         forecaster = LLMForecaster(model, tokenizer, scale, d.get("decimals", 2), f["prompt"], samples,
                                    temperature, f["top_p"], batch, settings["run"]["seed"],
                                    name="lora", encoding=d.get("encoding", "decimal"), progress=True)
@@ -106,7 +103,7 @@ def main() -> int:
         predictions[forecaster.name], evaluations[forecaster.name] = pred, evaluation
         write_csv(out / compare.predictions_name(runs.file_tag(forecaster.name)), prediction_rows(indices, pred))
     saved = json.loads((run / "untrained.json").read_text())
-    if "predictions" in saved and split == lora_eval["split"] and a.limit is None:
+    if "predictions" in saved and split == lora_eval["split"] and a.limit is None and not a.skip:
         predictions["untrained"] = np.asarray(saved["predictions"], dtype=np.float64)
         write_csv(out / compare.predictions_name("untrained"), prediction_rows(indices, predictions["untrained"]))
     paired = [compare.compare_forecasts(predictions["lora"], v, truth, names=("lora", k), indices=indices, seed=0)

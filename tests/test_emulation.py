@@ -101,21 +101,20 @@ def test_float32_computation_is_untouched():
     assert torch.equal(plain, within)
 
 
-def test_a_stage_computing_in_bf16_on_a_cpu_without_it_emulates_for_the_rest_of_the_process(monkeypatch, tmp_path,
-                                                                                            tiny_full_vocab, capsys):
-    from experiments.lib import session as session_module
+def test_a_stage_computing_in_bf16_on_a_cpu_without_it_emulates_inside_its_block(monkeypatch, tmp_path,
+                                                                                   tiny_full_vocab, capsys):
+    """Loading the model enters nothing; the stage's ``with loader.emulation(...)`` block runs bf16 matmuls in
+    float32 kernels, says so once, and leaves them when the block ends."""
+    from experiments.lib import loader
     from experiments.lib.session import Session
     from experiments.lib.settings import DataSettings, RunSettings
 
-    monkeypatch.setattr(session_module, "emulated_precision", lambda device, precision: "note: emulated")
+    monkeypatch.setattr(loader, "emulated_precision", lambda device, precision: "note: emulated")
     session = Session("baseline", RunSettings(out=str(tmp_path / "b"), model=str(tiny_full_vocab),
                                               device="cpu", precision="bfloat16"), DataSettings())
-    assert session.emulation is None
-    try:
-        session.model
+    session.model
+    assert _get_current_dispatch_mode() is None
+    with loader.emulation(session.device, session.precision):
         assert isinstance(_get_current_dispatch_mode(), Float32Matmuls)
         assert "note: emulated" in capsys.readouterr().err
-    finally:
-        if session.emulation is not None:
-            session.emulation.__exit__(None, None, None)
     assert _get_current_dispatch_mode() is None

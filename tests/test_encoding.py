@@ -153,7 +153,8 @@ def test_dataset_texts_and_record_follow_the_encoding(sim_file):
 
 def test_forecaster_helpers():
     from experiments.lib.costs import NominalSizes
-    from experiments.lib.evaluation import NUMERIC_ALPHABET, forecast_prompt, max_tokens_per_step, numeric_alphabet
+    from data import NUMERIC_ALPHABET, max_tokens_per_step, numeric_alphabet
+    from experiments.lib.evaluation import forecast_prompt
 
     assert numeric_alphabet() == numeric_alphabet("decimal") == NUMERIC_ALPHABET
     assert numeric_alphabet("integer") == [c for c in NUMERIC_ALPHABET if c != "."]

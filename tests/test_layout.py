@@ -13,8 +13,9 @@ PACKAGES = ("miniqwen", "lora", "data", "experiments")
 ALLOWED = {"miniqwen": set(), "data": set(), "lora": {"miniqwen"}, "experiments": {"miniqwen", "lora", "data"}}
 MODEL = ROOT / "miniqwen" / "model.py"
 MAX_MODEL_LINES = 320
-#: a stage script (``python -m experiments.<stage>``) reads in one sitting; what it stands on is in experiments/lib
-MAX_STAGE_LINES = 160
+#: a stage script (``python -m experiments.<stage>``) reads in one sitting, as a readable script does (nanochat's run
+#: 300-600 lines); what two or more stages use is in experiments/lib
+MAX_STAGE_LINES = 350
 #: the training loop reads as named steps: no function of experiments/lib/training longer than this
 MAX_TRAINING_FUNCTION_LINES = 60
 STAGES = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem != "__init__")

@@ -1,4 +1,4 @@
-"""Recipe options of issue 22 item 5: a trainable lm_head bias (lora.head_bias) and a learning-rate schedule
+"""Recipe options: a trainable lm_head bias (lora.head_bias) and a learning-rate schedule
 (TrainSettings.lr_schedule / warmup_steps) — their math, FLOPs, parameters, save/load, PEFT export, exact resume,
 and records that do not change when they are left at their defaults."""
 

@@ -117,29 +117,22 @@ def test_search_continues_points_exactly_and_resumes_after_a_kill(tiny_full_voca
     assert f"Selection: {results['details']['selection']['rule']}" in text
     assert text.count(f"| {rows[0]['name']} @ 2 vs untrained | prey |") == 2
     assert "vs untrained" in (whole / "README.md").read_text()
-    # rung records saved before lr and rank left the study key held the first point's values there: still read back
-    for path in (part / "points").glob("*/rung0.json"):
-        record = json.loads(path.read_text())
-        key = record["settings"]
-        del key["points_vary"]
-        key["train"]["lr"], key["lora"]["rank"] = 1e-3, 2
-        path.write_text(json.dumps(record))
     assert search.main(search_args(tiny_full_vocab, sim_file, part, ledger_part) + ["--resume"]) == 0
     resumed = json.loads((part / "results.json").read_text())
     assert resumed["details"]["rows"] == rows
     assert resumed["details"]["selection"] == results["details"]["selection"]
 
 
-def test_a_study_key_leaves_out_what_its_points_vary_and_still_matches_an_older_one():
+def test_a_study_key_leaves_out_what_its_points_vary():
     from experiments.lib.studies import same_study, without_point_fields
 
     key = {"run": {"seed": 0}, "lora": {"targets": ["q_proj"]}, "train": {"batch_size": 4},
            "points_vary": ["lr", "rank"]}
-    older = {"run": {"seed": 0}, "lora": {"targets": ["q_proj"], "rank": 2}, "train": {"batch_size": 4, "lr": 1e-5}}
-    assert same_study(older, key) and same_study(key, key)
-    assert without_point_fields(older, ["lr", "rank"]) == {k: v for k, v in key.items() if k != "points_vary"}
-    # a field the points do not vary still has to agree, in an older key or a newer one
-    assert not same_study({**older, "train": {"batch_size": 8, "lr": 1e-5}}, key)
+    point = {"run": {"seed": 0}, "lora": {"targets": ["q_proj"], "rank": 2}, "train": {"batch_size": 4, "lr": 1e-5}}
+    assert same_study(key, key)
+    assert without_point_fields(point, ["lr", "rank"]) == {k: v for k, v in key.items() if k != "points_vary"}
+    # a field the points do not vary has to agree
+    assert not same_study({**key, "train": {"batch_size": 8}}, key)
     assert not same_study({**key, "lora": {"targets": ["v_proj"]}}, key)
     assert not same_study({**key, "points_vary": ["lr"]}, key)
 
@@ -179,15 +172,10 @@ def test_search_refuses_a_schedule_that_depends_on_the_run_length(tiny_full_voca
     assert not (tmp_path / "s").exists() and not (tmp_path / "l.jsonl").exists()
 
 
-def test_a_study_key_holds_the_resolved_dtype_and_an_older_auto_one_matches_only_auto():
-    """Points computed in another dtype are not mixed into a study: the key records the dtype as resolved; a key
-    saved when it recorded only "--precision auto" matches a run that asks for auto again, nothing else."""
+def test_a_study_key_holds_the_resolved_dtype():
+    """Points computed in another dtype are not mixed into a study: the key records the dtype as resolved."""
     from experiments.lib.studies import same_study
 
     key = {"run": {"model": "m", "precision": "float32", "seed": 0}, "train": {"batch_size": 4}}
     bf16 = {**key, "run": {**key["run"], "precision": "bfloat16"}}
-    auto = {**key, "run": {**key["run"], "precision": "auto"}}
-    assert same_study(key, key, "auto") and same_study(key, key, "float32")
-    assert not same_study(bf16, key, "auto") and not same_study(bf16, key, "float32")
-    assert same_study(auto, key, "auto") and same_study(auto, bf16 | {"run": bf16["run"]}, "auto")
-    assert not same_study(auto, key, "float32") and not same_study(auto, key)
+    assert same_study(key, key) and not same_study(bf16, key)

@@ -266,6 +266,7 @@ def test_numeric_vocabulary_loss_is_a_softmax_over_those_tokens_and_counted(tmp_
         train(tiny_lora_model(), chunks, chunks, config(loss_vocabulary="numeric"), tmp_path / "b")
 
 
+@pytest.mark.slow  # torch.compile from a cold inductor cache: ~1 min on 2 CPU cores (about 11 s once cached)
 def test_compiled_training_matches_eager_and_counts_the_same(tmp_path):
     """--compile: torch.compile'd steps give the eager run's losses (to rounding) and exactly its counted FLOPs."""
     chunks = random_chunks(3, seed=2, min_len=48, max_len=49)

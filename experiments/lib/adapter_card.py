@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import ENCODINGS
+from data import ENCODINGS, max_tokens_per_step
 from data.llmtime import SERIES_OFFSET_BETA
 from lora import AdapterError
 from lora.io import PEFT_README, PEFT_WEIGHTS
@@ -310,7 +310,7 @@ def _snippet(card: AdapterCard, base: str) -> list[str]:
                    "prompt = tok.apply_chat_template([{'role': 'user', 'content': '...' + prompt}], tokenize=False, "
                    "add_generation_prompt=True)"]
     chars = "0123456789,;" + ("." if card.encoding == "decimal" else "")
-    per_step = 2 * (3 + (card.encoding == "decimal") + d) + 2  # = evaluation.max_tokens_per_step
+    per_step = max_tokens_per_step(d, card.encoding)
     return ["import numpy as np, torch",
             "from peft import AutoPeftModelForCausalLM",
             "from transformers import AutoTokenizer", "",

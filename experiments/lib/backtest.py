@@ -268,6 +268,7 @@ def cli_backtest(p, argv, s: dict, explicit: set[str]) -> int:
     from .cli import given
     from .compare import comparison_table
     from .evaluation import write_csv
+    from .loader import emulation
     from .settings import as_record
 
     run, data, fcs = s["run"], s["data"], s["forecast"]
@@ -289,7 +290,8 @@ def cli_backtest(p, argv, s: dict, explicit: set[str]) -> int:
               for k in ("decimals", "encoding", "prompt")}}
     print(f"series: {series.source}, {series.rows} steps; backtest from {s['backtest']} origins, horizon "
           f"{fcs.horizon}, context up to {fcs.context_steps} rows; methods {', '.join(methods)}")
-    with sf.keep_loaded() if "llm" in methods else nullcontext():
+    with (sf.keep_loaded() if "llm" in methods else nullcontext(),  # one model for every origin
+          emulation(run.device, run.precision) if "llm" in methods else nullcontext()):  # bf16 emulated if no bf16
         result = backtest(series.values, s["backtest"], fcs.horizon, methods, step=s["backtest_step"],
                           context_steps=fcs.context_steps, columns=series.columns, time=series.time,
                           seed=run.seed, progress=s["show_progress"], log=print, cli=True, source=series.source,

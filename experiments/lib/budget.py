@@ -30,12 +30,12 @@ import json
 import math
 import numbers
 import os
-import stat
 import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from data.series import not_a_regular_file
 from miniqwen.atomic import atomic_write
 
 try:
@@ -98,13 +98,10 @@ class Ledger:
     def _check_regular(self) -> None:
         """Raise LedgerError if the ledger exists but is not a regular file (a FIFO would block every read, a
         directory cannot be one)."""
-        try:
-            mode = os.stat(self.path).st_mode
-        except OSError:
-            return  # absent (an empty ledger) or unreadable: reading says so
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-            raise LedgerError(f"{self._where()}: the ledger is {kind}, not a regular file: give a ledger file "
+        kind = not_a_regular_file(self.path)  # None when absent (an empty ledger) or a regular file
+        if kind:
+            what = kind if kind == "not a regular file" else f"{kind}, not a regular file"
+            raise LedgerError(f"{self._where()}: the ledger is {what}: give a ledger file "
                               f"(--ledger or ${ENV_VAR})")
 
     def __repr__(self) -> str:

@@ -23,8 +23,12 @@ from .settings import GROUPS, LR_SCHEDULES, MODEL_ENV_VAR, PRECISIONS, SPLITS
 
 
 def _none_or(kind):
+    """An option's type: ``kind``, or None for "none" / "all". An empty value is an error, not "all": an empty
+    shell variable must not quietly widen a run to the whole split."""
     def convert(text: str):
-        return None if text.lower() in ("none", "all", "") else kind(text)
+        if not text.strip():
+            raise ValueError("empty")
+        return None if text.lower() in ("none", "all") else kind(text)
     convert.__name__ = kind.__name__
     return convert
 
@@ -85,8 +89,8 @@ def with_preset(defaults: dict, presets: dict | None, name: str | None) -> dict:
 
 
 def parser(prog: str, description: str, *groups: str, defaults: dict | None = None,
-           presets: dict | None = None,
-           exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+           presets: dict | None = None, exclude: tuple[str, ...] = (),
+           scores_forecasts: bool = False) -> argparse.ArgumentParser:
     """An argparse parser with the options of the named setting ``groups`` (keys of :data:`GROUPS`).
 
     ``defaults`` = ``{group: dataclass instance}`` overrides a group's defaults (e.g. a stage's training
@@ -95,6 +99,8 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
     ``--loss-context-length``. ``presets`` (``{name: {group: {field:
     value}}}``) adds ``--preset``; the caller passes the preset's defaults in ``defaults`` (:func:`with_preset`).
     ``exclude`` leaves out options of these field names (a grid sets ``lr`` and ``rank`` itself).
+    ``scores_forecasts``: the stage scores validation forecasts while it trains, so ``--select-by forecast`` is
+    offered (elsewhere only ``loss``: refused when parsed, before anything is spent).
     """
     d = {name: (defaults or {}).get(name) or cls() for name, cls in GROUPS.items()}
     p = ArgumentParser(prog=prog, description=description)
@@ -197,9 +203,11 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
                             f"{t.early_stop_patience}; 0 = off)")
         g.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=t.restore_best,
                        help=f"end with the best-validation-loss adapter (default {t.restore_best})")
-        g.add_argument("--select-by", default=t.select_by, choices=["loss", "forecast"],
-                       help="best adapter (early stopping, --restore-best) by validation loss or by validation "
-                            f"forecast error where the stage measures it (default {t.select_by})")
+        g.add_argument("--select-by", default=t.select_by,
+                       choices=["loss", "forecast"] if scores_forecasts else ["loss"],
+                       help="best adapter (early stopping, --restore-best) by validation loss" +
+                            (" or by validation forecast error" if scores_forecasts else "") +
+                            f" (default {t.select_by})")
         g.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
                        help=f"steps between checkpoints (default {t.checkpoint_every})")
         g.add_argument("--loss-vocabulary", default=t.loss_vocabulary, choices=["full", "numeric"],
@@ -279,6 +287,12 @@ def check_positions(model: str, lengths, option: str) -> None:
                          f"model (max_position_embeddings in {model}'s config.json)")
 
 
+def one_line(message) -> str:
+    """``message`` (an exception or text) as the one line :func:`run_cli` prints: a message of several lines (e.g.
+    a list of the tensors that do not fit, one per line) has its lines joined with "; "."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
 def run_cli(main) -> None:
     """Run ``main()`` and turn the errors a user can fix into one clear line on stderr and exit status 2. The run
     directory a stage inspects is locked for the whole command (:func:`run_directory.cli_locks`): a second stage into
@@ -292,11 +306,11 @@ def run_cli(main) -> None:
             sys.exit(main())
     except (UsageError, DataError, WeightsError, ConfigError, BudgetExceededError, LedgerError, AdapterError,
             CheckpointError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:  # the file system (read-only, full, not a directory, permissions): one line, the path
         where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        print(f"error: {one_line(f'{where}{err.strerror or err}')}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ Conventions: training = 3× forward (backward = 2× forward), evaluation and gen
 
 from __future__ import annotations
 
+from data import max_tokens_per_step, numeric_alphabet
 from lora import DEFAULT_LORA_TARGETS
 from miniqwen.flop_count import forward_flops, generation_flops, loss_flops
 
@@ -21,8 +22,6 @@ def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int
     rows of the output head computed while decoding (None = the whole vocabulary); ``encoding``: the LLMTIME text's,
     "decimal" or "integer".
     """
-    from .evaluation import max_tokens_per_step
-
     lens = sorted(prompt_lengths)
     max_new = max_tokens_per_step(decimals, encoding) * horizon
     rank, targets = (lora.rank, tuple(lora.targets)) if lora else (0, ())
@@ -89,13 +88,11 @@ SPLIT_TRAJECTORIES, TRAJECTORY_STEPS = 100, 100
 
 class NominalSizes:
     """Upper bounds on the sizes a plan depends on, without data or a tokenizer (what ``experiments.flops``
-    plans with): every prompt step at :func:`evaluation.max_tokens_per_step` tokens, every split of
+    plans with): every prompt step at :func:`data.llmtime.max_tokens_per_step` tokens, every split of
     :data:`SPLIT_TRAJECTORIES` trajectories, the validation subset always full, the numeric head's rows
     (for the LLMTIME text's ``decimals`` and ``encoding``, "decimal" or "integer")."""
 
     def __init__(self, decimals: int = 2, encoding: str = "decimal"):
-        from .evaluation import max_tokens_per_step, numeric_alphabet
-
         self.decimals, self.encoding = decimals, encoding
         self.per_step = max_tokens_per_step(decimals, encoding)
         self.head_rows = len(numeric_alphabet(encoding)) + 2  # the alphabet, end and padding tokens

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from data import ENCODINGS, decode, encode
+from data import decode, encode, max_tokens_per_step, numeric_alphabet
 from miniqwen import FlopCounter, chat_prompt, generate, token_ids_for
 from miniqwen.atomic import naming
 from miniqwen.generate import bar_disabled
@@ -27,8 +27,6 @@ from miniqwen.tokenizer import END_OF_TEXT, IM_END
 
 from .results import Evaluation
 
-NUMERIC_ALPHABET = list("0123456789") + [".", ",", ";"]
-"""What LLMTIME text in the "decimal" encoding is written with (:func:`numeric_alphabet` for either encoding)."""
 SPECIES = ("prey", "predator")
 
 
@@ -98,23 +96,6 @@ def forecast_prompt(context: np.ndarray, llmtime_scale, decimals: int, horizon: 
             f"the same format. Answer with the numbers only.\n\n{series}"
         )
     raise ValueError(f"unknown prompt mode {mode!r} (raw or chat)")
-
-
-def max_tokens_per_step(decimals: int, encoding: str = "decimal") -> int:
-    """Generous token budget for one "prey,pred;" step: up to 3 integer digits, the point ("decimal" encoding only)
-    and ``decimals`` digits per value (Qwen tokenizes digits one by one), plus "," and ";". Raises ValueError for an
-    unknown encoding."""
-    if encoding not in ENCODINGS:
-        raise ValueError(f"unknown encoding {encoding!r} ({', '.join(ENCODINGS)})")
-    return 2 * (3 + (encoding == "decimal") + decimals) + 2
-
-
-def numeric_alphabet(encoding: str = "decimal") -> list[str]:
-    """The characters LLMTIME text in ``encoding`` is written with: digits, "," and ";", and "." for "decimal"
-    (:data:`NUMERIC_ALPHABET`); the "integer" encoding has no point. Raises ValueError for an unknown encoding."""
-    if encoding not in ENCODINGS:
-        raise ValueError(f"unknown encoding {encoding!r} ({', '.join(ENCODINGS)})")
-    return [c for c in NUMERIC_ALPHABET if encoding == "decimal" or c != "."]
 
 
 def allowed_token_ids(tokenizer, encoding: str = "decimal") -> list[int]:

@@ -215,7 +215,7 @@ def read_rung(session: Session, name: str, rung: int, key: dict) -> dict | None:
     if not path.is_file():
         return None
     record = results.read_record(path, _valid_rung, "delete it to redo that rung")
-    if not studies.same_study(record["settings"], key, session.run.precision):
+    if not studies.same_study(record["settings"], key):
         raise UsageError(f"{path} was made with other settings than these; use another --out or --overwrite")
     return record
 

@@ -296,8 +296,10 @@ def test_split_section(results: dict[str, Results], ledger: Ledger, results_root
     for path in sorted(results_root.glob("*/results.json")):
         raw = json.loads(path.read_text())
         if isinstance(raw, dict) and "committed_lora_metrics" in raw and raw.get("split", "test") == "test":
-            rows.append((first.get(path.parent.name, ""), path.parent.name, "lora (re-forecast of " + raw["run"] + ")",
-                         raw["evaluations"]["lora"]["metrics"]))
+            how = (f", median of {raw['samples']} samples at temperature {raw.get('temperature')}"
+                   if (raw.get("samples") or 1) > 1 else "")
+            rows.append((first.get(path.parent.name, ""), path.parent.name,
+                         f"lora (re-forecast of {raw['run']}{how})", raw["evaluations"]["lora"]["metrics"]))
     if not rows:
         return []
     md = ["## Every look at the test split", "",
@@ -378,7 +380,7 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
             md += [f"### {split} split: {len(traj)} trajectories, {cs} steps observed → {h} forecast", "", *HEADER]
             md += [_row(label, e) for label, e in items]
             best_label, best = items[0]
-            llm = [(lbl, e) for lbl, e in items if stage_of(lbl) != "classical" and e.forecaster != "persistence"]
+            llm = [(lbl, e) for lbl, e in items if stage_of(lbl) != "classical" and not is_classical(e.forecaster)]
             md.append("")
             if llm:
                 lbl, e = llm[0]
@@ -413,3 +415,9 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
         md.append(f"| {run} | {r.stage} | " + " | ".join(format_number(fl.get(k, 0), ".3g") for k in
                                                         ("generate", "eval", "train", "total", "planned")) + " |")
     return "\n".join(md) + "\n"
+
+
+def is_classical(forecaster: str) -> bool:
+    """Whether an evaluation's forecaster is one of the classical ones a stage runs beside the LLM (persistence,
+    ar(p), var(p), lv_ode, parrot(m)), as named by ``classical_forecasters``: no language model, no FLOPs."""
+    return forecaster == "lv_ode" or forecaster.split("(")[0] in ("persistence", "ar", "var", "parrot")

@@ -101,6 +101,7 @@ _locking = False  # True while a command line runs (cli_locks): inspect_out then
 _shared = False  # the command is one of several jobs that share the directory (sweep shards)
 _held: dict[str, int] = {}  # resolved path -> the open directory whose lock this process holds
 _created: list[Path] = []  # directories made only to lock them, removed again if the stage left them empty
+_new_records: list[Path] = []  # run records of new runs made by this command: taken back if it fails before writing
 
 
 @contextlib.contextmanager
@@ -112,7 +113,14 @@ def cli_locks(shared: bool = False):
     _locking, _shared = True, shared
     try:
         yield
+    except BaseException:
+        for path in _new_records:  # a refusal or crash before the run wrote anything leaves --out as it was
+            with contextlib.suppress(OSError):
+                if sorted(p.name for p in path.parent.iterdir()) == [RECORD]:
+                    path.unlink()
+        raise
     finally:
+        _new_records.clear()
         _locking = _shared = False
         for fd in _held.values():
             os.close(fd)
@@ -121,6 +129,14 @@ def cli_locks(shared: bool = False):
             with contextlib.suppress(OSError):
                 path.rmdir()  # only if empty
         _created.clear()
+
+
+def note_new_record(path: Path) -> None:
+    """Under :func:`cli_locks`: ``path`` is the run record of a run this command has just begun in an empty
+    directory; if the command then fails while the record is all the directory holds, the record is removed (and
+    the directory, if the lock made it)."""
+    if _locking:
+        _new_records.append(path)
 
 
 def share_lock(shared: bool) -> None:
@@ -299,7 +315,10 @@ def claim_out(out: Path, stage: str, settings: dict, *, overwrite: bool = False,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": settings,
               "written": []}
     out.mkdir(parents=True, exist_ok=True)
+    fresh = not any(out.iterdir())
     atomic_write(out / RECORD, json.dumps(record, indent=2, default=str) + "\n")
+    if fresh:
+        note_new_record(out / RECORD)
     return RunDirectory(out, "empty", stage, record, [RECORD])
 
 

@@ -24,7 +24,7 @@ from .evaluation import (Forecaster, LLMForecaster, allowed_token_ids, evaluate,
                          prompt_lengths, write_csv)
 from .plots import plot_forecasts
 from .results import Evaluation, read_record, valid_evaluation, write_json
-from .session import Session, with_resolved_precision
+from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings, as_record
 from .training import checkpoint_step, distributed, read_log, train_lora, validation_subset
 
@@ -208,15 +208,13 @@ def _without_plots(key: dict) -> dict:
 def untrained_evaluation(session: Session, forecast: ForecastSettings, title: str, path: Path,
                          reuse: bool, predictions: dict | None = None) -> Evaluation:
     """The untrained model's forecast of ``forecast``'s trajectories, saved in ``path`` (JSON) and charged; with
-    ``reuse`` a saved one made with the same model, compute dtype (``--precision`` as resolved; a file that
-    records only "auto" is taken at its word when "auto" is asked for again), seed, data and forecast settings
-    (but for ``plots``, which draws figures only) is read back instead (what --resume does). Its predictions
-    [n, H, 2] are saved with it and put into ``predictions`` (if a dict is given) under "untrained" (an older file
-    without them gives none)."""
+    ``reuse`` a saved one made with the same model, compute dtype (``--precision`` as resolved), seed, data and
+    forecast settings (but for ``plots``, which draws figures only) is read back instead (what --resume does). Its
+    predictions [n, H, 2] are saved with it and put into ``predictions`` (if a dict is given) under "untrained"
+    (a saved file without them gives none)."""
     key = {"run": session.run_key(), **as_record(data=session.data_settings, forecast=forecast)}
     saved = read_untrained(path) if reuse and path.is_file() else None
-    if saved and _without_plots(with_resolved_precision(saved["settings"], session.run.precision,
-                                                        session.precision)) == _without_plots(key):
+    if saved and _without_plots(saved["settings"]) == _without_plots(key):
         print(f"reusing the untrained evaluation in {path}")
         if "predictions" in saved:
             pred = np.asarray(saved["predictions"], dtype=np.float64)

@@ -28,7 +28,6 @@ from .evaluation import Forecasts, LLMForecaster
 from .option_names import option
 from .plots import _figure, _save, _wrap
 from .run_directory import RECORD, RunDirectory, empty_run_directory, inspect_out, why_protected
-from .session import resolve_precision, weights_label
 from .settings import DataSettings, ForecastSettings, RunSettings
 
 STAGE = "forecast"
@@ -209,43 +208,36 @@ def keep_loaded():
 
 def llm_forecast(run: RunSettings, forecast: ForecastSettings, fmt: TextFormat, adapter: str | None,
                  context: np.ndarray, horizon: int, progress: bool, log=print, warn=print) -> tuple[Forecasts, str]:
-    """Load ``run.model`` (and the PEFT adapter ``adapter``, merged into its weights while forecasting:
-    ``lora.merged``; inside :func:`keep_loaded`, once) and forecast one context [C, 2] with
-    :class:`evaluation.LLMForecaster` in ``fmt`` and ``forecast``'s sampling (tqdm bars if ``progress``). Returns
+    """Load ``run.model`` (:func:`loader.load_model`; and the PEFT adapter ``adapter``, merged into its weights
+    while forecasting: ``lora.merged``; inside :func:`keep_loaded`, once) and forecast one context [C, 2] with
+    :class:`evaluation.LLMForecaster` in ``fmt`` and ``forecast``'s sampling (tqdm bars if ``progress``), inside
+    :func:`loader.emulation` (bf16 emulated on a CPU without it; a no-op inside the stage's own block). Returns
     ``(Forecasts, the weights' label)``; says what it loaded with ``log`` and, through ``warn``, if the adapter's
-    card names other base weights or the precision is emulated. Raises WeightsError/ConfigError (model),
-    AdapterError (adapter)."""
-    import torch
-
+    card names other base weights. Raises WeightsError/ConfigError (model), AdapterError (adapter)."""
     from lora import load_peft, merged
-    from miniqwen import load_pretrained
-    from miniqwen.device import emulated_precision, resolve_device
-    from miniqwen.loading import resolve_model_dir
 
-    device = resolve_device(run.device)
-    precision = resolve_precision(run.precision, device)
-    label = weights_label(run.model)
+    from . import loader
+
+    device, precision = loader.placement(run.device, run.precision)
     key = (run.model, str(device), precision, str(Path(adapter).resolve()) if adapter else None)
     if _loaded is not None and key in _loaded:
-        model, tokenizer = _loaded[key]
+        model, tokenizer, label = _loaded[key]
     else:
-        model, tokenizer = load_pretrained(resolve_model_dir(run.model), dtype=getattr(torch, precision),
-                                           device=device)
+        loaded = loader.load_model(run.model, device, precision)
+        model, tokenizer, label = loaded.model, loaded.tokenizer, loaded.weights
         log(f"model: {label} — computing on {device} in {precision}; {fmt.describe()} ({fmt.source}), "
             f"{fmt.decimals} decimals, {fmt.encoding}, prompt {fmt.prompt}")
-        if slow := emulated_precision(device, precision):
-            warn(slow)
         if fmt.base_model and fmt.base_model != label:
             warn(f"the adapter was trained on {fmt.base_model}, not on {label}")
         if adapter:
             load_peft(model, adapter)
         if _loaded is not None:
             _loaded.clear()  # one model at a time
-            _loaded[key] = model, tokenizer
+            _loaded[key] = model, tokenizer, label
     forecaster = LLMForecaster(model, tokenizer, fmt.llmtime_scale, fmt.decimals, fmt.prompt, forecast.samples,
                                forecast.temperature, forecast.top_p, 1, run.seed, name="lora" if adapter else "base",
                                encoding=fmt.encoding, progress=progress)
-    with merged(model):
+    with loader.emulation(device, precision), merged(model):
         return forecaster.forecast(context[None], horizon), label
 
 
@@ -321,17 +313,16 @@ def check_out(out: Path, overwrite: bool) -> RunDirectory:
     found = inspect_out(out)
     if found.kind == "foreign":
         raise UsageError(f"--out {out} holds files no stage wrote ({found.listing()}): choose another --out")
-    if found.kind in ("run", "legacy"):
-        made_by = found.stage or "training"
+    if found.kind == "run":
         if not overwrite:
-            raise UsageError(f"--out {out} already holds a {made_by} run ({found.listing()}): pass --overwrite to "
+            raise UsageError(f"--out {out} already holds a {found.stage} run ({found.listing()}): pass --overwrite to "
                              "replace it, or choose another --out")
         why = why_protected(out.resolve())
         if why:
             raise UsageError(f"--overwrite: --out {out} is {why}, which a stage never empties: choose another --out")
         extra = found.not_written_by_a_stage()
         if extra:
-            raise UsageError(f"--overwrite: --out {out} holds a {made_by} run but also files no stage wrote "
+            raise UsageError(f"--overwrite: --out {out} holds a {found.stage} run but also files no stage wrote "
                              f"({found.listing(extra)}): move them away or choose another --out")
     return found
 
@@ -339,7 +330,7 @@ def check_out(out: Path, overwrite: bool) -> RunDirectory:
 def write_run(out: Path, found: RunDirectory, record: dict, files: dict) -> None:
     """Empty ``out`` if it holds a run (``check_out`` allowed it), write the run record (:data:`session.RECORD`,
     listing what it holds) and then ``files`` (``{name: write(path)}``)."""
-    if found.kind in ("run", "legacy"):
+    if found.kind == "run":
         empty_run_directory(out)
     out.mkdir(parents=True, exist_ok=True)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -3,9 +3,10 @@
 one path for compute: plan -> check -> spend -> write results -> charge.
 
     session = Session("baseline", run, data)
-    session.check({"forecast": planned})            # refuses (BudgetExceededError) before anything is spent
-    ...spend...                                      # forecasts, training (training charges as it checkpoints)
-    session.finish(results, charge={"generate": n})  # results.json first, then the ledger
+    with emulation(session.device, session.precision):   # loader.emulation: bf16 emulated where the CPU has none
+        session.check({"forecast": planned})             # refuses (BudgetExceededError) before anything is spent
+        ...spend...                                      # forecasts, training (training charges as it checkpoints)
+        session.finish(results, charge={"generate": n})  # results.json first, then the ledger
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -26,17 +26,16 @@ import torch
 
 from data import (DataError, LotkaVolterraData, encode, fit_scale, fit_series_scale, load_trajectories,
                   resolve_data_path, split_indices)
-from miniqwen import WeightsError, load_pretrained
 from miniqwen.atomic import atomic_write
-from miniqwen.device import emulated_precision
-from miniqwen.emulation import Float32Matmuls
 from miniqwen.loading import resolve_model_dir, weights_fingerprint
 
+from . import loader
 from .budget import Ledger, LedgerError
 from .errors import UsageError
+from .loader import resolve_precision, weights_label
 from .results import Results
-from .run_directory import (RECORD, RunDirectory, dig, empty_run_directory, inspect_out, nonempty_object, read_json,
-                            why_protected)
+from .run_directory import (RECORD, RunDirectory, dig, empty_run_directory, inspect_out, nonempty_object,
+                            note_new_record, read_json, why_protected)
 from .settings import GROUPS, SERIES_FIT_STEPS, DataSettings, ForecastSettings, RunSettings, TrainSettings, as_record
 from .training import distributed
 from .training.checkpoint import find_checkpoint, read_checkpoint
@@ -153,39 +152,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def weights_label(model: str) -> str:
-    """What the weights are, for results: the first line of a PROVENANCE.txt beside them (the offline dequantized
-    build writes one), without its closing full stop so that it reads inside a sentence, else ``model`` as given (a
-    Hub repo id, or a directory's name)."""
-    path = Path(model).expanduser()
-    provenance = path / "PROVENANCE.txt"
-    if provenance.is_file():
-        return provenance.read_text().splitlines()[0].rstrip(".")
-    return path.name if path.is_dir() else str(model)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``precision`` as given, or for ``"auto"`` the dtype :func:`miniqwen.device.default_compute_dtype` picks on
-    ``device``: "bfloat16" on CUDA GPUs of compute capability >= 8.0 and on CPUs with native bf16 matrix products,
-    "float16" on older CUDA GPUs (T4, V100) and on Apple silicon (MPS), else "float32"."""
-    if precision != "auto":
-        return precision
-    from miniqwen.device import default_compute_dtype
-
-    return str(default_compute_dtype(device)).removeprefix("torch.")
-
-
-def with_resolved_precision(saved: dict, precision_option: str | None, precision: str | None) -> dict:
-    """A saved settings record (``{"run": {..., "precision": ...}, ...}``) as :meth:`Session.run_key` writes it
-    now: one written before the compute dtype was resolved says only ``"auto"``, which is taken to mean
-    ``precision`` when this run asks for ``"auto"`` too (``precision_option``, its ``--precision``). Anything else
-    is returned as it is (a copy only when changed)."""
-    run = saved.get("run", {})
-    if precision_option == "auto" and run.get("precision") == "auto":
-        return {**saved, "run": {**run, "precision": precision}}
-    return saved
-
-
 def _option(field: str) -> str:
     """A settings field's command-line option: ``gen_batch_size`` -> ``--gen-batch-size``."""
     return "--" + field.replace("_", "-")
@@ -226,30 +192,34 @@ class Session:
         defines: the stage's other settings groups that define its runs (e.g. ``{"forecast": ..., "lora": ...,
             "train": ...}``): kept in the run record, and on ``--resume`` compared (:data:`RUN_DEFINING`) with what
             the run recorded before anything is loaded, written or charged (:meth:`_check_same_settings`).
+        varies: fields of those groups that the stage's points each set for themselves (a study's ``("lr",
+            "rank")``): left out of the record and of the comparison; ``study`` gives their values instead.
+        study: the stage's own options that define its runs, ``{field: value}`` (a study's grid: ``{"lrs": (…),
+            "ranks": (…)}``), kept in the run record under "study" and compared on ``--resume`` as ``--<field>``.
 
     ``run.out`` is a run directory: the Session keeps a run record (:data:`RECORD`: the stage, the settings, the data
     checksum and the weights' identity) in every one it makes, and only a directory a stage made is resumed (by the
     same stage, on the same data and weights) or emptied by ``--overwrite``; anything else is refused before any
-    work. A directory made before run records (a results.json naming its stage, or an interrupted training run) is
-    accepted as that stage's.
+    work.
 
     Raises:
         UsageError: ``run.out`` holds files no stage wrote, or another stage's run, or results and neither
             ``resume`` nor ``overwrite`` is set (neither when joining); ``resume`` for a stage that does not train,
             with nothing in ``run.out`` to resume (or a directory that is not a run), on other data or weights than
-            the run's, or with another setting that defines the run (one line naming the option); ``overwrite`` of the
-            current directory, a parent of it, the repository, the home directory or the root; torchrun for a stage
-            that does not train; ``run.out`` cannot be created.
+            the run's (or weights it recorded no fingerprint of), or with another setting that defines the run (one
+            line naming the option); ``overwrite`` of the current directory, a parent of it, the repository, the home
+            directory or the root; torchrun for a stage that does not train; ``run.out`` cannot be created.
         data.DataError: the data file is missing or invalid.
     """
 
     def __init__(self, stage: str, run: RunSettings, data: DataSettings, *, trains: bool = False,
-                 join: bool = False, progress: bool = True, defines: dict | None = None):
+                 join: bool = False, progress: bool = True, defines: dict | None = None, varies: tuple = (),
+                 study: dict | None = None):
         # bars on a terminal only: a stage's "progress" (no --no-progress) shows them where stderr is a terminal
         self.stage, self.run, self.data_settings, self.join = stage, run, data, join
         self.progress = None if progress is True else progress
-        self.defines = dict(defines or {})
-        self.emulation: Float32Matmuls | None = None  # entered for the process when bf16 is emulated (see _loaded)
+        self.defines, self.varies = dict(defines or {}), tuple(varies)
+        self.study = {k: _comparable(v) for k, v in (study or {}).items()}
         self.out = Path(run.out).expanduser() if run.out else Path("runs") / stage
         if run.resume and not trains and not join:
             raise UsageError(f"--resume: experiments.{stage} has nothing to resume (it does not train); run it "
@@ -264,15 +234,24 @@ class Session:
         self.dataset = load_dataset(data)
         self.ledger = Ledger(run.ledger)
         if found is not None:
-            if (run.resume or join) and found.kind in ("run", "legacy"):
+            if (run.resume or join) and found.kind == "run":
                 self._check_same_run(found)
             if run.resume and found.kind == "run":
                 self._check_same_settings(found)
-            if run.overwrite and found.kind in ("run", "legacy"):
+            if run.overwrite and found.kind == "run":
                 empty_run_directory(self.out)
                 found = RunDirectory(self.out, "empty")
             self._make_out(found)
         seed_everything(run.seed)
+
+    def settings_record(self) -> dict:
+        """The settings that define this run as its record keeps them: run, data and ``defines`` by group (without
+        the fields the points vary) and, if the stage has any, its ``study`` options."""
+        record = as_record(run=self.run, data=self.data_settings, **self.defines)
+        for group in ("lora", "train"):
+            if group in record:
+                record[group] = {k: v for k, v in record[group].items() if k not in self.varies}
+        return {**record, "study": self.study} if self.study else record
 
     # ------------------------------------------------------------------ the run directory
     def _check_out(self, trains: bool, join: bool) -> RunDirectory:
@@ -289,13 +268,12 @@ class Session:
             if run.resume and not join:
                 raise UsageError(f"--resume: nothing to resume in {out} (it is empty or does not exist)")
             return found
-        made_by = found.stage or "training"
-        if found.stage is not None and found.stage != stage and (run.resume or join):
+        if found.stage != stage and (run.resume or join):
             raise UsageError(f"--out {out} holds a {found.stage} run, not a {stage} run: --resume continues only "
                              f"a run of the same stage; choose another --out")
         if not (run.resume or run.overwrite or join):
-            advice = "--resume to continue it, " if trains and found.stage in (None, stage) else ""
-            raise UsageError(f"--out {out} already holds a {made_by} run ({found.listing()}): pass {advice}"
+            advice = "--resume to continue it, " if trains and found.stage == stage else ""
+            raise UsageError(f"--out {out} already holds a {found.stage} run ({found.listing()}): pass {advice}"
                              "--overwrite to replace it, or choose another --out")
         if run.overwrite:
             why = why_protected(out.resolve())
@@ -304,50 +282,44 @@ class Session:
                                  "--out")
             extra = found.not_written_by_a_stage()
             if extra:
-                raise UsageError(f"--overwrite: --out {out} holds a {made_by} run but also files no stage wrote "
+                raise UsageError(f"--overwrite: --out {out} holds a {found.stage} run but also files no stage wrote "
                                  f"({found.listing(extra)}): move them away or choose another --out")
         return found
 
     def _check_same_run(self, found: RunDirectory) -> None:
-        """Refuse (UsageError) to continue ``found`` on other data or other weights, before anything is spent."""
+        """Refuse (UsageError) to continue ``found`` on other data or other weights, or a run whose record holds
+        no fingerprint of its weights (so they cannot be checked), before anything is spent."""
         out, record = self.out, found.record or {}
-        data = nonempty_object(dig(record, "data")) or nonempty_object(dig(found.results, "data")) or {}
+        data = nonempty_object(dig(record, "data")) or {}
         if isinstance(data.get("sha256"), str) and data["sha256"] != self.dataset.sha256:
             raise UsageError(f"--resume: --out {out} was run on data {data.get('file')} (sha256 "
                              f"{data['sha256'][:12]}…), not on {self.dataset.data.path.name} (sha256 "
                              f"{self.dataset.sha256[:12]}…): pass the same --data, or choose another --out")
         recorded = nonempty_object(dig(record, "weights"))
-        if recorded:
-            mine = self.weights_identity
-            if recorded.get("sha256") != mine["sha256"]:
-                raise UsageError(f"--model {self.run.model}: --out {out} was run on other weights "
-                                 f"({recorded.get('label')}, sha256 {str(recorded.get('sha256'))[:12]}…; these are "
-                                 f"{mine['label']}, sha256 {mine['sha256'][:12]}…): resume with the same --model, "
-                                 "or choose another --out")
-        elif found.kind == "legacy":  # made before run records: compare the model's name as its results record it
-            saved = [dig(found.results, "settings", "run", "model"),
-                     dig(read_json(out / "untrained.json"), "settings", "run", "model")]
-            names = {_model_name(m) for m in saved if isinstance(m, str) and m}
-            if names and _model_name(self.run.model) not in names:
-                raise UsageError(f"--model {self.run.model}: --out {out} was run on other weights "
-                                 f"({', '.join(sorted(names))}): resume with the same --model, or choose another "
-                                 "--out")
+        if not recorded:
+            return  # the run stopped before it loaded the model: no weights used yet
+        if not isinstance(recorded.get("sha256"), str):
+            raise UsageError(f"--resume: the run in {out} recorded no weights fingerprint (it was made before runs "
+                             "recorded one): it cannot be resumed; choose another --out")
+        mine = self.weights_identity
+        if recorded["sha256"] != mine["sha256"]:
+            raise UsageError(f"--model {self.run.model}: --out {out} was run on other weights "
+                             f"({recorded.get('label')}, sha256 {recorded['sha256'][:12]}…; these are "
+                             f"{mine['label']}, sha256 {mine['sha256'][:12]}…): resume with the same --model, "
+                             "or choose another --out")
 
     def _check_same_settings(self, found: RunDirectory) -> None:
         """Refuse (UsageError, one line naming each option that differs) to resume ``found`` with other settings
-        that define the run (:data:`RUN_DEFINING`, of the groups this stage has: run, data and ``defines``; the
-        compute dtype as resolved) than the run was made with. What it was made with is what it recorded: its run
-        record's settings, its results.json's, untrained.json's for a group neither of those holds (a record
-        written before it kept every group) and its training checkpoint (``training/``, when the stage trains:
-        the training and LoRA settings, seed and dtype its steps were taken with; a damaged checkpoint is refused
-        here too, naming the file). Reads only; runs before the model loads and before anything is written or
-        charged, so that a refused resume leaves the run exactly as it was."""
-        now = as_record(run=self.run, data=self.data_settings, **self.defines)
+        that define the run (:data:`RUN_DEFINING`, of the groups this stage has: run, data and ``defines``, but for
+        the fields its points vary; its ``study`` options; the compute dtype as resolved) than the run was made
+        with. What it was made with is what it recorded: its run record's settings, its results.json's and its
+        training checkpoint (``training/``, when the stage trains: the training and LoRA settings, seed and dtype
+        its steps were taken with; a damaged checkpoint is refused here too, naming the file), and the dtype of its
+        untrained forecast (untrained.json). Reads only; runs before the model loads and before anything is written
+        or charged, so that a refused resume leaves the run exactly as it was."""
+        now = self.settings_record()
         record, results = dig(found.record, "settings"), dig(found.results, "settings")
         sources = [s for s in (record, results) if isinstance(s, dict)]
-        untrained = dig(read_json(self.out / "untrained.json"), "settings")
-        untrained = untrained if isinstance(untrained, dict) else {}
-        sources.append({g: v for g, v in untrained.items() if not any(isinstance(s.get(g), dict) for s in sources)})
         dtypes = [dig(record, "run", "precision"), dig(results, "run", "precision")]  # as given: "auto" says nothing
         ckpt = find_checkpoint(self.out / "training") if "train" in self.defines else None
         if ckpt is not None:  # the dtype the steps were taken in, as resolved
@@ -355,8 +327,8 @@ class Session:
             sources.append({"train": state.get("settings"), "lora": state.get("lora"),
                             "run": {"seed": state["seed"]} if "seed" in state else None})
             dtypes.append(state.get("precision"))
-        else:  # the untrained forecast's, as resolved ("auto" in a file from before the dtype was resolved)
-            dtypes.append(dig(untrained, "run", "precision"))
+        else:  # the untrained forecast's, as resolved
+            dtypes.append(dig(read_json(self.out / "untrained.json"), "settings", "run", "precision"))
         changed: dict[str, tuple] = {}  # option -> (its value now, the run's)
         cosine = dig(now, "train", "lr_schedule") == "cosine"  # TrainSettings.schedule_depends_on_max_steps
         for source in sources:
@@ -366,9 +338,15 @@ class Session:
                     continue
                 defaults = {f.name: f.default for f in dataclasses.fields(GROUPS[group])}
                 for name in fields + (("max_steps",) if group == "train" and cosine else ()):
+                    if name in self.varies:
+                        continue
                     was, is_ = saved.get(name, defaults[name]), now[group].get(name, defaults[name])
                     if _comparable(was) != _comparable(is_):
                         changed.setdefault(_option(name), (is_, was))
+        recorded = dig(record, "study")
+        for name, value in self.study.items():  # the stage's own options (a study's grid), as its record kept them
+            if isinstance(recorded, dict) and name in recorded and recorded[name] != value:
+                changed.setdefault(_option(name), (value, recorded[name]))
         for dtype in dtypes:
             if isinstance(dtype, str) and dtype != "auto" and dtype != self.precision:
                 asked = self.run.precision
@@ -389,12 +367,13 @@ class Session:
                 return
             record = {"made_by": "miniqwen", "stage": self.stage,
                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "settings": as_record(run=self.run, data=self.data_settings, **self.defines),
+                      "settings": self.settings_record(),
                       "data": {"file": self.dataset.data.path.name, "sha256": self.dataset.sha256},
                       "weights": None, "written": []}
-            if found.kind == "legacy":
-                record["continues"] = "a run made before run records"
+            fresh = not any(self.out.iterdir())
             self._write_record(record)
+            if fresh:  # taken back if the command fails before the run writes anything (run_directory.cli_locks)
+                note_new_record(self.out / RECORD)
         except OSError as err:
             where = err.filename or self.out
             raise UsageError(f"--out {self.out}: cannot write {where} ({err.strerror or err})") from None
@@ -448,20 +427,13 @@ class Session:
 
     @cached_property
     def _loaded(self):
-        model_dir = resolve_model_dir(self.run.model)
+        """The model and tokenizer, loaded on first use (:func:`loader.load_model`, on this session's device and
+        dtype) once the weights' identity is in the run record. The stage computes with them inside its
+        :func:`loader.emulation` block."""
         self._record_weights()  # also refuses a config.json or weights file that is not a regular file
-        model, tokenizer = load_pretrained(model_dir, dtype=getattr(torch, self.precision), device=self.device)
-        if tokenizer.vocab_size > model.config.vocab_size:  # token ids past the embedding: an IndexError mid-run
-            raise WeightsError(f"{model_dir}: config.json's vocab_size {model.config.vocab_size} is smaller than the "
-                               f"{tokenizer.vocab_size} token ids of its tokenizer.json: the tokenizer is not these "
-                               "weights' (use the model's own tokenizer.json)")
+        loaded = loader.load_model(self.run.model, self.device, self.precision)
         print(f"model: {self.weights} — computing on {self.device} in {self.precision}")
-        if note := emulated_precision(self.device, self.precision):
-            print(note, file=sys.stderr)
-            # every bf16 matmul from here on, training and forecasting, runs in float32 kernels (for the process)
-            self.emulation = Float32Matmuls()
-            self.emulation.__enter__()
-        return model.eval(), tokenizer
+        return loaded.model, loaded.tokenizer
 
     @property
     def model(self):

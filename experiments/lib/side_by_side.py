@@ -10,6 +10,7 @@ blow-ups, never a mean alone.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -84,15 +85,17 @@ def best_classical(evaluations: dict[str, Evaluation]) -> dict[str, str]:
     return {s: min(rivals, key=lambda k: rivals[k].metrics[s]["mse"]) for s in ("prey", "predator")}
 
 
-def indices_range(text: str, n_systems: int, option: str = "--peer-indices") -> np.ndarray:
-    """``"A-B"`` (inclusive) → trajectory indices A..B. Raises UsageError naming ``option`` if malformed or outside
-    the file's 0..n_systems−1."""
-    try:
-        a, b = (int(x) for x in text.split("-"))
-    except ValueError:
-        raise UsageError(f"{option} {text!r}: must be a range like 850-999") from None
-    if not 0 <= a <= b < n_systems:
-        raise UsageError(f"{option} {text!r}: must lie within 0-{n_systems - 1} with the first <= the last")
+def indices_range(text: str, n_systems: int | None, option: str = "--peer-indices") -> np.ndarray:
+    """``"A-B"`` (inclusive, ASCII digits) → trajectory indices A..B. Raises UsageError naming ``option`` if
+    malformed, if A > B, or (with ``n_systems``, the file's trajectory count) outside 0..n_systems−1; without
+    ``n_systems`` only the form is checked (before the data is read)."""
+    match = re.fullmatch(r"([0-9]+)-([0-9]+)", text.strip())
+    if match is None:
+        raise UsageError(f"{option} {text!r}: must be a range like 850-999")
+    a, b = int(match[1]), int(match[2])
+    if a > b or (n_systems is not None and b >= n_systems):
+        bounds = f"within 0-{n_systems - 1} " if n_systems is not None else ""
+        raise UsageError(f"{option} {text!r}: must lie {bounds}with the first <= the last")
     return np.arange(a, b + 1)
 
 

@@ -31,7 +31,7 @@ from .evaluation import evaluate
 from .errors import UsageError
 from .results import Evaluation, write_json
 from .run_directory import check_run_of
-from .session import Session, with_resolved_precision
+from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings
 from .training import checkpoint_step, read_log, validation_loss, validation_subset
 
@@ -66,8 +66,8 @@ def study_key(session: Session, forecast: ForecastSettings, lora: LoRASettings, 
     left out of their sections and named under "points_vary"; each point's own values are in its record."""
     key = {"run": session.run_key(), **settings.as_record(data=session.data_settings, forecast=forecast, lora=lora,
                                                           train=train)}
-    # of training, what changes a point's result (not how often it logs, checkpoints or shows progress)
-    # (a field that as_record leaves out at its default stays out: keys made before it existed still match)
+    # of training, what changes a point's result (not how often it logs, checkpoints or shows progress; a field
+    # as_record leaves out at its default, settings.RECORDED_UNLESS, stays out)
     key["train"] = {k: key["train"][k] for k in (*TrainSettings.RESUME_FIXED, "max_steps") if k in key["train"]}
     if varies:
         key = without_point_fields(key, varies)
@@ -85,15 +85,8 @@ def without_point_fields(record: dict, varies) -> dict:
     return out
 
 
-def same_study(saved: dict, key: dict, precision_option: str | None = None) -> bool:
-    """Whether a record's study key ``saved`` equals ``key`` (:func:`study_key`). A key saved before the points'
-    own fields were left out (it holds the first point's values and no "points_vary") still matches, and so does
-    one saved before the dtype was resolved (precision "auto") when ``precision_option`` (this run's
-    ``--precision``) is "auto" too."""
-    saved = with_resolved_precision(saved, precision_option, key.get("run", {}).get("precision"))
-    varies = key.get("points_vary")
-    if varies and "points_vary" not in saved:
-        saved = {**without_point_fields(saved, varies), "points_vary": varies}
+def same_study(saved: dict, key: dict) -> bool:
+    """Whether a record's study key ``saved`` equals ``key`` (:func:`study_key`)."""
     return saved == key
 
 
@@ -267,7 +260,7 @@ def read_point(path: Path, key: dict, session: Session | None = None) -> dict:
     Raises UsageError naming the file if it is damaged or was made with other settings."""
     record = results.read_record(path, _valid_point, "delete it and run again with --resume to forecast the point "
                                  "again from its checkpoint, or choose another --out")
-    if not same_study(record["settings"], key, session.run.precision if session is not None else None):
+    if not same_study(record["settings"], key):
         overwrite = "" if getattr(session, "join", False) else " or --overwrite"
         raise UsageError(f"{path} was made with other settings than these; give the same settings, or use another "
                          f"--out{overwrite}")

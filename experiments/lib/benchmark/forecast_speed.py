@@ -8,12 +8,11 @@ import statistics
 import numpy as np
 import torch
 
-from data import decode
+from data import decode, max_tokens_per_step
 from miniqwen import generate, load_pretrained
 from miniqwen.tokenizer import END_OF_TEXT, IM_END
 
-from ..evaluation import (LLMForecaster, allowed_token_ids, fill_missing, forecast_metrics, forecast_prompt,
-                          max_tokens_per_step)
+from ..evaluation import LLMForecaster, allowed_token_ids, fill_missing, forecast_metrics, forecast_prompt
 from ..session import load_dataset
 from ..settings import DataSettings, ForecastSettings
 from . import hf

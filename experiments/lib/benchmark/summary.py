@@ -10,7 +10,7 @@ import torch
 
 from miniqwen import cpu_supports_bf16
 
-from ..session import weights_label
+from ..loader import weights_label
 from . import hf
 from .harness import memory_method
 

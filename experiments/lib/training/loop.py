@@ -248,14 +248,27 @@ def _start_or_resume(run: Run, resume: bool) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Keep only log lines with ``step <= step`` (a killed run may have logged steps after its last checkpoint)."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    """Keep only log lines with ``step <= step`` (a killed run may have logged steps after its last checkpoint).
+
+    Raises:
+        CheckpointError: a damaged line with readable lines after it — a kill tears only the last line, so this is
+            damage the resume must not paper over (the message names the file and line).
+    """
+    kept, torn = [], None
+    for number, line in enumerate(path.read_text().splitlines() if path.exists() else [], start=1):
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by the kill: drop it
+            entry = json.loads(line)
+            entry_step = entry["step"]
+            if not isinstance(entry_step, int):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by the kill: only the last may be
+            torn = torn or number
             continue
+        if torn is not None:
+            raise CheckpointError(f"{path}: line {torn} is damaged but later lines are not (a kill tears only the "
+                                  "last line): restore the log, or start the run again with --overwrite")
+        if entry_step <= step:
+            kept.append(line)
     atomic_write(path, "".join(line + "\n" for line in kept))
 
 

@@ -1,20 +1,32 @@
-"""Bad input gets a clear one-line error naming the file and the problem, before any work is spent, and never a
-silently wrong result: config.json, tokenizer.json, sharded-checkpoint indexes, the FLOP ledger."""
+"""Damaged or wrong input files get one clear line naming the file and the problem, before any work is spent, and
+never a silently wrong result: config.json, tokenizer.json, sharded-checkpoint indexes, weights (non-finite, a
+broken weights directory), LoRA adapters, trajectory data, chunk files for experiments.train, a results.json without
+its selection, FLOP ledgers (a symbolic link, a FIFO, a directory, a text file, bad numbers), and model output text
+that would decode to an overflow or to another script's digits."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_stand_in_tokenizer
+from conftest import (checksums, cli, error_line, exit_err, exit_err_out, refused, snapshot, user_dir,
+                      write_stand_in_tokenizer)
+from data import decode
+from data.chunks import make_chunks
+from data.simulate import simulate, write_h5
+from experiments import baseline, report
+from experiments import train as train_cli
 from experiments.lib.budget import Ledger, LedgerError
 from miniqwen import ConfigError, Qwen2Config, QwenTokenizer, WeightsError, load_pretrained
 from miniqwen import loading
+
 
 TINY = dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
@@ -33,8 +45,7 @@ def one_line(err) -> str:
     return msg
 
 
-# ------------------------------------------------------------------------------------------------ config.json
-
+# ------------------------------------------------------------------------------------------------------- config.json
 
 def test_tiny_config_is_valid(tmp_path):
     cfg = Qwen2Config.from_json(write_config(tmp_path, TINY))
@@ -140,8 +151,7 @@ def test_load_pretrained_bad_config_before_weights(tmp_path):
         load_pretrained(tmp_path, device="cpu")
 
 
-# --------------------------------------------------------------------------------------------- tokenizer.json
-
+# ---------------------------------------------------------------------------------------------------- tokenizer.json
 
 @pytest.mark.parametrize("content, words", [
     (b"{}", ["not a valid tokenizer.json"]),
@@ -190,8 +200,19 @@ def test_weights_error_is_one_class():
     assert loading.WeightsError is WeightsError is miniqwen.tokenizer.WeightsError
 
 
-# ----------------------------------------------------------------------------------------- sharded checkpoints
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused_at_load(tiny_dir, tokenizer_dir, setup, tmp_path,
+                                                                       capsys):
+    assert (tiny_dir / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+    before = checksums(setup)
+    code, err, _ = exit_err_out(baseline.main, ["--model", str(tiny_dir), "--data", str(setup / "lv.h5"), "--out",
+                                                str(tmp_path / "out"), "--ledger", str(setup / "ledger.jsonl"),
+                                                "--limit", "1", "--context-steps", "5", "--horizon", "2",
+                                                "--precision", "float32"], capsys)
+    error_line(code, err, "vocab_size 128", "151", "tokenizer.json")
+    assert checksums(setup) == before
 
+
+# ----------------------------------------------------------------------------------------------- sharded checkpoints
 
 def sharded_dir(tmp_path, source_dir):
     """``tmp_path`` as a two-shard copy of the single-file checkpoint in ``source_dir``; returns the index path."""
@@ -283,6 +304,8 @@ def test_tensor_in_two_shards_or_not_float(tmp_path):
         load_pretrained(tmp_path, device="cpu")
 
 
+# ----------------------------------------------------------------------------------------------------------- weights
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tiny_checkpoint, tmp_path, value):
     path, _ = tiny_checkpoint
@@ -348,8 +371,150 @@ def test_bad_dtype_argument(tmp_path):
         load_pretrained(tmp_path, dtype="int64", device="cpu")
 
 
-# ------------------------------------------------------------------------------------------------------ ledger
+def _break(model_dir, case):
+    config = json.loads((model_dir / "config.json").read_text())
+    if case == "zero heads":
+        config["num_attention_heads"] = 0
+    elif case == "zero kv heads":
+        config["num_key_value_heads"] = 0
+    if case == "config is a list":
+        (model_dir / "config.json").write_text("[1, 2]")
+    elif case == "empty tokenizer":
+        (model_dir / "tokenizer.json").write_text("{}")
+    elif case == "weight_map not a dict":
+        (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00001.safetensors")
+        (model_dir / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}')
+    else:
+        (model_dir / "config.json").write_text(json.dumps(config))
+    return {"zero heads": "num_attention_heads", "zero kv heads": "num_key_value_heads",
+            "config is a list": "config.json", "empty tokenizer": "tokenizer.json",
+            "weight_map not a dict": "weight_map"}[case]
 
+
+@pytest.mark.parametrize("case", ["zero heads", "zero kv heads", "config is a list", "empty tokenizer",
+                                  "weight_map not a dict"])
+def test_broken_weights_directory_is_one_line(setup, tiny_dir, tmp_path, capsys, case):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    expected = _break(model_dir, case)
+    ledger_before = (setup / "ledger.jsonl").read_text()
+    code, err = exit_err(baseline.main, ["--model", str(model_dir), "--data", str(setup / "lv.h5"), "--out",
+                                         str(tmp_path / "out"), "--ledger", str(setup / "ledger.jsonl"), "--limit", "1",
+                                         "--context-steps", "5", "--horizon", "2"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    assert (setup / "ledger.jsonl").read_text() == ledger_before
+
+
+# ----------------------------------------------------------------------------------------------------- LoRA adapters
+
+@pytest.mark.filterwarnings("ignore")
+def test_an_adapter_with_nan_weights_is_refused_naming_the_file(tmp_path):
+    from lora import AdapterError, apply_lora, load_adapter, save_adapter
+    from lora.io import ADAPTER_WEIGHTS
+    from miniqwen import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(config)
+    apply_lora(model, 2, 2.0, ["q_proj", "v_proj"])
+    save_adapter(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / ADAPTER_WEIGHTS
+    state = load_file(str(weights))
+    key = next(iter(state))
+    state[key][0, 0] = float("nan")
+    save_file(state, str(weights))
+    with pytest.raises(AdapterError, match=f"{weights.name}.*NaN or infinite"):
+        load_adapter(Qwen2ForCausalLM(config), weights.parent)
+
+
+# ----------------------------------------------------------------------------------- trajectory data and chunk files
+
+def test_all_zero_trajectories_are_one_line_naming_the_file(tmp_path, capsys):
+    traj, time = simulate(n_systems=20, n_steps=30, seed=0)
+    write_h5(tmp_path / "zeros.h5", np.zeros_like(traj), time)
+    before = checksums(tmp_path)
+    code, err, _ = exit_err_out(baseline.main, ["--model", str(tmp_path / "m"), "--data", str(tmp_path / "zeros.h5"),
+                                                "--out", str(tmp_path / "out"), "--ledger", str(tmp_path / "l.jsonl")],
+                                capsys)
+    error_line(code, err, str(tmp_path / "zeros.h5"), "LLMTIME scale")
+    assert checksums(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def _chunk_file(path, ids, mask):
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": ids.contiguous(), "attention_mask": mask.contiguous()}, str(path))
+    return path
+
+
+CHUNK_CASES = {
+    "all-zero mask": (lambda ids, mask: (ids, torch.zeros_like(mask)), ["chunks.safetensors", "no token to predict"]),
+    "id past the vocabulary": (lambda ids, mask: (ids.index_fill(1, torch.tensor([3]), 500), mask),
+                               ["chunks.safetensors", "token id 500", "0..127"]),
+    "negative id": (lambda ids, mask: (ids.index_fill(1, torch.tensor([0]), -1), mask), ["token id -1"]),
+    "shapes differ": (lambda ids, mask: (ids, mask[:, :8]), ["chunks.safetensors", "same shape"]),
+    "3-D ids": (lambda ids, mask: (ids[None], mask[None]), ["chunks.safetensors", "[chunks, tokens]"]),
+    "mask of 2s": (lambda ids, mask: (ids, mask * 2), ["attention_mask", "0 and 1"]),
+    "other width": (lambda ids, mask: (ids[:, :12], mask[:, :12]), ["--context-length 16", "12 tokens"]),
+    "batch too large": (None, ["--batch-size 100", "18 chunks"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+def test_experiments_train_refuses_chunks_it_cannot_learn_from(tiny_dir, tmp_path, capsys, case):
+    g = torch.Generator().manual_seed(2)
+    chunks = make_chunks([torch.randint(1, 128, (40,), generator=g).tolist() for _ in range(6)], 16)
+    edit, words = CHUNK_CASES[case]
+    assert len(chunks) == 18
+    ids, mask = (chunks.input_ids, chunks.attention_mask) if edit is None else edit(chunks.input_ids,
+                                                                                      chunks.attention_mask)
+    path = _chunk_file(tmp_path / "chunks.safetensors", ids, mask)
+    ledger = tmp_path / "ledger.jsonl"
+    Ledger(ledger).charge("earlier", 777, "train")
+    before = checksums(tmp_path)
+    code, err, _ = exit_err_out(train_cli.main, ["--model", str(tiny_dir), "--train-chunks", str(path), "--out",
+                                                 str(tmp_path / "run"), "--ledger", str(ledger), "--context-length",
+                                                 "16", "--batch-size", "100" if case == "batch too large" else "2",
+                                                 "--max-steps", "2", "--no-progress", "--precision", "float32"],
+                                capsys)
+    error_line(code, err, *words)
+    assert checksums(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+# -------------------------------------------------------------------------------------------------- decoding numbers
+
+@pytest.mark.parametrize("text, alpha", [("1e308,1.0", 10.0), ("1.0,9e307", 4.0), ("١٢,1.0", 1.0),
+                                         ("1.0,٣.٥", 1.0), ("۱.۰,1", 1.0), ("1.0,1e400", 1.0)])
+def test_decode_refuses_overflow_and_other_scripts_digits(text, alpha):
+    decoded = decode(text, alpha, expected_steps=1)
+    assert decoded.n_invalid == 1 and not decoded.complete and np.isnan(decoded.values).all()
+
+
+def test_decode_values_unchanged_for_ordinary_text():
+    decoded = decode("1.23,0.45;10.5,3", 2.5, expected_steps=2)
+    assert decoded.complete and decoded.values.tolist() == (np.array([[1.23, 0.45], [10.5, 3.0]]) * 2.5).tolist()
+    decoded = decode("123,45", 2.5, encoding="integer", decimals=2)
+    assert decoded.complete and decoded.values.tolist() == [[1.23 * 2.5, 0.45 * 2.5]]
+
+
+# ----------------------------------------------------------------------------------------------------- results files
+
+def test_report_on_a_results_json_without_its_selection_is_one_line(tmp_path, capsys):
+    from conftest import REPO
+
+    results = tmp_path / "results"
+    (results / "sweep").mkdir(parents=True)
+    raw = json.loads((REPO / "results" / "sweep_cpu" / "results.json").read_text())
+    del raw["details"]["selection"]
+    (results / "sweep" / "results.json").write_text(json.dumps(raw))
+    (results / "flops_ledger.jsonl").write_text("")
+    before = checksums(tmp_path)
+    code, err, _ = exit_err_out(report.main, ["--results", str(results), "--out", str(tmp_path / "REPORT.md")], capsys)
+    error_line(code, err, str(results / "sweep" / "results.json"), "details.selection")
+    assert checksums(tmp_path) == before and not (tmp_path / "REPORT.md").exists()
+
+
+# -------------------------------------------------------------------------------------------------------- the ledger
 
 def test_ledger_through_symlink_stays_one_file(tmp_path):
     a, b = tmp_path / "A", tmp_path / "B"
@@ -436,3 +601,46 @@ def test_ledger_error_names_file_when_path_is_a_directory(tmp_path):
     with pytest.raises(LedgerError) as err:
         Ledger(tmp_path / "l.jsonl").total()
     assert str(tmp_path / "l.jsonl") in one_line(err)
+
+
+def test_a_fifo_as_the_ledger_is_refused_not_read(setup, tmp_path, capsys):
+    fifo = tmp_path / "ledger.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(LedgerError, match="FIFO"):
+        Ledger(fifo)
+    code, err, _ = exit_err_out(baseline.main, ["--model", str(tmp_path / "m"), "--data", str(setup / "lv.h5"), "--out",
+                                                str(tmp_path / "out"), "--ledger", str(fifo)], capsys)
+    error_line(code, err, str(fifo), "not a regular file", "--ledger")
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_refuses_a_ledger_that_is_not_there_or_not_a_file(tmp_path, capsys):
+    from experiments import report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "flops_ledger.jsonl").write_text("")
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    for ledger, words in ((tmp_path / "flops_ledgr.jsonl", ["--ledger", "flops_ledgr.jsonl", "no such file"]),
+                          (fifo, ["--ledger", "fifo.jsonl", "not a regular file"]),
+                          (tmp_path, ["--ledger", "not a regular file"])):
+        code, err = exit_err(report.main, ["--results", str(results), "--ledger", str(ledger), "--out",
+                                           str(tmp_path / "REPORT.md")], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), err
+    code, err = exit_err(report.main, ["--results", str(results), "--out", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--out" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.jsonl", "results"]
+    assert [p.name for p in results.iterdir()] == ["flops_ledger.jsonl"]  # not even the figures directory
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_report_refuses_a_ledger_that_is_not_one(env, tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    ledger = user_dir(tmp_path, {"notes.txt": "a line of text\n"}) / "notes.txt"
+    before = snapshot(tmp_path)
+    refused(*cli(report.main, ["--results", str(results), "--ledger", str(ledger), "--out",
+                               str(tmp_path / "R.md")], capsys), str(ledger))
+    assert snapshot(tmp_path) == before
