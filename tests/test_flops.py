@@ -499,8 +499,11 @@ def test_report_bad_model_dir_and_bad_ledger(tmp_path, capsys):
     (tmp_path / "m" / "config.json").write_text(json.dumps(tiny_config("tied_gqa2").to_dict()))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"stage": "a", "kind": "train", "flops": 1}')  # torn: no newline
-    assert main(["--out", str(tmp_path / "o"), "--model", str(tmp_path / "m"), "--ledger", str(bad)]) == 1
-    assert "ledger unreadable" in (tmp_path / "o" / "flop_tables.md").read_text()
+    from experiments.lib.budget import LedgerError
+
+    with pytest.raises(LedgerError, match="bad.jsonl"):  # refused before anything is written
+        main(["--out", str(tmp_path / "o"), "--model", str(tmp_path / "m"), "--ledger", str(bad)])
+    assert not (tmp_path / "o" / "flop_tables.md").exists()
 
 
 @pytest.mark.parametrize("num_samples", [1, 2])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import (checksums, cli, error_line, exit_err, exit_err_out, refused, snapshot, user_dir,
+from conftest import (checksums, cli, error_line, exit_err, exit_err_out, lora_args, refused, snapshot, user_dir,
                       write_stand_in_tokenizer)
 from data import decode
 from data.chunks import make_chunks
@@ -644,3 +644,63 @@ def test_report_refuses_a_ledger_that_is_not_one(env, tmp_path, capsys):
     refused(*cli(report.main, ["--results", str(results), "--ledger", str(ledger), "--out",
                                str(tmp_path / "R.md")], capsys), str(ledger))
     assert snapshot(tmp_path) == before
+
+
+def test_a_fifo_as_chunk_file_is_refused_before_it_is_opened(env, tmp_path, capsys):
+    """Opening a FIFO blocks until something writes to it: ``experiments.train`` refuses one by name instead."""
+    fifo = tmp_path / "chunks.safetensors"
+    os.mkfifo(fifo)
+    args = ["--model", str(env["model"]), "--train-chunks", str(fifo), "--out", str(tmp_path / "t"), "--no-ledger",
+            "--device", "cpu", "--max-steps", "1"]
+    refused(*cli(train_cli.main, args, capsys), str(fifo), "FIFO")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_refusal_after_the_run_record_leaves_no_record_behind(env, tmp_path, capsys):
+    """A stage that begins a new run in an empty --out and is then refused (here: a data file too small to have a
+    validation trajectory) takes its run record back: --out is as it was, nothing is charged."""
+    from experiments import lora_default
+
+    small = tmp_path / "one.h5"
+    write_h5(small, *simulate(n_systems=1, n_steps=30, seed=0))
+    before = snapshot(tmp_path, env["ledger"])
+    args = lora_args({**env, "data": small}, tmp_path / "run") + ["--max-steps", "2"]
+    refused(*cli(lora_default.main, args, capsys))
+    assert not (tmp_path / "run").exists()
+    after = snapshot(tmp_path, env["ledger"])
+    assert after == before
+
+
+def test_the_report_skips_damaged_results_with_a_warning_and_never_blocks(baseline_run, tmp_path, capsys):
+    """A results.json of garbage, one whose flops are not an object, and one that is a FIFO, beside a good run:
+    the report is written from the good run, each bad file named in a one-line warning; nothing blocks."""
+    res = tmp_path / "res"
+    shutil.copytree(baseline_run, res / "good")
+    for name, text in (("garbage", "{not json"), ("nan_flops", None)):
+        (res / name).mkdir()
+        if text is None:
+            raw = json.loads((res / "good" / "results.json").read_text())
+            raw["flops"] = float("nan")
+            text = json.dumps(raw)
+        (res / name / "results.json").write_text(text)
+    (res / "fifo").mkdir()
+    os.mkfifo(res / "fifo" / "results.json")
+    code, err = cli(report.main, ["--results", str(res), "--out", str(tmp_path / "R.md")], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 3 and all(any(n in w for w in warnings) for n in ("garbage", "nan_flops", "fifo"))
+    assert "good" in (tmp_path / "R.md").read_text()
+
+
+@pytest.mark.parametrize("stage", ["sweep", "search"])
+def test_a_study_refused_at_the_model_leaves_no_point_directories(env, tmp_path, capsys, stage):
+    """A grid or search whose --model is missing is refused in one line, and the --out it began (its record and
+    the point directories it made to lock them) is taken back: nothing of it is left."""
+    from experiments import search, sweep
+
+    args = lora_args({**env, "model": tmp_path / "no-such-model"}, tmp_path / "out") + [
+        "--max-steps", "2", "--lrs", "1e-3,2e-3", "--ranks", "2"]
+    if stage == "search":
+        args += ["--min-steps", "1", "--eta", "2", "--rungs", "2"]
+    refused(*cli({"sweep": sweep.main, "search": search.main}[stage], args, capsys), "no-such-model")
+    assert not (tmp_path / "out").exists()

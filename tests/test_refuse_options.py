@@ -254,3 +254,28 @@ def test_baseline_plots_0_says_no_png_and_no_progress_shows_no_bars(tiny_full_vo
     assert wrote and "forecasts.png" not in wrote[-1] and "results.json" in wrote[-1]
     assert not (out / "forecasts.png").exists()
     assert "forecasting (" not in captured.err and "decoding" not in captured.err
+
+
+@pytest.mark.parametrize("main", [lora_default.main, sweep.main, context_length.main])
+def test_select_by_forecast_is_offered_only_where_the_stage_scores_forecasts(env, tmp_path, capsys, main):
+    """Only the final stage scores validation forecasts while it trains: elsewhere --select-by forecast is refused
+    when the options are read, before any forecast is run or charged, and nothing is written."""
+    before = snapshot(tmp_path, env["ledger"])
+    args = lora_args(env, tmp_path / "run") + ["--max-steps", "2", "--select-by", "forecast"]
+    refused(*cli(main, args, capsys), "--select-by", "forecast")
+    assert snapshot(tmp_path, env["ledger"]) == before and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option", ["--limit", "--loss-limit", "--train-limit", "--stride", "--max-grad-norm"])
+def test_an_empty_value_is_refused_not_read_as_all(env, tmp_path, capsys, option):
+    """An empty shell variable must not widen a run to the whole split: '' is refused; 'all' / 'none' say it."""
+    args = lora_args(env, tmp_path / "run") + ["--max-steps", "2", option, ""]
+    refused(*cli(lora_default.main, args, capsys), option)
+    assert not (tmp_path / "run").exists()
+
+
+def test_orders_that_no_context_can_fit_name_the_context_option(env, tmp_path, capsys):
+    """With too few observed steps for any VAR order the refusal says which option to change."""
+    args = ["--data", str(env["data"]), "--out", str(tmp_path / "c"), "--ledger", str(env["ledger"]),
+            "--context-steps", "1", "--horizon", "2", "--orders", "1,2", "--plots", "0"]
+    refused(*cli(classical.main, args, capsys), "--context-steps")

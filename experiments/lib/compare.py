@@ -319,8 +319,11 @@ def read_errors(path) -> tuple[list[int], dict]:
     Returns ``(trajectory ids, {"prey": {"mse": [n], "mae": [n]}, "predator": {...}})`` for :func:`compare_errors`.
 
     Raises:
-        ValueError: naming the file, if it has no rows or lacks one of those columns or a value is not a number.
+        ValueError: naming the file, if it is not a regular file (a FIFO would block), has no rows, lacks one of
+            those columns or a value is not a number.
     """
+    if Path(path).exists() and not Path(path).is_file():
+        raise ValueError(f"{path}: not a regular file")
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     try:

@@ -120,7 +120,7 @@ def _search_records(run_dir: Path) -> list[list[dict]]:
     rungs: dict[int, list[dict]] = {}
     for path in sorted(run_dir.glob("points/*/rung*.json")):
         try:
-            record = json.loads(path.read_text())
+            record = read_json(path)  # None for a FIFO or garbage: never blocks
             tables.search_rows([[record]])  # has every field the table reads
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -184,10 +184,10 @@ def _untrained_row(run_dir: Path) -> dict | None:
     the validation loss in untrained.json (the score needs persistence on the data, so it is left out)."""
     try:
         _, errors = compare.read_errors(run_dir / compare.UNTRAINED_CSV)
-        saved = json.loads((run_dir / "untrained.json").read_text())
-    except (OSError, ValueError):
+        saved = read_json(run_dir / "untrained.json")  # None for a FIFO or garbage: never blocks
+        metrics, losses = saved["untrained"]["metrics"], saved.get("validation_loss") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    metrics, losses = saved["untrained"]["metrics"], saved.get("validation_loss") or {}
     return {"score": None, "val_loss": next(iter(losses.values()), None),
             "median_mse": {sp: float(np.median(errors[sp]["mse"])) for sp in ("prey", "predator")},
             "prey_r2": metrics["prey"]["r2"], "predator_r2": metrics["predator"]["r2"],
@@ -294,7 +294,7 @@ def test_split_section(results: dict[str, Results], ledger: Ledger, results_root
             if e.split == "test" and e.forecaster in LLM_FORECASTERS:
                 rows.append((first.get(Path(run).name, ""), run, name, e.metrics))
     for path in sorted(results_root.glob("*/results.json")):
-        raw = json.loads(path.read_text())
+        raw = read_json(path)  # None for a FIFO or garbage (find_results has warned about it)
         if isinstance(raw, dict) and "committed_lora_metrics" in raw and raw.get("split", "test") == "test":
             how = (f", median of {raw['samples']} samples at temperature {raw.get('temperature')}"
                    if (raw.get("samples") or 1) > 1 else "")

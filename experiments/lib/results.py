@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,13 +102,20 @@ class Results:
         raw = dict(raw)
         if raw.get("schema") != SCHEMA:
             raise ValueError(f"results schema {raw.get('schema')!r} is not {SCHEMA}")
-        raw["evaluations"] = {k: Evaluation(**v) for k, v in raw.get("evaluations", {}).items()}
+        raw["evaluations"] = {k: valid_evaluation(v) for k, v in raw.get("evaluations", {}).items()}
+        for name in ("settings", "data", "flops", "seconds", "details"):  # the shapes the report reads
+            if not isinstance(raw.get(name, {}), dict):
+                raise ValueError(f"{name!r} is {type(raw[name]).__name__}, not an object")
+        if not isinstance(raw.get("stage"), str):
+            raise ValueError("'stage' is not a string")
         return cls(**raw)
 
     @classmethod
     def load(cls, path: str | Path) -> "Results":
         """Read a ``results.json``. Raises ValueError naming the file if it is not one of this schema."""
         try:
+            if not Path(path).is_file():  # a FIFO would block the read
+                raise ValueError("not a regular file")
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: not a results.json of schema {SCHEMA}: {err}") from None
@@ -139,14 +147,15 @@ def _jsonable(x):
 
 def find_results(root: str | Path) -> dict[str, Results]:
     """Every ``results.json`` under ``root`` (any depth) that follows this schema: ``{relative dir: Results}``,
-    sorted by directory. Files of other shapes are skipped."""
+    sorted by directory. Files of other shapes (or not regular files) are skipped, each with a one-line warning on
+    stderr naming it."""
     root = Path(root)
     found = {}
     for path in sorted(root.rglob("results.json")):
         try:
             found[str(path.parent.relative_to(root))] = Results.load(path)
-        except ValueError:
-            continue
+        except ValueError as err:
+            print(f"warning: skipped {err}", file=sys.stderr)
     return found
 
 

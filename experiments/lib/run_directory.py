@@ -101,6 +101,8 @@ _locking = False  # True while a command line runs (cli_locks): inspect_out then
 _shared = False  # the command is one of several jobs that share the directory (sweep shards)
 _held: dict[str, int] = {}  # resolved path -> the open directory whose lock this process holds
 _created: list[Path] = []  # directories made only to lock them, removed again if the stage left them empty
+#: the file a study locks each of its point directories with (``studies``)
+POINT_LOCK = ".lock"
 _new_records: list[Path] = []  # run records of new runs made by this command: taken back if it fails before writing
 
 
@@ -116,7 +118,15 @@ def cli_locks(shared: bool = False):
     except BaseException:
         for path in _new_records:  # a refusal or crash before the run wrote anything leaves --out as it was
             with contextlib.suppress(OSError):
-                if sorted(p.name for p in path.parent.iterdir()) == [RECORD]:
+                # the directory was empty when the record was written, so all under it is this command's; if that
+                # is only point directories and their lock files (no result yet), it all goes
+                made = [p for p in path.parent.rglob("*") if p.is_file() and p != path]
+                if all(p.name == POINT_LOCK for p in made):
+                    for p in made:
+                        p.unlink()
+                    for sub, _, _ in os.walk(path.parent, topdown=False):
+                        if Path(sub) != path.parent:
+                            Path(sub).rmdir()
                     path.unlink()
         raise
     finally:

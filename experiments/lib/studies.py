@@ -30,7 +30,7 @@ from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
 from .evaluation import evaluate
 from .errors import UsageError
 from .results import Evaluation, write_json
-from .run_directory import check_run_of
+from .run_directory import POINT_LOCK, check_run_of
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings
 from .training import checkpoint_step, read_log, validation_loss, validation_subset
@@ -46,7 +46,7 @@ GRID_FIELDS = ("lr", "rank")
 CONTEXT_FIELDS = ("context_length",)
 
 #: the lock file in a point's directory: the process running the point holds it
-LOCK = ".lock"
+LOCK = POINT_LOCK
 
 
 @dataclass
@@ -93,8 +93,13 @@ def same_study(saved: dict, key: dict) -> bool:
 def grid_axis(text: str, kind, flag: str, field: str | None = None) -> tuple:
     """Comma-separated values of a grid axis, each valid for its settings ``field`` (default: "lr" for floats,
     "rank" for integers; e.g. "context_length"). Raises UsageError naming ``flag``."""
+    items = text.split(",")
+    if items and not items[-1].strip():
+        items.pop()  # one trailing comma, as every list option allows
+    if any(not v.strip() for v in items):  # "32,,48": an element left out is an error, not skipped
+        raise UsageError(f"{flag} {text!r}: an empty element; must be comma-separated values")
     try:
-        values = tuple(kind(v) for v in text.split(",") if v.strip())
+        values = tuple(kind(v) for v in items)
         if kind is int and not all(v.strip().isascii() and v.strip().isdigit() for v in text.split(",")
                                    if v.strip()):
             raise ValueError(text)  # int() also reads "+2", "1_0" and other scripts' digits
