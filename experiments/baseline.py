@@ -41,6 +41,9 @@ def build_parser(preset: str | None = None):
 def main(argv=None) -> int:
     s = cli.parse(build_parser(cli.preset_name(argv, PRESETS)), argv)
     run, data, forecast, loss_settings = s["run"], s["data"], s["forecast"], s["loss"]
+    if loss_settings.loss_limit != 0 and cli.given(build_parser(cli.preset_name(argv, PRESETS)), argv,
+                                                    "loss_context_length"):  # an explicit one, from config.json
+        cli.check_positions(run.model, [loss_settings.loss_context_length], "--loss-context-length", strict=False)
     session = Session(STAGE, run, data, progress=not s["hide_progress"])
     with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
         indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)

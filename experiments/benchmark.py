@@ -49,7 +49,7 @@ from .lib.benchmark.loss_precision import loss_precision
 from .lib.benchmark.peak import matmul_peak, memory_bandwidth
 from .lib.benchmark.summary import check_targets, markdown, run_record
 from .lib.benchmark.throughput import throughputs
-from .lib.cli import run_cli
+from .lib.cli import check_positions, run_cli
 from .lib.results import write_json
 from .lib.run_directory import claim_out, record_written
 from .lib.loader import resolve_precision
@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     default = resolve_precision(args.precision, device)
     model_dir = resolve_model_dir(args.model)
+    if "loss" in sections:  # a context past the model's positions would fail only after minutes (or run out of memory)
+        check_positions(args.model, [args.loss_context], "--loss-context")
     # a run directory like every stage's: a benchmark run is replaced only with --overwrite, other files never
     claim_out(args.out, STAGE, {k: v for k, v in vars(args).items() if k not in UNRECORDED},
               overwrite=args.overwrite)

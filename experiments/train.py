@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--kill-rank", type=int, default=None,
                    help="testing aid, under torchrun: only rank R is killed by --kill-after-step (default: every rank)")
     s = cli.parse(p, argv)
+    if not s["stage"].strip():  # the ledger line it would be charged under needs a name
+        raise errors.UsageError("--stage '': the ledger stage name must not be empty")
     for option in ("kill_after_step", "kill_rank"):  # a step or rank that never comes would kill nothing, silently
         if s[option] is not None and s[option] < (1 if option == "kill_after_step" else 0):
             raise errors.UsageError(f"--{option.replace('_', '-')} {s[option]}: must be "
@@ -113,6 +115,9 @@ def main(argv=None) -> int:
     if val_chunks is not None:
         check_chunks(val_chunks, s["val_chunks"], model.config.vocab_size, s["train"], training=False)
 
+    ledger = None if s["no_ledger"] else Ledger(run.ledger)
+    if ledger is not None:
+        ledger.entries()  # a ledger that is not one is refused (one line) before --out is written in
     if distributed.is_main():  # the same directory rules as every stage (a user's directory is never written in)
         claim_out(out, "train", settings.as_record(run=run, lora=s["lora"], train=s["train"]),
                   overwrite=run.overwrite, resume=run.resume)
@@ -121,7 +126,6 @@ def main(argv=None) -> int:
         if step == s["kill_after_step"] and s["kill_rank"] in (None, distributed.rank()):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    ledger = None if s["no_ledger"] else Ledger(run.ledger)
     with emulation(loaded.device, loaded.precision):  # bf16 emulated where this CPU has none
         summary = train_lora(model, train_chunks, val_chunks, s["train"], out, lora=s["lora"], seed=run.seed,
                              stage=s["stage"], precision=loaded.precision, ledger=ledger, resume=run.resume,

@@ -704,3 +704,14 @@ def test_a_study_refused_at_the_model_leaves_no_point_directories(env, tmp_path,
         args += ["--min-steps", "1", "--eta", "2", "--rungs", "2"]
     refused(*cli({"sweep": sweep.main, "search": search.main}[stage], args, capsys), "no-such-model")
     assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_a_ledger_that_is_not_one_before_writing(env, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a ledger\n")
+    chunks = tmp_path / "c.safetensors"
+    train_cli.save_chunks(make_chunks(torch.randint(0, 100, (4, 17)).tolist(), 16), chunks)
+    args = ["--model", str(env["model"]), "--train-chunks", str(chunks), "--out", str(tmp_path / "t"), "--ledger",
+            str(notes), "--device", "cpu", "--context-length", "16", "--batch-size", "2", "--max-steps", "1"]
+    refused(*cli(train_cli.main, args, capsys), "notes.txt")
+    assert not (tmp_path / "t").exists() and notes.read_text() == "not a ledger\n"

@@ -279,3 +279,42 @@ def test_orders_that_no_context_can_fit_name_the_context_option(env, tmp_path, c
     args = ["--data", str(env["data"]), "--out", str(tmp_path / "c"), "--ledger", str(env["ledger"]),
             "--context-steps", "1", "--horizon", "2", "--orders", "1,2", "--plots", "0"]
     refused(*cli(classical.main, args, capsys), "--context-steps")
+
+
+@pytest.mark.parametrize("argv", [["--counting-lengths", "1,,2"], ["--throughput-batches", ",4"]])
+def test_benchmark_list_options_refuse_an_empty_element(tmp_path, capsys, argv):
+    refused(*cli(benchmark.main, ["--out", str(tmp_path / "b"), *argv], capsys), argv[0])
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_training_context_past_the_models_positions_is_refused_before_work(env, tmp_path, capsys):
+    """The tiny model has 256 positions: a --context-length of 100000 is refused from config.json alone."""
+    before = snapshot(tmp_path, env["ledger"])
+    args = lora_args(env, tmp_path / "run") + ["--max-steps", "2", "--context-length", "100000"]
+    refused(*cli(lora_default.main, args, capsys), "--context-length 100000", "positions")
+    assert snapshot(tmp_path, env["ledger"]) == before and not (tmp_path / "run").exists()
+
+
+def test_benchmark_loss_context_past_the_models_positions_is_refused(env, tmp_path, capsys):
+    args = ["--out", str(tmp_path / "b"), "--model", str(env["model"]), "--data", str(env["data"]), "--sections",
+            "loss", "--loss-context", "100000"]
+    refused(*cli(benchmark.main, args, capsys), "--loss-context 100000", "positions")
+    assert not (tmp_path / "b").exists()
+
+
+def test_train_refuses_an_empty_ledger_stage_name(env, tmp_path, capsys):
+    from experiments import train
+
+    args = ["--model", str(env["model"]), "--train-chunks", str(tmp_path / "none.safetensors"), "--out",
+            str(tmp_path / "t"), "--stage", ""]
+    refused(*cli(train.main, args, capsys), "--stage")
+    assert not (tmp_path / "t").exists()
+
+
+
+def test_an_explicit_loss_context_past_the_models_positions_is_refused_before_work(env, tmp_path, capsys):
+    from conftest import baseline_args
+
+    args = baseline_args(env, tmp_path / "b") + ["--loss-limit", "1", "--loss-context-length", "100000"]
+    refused(*cli(baseline.main, args, capsys), "--loss-context-length 100000", "positions")
+    assert not (tmp_path / "b").exists()

@@ -320,3 +320,13 @@ def test_an_untrained_evaluation_is_reused_only_in_the_same_compute_dtype(tmp_pa
     assert got.flops == (5 if reused else 7) and session.charged == ([] if reused else [7])
     if not reused:
         assert json.loads(path.read_text())["settings"]["run"]["precision"] == resolved
+
+
+def test_a_resume_cannot_take_steps_back(env, lora_run, tmp_path, capsys, no_model):
+    """A finished run of 2 steps resumed with --max-steps 1 is refused before the model loads; nothing changes."""
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    before = snapshot(tmp_path, env["ledger"])
+    refused(*cli(lora_default.main, lora_args(env, out) + ["--max-steps", "1", "--resume"], capsys),
+            "--max-steps 1", "already taken 2 steps")
+    assert snapshot(tmp_path, env["ledger"]) == before

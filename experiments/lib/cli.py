@@ -273,14 +273,20 @@ def parse(p: argparse.ArgumentParser, argv=None) -> dict:
     return out
 
 
-def check_positions(model: str, lengths, option: str) -> None:
+def check_positions(model: str, lengths, option: str, strict: bool = True) -> None:
     """Refuse (UsageError naming ``option``) a training context in ``lengths`` longer than the positions of
     ``model`` (config.json's ``max_position_embeddings``; the weights are not read). Raises WeightsError or
-    ConfigError for a model that cannot be found or has no valid config.json."""
+    ConfigError for a model that cannot be found or has no valid config.json — unless not ``strict``: then such a
+    model is left for the loader to refuse (with its own, fuller message)."""
     from miniqwen.config import Qwen2Config
     from miniqwen.loading import resolve_model_dir
 
-    positions = Qwen2Config.from_json(resolve_model_dir(model) / "config.json").max_position_embeddings
+    try:
+        positions = Qwen2Config.from_json(resolve_model_dir(model) / "config.json").max_position_embeddings
+    except (WeightsError, ConfigError, OSError, ValueError):
+        if strict:
+            raise
+        return
     too_long = [n for n in lengths if n > positions]
     if too_long:
         raise UsageError(f"{option} {','.join(map(str, too_long))}: longer than the {positions} positions of the "

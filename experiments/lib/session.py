@@ -32,6 +32,7 @@ from miniqwen.loading import resolve_model_dir, weights_fingerprint
 from . import loader
 from .budget import Ledger, LedgerError
 from .errors import UsageError
+from .cli import check_positions
 from .loader import resolve_precision, weights_label
 from .results import Results
 from .run_directory import (RECORD, RunDirectory, dig, empty_run_directory, inspect_out, nonempty_object,
@@ -238,6 +239,9 @@ class Session:
                 self._check_same_run(found)
             if run.resume and found.kind == "run":
                 self._check_same_settings(found)
+            train = self.defines.get("train")
+            if train is not None and "context_length" not in self.varies:  # from config.json, before any work
+                check_positions(run.model, [train.context_length], "--context-length", strict=False)
             if run.overwrite and found.kind == "run":
                 empty_run_directory(self.out)
                 found = RunDirectory(self.out, "empty")
@@ -324,6 +328,10 @@ class Session:
         ckpt = find_checkpoint(self.out / "training") if "train" in self.defines else None
         if ckpt is not None:  # the dtype the steps were taken in, as resolved
             state = read_checkpoint(ckpt).state
+            done, asked = dig(state, "loop", "step"), self.defines["train"].max_steps
+            if isinstance(done, int) and done > asked:  # a resume continues a run; it cannot take steps back
+                raise UsageError(f"--max-steps {asked}: the run in {self.out} has already taken {done} steps; "
+                                 f"resume with --max-steps {done} or more, or choose another --out")
             sources.append({"train": state.get("settings"), "lora": state.get("lora"),
                             "run": {"seed": state["seed"]} if "seed" in state else None})
             dtypes.append(state.get("precision"))

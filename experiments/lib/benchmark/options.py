@@ -29,7 +29,14 @@ NON_NEGATIVE = ("batch1_sample", "loss_chunks", "decimals")
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    """Comma-separated integers (one trailing comma allowed, as in every list option); an empty element between
+    commas is an error (ValueError: argparse names the option), not skipped."""
+    items = text.split(",")
+    if items and not items[-1].strip():
+        items.pop()
+    if not items or any(not x.strip() for x in items):
+        raise ValueError(text)
+    return [int(x) for x in items]
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
