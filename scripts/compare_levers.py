@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import load_trajectories  # noqa: E402
 from experiments.lib import by_type, compare  # noqa: E402
+from experiments.lib.side_by_side import indices_range  # noqa: E402
 
 
 def main() -> int:
@@ -37,7 +38,8 @@ def main() -> int:
     base_dir = Path(a.base)
     C = json.loads((base_dir / "results.json").read_text())["evaluations"]["lora"]["context_steps"]
     idx, base = compare.read_predictions(base_dir / "predictions_trained.csv")
-    lo, hi = (int(x) for x in a.trajectories.split("-")) if a.trajectories else (idx.min(), idx.max())
+    span = indices_range(a.trajectories, None, "--trajectories") if a.trajectories else idx
+    lo, hi = span.min(), span.max()
     keep = (idx >= lo) & (idx <= hi)
     idx, base = idx[keep], base[keep]
     H = base.shape[1]

@@ -50,7 +50,8 @@ def main() -> int:
     ids_p, persistence = compare.read_predictions(greedy / compare.predictions_name("persistence"))
     assert list(ids) == list(ids_p)
     data = load_trajectories(a.data)
-    C, H = 80, 20
+    saved = json.loads((greedy / "results.json").read_text())["evaluations"]["lora"]
+    C, H = saved["context_steps"], saved["horizon"]
     truth = data.trajectories[np.asarray(ids), C:C + H].astype(np.float64)
     parts = {"800-849 (selected on)": np.asarray(ids) < 850, "850-899 (held out)": np.asarray(ids) >= 850,
              "800-899 (all 100)": np.ones(len(ids), bool)}

@@ -254,6 +254,14 @@ def cli(main, argv, capsys):
     return info.value.code, capsys.readouterr().err
 
 
+def with_option(args: list[str], option: str, value: str | None) -> list[str]:
+    """``args`` with ``option`` set to ``value`` (replaced where it is given, else added; a flag when None)."""
+    if option in args:
+        i = args.index(option)
+        return args[:i + 1] + [value] + args[i + 2:]
+    return args + [option] + ([] if value is None else [value])
+
+
 def refused(code, err, *words):
     """Assert exit status 2 and a single ``error: `` line holding every one of ``words``; return that line."""
     lines = err.strip().splitlines()

@@ -331,12 +331,12 @@ def test_parrot_lengths_option_is_validated(value, capsys):
 
 
 def test_report_tells_classical_forecasters_from_the_llm():
-    """The report's verdict ranks the best *LLM* forecast: every name a classical forecaster gives itself is
-    classical (so a final run's var(11) or parrot(8) column is never taken for the LLM), the LLM's rows are not."""
+    """The report's verdict ranks the best *LLM* forecast: no name a classical forecaster gives itself is one of
+    the LLM forecasters (so a final run's var(11) or parrot(8) column is never taken for the LLM), the LLM's are."""
     from experiments.lib.classical_forecasters import AR, VAR, ContextParroting, LotkaVolterraODE, Persistence
-    from experiments.lib.reporting import is_classical
+    from experiments.lib.reporting import LLM_FORECASTERS
 
     names = [Persistence().name, AR(3).name, VAR(11).name, LotkaVolterraODE(dt=0.1).name, ContextParroting(8).name,
              ContextParroting(8, min_lag=3).name]
-    assert all(is_classical(n) for n in names), names
-    assert not any(is_classical(n) for n in ("lora", "untrained", "zero-shot", "lora (median of 20)"))
+    assert not any(n in LLM_FORECASTERS for n in names), names
+    assert all(n in LLM_FORECASTERS for n in ("lora", "untrained", "zero-shot"))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import (baseline_args, checksums, cli, error_line, exit_err_out, fake_run, lora_args, record, refused,
-                      snapshot, tiny_run, user_dir, write_sim_file, write_tiny_checkpoint)
+                      snapshot, tiny_run, user_dir, with_option, write_sim_file, write_tiny_checkpoint)
 from data.chunks import make_chunks
 from experiments import baseline, classical, context_length, final, lora_default, sweep
 from experiments import train as train_cli
@@ -125,14 +125,6 @@ def test_resume_on_other_data_is_refused_before_anything_is_spent(env, tmp_path)
 
 
 # -------------------------------------------- with the settings that define the run, compared before the model loads
-
-def with_option(args: list[str], option: str, value: str | None) -> list[str]:
-    """``args`` with ``option`` set to ``value`` (replaced where it is given, else added; a flag when None)."""
-    if option in args:
-        i = args.index(option)
-        return args[:i + 1] + [value] + args[i + 2:]
-    return args + [option] + ([] if value is None else [value])
-
 
 @pytest.fixture
 def no_model(monkeypatch):

@@ -7,18 +7,15 @@ weights (the migrated records of runs made before runs recorded one) is refused 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import write_sim_file
+from conftest import cli, snapshot, with_option, write_sim_file
 from experiments import context_length, final, search, sweep
 from experiments.lib import loader
-from experiments.lib.cli import run_cli
 
 STAGES = {
     "sweep": (sweep, ["--lrs", "1e-3", "--ranks", "2"]),
@@ -48,35 +45,6 @@ def argv(stage: str, model, data, out, ledger) -> list[str]:
                              "--gen-batch-size", "2", "--plots", "0", "--batch-size", "2", "--context-length", "48",
                              "--eval-batches", "1", "--max-steps", "1", "--checkpoint-every", "1", "--no-progress",
                              *STAGES[stage][1]]]
-
-
-def with_option(args: list[str], option: str, value: str) -> list[str]:
-    """``args`` with ``option`` set to ``value`` (replaced where it is given, else added)."""
-    if option in args:
-        i = args.index(option)
-        return args[:i + 1] + [value] + args[i + 2:]
-    return args + [option, value]
-
-
-def snapshot(*roots: Path) -> dict:
-    """{path: sha256 / "dir"} of every file and directory under ``roots``, dotfiles (point locks) included."""
-    out = {}
-    for root in roots:
-        if root.is_file():
-            out[str(root)] = hashlib.sha256(root.read_bytes()).hexdigest()
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames + filenames:
-                p = Path(dirpath) / name
-                out[str(p)] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def exit_and_err(main, args, capsys):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: main(args))
-    return info.value.code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +86,7 @@ def test_a_resume_with_another_defining_setting_is_refused_before_the_model_load
                                                                                    option, value):
     out, ledger, args = copy_of(stage)
     before = snapshot(out, ledger)
-    code, err = exit_and_err(STAGES[stage][0].main, with_option(args, option, value), capsys)
+    code, err = cli(STAGES[stage][0].main, with_option(args, option, value), capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     line = lines[0]
@@ -132,7 +100,7 @@ def test_a_sweep_shard_with_another_setting_is_refused_too(copy_of, no_model, ca
     out, ledger, args = copy_of("sweep")
     before = snapshot(out, ledger)
     args = with_option([a for a in args if a != "--resume"], "--seed", "1") + ["--shard", "0/2"]
-    code, err = exit_and_err(sweep.main, args, capsys)
+    code, err = cli(sweep.main, args, capsys)
     assert code == 2 and err.strip().startswith("error: --seed 1: the run in") and len(err.strip().splitlines()) == 1
     assert snapshot(out, ledger) == before
 
@@ -165,7 +133,7 @@ def test_a_run_recorded_without_a_weights_fingerprint_is_not_resumed(copy_of, no
     record["migrated"] = "scripts/migrate_results.py: the record was written after the run, from its files"
     (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     before = snapshot(out, ledger)
-    code, err = exit_and_err(sweep.main, args, capsys)
+    code, err = cli(sweep.main, args, capsys)
     assert code == 2 and err.strip() == (
         f"error: --resume: the run in {out} recorded no weights fingerprint (it was made before runs recorded one): "
         "it cannot be resumed; choose another --out"), err

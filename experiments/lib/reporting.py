@@ -380,7 +380,7 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
             md += [f"### {split} split: {len(traj)} trajectories, {cs} steps observed → {h} forecast", "", *HEADER]
             md += [_row(label, e) for label, e in items]
             best_label, best = items[0]
-            llm = [(lbl, e) for lbl, e in items if stage_of(lbl) != "classical" and not is_classical(e.forecaster)]
+            llm = [(lbl, e) for lbl, e in items if stage_of(lbl) != "classical" and e.forecaster in LLM_FORECASTERS]
             md.append("")
             if llm:
                 lbl, e = llm[0]
@@ -415,9 +415,3 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
         md.append(f"| {run} | {r.stage} | " + " | ".join(format_number(fl.get(k, 0), ".3g") for k in
                                                         ("generate", "eval", "train", "total", "planned")) + " |")
     return "\n".join(md) + "\n"
-
-
-def is_classical(forecaster: str) -> bool:
-    """Whether an evaluation's forecaster is one of the classical ones a stage runs beside the LLM (persistence,
-    ar(p), var(p), lv_ode, parrot(m)), as named by ``classical_forecasters``: no language model, no FLOPs."""
-    return forecaster == "lv_ode" or forecaster.split("(")[0] in ("persistence", "ar", "var", "parrot")

@@ -147,16 +147,28 @@ def _jsonable(x):
 
 def find_results(root: str | Path) -> dict[str, Results]:
     """Every ``results.json`` under ``root`` (any depth) that follows this schema: ``{relative dir: Results}``,
-    sorted by directory. Files of other shapes (or not regular files) are skipped, each with a one-line warning on
-    stderr naming it."""
+    sorted by directory. Other files are skipped: another tool's results.json (a JSON object with neither "schema"
+    nor "stage") silently, a damaged one (not JSON, not a regular file, or a stage's that fails the schema) with a
+    one-line warning on stderr naming it."""
     root = Path(root)
     found = {}
     for path in sorted(root.rglob("results.json")):
         try:
             found[str(path.parent.relative_to(root))] = Results.load(path)
         except ValueError as err:
-            print(f"warning: skipped {err}", file=sys.stderr)
+            if not _another_tools(path):
+                print(f"warning: skipped {err}", file=sys.stderr)
     return found
+
+
+def _another_tools(path: Path) -> bool:
+    """Whether ``path`` is a readable JSON object that claims no stage and no schema: the results.json of another
+    tool (``scripts/reforecast.py`` writes one), skipped without a warning; a damaged file is warned about."""
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "schema" not in raw and "stage" not in raw
 
 
 def read_record(path: Path, valid, advice: str) -> dict:

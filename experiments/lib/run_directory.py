@@ -141,12 +141,14 @@ def cli_locks(shared: bool = False):
         _created.clear()
 
 
-def note_new_record(path: Path) -> None:
-    """Under :func:`cli_locks`: ``path`` is the run record of a run this command has just begun in an empty
-    directory; if the command then fails while the record is all the directory holds, the record is removed (and
-    the directory, if the lock made it)."""
-    if _locking:
-        _new_records.append(path)
+def write_new_record(out: Path, record: dict) -> None:
+    """Write the run record of a run this command begins in ``out`` (which exists). If ``out`` was empty, then under
+    :func:`cli_locks` a command that fails before the run writes anything (beyond point directories and their
+    locks) takes the record back, and the directory too if the lock made it: ``--out`` is left as it was."""
+    fresh = not any(out.iterdir())
+    atomic_write(out / RECORD, json.dumps(record, indent=2, default=str) + "\n")
+    if fresh and _locking:
+        _new_records.append(out / RECORD)
 
 
 def share_lock(shared: bool) -> None:
@@ -325,10 +327,7 @@ def claim_out(out: Path, stage: str, settings: dict, *, overwrite: bool = False,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": settings,
               "written": []}
     out.mkdir(parents=True, exist_ok=True)
-    fresh = not any(out.iterdir())
-    atomic_write(out / RECORD, json.dumps(record, indent=2, default=str) + "\n")
-    if fresh:
-        note_new_record(out / RECORD)
+    write_new_record(out, record)
     return RunDirectory(out, "empty", stage, record, [RECORD])
 
 

@@ -31,12 +31,12 @@ from miniqwen.loading import resolve_model_dir, weights_fingerprint
 
 from . import loader
 from .budget import Ledger, LedgerError
-from .errors import UsageError
 from .cli import check_positions
+from .errors import UsageError
 from .loader import resolve_precision, weights_label
 from .results import Results
-from .run_directory import (RECORD, RunDirectory, dig, empty_run_directory, inspect_out, nonempty_object,
-                            note_new_record, read_json, why_protected)
+from .run_directory import (RECORD, RunDirectory, dig, empty_run_directory, inspect_out, nonempty_object, read_json,
+                            why_protected, write_new_record)
 from .settings import GROUPS, SERIES_FIT_STEPS, DataSettings, ForecastSettings, RunSettings, TrainSettings, as_record
 from .training import distributed
 from .training.checkpoint import find_checkpoint, read_checkpoint
@@ -378,10 +378,8 @@ class Session:
                       "settings": self.settings_record(),
                       "data": {"file": self.dataset.data.path.name, "sha256": self.dataset.sha256},
                       "weights": None, "written": []}
-            fresh = not any(self.out.iterdir())
-            self._write_record(record)
-            if fresh:  # taken back if the command fails before the run writes anything (run_directory.cli_locks)
-                note_new_record(self.out / RECORD)
+            write_new_record(self.out, record)  # taken back if the command fails before the run writes anything
+            self._record = record
         except OSError as err:
             where = err.filename or self.out
             raise UsageError(f"--out {self.out}: cannot write {where} ({err.strerror or err})") from None
