@@ -18,7 +18,7 @@ from .lib.classical_forecasters import Persistence
 from .lib.evaluation import evaluate
 from .lib.loader import emulation
 from .lib.session import Session
-from .lib.training import validation_loss
+from .lib.training.loss import validation_loss
 
 STAGE = "baseline"
 DEFAULTS, PRESETS = defaults.DEFAULTS[STAGE], defaults.PRESETS[STAGE]

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .lib import cli, defaults, plans, runs, studies, tables
+from .lib import cli, defaults, plans, points, runs, studies, tables
 from .lib.evaluation import write_csv
 from .lib.loader import emulation
 from .lib.plots import plot_horizon_errors, plot_training_curves
 from .lib.results import Evaluation, write_json
 from .lib.run_directory import check_run_of
 from .lib.session import Session
-from .lib.studies import forecast_mse, grid_axis
+from .lib.points import forecast_mse, grid_axis
 
 STAGE = "context_length"
 CONTEXTS = defaults.CONTEXT_LENGTHS
@@ -36,7 +36,7 @@ def build_parser(preset: str | None = None):
     p = cli.parser("python -m experiments.context_length", __doc__.split("\n\n")[0], "run", "data", "forecast",
                    "lora", "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS,
                    exclude=("lr", "rank"))
-    studies.add_choice_options(p, DEFAULTS)
+    points.add_choice_options(p, DEFAULTS)
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="window lengths (default 128,512,768)")
     return p
 
@@ -63,19 +63,19 @@ def main(argv=None, on_step=None) -> int:
     contexts = grid_axis(s["contexts"], int, "--contexts", field="context_length")  # each >= 2 tokens, one wording
     if s["from_sweep"]:  # a sweep's run, by its run record, before anything in it is read
         check_run_of(Path(s["from_sweep"]).expanduser(), "sweep", "--from-sweep")
-    picked = studies.chosen(s["from_sweep"], "sweep")
-    lora, train = studies.choose(s, picked, DEFAULTS)
+    picked = points.chosen(s["from_sweep"], "sweep")
+    lora, train = points.choose(s, picked, DEFAULTS)
     cli.check_positions(s["run"].model, contexts, "--contexts")  # before any work: the model's config.json only
     lr, rank, forecast = train.lr, lora.rank, s["forecast"]
     session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress,
                       defines={"forecast": forecast, "lora": lora, "train": train},
-                      varies=studies.CONTEXT_FIELDS)  # not --contexts: each context is its own run, the study may grow
+                      varies=points.CONTEXT_FIELDS)  # not --contexts: each context is its own run, the study may grow
     with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
         if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
             return runs.follow(session)
         indices = session.dataset.forecast_set(forecast)[0]
-        study = studies.context_points(lora, train, contexts)
-        key = studies.study_key(session, forecast, lora, train, studies.CONTEXT_FIELDS)
+        study = points.context_points(lora, train, contexts)
+        key = points.study_key(session.run_key(), session.data_settings, forecast, lora, train, points.CONTEXT_FIELDS)
         records, untrained, untrained_losses, planned = studies.run_all(session, forecast, study, key, on_step=on_step)
 
     rows = studies.table_rows(records)
@@ -99,7 +99,7 @@ def main(argv=None, on_step=None) -> int:
                           "log.jsonl" for r in records}, f"training loss; {scale}")
     table = markdown(rows, untrained, untrained_losses)
     results, paired_md = studies.study_results(session, forecast, records, untrained, planned,
-                                               studies.CONTEXT_FIELDS, lora=lora, train=train)
+                                               points.CONTEXT_FIELDS, lora=lora, train=train)
     results.settings["study"] = {"contexts": list(contexts), "preset": preset, "from_sweep": picked or None}
     results.details.update(contexts=rows, selection=selection, scale=scale, table_markdown=table,
                            untrained_val_loss=untrained_losses)

@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .lib import by_type, cli, compare, defaults, halving, plans, runs, side_by_side, studies, tables
+from .lib import by_type, cli, compare, defaults, halving, plans, points, runs, side_by_side, tables
 from .lib.errors import UsageError
 from .lib.loader import emulation
 from .lib.plots import plot_horizon_errors
 from .lib.session import Session
-from .lib.training import checkpoint_step, distributed, read_log
+from .lib.training import distributed
+from .lib.training.checkpoint import checkpoint_step
+from .lib.training.loop import read_log
 
 STAGE = "final"
 DEFAULTS, PRESETS = defaults.DEFAULTS[STAGE], defaults.PRESETS[STAGE]
@@ -38,7 +40,7 @@ def build_parser(preset: str | None = None):
     p = cli.parser("python -m experiments.final", __doc__.split("\n\n")[0], "run", "data", "forecast", "lora",
                    "train", defaults=cli.with_preset(DEFAULTS, PRESETS, preset), presets=PRESETS,
                    exclude=("lr", "rank"), scores_forecasts=True)
-    studies.add_choice_options(p, DEFAULTS)
+    points.add_choice_options(p, DEFAULTS)
     p.add_argument("--from-context", default=None,
                    help="context-length study directory whose selection gives --context-length")
     p.add_argument("--from-search", default=None,
@@ -62,10 +64,10 @@ def main(argv=None, on_step=None) -> int:
     s = cli.parse(build_parser(preset), argv)
     if s["from_search"] and (s["from_sweep"] or s["from_context"]):
         raise UsageError("--from-search gives lr, rank and context length: it takes no --from-sweep/--from-context")
-    picked = {**studies.chosen(s["from_sweep"], "sweep"), **studies.chosen(s["from_context"], "context_length"),
-              **studies.chosen(s["from_search"], "search")}
-    studies.refuse_conflicts(s, picked, lambda dest: cli.given(build_parser(preset), argv, dest))
-    lora, train = studies.choose(s, picked, DEFAULTS)
+    picked = {**points.chosen(s["from_sweep"], "sweep"), **points.chosen(s["from_context"], "context_length"),
+              **points.chosen(s["from_search"], "search")}
+    points.refuse_conflicts(s, picked, lambda dest: cli.given(build_parser(preset), argv, dest))
+    lora, train = points.choose(s, picked, DEFAULTS)
     if not cli.given(build_parser(preset), argv, "context_length") and "context_length" in picked:
         train = dataclasses.replace(train, context_length=picked["context_length"])
         train.validate()

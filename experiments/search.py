@@ -6,7 +6,7 @@ best of those to η²N (Jamieson & Talwalkar 2016; one bracket of Hyperband, Li 
                                  [--min-steps 100] [--eta 3] [--rungs 3] [--resume]
 
 Rungs are judged by validation forecast error, robustly: for each species the median over trajectories of the
-per-trajectory MSE, relative to persistence's, averaged over the two species (:data:`halving.SCORE_RULE`); the
+per-trajectory MSE, relative to persistence's, averaged over the two species (:data:`scores.SCORE_RULE`); the
 validation loss is reported beside it. The learning rate is constant, so a point continued over rungs is the point
 trained straight to the same step. The whole search is priced (an upper bound) before it starts and each rung again
 before its training. Resumable (``--resume``): finished rungs are read back and an interrupted point continues from its
@@ -16,7 +16,7 @@ checkpoint exactly. The coursework's equal-steps grid is ``experiments.sweep``. 
 
 from __future__ import annotations
 
-from .lib import cli, compare, defaults, halving, runs, studies, tables
+from .lib import cli, compare, defaults, halving, points, runs, scores, studies, tables
 from .lib.errors import UsageError
 from .lib.evaluation import write_csv
 from .lib.loader import emulation
@@ -48,22 +48,22 @@ def main(argv=None, on_step=None) -> int:
     """Run the search. ``on_step(point_name, step)`` is called after every training step (tests simulate a kill)."""
     preset = cli.preset_name(argv, PRESETS)
     s = cli.parse(build_parser(preset), argv)
-    lrs, ranks = studies.grid_axis(s["lrs"], float, "--lrs"), studies.grid_axis(s["ranks"], int, "--ranks")
+    lrs, ranks = points.grid_axis(s["lrs"], float, "--lrs"), points.grid_axis(s["ranks"], int, "--ranks")
     forecast, lora, train = s["forecast"], s["lora"], s["train"]
     if train.schedule_depends_on_max_steps:  # a continued point must equal one trained straight to the same step
         raise UsageError(f"--lr-schedule {train.lr_schedule}: depends on the run's length, and the search continues "
                          "points over rungs; use constant (warm-up allowed)")
-    grid = studies.grid_points(lora, train, lrs, ranks)
+    grid = points.grid_points(lora, train, lrs, ranks)
     rungs = halving.schedule(len(grid), s["min_steps"], s["eta"], s["rungs"])
     session = Session(STAGE, s["run"], s["data"], trains=True, progress=s["train"].progress,
-                      defines={"forecast": forecast, "lora": lora, "train": train}, varies=studies.GRID_FIELDS,
+                      defines={"forecast": forecast, "lora": lora, "train": train}, varies=points.GRID_FIELDS,
                       study={"lrs": lrs, "ranks": ranks, **{k: s[k] for k in ("min_steps", "eta", "rungs")}})
     with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
         if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
             return runs.follow(session)
         key = halving.study_key(session, forecast, grid[0], rungs, s["eta"])
-        with studies.locked(session, [p.name for p in grid]):  # a second copy of this search is refused here
-            chunks = studies.ChunkCache(session)
+        with points.locked(session.out, [p.name for p in grid]):  # a second copy of this search is refused here
+            chunks = runs.ChunkCache(session)
             chunks(grid[0].train)  # cut (and checked against the batch size) before anything is spent
             sizes = runs.SessionSizes(session)
             planned = session.check(halving.plan(session.model.config, sizes, forecast, grid, rungs))
@@ -95,11 +95,11 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
     table = tables.search_table(rows, winner, reference)
     ties = [{"rung": k, "tied": halving.ranking(records)[1]} for k, records in enumerate(done)
             if len(halving.ranking(records)[1]) > 1]
-    chosen = {"rule": f"best at the last rung; score = {halving.SCORE_RULE}; {halving.TIE_RULE}", "ties": ties,
+    chosen = {"rule": f"best at the last rung; score = {scores.SCORE_RULE}; {scores.TIE_RULE}", "ties": ties,
               "chosen": {"lr": winner["lr"], "rank": winner["rank"], "context_length": winner["context_length"],
                          "steps": winner["steps"], "point": winner["name"]}}
     results = session.results(forecast=forecast, lora=lora, train=train)
-    results.settings = studies.without_point_fields(results.settings, studies.GRID_FIELDS)  # each row gives its own
+    results.settings = points.without_point_fields(results.settings, points.GRID_FIELDS)  # each row gives its own
     results.settings["search"] = {"lrs": sorted({r["lr"] for r in rows}), "ranks": sorted({r["rank"] for r in rows}),
                                   "min_steps": s["min_steps"], "eta": s["eta"], "rungs": [list(r) for r in rungs],
                                   "preset": preset}

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from .lib import cli, defaults, grid, plans, runs, studies, tables
+from .lib import cli, defaults, grid, plans, points, runs, studies, tables
 from .lib.errors import UsageError
 from .lib.loader import emulation
 from .lib.results import Evaluation, write_json
 from .lib.session import Session
 from .lib.settings import ForecastSettings, LoRASettings, TrainSettings
-from .lib.studies import grid_axis, grid_points
 
 STAGE = "sweep"
 LRS, RANKS = defaults.GRID_LRS, defaults.GRID_RANKS
@@ -55,7 +54,7 @@ def main(argv=None, on_step=None) -> int:
     """Run the grid. ``on_step(point_name, step)`` is called after every training step (tests simulate a kill)."""
     preset = cli.preset_name(argv, PRESETS)
     s = cli.parse(build_parser(preset), argv)
-    lrs, ranks = grid_axis(s["lrs"], float, "--lrs"), grid_axis(s["ranks"], int, "--ranks")
+    lrs, ranks = points.grid_axis(s["lrs"], float, "--lrs"), points.grid_axis(s["ranks"], int, "--ranks")
     forecast, lora, train, run = s["forecast"], s["lora"], s["train"], s["run"]
     shard = None if s["collect"] else grid.shard_of(s["shard"])
     if s["collect"] and s["shard"]:
@@ -63,26 +62,27 @@ def main(argv=None, on_step=None) -> int:
     join = shard is not None or s["collect"]
     if join and run.overwrite:
         raise UsageError("--overwrite would delete the other shards' points: remove --out by hand to start again")
-    points = grid_points(lora, train, lrs, ranks)  # refuses a --lora-alpha absurd at some rank, before any work
+    study = points.grid_points(lora, train, lrs, ranks)  # refuses a --lora-alpha absurd at some rank, before any work
     session = Session(STAGE, dataclasses.replace(run, resume=True) if join else run, s["data"], trains=True,
                       join=join, progress=train.progress, defines={"forecast": forecast, "lora": lora, "train": train},
-                      varies=studies.GRID_FIELDS)  # not --lrs/--ranks: each point is its own run, a grid may grow
+                      varies=points.GRID_FIELDS)  # not --lrs/--ranks: each point is its own run, a grid may grow
     with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
         if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
             return runs.follow(session)
-        key = studies.study_key(session, forecast, lora, train, studies.GRID_FIELDS)
+        key = points.study_key(session.run_key(), session.data_settings, forecast, lora, train, points.GRID_FIELDS)
         if shard is not None:
-            mine = points[shard[0]::shard[1]]
-            print(f"shard {shard[0]}/{shard[1]}: points {', '.join(p.name for p in mine) or 'none'} of {len(points)}")
+            mine = study[shard[0]::shard[1]]
+            print(f"shard {shard[0]}/{shard[1]}: points {', '.join(p.name for p in mine) or 'none'} of {len(study)}")
             studies.run_all(session, forecast, mine, key, on_step=on_step, reference=False)
             print(f"shard {shard[0]}/{shard[1]} done; when every shard is, assemble the table with --collect")
             return 0
         if s["collect"]:
-            missing = [p.name for p in points if p.name not in studies.scan(session, points, key)[0]]
+            done = points.scan(session.out, session.precision, study, key, session.join)[0]
+            missing = [p.name for p in study if p.name not in done]
             if missing:
-                raise UsageError(f"--collect: {len(missing)} of {len(points)} points are not finished in "
+                raise UsageError(f"--collect: {len(missing)} of {len(study)} points are not finished in "
                                  f"{session.out}: {', '.join(missing)} (run their shards first)")
-        records, untrained, _, planned = studies.run_all(session, forecast, points, key, on_step=on_step)
+        records, untrained, _, planned = studies.run_all(session, forecast, study, key, on_step=on_step)
     write_results(session, records, untrained, planned, forecast, lora, train, lrs, ranks,
                   {"preset": preset, "collected_from_shards": s["collect"]}, argv)
     return 0
@@ -101,7 +101,7 @@ def write_results(session: Session, records: list[dict], untrained: Evaluation, 
     grid.write_plots(session, rows, lrs, ranks, untrained, scale)
     table = grid.grid_table(rows, untrained, chosen["chosen"])
     results, paired_md = studies.study_results(session, forecast, records, untrained, planned,
-                                               studies.GRID_FIELDS, lora=lora, train=train)
+                                               points.GRID_FIELDS, lora=lora, train=train)
     results.settings["grid"] = {"lrs": list(lrs), "ranks": list(ranks), **provenance}
     results.details.update(grid=rows, selection=chosen, scale=scale, table_markdown=table)
     write_json(session.out / "grid.json", {"scale": scale, "weights": session.weights, "selection": chosen,

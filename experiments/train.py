@@ -22,11 +22,12 @@ from safetensors.torch import load_file, save_file
 from data.chunks import Chunks
 from data.series import not_a_regular_file
 
-from .lib import cli, errors, loader, runs, settings
+from .lib import cli, errors, loader, settings
 from .lib.budget import Ledger
 from .lib.loader import emulation
 from .lib.run_directory import claim_out, inspect_out, record_written
-from .lib.training import distributed, train_lora
+from .lib.training import distributed
+from .lib.training.loop import check_chunks, train_lora
 
 
 def save_chunks(chunks: Chunks, path: str | os.PathLike) -> None:
@@ -57,11 +58,10 @@ def load_chunks(path: str | os.PathLike) -> Chunks:
     return Chunks(input_ids=ids.long(), attention_mask=mask.long())
 
 
-def check_chunks(chunks: Chunks, path, vocab_size: int, train_settings: settings.TrainSettings,
-                 training: bool) -> None:
-    """Refuse (UsageError naming the file or the option) chunks the loop would fail on or learn nothing from:
-    token ids outside the model's vocabulary, a width other than --context-length, no token to predict (an
-    all-zero mask: the loss would read 0.0), fewer training chunks than --batch-size."""
+def check_chunk_file(chunks: Chunks, path, vocab_size: int) -> None:
+    """Refuse (UsageError naming the file) chunks the loop would learn nothing from or fail on: none, token ids
+    outside the model's vocabulary, no token to predict (an all-zero mask: the loss would read 0.0). Their width and
+    number against the settings are the loop's own check (``training.loop.check_chunks``)."""
     ids, mask = chunks.input_ids, chunks.attention_mask
     if len(ids) == 0:
         raise errors.UsageError(f"{path}: holds no chunks")
@@ -69,14 +69,9 @@ def check_chunks(chunks: Chunks, path, vocab_size: int, train_settings: settings
     if bool(outside.any()):
         raise errors.UsageError(f"{path}: token id {int(ids[outside][0])} is outside the model's vocabulary "
                                 f"0..{vocab_size - 1} ({int(outside.sum())} such ids)")
-    if ids.shape[1] != train_settings.context_length:
-        raise errors.UsageError(f"--context-length {train_settings.context_length}: the chunks in {path} are "
-                                f"{ids.shape[1]} tokens wide")
     if not bool((mask[:, 1:] * mask[:, :-1]).any()):
         raise errors.UsageError(f"{path}: the attention_mask leaves no token to predict (a target needs itself "
                                 "and the token before it marked 1): the loss would be a meaningless 0.0")
-    if training:
-        runs.check_batch(chunks, train_settings)
 
 
 def main(argv=None) -> int:
@@ -111,9 +106,10 @@ def main(argv=None) -> int:
     loaded = loader.load_model(run.model, run.device or "cpu", "float32" if run.precision == "auto" else run.precision,
                                weights_dtype="float32", check_tokenizer=False)
     model = loaded.model
-    check_chunks(train_chunks, s["train_chunks"], model.config.vocab_size, s["train"], training=True)
+    check_chunk_file(train_chunks, s["train_chunks"], model.config.vocab_size)
     if val_chunks is not None:
-        check_chunks(val_chunks, s["val_chunks"], model.config.vocab_size, s["train"], training=False)
+        check_chunk_file(val_chunks, s["val_chunks"], model.config.vocab_size)
+    check_chunks(train_chunks, val_chunks, s["train"])  # against --batch-size and --context-length
 
     ledger = None if s["no_ledger"] else Ledger(run.ledger)
     if ledger is not None:

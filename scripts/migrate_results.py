@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.lib.run_directory import RECORD  # noqa: E402
-from experiments.lib.studies import CONTEXT_FIELDS, GRID_FIELDS, without_point_fields  # noqa: E402
+from experiments.lib.points import CONTEXT_FIELDS, GRID_FIELDS, without_point_fields  # noqa: E402
 from miniqwen.atomic import atomic_write  # noqa: E402
 
 #: directories written by a stage that keeps no results.json, by the file that shows which stage
@@ -73,7 +73,7 @@ COMMITTED_PRECISION = "bfloat16"
 
 def migrate_point_keys(run: Path, stage: str, check: bool) -> list[Path]:
     """Rewrite the study keys of a study's point and rung records (``points/*/point.json``, ``rung*.json``) in the
-    current form (``studies.study_key``): without the fields the points vary, which are named under "points_vary",
+    current form (``points.study_key``): without the fields the points vary, which are named under "points_vary",
     and the compute dtype as resolved. Returns the records that were (or, with ``check``, would be) rewritten."""
     changed = []
     for path in sorted((run / "points").glob("*/*.json")) if stage in POINT_FIELDS else []:

@@ -1,4 +1,4 @@
-"""Add each rung record's bootstrap score SD (``halving.score_sd``) to a search run made before scores had one,
+"""Add each rung record's bootstrap score SD (``scores.score_sd``) to a search run made before scores had one,
 from its per-trajectory CSVs and the data file alone (run once on results/search_cpu):
 
     python scripts/score_sd.py --search results/search_cpu --data FILE
@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import load_trajectories  # noqa: E402
-from experiments.lib import halving  # noqa: E402
+from experiments.lib import scores  # noqa: E402
 
 
 def main() -> int:
@@ -32,10 +32,10 @@ def main() -> int:
         idx = np.array([int(r["trajectory"]) for r in rows])
         C, H = record["evaluation"]["context_steps"], record["evaluation"]["horizon"]
         truth, last = data[idx, C:C + H].astype(np.float64), data[idx, C - 1:C].astype(np.float64)
-        reference = halving.per_trajectory_mse(np.repeat(last, H, axis=1), truth)
+        reference = scores.per_trajectory_mse(np.repeat(last, H, axis=1), truth)
         mse = {s: np.array([float(r[f"mse_{s}"]) for r in rows]) for s in ("prey", "predator")}
-        assert abs(halving.robust_score(mse, reference) - record["score"]) < 1e-9, path
-        record["score_sd"] = halving.score_sd(mse, reference, record["settings"]["run"]["seed"])
+        assert abs(scores.robust_score(mse, reference) - record["score"]) < 1e-9, path
+        record["score_sd"] = scores.score_sd(mse, reference, record["settings"]["run"]["seed"])
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"{path}: score {record['score']:.4f} ± {record['score_sd']:.4f}")
     return 0

@@ -4,13 +4,13 @@ trajectories it was not selected on.
     python scripts/selection_noise.py --data FILE [--run results/final_search_cpu]
         [--greedy results/levers/final_greedy_validation] [--out results/levers/selection]
 
-The final run kept the adapter of the step whose forecast score (``halving.SCORE_RULE`` on the first 50 validation
+The final run kept the adapter of the step whose forecast score (``scores.SCORE_RULE`` on the first 50 validation
 trajectories, 800-849) was lowest among 16 evaluations. This reads only committed files: the run's training log
 (the scores by step), and the kept adapter's greedy forecasts of all 100 validation trajectories with persistence's
 (``--greedy``, written by ``scripts/reforecast.py``). It writes ``--out``.json and ``--out``.md:
 
 * the curve and its centred 3-point moving average, and the step each picks;
-* the kept adapter's score with its bootstrap SD (``halving.score_sd``) on 800-849 (selected on), on 850-899 (never
+* the kept adapter's score with its bootstrap SD (``scores.score_sd``) on 800-849 (selected on), on 850-899 (never
   used to choose anything about this adapter) and on all 100: the gap between the first two is the winner's curse.
 """
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import load_trajectories  # noqa: E402
 from experiments.lib import compare  # noqa: E402
-from experiments.lib.halving import per_trajectory_mse, robust_score, score_sd  # noqa: E402
+from experiments.lib.scores import per_trajectory_mse, robust_score, score_sd  # noqa: E402
 from experiments.lib.training.loop import read_log  # noqa: E402
 from miniqwen.atomic import atomic_write  # noqa: E402
 

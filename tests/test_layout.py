@@ -145,3 +145,28 @@ def test_the_import_graph_sees_the_imports():
     assert "baseline" in STAGES and "report" in STAGES and "lib" not in STAGES
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+#: the deepest chain of imports inside experiments/ (a stage included), counted in modules: a reader following one
+#: stage down to its leaves meets at most this many floors (issue 34's target)
+MAX_IMPORT_CHAIN = 7
+
+
+def longest_chain(edges: dict[str, set[str]]) -> list[str]:
+    """The longest path of ``edges`` (an acyclic graph), as the list of its nodes."""
+    memo: dict[str, list[str]] = {}
+
+    def down(node: str) -> list[str]:
+        if node not in memo:
+            memo[node] = [node] + max((down(t) for t in sorted(edges.get(node, ()))), key=len, default=[])
+        return memo[node]
+
+    return max((down(n) for n in sorted(edges)), key=len, default=[])
+
+
+def test_the_experiments_import_chain_is_short():
+    inside = {name: {t for t in targets if t.startswith("experiments")}
+              for name, targets in graph().items() if name.startswith("experiments")}
+    chain = longest_chain(inside)
+    assert len(chain) <= MAX_IMPORT_CHAIN, f"import chain of {len(chain)} modules: {' -> '.join(chain)}"
+    assert longest_chain({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == ["a", "b", "c"]

@@ -14,7 +14,6 @@ from conftest import (checksums, cli, error_line, exit_err, exit_err_out, lora_a
                       stage_args)
 from data.chunks import make_chunks
 from experiments import baseline, benchmark, classical, context_length, final, lora_default, search, sweep
-from experiments.lib import runs
 from experiments.lib.budget import Ledger
 from experiments.lib.errors import UsageError
 
@@ -208,11 +207,12 @@ def test_a_batch_larger_than_the_chunks_is_refused_before_the_untrained_forecast
 def test_a_batch_torchrun_cannot_share_is_refused(monkeypatch):
     chunks = make_chunks([list(range(1, 40))] * 4, 8)
     from experiments.lib.settings import TrainSettings
+    from experiments.lib.training.loop import check_chunks
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match=r"--batch-size 3: .* 2 processes .* divisible by 2"):
-        runs.check_batch(chunks, TrainSettings(batch_size=3, context_length=8))
-    runs.check_batch(chunks, TrainSettings(batch_size=4, context_length=8))
+        check_chunks(chunks, None, TrainSettings(batch_size=3, context_length=8))
+    check_chunks(chunks, None, TrainSettings(batch_size=4, context_length=8))
 
 
 # --------------------------------------------------------------------------------------------------- the environment

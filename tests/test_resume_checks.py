@@ -8,7 +8,6 @@ with nothing of the user's changed and nothing charged to the ledger."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -21,7 +20,6 @@ from data.chunks import make_chunks
 from experiments import baseline, classical, context_length, final, lora_default, sweep
 from experiments import train as train_cli
 from experiments.lib.errors import UsageError
-from experiments.lib.run_directory import RECORD
 from experiments.lib.session import Session
 from experiments.lib.settings import DataSettings, LoRASettings, RunSettings
 from experiments.lib.training import CheckpointError, train_lora as train

@@ -21,7 +21,7 @@ from conftest import (REPO, baseline_args, checksums, cli, error_line, exit_err_
                       refused, snapshot, stage_args, user_dir)
 from experiments import (baseline, benchmark, context_length, final, flops, lora_default, report, search, sweep,
                          train)
-from experiments.lib import studies
+from experiments.lib import points
 from experiments.lib.budget import Ledger
 from experiments.lib.run_directory import RECORD, inspect_out
 
@@ -318,19 +318,19 @@ def test_a_second_copy_of_a_running_point_is_refused(tiny_full_vocab, sim_file, 
     held = out / "points" / "lr0.001_rank4"
     held.mkdir(parents=True)
     record(out, "search" if stage == "search" else "sweep")
-    fd = os.open(held / studies.LOCK, os.O_RDWR | os.O_CREAT)
+    fd = os.open(held / points.LOCK, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = checksums(tmp_path)
         main = search.main if stage == "search" else sweep.main
         code, err, _ = exit_err_out(main, argv, capsys)
-        error_line(code, err, "lr0.001_rank4", str(held / studies.LOCK), "another process")
+        error_line(code, err, "lr0.001_rank4", str(held / points.LOCK), "another process")
         assert Ledger(ledger).total() == 777  # nothing spent, nothing charged
         assert not (out / "untrained.json").exists() and not (held / "training").exists()
         assert not (out / "points" / "lr0.001_rank2" / "training").exists()
         # only the run record and the other points' (empty) lock files are new
         assert {k: v for k, v in checksums(tmp_path).items()
-                if not k.endswith(("run.json", studies.LOCK)) or k in before} == before
+                if not k.endswith(("run.json", points.LOCK)) or k in before} == before
     finally:
         os.close(fd)
 
@@ -339,9 +339,9 @@ def test_a_point_killed_before_its_checkpoint_keeps_its_lock(tmp_path):
     point = tmp_path / "points" / "p"
     (point / "training").mkdir(parents=True)
     (point / "training" / "log.jsonl").write_text("")
-    (point / studies.LOCK).write_text("")
-    studies.clear_point(point)
-    assert [p.name for p in point.iterdir()] == [studies.LOCK]
+    (point / points.LOCK).write_text("")
+    points.clear_point(point)
+    assert [p.name for p in point.iterdir()] == [points.LOCK]
 
 
 # ------------------------------------------------------------------------------------ the same rules for every stage

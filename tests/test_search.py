@@ -11,7 +11,7 @@ import torch
 
 from experiments import search
 
-from experiments.lib import halving
+from experiments.lib import halving, scores
 from experiments.lib.budget import Ledger
 from experiments.lib.errors import UsageError
 from safetensors.torch import load_file
@@ -57,11 +57,11 @@ def test_schedule_keeps_one_over_eta_and_multiplies_the_steps():
 
 def test_robust_score_is_relative_to_persistence_and_ignores_one_blow_up():
     reference = {"prey": np.array([1.0, 1.0, 1.0]), "predator": np.array([0.1, 0.1, 0.1])}
-    assert halving.robust_score(reference, reference) == pytest.approx(1.0)
+    assert scores.robust_score(reference, reference) == pytest.approx(1.0)
     half = {"prey": np.array([0.5, 0.5, 0.5]), "predator": np.array([0.05, 0.05, 0.05])}
-    assert halving.robust_score(half, reference) == pytest.approx(0.5)
+    assert scores.robust_score(half, reference) == pytest.approx(0.5)
     blown = {"prey": np.array([0.5, 0.5, 1e6]), "predator": np.array([0.05, 0.05, 0.05])}
-    assert halving.robust_score(blown, reference) == pytest.approx(0.5)
+    assert scores.robust_score(blown, reference) == pytest.approx(0.5)
     records = [{"name": "a", "score": 0.7}, {"name": "b", "score": float("nan")}, {"name": "c", "score": 0.7},
                {"name": "d", "score": 0.2}]
     assert halving.survivors(records, 2) == ["d", "a"]  # NaN last, ties in grid order
@@ -124,7 +124,7 @@ def test_search_continues_points_exactly_and_resumes_after_a_kill(tiny_full_voca
 
 
 def test_a_study_key_leaves_out_what_its_points_vary():
-    from experiments.lib.studies import same_study, without_point_fields
+    from experiments.lib.points import same_study, without_point_fields
 
     key = {"run": {"seed": 0}, "lora": {"targets": ["q_proj"]}, "train": {"batch_size": 4},
            "points_vary": ["lr", "rank"]}
@@ -174,7 +174,7 @@ def test_search_refuses_a_schedule_that_depends_on_the_run_length(tiny_full_voca
 
 def test_a_study_key_holds_the_resolved_dtype():
     """Points computed in another dtype are not mixed into a study: the key records the dtype as resolved."""
-    from experiments.lib.studies import same_study
+    from experiments.lib.points import same_study
 
     key = {"run": {"model": "m", "precision": "float32", "seed": 0}, "train": {"batch_size": 4}}
     bf16 = {**key, "run": {**key["run"], "precision": "bfloat16"}}

@@ -17,7 +17,7 @@ from data import ENCODINGS, SCALINGS, DataError
 from miniqwen import ConfigError, WeightsError
 
 from .budget import BudgetExceededError, LedgerError
-from .errors import OptionError, UsageError
+from .errors import CheckpointError, OptionError, UsageError
 from .run_directory import cli_locks, share_lock
 from .settings import GROUPS, LR_SCHEDULES, MODEL_ENV_VAR, PRECISIONS, SPLITS
 
@@ -305,7 +305,7 @@ def run_cli(main) -> None:
     it is refused."""
     from lora import AdapterError
 
-    from .training import CheckpointError, distributed
+    from .training import distributed
 
     try:
         with cli_locks():

@@ -19,3 +19,8 @@ class OptionError(UsageError):
     def __init__(self, field_name: str, value, allowed: str):
         self.field, self.value, self.allowed = field_name, value, allowed
         super().__init__(f"{field_name}={value!r}: {allowed}")
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint or log that is missing, partial, corrupt or does not fit the run (the message names the
+    file)."""

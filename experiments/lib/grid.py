@@ -12,7 +12,7 @@ from .evaluation import write_csv
 from .plots import plot_heatmap, plot_training_curves
 from .results import Evaluation
 from .session import Session
-from .studies import forecast_mse
+from .points import forecast_mse
 from .tables import format_number
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from lora import merged, remove_lora
 
-from . import compare, results, runs, studies
+from . import compare, points, results, runs
 from .classical_forecasters import Persistence
 from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
 from .errors import UsageError
@@ -40,11 +40,12 @@ from .evaluation import SPECIES, evaluate, per_trajectory_rows, write_csv
 from .results import write_json
 from .session import Session
 from .settings import ForecastSettings, TrainSettings
-from .studies import ChunkCache, Point
-from .training import checkpoint_step, distributed, find_checkpoint, read_checkpoint, train_lora
-
-SCORE_RULE = ("mean over prey and predator of (median over trajectories of the per-trajectory forecast MSE) / "
-              "(the same median of persistence)")
+from .points import Point
+from .runs import ChunkCache
+from .scores import SCORE_RULE, per_trajectory_mse, robust_score, score_sd
+from .training import distributed
+from .training.checkpoint import checkpoint_step, find_checkpoint, read_checkpoint
+from .training.loop import train_lora
 
 
 def schedule(n_points: int, min_steps: int, eta: int, rungs: int) -> list[tuple[int, int]]:
@@ -63,49 +64,16 @@ def schedule(n_points: int, min_steps: int, eta: int, rungs: int) -> list[tuple[
     return out
 
 
-def per_trajectory_mse(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
-    """``{species: [n] MSE over the horizon of each trajectory}`` of ``pred`` and ``truth`` [n, H, 2] (data units²)."""
-    return {name: ((pred[..., k] - truth[..., k]) ** 2).mean(axis=1) for k, name in enumerate(SPECIES)}
-
-
-def robust_score(mse: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
-    """:data:`SCORE_RULE`: ``mse`` and ``reference`` are :func:`per_trajectory_mse` of a forecaster and of
-    persistence on the same trajectories. Dimensionless; 1.0 is as good as persistence, 0 is perfect."""
-    return float(np.mean([np.median(mse[s]) / max(float(np.median(reference[s])), 1e-12) for s in SPECIES]))
-
-
-SCORE_RESAMPLES = 1000
-"""Bootstrap resamples of the scoring trajectories behind a score's standard deviation (:func:`score_sd`)."""
-TIE_RULE = ("points whose score is within one bootstrap SD (of the best point's score, resampling the scoring "
-            "trajectories) of the best are tied; tied points are ranked by validation loss, lower first (a second, "
-            "independent measure of fit), then by grid order")
-
-
-def score_sd(mse: dict[str, np.ndarray], reference: dict[str, np.ndarray], seed: int = 0,
-             n_resamples: int = SCORE_RESAMPLES) -> float:
-    """Bootstrap standard deviation of :func:`robust_score` over the scoring trajectories: the n trajectories
-    resampled with replacement ``n_resamples`` times, the same rows for the forecaster and for persistence (Efron &
-    Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 6). Dimensionless, like the score. On the search's
-    50 validation trajectories it is about a third of the score (0.04–0.07 at scores of 0.11–0.17)."""
-    rng = np.random.default_rng(seed)
-    n = len(next(iter(mse.values())))
-    draws = []
-    for _ in range(n_resamples):
-        rows = rng.integers(0, n, n)
-        draws.append(robust_score({s: v[rows] for s, v in mse.items()}, {s: v[rows] for s, v in reference.items()}))
-    return float(np.std(draws, ddof=1))
-
-
 def persistence_reference(session: Session, forecast: ForecastSettings):
     """``(indices, contexts [n, C, 2], truth [n, H, 2], persistence's per-trajectory MSE)`` of ``forecast``'s
-    trajectories: what every :func:`robust_score` on them is divided by."""
+    trajectories: what every :func:`scores.robust_score` on them is divided by."""
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
     _, reference_pred, _ = evaluate(Persistence(), contexts, truth, forecast.split, indices)
     return indices, contexts, truth, per_trajectory_mse(reference_pred, truth)
 
 
 def forecast_scorer(session: Session, forecast: ForecastSettings):
-    """A ``model -> (score, FLOPs)`` for ``train_lora(forecast_score=…)``: the :data:`SCORE_RULE` score of the
+    """A ``model -> (score, FLOPs)`` for ``train_lora(forecast_score=…)``: the :data:`scores.SCORE_RULE` score of the
     model (adapters merged, :func:`lora.merged`) on ``forecast``'s trajectories, e.g. a fixed validation subset,
     greedy; persistence's per-trajectory errors on them are computed once."""
     indices, contexts, truth, reference = persistence_reference(session, forecast)
@@ -141,7 +109,7 @@ def rung_path(session: Session, name: str, rung: int) -> Path:
 
 
 def ranking(records: list[dict]) -> tuple[list[int], list[str]]:
-    """The records' order best first by :data:`TIE_RULE`, and the names tied with the best one (the best's
+    """The records' order best first by :data:`scores.TIE_RULE`, and the names tied with the best one (the best's
     ``score_sd`` wide; a record without one — written before scores had one — ties only exactly), as
     ``(indices, tied names)``."""
     scores = [finite_score(r["score"]) for r in records]
@@ -154,7 +122,7 @@ def ranking(records: list[dict]) -> tuple[list[int], list[str]]:
 
 
 def survivors(records: list[dict], kept: int) -> list[str]:
-    """Names of the ``kept`` best records by :func:`ranking` (:data:`TIE_RULE`; the records are in grid order)."""
+    """Names of the ``kept`` best records by :func:`ranking` (:data:`scores.TIE_RULE`; the records are in grid order)."""
     return [records[i]["name"] for i in ranking(records)[0][:kept]]
 
 
@@ -178,7 +146,7 @@ def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: i
              key: dict, reference: dict[str, np.ndarray], on_step=None) -> dict:
     """Train ``point`` to its rung's steps, forecast the validation subset with it and write its rung record
     (``rung<k>.json`` last, then the forecast is charged). Returns the record."""
-    studies.point_directory(session, point.name, may_restart=rung == 0)
+    points.point_directory(session.out, point.name, may_restart=rung == 0)
     t = point.train
     print(f"\n=== rung {rung}: {point.name} (lr {t.lr:g}, rank {point.lora.rank}) to step {t.max_steps} ===")
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
@@ -215,7 +183,7 @@ def read_rung(session: Session, name: str, rung: int, key: dict) -> dict | None:
     if not path.is_file():
         return None
     record = results.read_record(path, _valid_rung, "delete it to redo that rung")
-    if not studies.same_study(record["settings"], key):
+    if not points.same_study(record["settings"], key):
         raise UsageError(f"{path} was made with other settings than these; use another --out or --overwrite")
     return record
 
@@ -286,10 +254,10 @@ def run(session: Session, forecast: ForecastSettings, grid: list[Point], rungs: 
 
 def study_key(session: Session, forecast: ForecastSettings, base: Point, rungs: list[tuple[int, int]],
               eta: int) -> dict:
-    """What every rung record of a search must share: the points' study key (:func:`studies.study_key`, with the
+    """What every rung record of a search must share: the points' study key (:func:`points.study_key`, with the
     last rung's steps, without lr and rank, which each point's record gives) and the schedule."""
-    key = studies.study_key(session, forecast, base.lora,
-                            dataclasses.replace(base.train, max_steps=rungs[-1][0]), varies=studies.GRID_FIELDS)
+    key = points.study_key(session.run_key(), session.data_settings, forecast, base.lora,
+                           dataclasses.replace(base.train, max_steps=rungs[-1][0]), varies=points.GRID_FIELDS)
     key["search"] = {"rungs": [list(r) for r in rungs], "eta": eta, "score": SCORE_RULE}
     return key
 

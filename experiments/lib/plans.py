@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from miniqwen.config import Qwen2Config
 
-from . import studies
+from . import points
 from .costs import NominalSizes, baseline_cost, lora_stage_cost
 from .defaults import CONTEXT_LENGTHS, DEFAULTS, GRID_LRS, GRID_RANKS
 from .settings import GROUPS, ForecastSettings, LoRASettings, LossSettings, TrainSettings
@@ -32,13 +32,13 @@ def lora_default(config, sizes, forecast: ForecastSettings, lora: LoRASettings,
 def sweep(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings, lrs=GRID_LRS,
           ranks=GRID_RANKS) -> dict[str, int]:
     """The whole learning-rate × rank grid from scratch."""
-    return studies.plan(config, sizes, forecast, studies.grid_points(lora, train, lrs, ranks))
+    return points.plan(config, sizes, forecast, points.grid_points(lora, train, lrs, ranks))
 
 
 def context_length(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,
                    contexts=CONTEXT_LENGTHS) -> dict[str, int]:
     """The whole context-length study from scratch."""
-    return studies.plan(config, sizes, forecast, studies.context_points(lora, train, contexts))
+    return points.plan(config, sizes, forecast, points.context_points(lora, train, contexts))
 
 
 def final(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,

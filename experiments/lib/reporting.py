@@ -14,6 +14,7 @@ from .budget import BUDGET, Ledger, LedgerError
 from .errors import UsageError
 from .plots import plot_horizon_errors
 from .results import Evaluation, Results
+from .scores import TIE_RULE
 from .run_directory import dig, read_json
 from .tables import evaluation_table, format_number, horizon_growth, tie_note
 
@@ -173,9 +174,7 @@ def search_section(results: dict[str, Results], results_root: Path, root: Path) 
 
 
 def halving_tie_rule() -> str:
-    """The search's tie rule, as :mod:`experiments.lib.halving` states it."""
-    from .halving import TIE_RULE
-
+    """The search's tie rule, as :mod:`experiments.lib.scores` states it."""
     return "ties: " + TIE_RULE
 
 

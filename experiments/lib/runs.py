@@ -19,27 +19,15 @@ from . import compare
 from .adapter_card import peft_export_args
 from .classical_forecasters import Persistence
 from .costs import lora_stage_cost
-from .errors import UsageError
 from .evaluation import (Forecaster, LLMForecaster, allowed_token_ids, evaluate, per_trajectory_rows, prediction_rows,
                          prompt_lengths, write_csv)
 from .plots import plot_forecasts
 from .results import Evaluation, read_record, valid_evaluation, write_json
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings, as_record
-from .training import checkpoint_step, distributed, read_log, train_lora, validation_subset
-
-
-def check_batch(train_chunks: Chunks, train_settings: TrainSettings) -> None:
-    """Refuse (UsageError naming --batch-size) a batch the training chunks cannot fill, or one that torchrun's
-    processes cannot share, before anything is spent (the loop would fail only after the untrained forecast)."""
-    B, world, M = train_settings.batch_size, distributed.world_size(), len(train_chunks)
-    if B % world:
-        raise UsageError(f"--batch-size {B}: the global batch is split over the {world} processes torchrun "
-                         f"started, so it must be divisible by {world}")
-    if M < B:
-        raise UsageError(f"--batch-size {B}: the training data gives only {M} chunks of "
-                         f"{train_settings.context_length} tokens, fewer than one batch; use --batch-size {M} or "
-                         "less (or more training data: --train-limit, a shorter --context-length)")
+from .training import distributed
+from .training.checkpoint import checkpoint_step
+from .training.loop import check_chunks, read_log, train_lora, validation_subset
 
 
 def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> LLMForecaster:
@@ -138,7 +126,7 @@ def training_chunks(session: Session, train_settings: TrainSettings) -> tuple[Ch
     val_chunks = token_chunks(session, "validation", None, train_settings.context_length, train_settings.stride)
     print(f"chunks: {len(train_chunks)} training, {len(val_chunks)} validation; context "
           f"{train_settings.context_length}, stride {train_settings.stride or train_settings.context_length}")
-    check_batch(train_chunks, train_settings)
+    check_chunks(train_chunks, val_chunks, train_settings)  # before anything is spent
     return train_chunks, val_chunks
 
 
@@ -304,3 +292,16 @@ def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, t
     untrained.validation_loss = evals[0]["val_loss"] if evals and evals[0]["step"] == 0 else None
     _, _, persistence = evaluate(Persistence(), contexts, truth, forecast.split, indices)
     return {"untrained": untrained, "lora": trained, "persistence": persistence}, summary, planned
+
+
+class ChunkCache:
+    """Training and validation chunks of a session, cut once per (context length, stride)."""
+
+    def __init__(self, session: Session):
+        self.session, self._cache = session, {}
+
+    def __call__(self, train: TrainSettings) -> tuple[Chunks, Chunks]:
+        key = (train.context_length, train.stride)
+        if key not in self._cache:
+            self._cache[key] = training_chunks(self.session, train)
+        return self._cache[key]

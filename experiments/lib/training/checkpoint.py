@@ -19,7 +19,6 @@ altered file is a :class:`CheckpointError` naming it, never a silently wrong res
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -38,16 +37,12 @@ from data.chunks import Chunks
 from lora import load_lora_state_dict, save_adapter
 from miniqwen.atomic import atomic_write
 
-from ..settings import TrainSettings
+from ..errors import CheckpointError
 from .state import TrainState
 
 CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 TENSOR_FILES = ("adapter.safetensors", "optimizer.safetensors", "best_adapter.safetensors", "rng.safetensors")
 STATE_CHECKSUM = "state_sha256"  # state.json's checksum of its own content
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, partial, corrupt or does not fit the run (the message names the file)."""
 
 
 @dataclass
@@ -269,38 +264,3 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Opt
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = checkpoint.state["rng"]["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def check_same_run(ckpt: Path, saved: dict, now: dict) -> None:
-    """Refuse to resume with settings that change the optimisation, other adapters, seed, compute dtype or data;
-    with a learning-rate schedule that depends on ``max_steps`` (cosine), also another ``max_steps``. What "best" means
-    (:attr:`TrainSettings.RESELECTABLE`) may change: the caller then forgets the best so far.
-
-    ``saved``: the checkpoint's state.json (at ``ckpt``); ``now``: this run's record (``settings``, ``lora``,
-    ``seed``, ``precision`` as resolved, ``data`` fingerprints, as the loop writes them into a checkpoint).
-
-    Raises:
-        CheckpointError: naming every field that differs, or the data fingerprints.
-    """
-    fixed = TrainSettings.RESUME_FIXED
-    # a field missing from a record is its default: added since the checkpoint, or left out (settings.as_record)
-    default = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
-    was = {k: saved["settings"].get(k, default[k]) for k in (*fixed, "max_steps")}
-    is_ = {k: now["settings"].get(k, default[k]) for k in (*fixed, "max_steps")}
-    changed = [f"{k}: checkpoint {was[k]!r} vs now {is_[k]!r}" for k in fixed
-               if was[k] != is_[k] and k not in TrainSettings.RESELECTABLE]
-    schedule = TrainSettings(lr_schedule=is_["lr_schedule"])
-    if schedule.schedule_depends_on_max_steps and was["max_steps"] != is_["max_steps"]:
-        changed.append(f"max_steps: checkpoint {was['max_steps']} vs now {is_['max_steps']} (the {is_['lr_schedule']}"
-                       " learning-rate schedule decays to 0 at max_steps, so a run continued to other max_steps "
-                       "would not equal one trained straight to them: keep max_steps, or start a new run)")
-    changed += [f"lora: checkpoint {saved['lora']} vs now {now['lora']}"] if saved["lora"] != now["lora"] else []
-    changed += [f"seed: checkpoint {saved['seed']} vs now {now['seed']}"] if saved["seed"] != now["seed"] else []
-    # the compute dtype, as resolved: "--precision auto" picks by device and CPU, so on another machine it may pick
-    # another one
-    changed += [why] if (why := precision_change(saved, now.get("precision"))) else []
-    if changed:
-        raise CheckpointError(f"{ckpt}: cannot resume with different settings: " + "; ".join(changed))
-    if saved["data"] != now["data"]:
-        raise CheckpointError(f"{ckpt}: the training/validation chunks differ from the checkpoint's "
-                              f"({saved['data']} vs {now['data']})")

@@ -33,6 +33,7 @@ steps (:meth:`.steps.Run.run_steps`: step, evaluate and stop early, checkpoint) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -51,11 +52,11 @@ from lora import (add_head_bias, apply_lora, count_trainable_parameters, has_hea
 from miniqwen.atomic import atomic_write
 
 from ..costs import training_cost
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
 from ..plots import plot_loss_curves
 from ..settings import LoRASettings, TrainSettings, as_record
 from . import distributed
-from .checkpoint import CheckpointError, check_same_run, find_checkpoint, fingerprint, read_checkpoint, restore
+from .checkpoint import find_checkpoint, fingerprint, precision_change, read_checkpoint, restore
 from .state import TrainState
 from .steps import Run
 
@@ -118,31 +119,42 @@ def train_lora(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None
     return _finish(run, planned, t0)
 
 
+def check_chunks(train_chunks: Chunks, val_chunks: Chunks | None, settings: TrainSettings) -> None:
+    """Refuse chunks the loop cannot train on, naming the option to change: a global batch (``batch_size``) that
+    torchrun's processes cannot share evenly, chunks of another width than ``context_length``, fewer training chunks
+    than one batch. Stages call it as soon as the chunks are cut, before anything is spent; :func:`train_lora`
+    calls it again for callers that did not.
+
+    Raises UsageError (a ValueError) naming ``--batch-size`` or ``--context-length``."""
+    B, world, M, L = settings.batch_size, distributed.world_size(), len(train_chunks), settings.context_length
+    if B % world:
+        raise UsageError(f"--batch-size {B}: batch size {B} is the global batch, split over the {world} processes "
+                         f"torchrun started, so it must be divisible by {world}")
+    for name, chunks in (("training", train_chunks), ("validation", val_chunks)):
+        if chunks is not None and len(chunks) and chunks.input_ids.shape[1] != L:
+            raise UsageError(f"--context-length {L}: the {name} chunks have width {chunks.input_ids.shape[1]} "
+                             "tokens")
+    if M < B:
+        raise UsageError(f"--batch-size {B}: the training data gives only {M} chunks of {L} tokens, fewer than one "
+                         f"batch; use --batch-size {M} or less (or more training data: --train-limit, a shorter "
+                         "--context-length)")
+
+
 def _check_arguments(train_chunks: Chunks, val_chunks: Chunks | None, settings: TrainSettings, lora: LoRASettings,
                      out_dir: Path, loss_token_ids: list[int] | None, forecast_score) -> None:
     """Validate the settings, make ``out_dir`` (rank 0), then check the data and options against the settings.
 
     Raises:
-        UsageError: ``batch_size`` not divisible by the torchrun processes; select_by "forecast" without
+        UsageError: the chunks do not fit the settings (:func:`check_chunks`); select_by "forecast" without
             ``forecast_score``.
-        ValueError: invalid settings, chunk widths other than ``context_length``, fewer training chunks than a batch,
-            ``loss_token_ids`` given without the numeric loss vocabulary or missing with it.
+        ValueError: invalid settings, ``loss_token_ids`` given without the numeric loss vocabulary or missing with
+            it.
     """
     settings.validate()
     lora.validate()
-    world = distributed.world_size()
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-    M, B = len(train_chunks), settings.batch_size
-    if B % world:
-        raise UsageError(f"batch size {B} is the global batch, split over the {world} processes torchrun started: "
-                         "it must be divisible by their number")
-    for name, chunks in (("training", train_chunks), ("validation", val_chunks)):
-        if chunks is not None and len(chunks) and chunks.input_ids.shape[1] != settings.context_length:
-            raise ValueError(f"{name} chunks have width {chunks.input_ids.shape[1]}, context_length is "
-                             f"{settings.context_length}")
-    if M < B:
-        raise ValueError(f"{M} training chunks cannot fill a batch of {B}")
+    check_chunks(train_chunks, val_chunks, settings)
     if (settings.loss_vocabulary == "numeric") != (loss_token_ids is not None):
         raise ValueError('loss_token_ids must be given exactly when settings.loss_vocabulary is "numeric"')
     if settings.select_by == "forecast" and forecast_score is None:
@@ -318,3 +330,38 @@ def _finish(run: Run, planned: int, t0: float) -> dict:
         atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_loss_curves(run.log_path, out_dir / "loss_curve.png", title=run.stage)
     return summary
+
+
+def check_same_run(ckpt: Path, saved: dict, now: dict) -> None:
+    """Refuse to resume with settings that change the optimisation, other adapters, seed, compute dtype or data;
+    with a learning-rate schedule that depends on ``max_steps`` (cosine), also another ``max_steps``. What "best" means
+    (:attr:`TrainSettings.RESELECTABLE`) may change: the caller then forgets the best so far.
+
+    ``saved``: the checkpoint's state.json (at ``ckpt``); ``now``: this run's record (``settings``, ``lora``,
+    ``seed``, ``precision`` as resolved, ``data`` fingerprints, as the loop writes them into a checkpoint).
+
+    Raises:
+        CheckpointError: naming every field that differs, or the data fingerprints.
+    """
+    fixed = TrainSettings.RESUME_FIXED
+    # a field missing from a record is its default: added since the checkpoint, or left out (settings.as_record)
+    default = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    was = {k: saved["settings"].get(k, default[k]) for k in (*fixed, "max_steps")}
+    is_ = {k: now["settings"].get(k, default[k]) for k in (*fixed, "max_steps")}
+    changed = [f"{k}: checkpoint {was[k]!r} vs now {is_[k]!r}" for k in fixed
+               if was[k] != is_[k] and k not in TrainSettings.RESELECTABLE]
+    schedule = TrainSettings(lr_schedule=is_["lr_schedule"])
+    if schedule.schedule_depends_on_max_steps and was["max_steps"] != is_["max_steps"]:
+        changed.append(f"max_steps: checkpoint {was['max_steps']} vs now {is_['max_steps']} (the {is_['lr_schedule']}"
+                       " learning-rate schedule decays to 0 at max_steps, so a run continued to other max_steps "
+                       "would not equal one trained straight to them: keep max_steps, or start a new run)")
+    changed += [f"lora: checkpoint {saved['lora']} vs now {now['lora']}"] if saved["lora"] != now["lora"] else []
+    changed += [f"seed: checkpoint {saved['seed']} vs now {now['seed']}"] if saved["seed"] != now["seed"] else []
+    # the compute dtype, as resolved: "--precision auto" picks by device and CPU, so on another machine it may pick
+    # another one
+    changed += [why] if (why := precision_change(saved, now.get("precision"))) else []
+    if changed:
+        raise CheckpointError(f"{ckpt}: cannot resume with different settings: " + "; ".join(changed))
+    if saved["data"] != now["data"]:
+        raise CheckpointError(f"{ckpt}: the training/validation chunks differ from the checkpoint's "
+                              f"({saved['data']} vs {now['data']})")
