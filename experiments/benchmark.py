@@ -53,7 +53,7 @@ from .lib.cli import check_positions, run_cli
 from .lib.results import write_json
 from .lib.run_directory import claim_out, record_written
 from .lib.loader import resolve_precision
-from .lib.session import load_dataset
+from .lib.dataset import load_dataset
 from .lib.settings import DataSettings
 
 STAGE = "benchmark"

@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     from .lib import series_forecast as sf
     from .lib.evaluation import write_csv
     from .lib.loader import emulation
+    from .lib.run_directory import RunDirectory
 
     p = build_parser()
     s = cli.parse(p, argv)
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
                            "context_steps" in explicit)
     C, H = min(fcs.context_steps, len(series.values)), fcs.horizon
     out = Path(run.out).expanduser() if run.out else Path("runs") / STAGE
-    found = sf.check_out(out, run.overwrite)  # refused before any model is loaded or file written
+    directory = RunDirectory(out, sf.STAGE, overwrite=run.overwrite)  # refused before any model is loaded or file written
     where = "the first" if s["index"] is not None else "the last"
     print(f"series: {series.source}, {series.rows} steps; context {where} {C}, horizon {H}; method {method}")
     t0 = clock.time()
@@ -140,14 +141,14 @@ def main(argv=None) -> int:
                         "rows": series.rows, "context": f"{where} {C} rows"},
               "context_steps": C, "horizon": H, "method": method, "flops": int(result.flops),
               "seconds": round(clock.time() - t0, 2), **details}
-    sf.write_run(out, found, record, {
+    sf.write_run(directory, record, {
         "forecast.csv": lambda path: write_csv(path, rows),
         "forecast.png": lambda path: sf.plot(path, series, C, result,
                                              f"{series.source}: {C} steps of context, {H} forecast\n{title}")})
 
     for line in sf.summary(series, C, result, rows, method):
         print(line)
-    print(f"wrote {out}/forecast.csv, forecast.png, {sf.RECORD}")
+    print(f"wrote {out}/forecast.csv, forecast.png, run.json")
     return 0
 
 

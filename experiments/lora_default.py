@@ -7,7 +7,7 @@ to 10,000 steps; the 1e17 plan (``experiments.flops``) gives this stage 1,000.
 Forecasts ``--limit`` validation trajectories with the untrained model, trains LoRA on the training trajectories'
 LLMTIME text cut into ``--context-length`` token chunks (validation loss on a fixed subset of the validation chunks;
 checkpoints; ``--resume``, refused before any work with another setting that defines the run:
-``session.RUN_DEFINING``), then forecasts the same trajectories with the adapter. Writes under ``--out`` (default
+``resume.RUN_DEFINING``), then forecasts the same trajectories with the adapter. Writes under ``--out`` (default
 ``runs/lora_default``): results.json, README.md (the side-by-side table), untrained.json (reused by --resume),
 training/ (log, loss curve, adapters, checkpoint), peft_adapter/ (PEFT format), per-trajectory CSVs and plots.
 """

@@ -136,7 +136,7 @@ def test_settings_option_validation_and_record():
 
 
 def test_dataset_texts_and_record_follow_the_encoding(sim_file):
-    from experiments.lib.session import load_dataset
+    from experiments.lib.dataset import load_dataset
     from experiments.lib.settings import DataSettings
 
     integer = load_dataset(DataSettings(data=str(sim_file), encoding="integer"))

@@ -19,7 +19,7 @@ from experiments import forecast
 from experiments.lib.adapter_card import CARD_FILE, AdapterCard, card_for, read_card
 from experiments.lib.classical_forecasters import VAR
 from experiments.lib.series_forecast import TextFormat, check_digits, forecast_rows
-from experiments.lib.session import load_dataset
+from experiments.lib.dataset import load_dataset
 from experiments.lib.settings import DataSettings
 from experiments.lib.errors import UsageError
 from lora import AdapterError, apply_lora, export_peft, load_peft, lora_modules, lora_state_dict, save_adapter

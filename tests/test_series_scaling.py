@@ -85,7 +85,7 @@ def test_a_lora_run_with_series_scaling_records_it_and_forecasts_in_data_units(t
 
 
 def test_the_dataset_writes_each_training_trajectory_at_its_own_scaling(sim_file):
-    from experiments.lib.session import load_dataset
+    from experiments.lib.dataset import load_dataset
     from experiments.lib.settings import SERIES_FIT_STEPS, DataSettings
 
     ds = load_dataset(DataSettings(data=str(sim_file), scaling="series"))

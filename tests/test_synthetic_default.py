@@ -146,7 +146,7 @@ def test_stage_results_record_synthetic(no_coursework, tmp_path, capsys):
 
 
 def test_coursework_like_file_has_no_synthetic_mark(tmp_path):
-    from experiments.lib.session import load_dataset
+    from experiments.lib.dataset import load_dataset
     from experiments.lib.settings import DataSettings
 
     path = tmp_path / "plain.h5"

@@ -269,6 +269,7 @@ def cli_backtest(p, argv, s: dict, explicit: set[str]) -> int:
     from .compare import comparison_table
     from .evaluation import write_csv
     from .loader import emulation
+    from .run_directory import RunDirectory
     from .settings import as_record
 
     run, data, fcs = s["run"], s["data"], s["forecast"]
@@ -282,7 +283,7 @@ def cli_backtest(p, argv, s: dict, explicit: set[str]) -> int:
     series = sf.read_input(data.data, s["index"], s["columns"], s["time_column"], fcs.context_steps,
                            "context_steps" in explicit, whole=True)
     out = Path(run.out).expanduser() if run.out else Path("runs") / "backtest"
-    found = sf.check_out(out, run.overwrite)
+    directory = RunDirectory(out, sf.STAGE, overwrite=run.overwrite)
     llm = {"adapter": s["adapter"], "model": run.model if "llm" in methods else None,
            "llmtime_scale": s["llmtime_scale"], "samples": fcs.samples, "temperature": fcs.temperature,
            "top_p": fcs.top_p, "device": run.device, "precision": run.precision,
@@ -302,12 +303,12 @@ def cli_backtest(p, argv, s: dict, explicit: set[str]) -> int:
     record = {"settings": as_record(run=run, data=data, forecast=fcs),
               "input": {"source": series.source, "columns": list(series.columns), "time_column": series.time_column,
                         "rows": series.rows}, "backtest": result.settings, "flops": int(result.flops)}
-    sf.write_run(out, found, record, {
+    sf.write_run(directory, record, {
         "backtest.csv": lambda path: write_csv(path, result.rows(time_name)),
         "backtest.json": lambda path: atomic_write(path, json.dumps(result.record(), indent=2, default=float) + "\n"),
         "backtest.png": lambda path: plot(path, result, series.values, series.time, time_name, title)})
     print(result.table())
     if result.comparison:
         print(comparison_table(result.comparison["comparisons"], legend=False))
-    print(f"wrote {out}/{', '.join(FILES)}, {sf.RECORD}")
+    print(f"wrote {out}/{', '.join(FILES)}, run.json")
     return 0

@@ -233,7 +233,7 @@ def _llm(values, H, adapter, model, scale, samples, temperature, top_p, decimals
          precision, seed, progress, cli, source, say, warn):
     """The LLM forecast of one context: ``(samples (N, H, 2), texts, flops, details)``."""
     from . import series_forecast as sf
-    from .session import seed_everything
+    from .dataset import seed_everything
     from .settings import DataSettings, ForecastSettings, RunSettings
 
     fmt = sf.text_format(adapter, scale, values, decimals, encoding, prompt, cli)

@@ -4,8 +4,7 @@ A directory is a run only if it holds the run record a stage wrote (:data:`RECOR
 "miniqwen"``); nothing is guessed from file names. :func:`inspect_out` classifies an output directory (empty, a
 stage's run, or someone else's) and, under the command line (:func:`cli_locks`), holds an OS lock on it for the whole
 stage; :func:`why_protected` names the directories ``--overwrite`` must never empty; :func:`empty_run_directory`
-removes what a run's record lists and nothing else; :func:`claim_out` applies the rules for the stages that keep no
-:class:`session.Session` (flops, benchmark, train)."""
+removes what a run's record lists and nothing else; :class:`RunDirectory` applies the rules, for every stage."""
 
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
-class RunDirectory:
+class Contents:
     """What an output directory holds. ``kind``: "empty" (absent, empty, or only a run record), "run" (it holds a
     stage's run record) or "foreign" (anything else). ``stage`` is the stage that made it, ``entries`` its
     top-level names."""
@@ -193,8 +192,8 @@ def lock_out(out: Path, option: str = "--out") -> None:
 
 # ------------------------------------------------------------------------------------------- what a directory is
 
-def inspect_out(out: Path, option: str = "--out") -> RunDirectory:
-    """Classify ``out`` (see :class:`RunDirectory`), following a symbolic link to its target; under the command
+def inspect_out(out: Path, option: str = "--out") -> Contents:
+    """Classify ``out`` (see :class:`Contents`), following a symbolic link to its target; under the command
     line, first lock it for this stage (:func:`lock_out`).
 
     Raises UsageError: ``out`` is not a directory (a file, a link to nothing), cannot be listed, holds a run record
@@ -206,15 +205,15 @@ def inspect_out(out: Path, option: str = "--out") -> RunDirectory:
         raise UsageError(f"{option} {out} is a file, not a directory: choose another {option}")
     lock_out(out, option)
     if not out.exists():
-        return RunDirectory(out, "empty")
+        return Contents(out, "empty")
     try:  # an atomic write's temporary file (another job writing the record this instant) is nobody's content
         entries = sorted(n for n in os.listdir(out) if not fnmatch.fnmatchcase(n, ".*.tmp"))
     except OSError as err:
         raise UsageError(f"{option} {out}: cannot list it ({err.strerror})") from None
     if not entries:
-        return RunDirectory(out, "empty")
+        return Contents(out, "empty")
     if RECORD not in entries:
-        return RunDirectory(out, "foreign", None, None, entries)
+        return Contents(out, "foreign", None, None, entries)
     record = read_json(out / RECORD)
     if not (isinstance(record, dict) and isinstance(record.get("stage"), str) and record.get("made_by") == "miniqwen"
             and isinstance(record.get("written", []), list)):
@@ -222,10 +221,10 @@ def inspect_out(out: Path, option: str = "--out") -> RunDirectory:
                          f"choose another {option}")
     results = read_json(out / "results.json") if "results.json" in entries else None
     kind = "empty" if entries == [RECORD] else "run"  # made, then refused or stopped before it wrote anything
-    return RunDirectory(out, kind, record["stage"], record, entries, results if isinstance(results, dict) else None)
+    return Contents(out, kind, record["stage"], record, entries, results if isinstance(results, dict) else None)
 
 
-def check_run_of(path: Path, stage: str, option: str) -> RunDirectory:
+def check_run_of(path: Path, stage: str, option: str) -> Contents:
     """``path`` as a finished run of ``stage`` (an input a stage reads, e.g. ``final --from-search DIR``), checked
     by its run record before anything in it is read.
 
@@ -241,7 +240,7 @@ def check_run_of(path: Path, stage: str, option: str) -> RunDirectory:
         raise UsageError(f"{option} {path}: a {record.get('stage')} run, not a {stage} run")
     if not (path / "results.json").is_file():
         raise UsageError(f"{option} {path}: the {stage} run has no results.json yet (unfinished)")
-    return RunDirectory(path, "run", stage, record, sorted(os.listdir(path)))
+    return Contents(path, "run", stage, record, sorted(os.listdir(path)))
 
 
 def why_protected(path: Path) -> str | None:
@@ -266,7 +265,7 @@ def why_protected(path: Path) -> str | None:
 
 
 def empty_run_directory(out: Path) -> None:
-    """Remove the run in ``out`` (a link's target): only what its record lists (:meth:`RunDirectory.owned`), never
+    """Remove the run in ``out`` (a link's target): only what its record lists (:meth:`Contents.owned`), never
     anything else; links are removed, not followed. Raises UsageError naming what could not be removed, or if
     ``out`` holds no run record."""
     found = inspect_out(out)
@@ -283,52 +282,140 @@ def empty_run_directory(out: Path) -> None:
             raise UsageError(f"--overwrite: cannot remove {child} ({err.strerror or err})") from None
 
 
-# ------------------------------------------------------------------- stages that keep no Session (flops, benchmark, train)
+# ----------------------------------------------------------------------------------- the one owner of --out
+
+class RunDirectory:
+    """The output directory of one command, and the one place that decides what may happen to it: a directory of
+    files no stage wrote is refused; another run is replaced only with ``overwrite`` (and only what its record lists,
+    never a protected directory, :func:`why_protected`), continued only with ``resume`` (or shared, ``join``, by the
+    jobs of one study) and only if it is this ``stage``'s. Constructing it checks, under the command line locks
+    (:func:`inspect_out`), and changes nothing; :meth:`begin` empties what ``overwrite`` replaces and writes the run
+    record; :meth:`record_weights` adds the weights' identity; :meth:`finish` lists what the run holds.
+
+    Attributes: ``path``; ``found`` (:class:`Contents`: what it held when checked); ``record`` (the run record, once
+    :meth:`begin` wrote or kept it).
+
+    Raises UsageError (one line, nothing changed): as above; ``resume`` with nothing to resume or in a directory
+    that is not a run; a run of another stage with ``resume`` or ``join``; a run without ``resume``, ``overwrite``
+    or ``join`` (``trains``: the message offers ``--resume``); ``overwrite`` of a protected directory or of a run
+    beside other files.
+    """
+
+    def __init__(self, path: Path, stage: str, *, resume: bool = False, overwrite: bool = False, join: bool = False,
+                 trains: bool = False, option: str = "--out"):
+        self.path, self.stage, self.option, self.overwrite = Path(path), stage, option, overwrite
+        self.record: dict | None = None
+        out, found = self.path, inspect_out(self.path, option)
+        if found.kind == "foreign" and resume and not join:
+            raise UsageError(f"--resume: {option} {out} is not a run (it holds no run record, {RECORD}), so there is "
+                             f"nothing to resume; it holds files no stage wrote ({found.listing()}): choose another "
+                             f"{option}")
+        if found.kind == "foreign":
+            raise UsageError(f"{option} {out} holds files no stage wrote ({found.listing()}): choose another {option}")
+        if found.kind == "empty" and resume and not join:
+            raise UsageError(f"--resume: nothing to resume in {out} (it is empty or does not exist)")
+        if found.kind == "run":
+            if found.stage != stage and (resume or join):
+                raise UsageError(f"{option} {out} holds a {found.stage} run, not a {stage} run: --resume continues "
+                                 f"only a run of the same stage; choose another {option}")
+            if not (resume or overwrite or join):
+                advice = "--resume to continue it, " if trains and found.stage == stage else ""
+                raise UsageError(f"{option} {out} already holds a {found.stage} run ({found.listing()}): pass "
+                                 f"{advice}--overwrite to replace it, or choose another {option}")
+            if overwrite:
+                why = why_protected(out.resolve())
+                if why:
+                    raise UsageError(f"--overwrite: {option} {out} is {why}, which a stage never empties: choose "
+                                     f"another {option}")
+                extra = found.not_written_by_a_stage()
+                if extra:
+                    raise UsageError(f"--overwrite: {option} {out} holds a {found.stage} run but also files no stage "
+                                     f"wrote ({found.listing(extra)}): move them away or choose another {option}")
+        self.found = found
+
+    @property
+    def continues(self) -> bool:
+        """It holds a run of this stage that the command continues (``resume`` or ``join``), not replaces."""
+        return self.found.kind == "run" and not self.overwrite
+
+    def begin(self, settings: dict, **identity) -> dict:
+        """Empty the run ``overwrite`` replaces, create the directory (a link's target) and write the run record
+        (the stage, ``settings`` and ``identity``, e.g. ``data=``, ``weights=``); or keep the record of the run
+        being continued. A command that fails before the run writes anything takes a new record back
+        (:func:`write_new_record`). Returns the record.
+
+        Raises OSError naming the file that cannot be written."""
+        if self.found.kind == "run" and self.overwrite:
+            empty_run_directory(self.path)
+            self.found = Contents(self.path, "empty")
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.found.kind == "run":
+            self.record = self.found.record
+            return self.record
+        self.record = {"made_by": "miniqwen", "stage": self.stage,
+                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": settings,
+                       **identity, "written": []}
+        write_new_record(self.path, self.record)
+        return self.record
+
+    def check_same_run(self, data_file: str, data_sha256: str, weights_identity, model_option: str) -> None:
+        """Refuse (UsageError) to continue the run found here on other data (``data_file``, ``data_sha256``) or on
+        other weights (``weights_identity()``: label and sha256, asked for only if the run recorded weights), or a
+        run whose record holds no fingerprint of its weights, before anything is spent. A no-op for a new run."""
+        if not self.continues:
+            return
+        out, record = self.path, self.found.record or {}
+        data = nonempty_object(dig(record, "data")) or {}
+        if isinstance(data.get("sha256"), str) and data["sha256"] != data_sha256:
+            raise UsageError(f"--resume: {self.option} {out} was run on data {data.get('file')} (sha256 "
+                             f"{data['sha256'][:12]}…), not on {data_file} (sha256 {data_sha256[:12]}…): pass the same "
+                             f"--data, or choose another {self.option}")
+        recorded = nonempty_object(dig(record, "weights"))
+        if not recorded:
+            return  # the run stopped before it loaded the model: no weights used yet
+        if not isinstance(recorded.get("sha256"), str):
+            raise UsageError(f"--resume: the run in {out} recorded no weights fingerprint (it was made before runs "
+                             f"recorded one): it cannot be resumed; choose another {self.option}")
+        mine = weights_identity()
+        if recorded["sha256"] != mine["sha256"]:
+            raise UsageError(f"--model {model_option}: {self.option} {out} was run on other weights "
+                             f"({recorded.get('label')}, sha256 {recorded['sha256'][:12]}…; these are "
+                             f"{mine['label']}, sha256 {mine['sha256'][:12]}…): resume with the same --model, "
+                             f"or choose another {self.option}")
+
+    def record_weights(self, identity: dict, model_option: str) -> None:
+        """Put the weights' ``identity`` (label, name, sha256) in the run record when the model is first loaded.
+
+        Raises UsageError: the record already names other weights (another shard of a joined study ran on them);
+        the record cannot be written."""
+        record = read_json(self.path / RECORD)
+        record = record if isinstance(record, dict) else dict(self.record or {})
+        recorded = nonempty_object(dig(record, "weights"))
+        if recorded and recorded.get("sha256") != identity["sha256"]:
+            raise UsageError(f"--model {model_option}: {self.option} {self.path} was run on other weights "
+                             f"({recorded.get('label')}): use the same --model, or choose another {self.option}")
+        if not recorded:
+            record["weights"] = identity
+            try:
+                atomic_write(self.path / RECORD, json.dumps(record, indent=2, default=str) + "\n")
+            except OSError as err:
+                raise UsageError(f"{self.option} {self.path}: cannot write {self.path / RECORD} "
+                                 f"({err.strerror})") from None
+            self.record = record
+
+    def finish(self, ignore: tuple[str, ...] = ()) -> None:
+        """List what the finished run holds in its record (:func:`record_written`), for a later ``--overwrite``."""
+        record_written(self.path, ignore)
+
 
 def claim_out(out: Path, stage: str, settings: dict, *, overwrite: bool = False, resume: bool = False,
               option: str = "--out") -> RunDirectory:
-    """Make ``out`` this ``stage``'s run directory, by the rules every stage keeps: a directory of files no stage
-    wrote is refused; another run is replaced only with ``overwrite`` (and only what its record lists), continued
-    only with ``resume`` and only if it is this stage's. Writes the run record (``settings`` in it) unless a run
-    is continued; :func:`record_written` completes it when the stage finishes.
-
-    Raises UsageError (one line, nothing changed): as above; ``resume`` with nothing to resume; ``overwrite`` of a
-    protected directory (:func:`why_protected`) or of a run beside other files. OSError naming the file where the
-    record cannot be written.
-    """
-    found = inspect_out(out, option)
-    if found.kind == "foreign" and resume:
-        raise UsageError(f"--resume: {option} {out} is not a run (it holds no run record, {RECORD}), so there is "
-                         f"nothing to resume; it holds files no stage wrote ({found.listing()}): choose another "
-                         f"{option}")
-    if found.kind == "foreign":
-        raise UsageError(f"{option} {out} holds files no stage wrote ({found.listing()}): choose another {option}")
-    if found.kind == "empty" and resume:
-        raise UsageError(f"--resume: nothing to resume in {out} (it is empty or does not exist)")
-    if found.kind == "run":
-        if resume and found.stage != stage:
-            raise UsageError(f"{option} {out} holds a {found.stage} run, not a {stage} run: --resume continues only "
-                             f"a run of the same stage; choose another {option}")
-        if resume:
-            return found
-        if not overwrite:
-            raise UsageError(f"{option} {out} already holds a {found.stage} run ({found.listing()}): pass "
-                             f"--overwrite to replace it, or choose another {option}")
-        why = why_protected(out.resolve())
-        if why:
-            raise UsageError(f"--overwrite: {option} {out} is {why}, which a stage never empties: choose another "
-                             f"{option}")
-        extra = found.not_written_by_a_stage()
-        if extra:
-            raise UsageError(f"--overwrite: {option} {out} holds a {found.stage} run but also files no stage wrote "
-                             f"({found.listing(extra)}): move them away or choose another {option}")
-        empty_run_directory(out)
-    record = {"made_by": "miniqwen", "stage": stage,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": settings,
-              "written": []}
-    out.mkdir(parents=True, exist_ok=True)
-    write_new_record(out, record)
-    return RunDirectory(out, "empty", stage, record, [RECORD])
+    """:class:`RunDirectory` checked and begun in one call, for the stages that keep no :class:`session.Session`
+    (flops, benchmark, train): the run record holds ``settings``; :meth:`RunDirectory.finish` (or
+    :func:`record_written`) completes it when the stage finishes. Raises UsageError as :class:`RunDirectory`."""
+    directory = RunDirectory(out, stage, resume=resume, overwrite=overwrite, option=option)
+    directory.begin(settings)
+    return directory
 
 
 def record_written(out: Path, ignore: tuple[str, ...] = ()) -> None:

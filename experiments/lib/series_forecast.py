@@ -11,23 +11,20 @@ Errors name options as on the command line when ``cli`` is true, else as Python 
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from data import Series, SeriesScale, fit_scale, fit_series_scale, is_hdf5, read_series_csv, read_trajectory
-from miniqwen.atomic import atomic_write
 
 from .adapter_card import CARD_FILE, read_card
 from .errors import UsageError
 from .evaluation import Forecasts, LLMForecaster
 from .option_names import option
 from .plots import _figure, _save, _wrap
-from .run_directory import RECORD, RunDirectory, empty_run_directory, inspect_out, why_protected
+from .run_directory import RunDirectory
 from .settings import DataSettings, ForecastSettings, RunSettings
 
 STAGE = "forecast"
@@ -306,36 +303,11 @@ def plot(path: Path, series: Series, C: int, result, title: str) -> bool:
     return True
 
 
-def check_out(out: Path, overwrite: bool) -> RunDirectory:
-    """What ``--out`` holds, refused (UsageError) as a :class:`session.Session` refuses it: files no stage wrote;
-    a run (any stage's) without ``overwrite``; with it, a protected directory or one holding other files too.
-    Changes nothing."""
-    found = inspect_out(out)
-    if found.kind == "foreign":
-        raise UsageError(f"--out {out} holds files no stage wrote ({found.listing()}): choose another --out")
-    if found.kind == "run":
-        if not overwrite:
-            raise UsageError(f"--out {out} already holds a {found.stage} run ({found.listing()}): pass --overwrite to "
-                             "replace it, or choose another --out")
-        why = why_protected(out.resolve())
-        if why:
-            raise UsageError(f"--overwrite: --out {out} is {why}, which a stage never empties: choose another --out")
-        extra = found.not_written_by_a_stage()
-        if extra:
-            raise UsageError(f"--overwrite: --out {out} holds a {found.stage} run but also files no stage wrote "
-                             f"({found.listing(extra)}): move them away or choose another --out")
-    return found
-
-
-def write_run(out: Path, found: RunDirectory, record: dict, files: dict) -> None:
-    """Empty ``out`` if it holds a run (``check_out`` allowed it), write the run record (:data:`session.RECORD`,
-    listing what it holds) and then ``files`` (``{name: write(path)}``)."""
-    if found.kind == "run":
-        empty_run_directory(out)
-    out.mkdir(parents=True, exist_ok=True)
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record = {"made_by": "miniqwen", "stage": STAGE, "created": created, **record,
-              "written": sorted([RECORD, *files])}
-    atomic_write(out / RECORD, json.dumps(record, indent=2, default=float) + "\n")
+def write_run(directory: RunDirectory, record: dict, files: dict) -> None:
+    """Begin the run in ``directory`` (its record holds ``record``'s "settings" and its other keys), write ``files``
+    (``{name: write(path)}``) and list them in the record."""
+    record = dict(record)
+    directory.begin(record.pop("settings"), **record)
     for name, write in files.items():
-        write(out / name)
+        write(directory.path / name)
+    directory.finish()
