@@ -51,19 +51,20 @@ def main(argv=None) -> int:
         print(f"data: {ds.data.path.name} ({ds.data.n_systems} trajectories x {ds.data.n_steps} steps); split "
               f"{forecast.split}: {len(indices)} trajectories; LLMTIME scale = {ds.llmtime_scale:.5g} (fitted on "
               f"{len(ds.splits['train'])} training trajectories)")
-        examples = runs.show_examples(session, forecast.split)
+        examples = runs.show_examples(session.tokenizer, ds, forecast.split)
 
         loss_chunks = None
         if loss_settings.loss_limit != 0:
-            loss_chunks = runs.token_chunks(session, "validation", loss_settings.loss_limit,
+            loss_chunks = runs.token_chunks(session.tokenizer, ds, "validation", loss_settings.loss_limit,
                                             loss_settings.loss_context_length)
         results = session.results(forecast=forecast, loss=loss_settings)
-        results.flops["planned"] = session.check(plan(session.model.config, runs.SessionSizes(session), forecast,
-                                                      loss_settings))
+        sizes = runs.exact_sizes(session.tokenizer, ds)
+        results.flops["planned"] = session.check(plan(session.model.config, sizes, forecast, loss_settings))
 
-        forecaster = runs.llm_forecaster(session, forecast, "zero-shot")
-        zero_shot = runs.forecast_and_save(session, forecaster, forecast, "",
-                                           f"zero-shot {forecast.prompt}, {forecast.samples} sample(s)")
+        forecaster = runs.llm_forecaster(session.model, session.tokenizer, ds, forecast, "zero-shot", session.run.seed,
+                                         session.progress)
+        zero_shot = runs.forecast_and_save(ds, forecaster, forecast, session.out, "",
+                                           f"zero-shot {forecast.prompt}, {forecast.samples} sample(s)", session.weights)
         results.add_flops("generate", zero_shot.flops)
         if loss_chunks is not None:
             t0 = time.time()

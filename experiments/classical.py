@@ -80,8 +80,8 @@ def main(argv=None) -> int:
         indices, _, _, split_truth = ds.forecast_set(fs)
         for forecaster in forecasters:
             tag = f"{runs.file_tag(forecaster.name)}_{split}"
-            evaluation = runs.forecast_and_save(session, forecaster, fs, tag, f"{forecaster.name}, {split}",
-                                                settings=forecaster.settings(), weights=None)
+            evaluation = runs.forecast_and_save(ds, forecaster, fs, session.out, tag, f"{forecaster.name}, {split}",
+                                                None, settings=forecaster.settings())
             results.evaluations[f"{forecaster.name}/{split}"] = evaluation
             tables.print_evaluation(evaluation)
         # paired comparisons with the best forecaster of this split, trajectory by trajectory

@@ -72,7 +72,7 @@ def main(argv=None, on_step=None) -> int:
                       varies=points.CONTEXT_FIELDS)  # not --contexts: each context is its own run, the study may grow
     with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
         if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-            return runs.follow(session)
+            return runs.follow(session.model)
         indices = session.dataset.forecast_set(forecast)[0]
         study = points.context_points(lora, train, contexts)
         key = points.study_key(session.run_key(), session.data_settings, forecast, lora, train, points.CONTEXT_FIELDS)

@@ -83,18 +83,20 @@ def main(argv=None, on_step=None) -> int:
                       defines={"forecast": forecast, "lora": lora, "train": train})  # compared on --resume
     with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
         if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-            return runs.follow(session)
+            return runs.follow(session.model)
         peers = side_by_side.peer_indices(s["peer_indices"], session.dataset.data.n_systems)
         indices, _, contexts, truth = session.dataset.forecast_set(forecast)
         continued = s["from_search"] is not None and s["continue_search"]
         inherited = halving.continue_point(s["from_search"], picked, train, session.out) if continued else {}
-        chunks = runs.training_chunks(session, train)
+        chunks = runs.training_chunks(session.tokenizer, session.dataset, train)
         untrained_path, resume = session.out / "untrained.json", session.run.resume
         start = checkpoint_step(session.out / "training", session.precision) if resume or continued else 0
-        planned = plan(session.model.config, runs.SessionSizes(session), forecast, lora, train, start,
+        sizes = runs.exact_sizes(session.tokenizer, session.dataset)
+        planned = plan(session.model.config, sizes, forecast, lora, train, start,
                        untrained=not (resume and untrained_path.is_file()))
         if peers is not None:  # the LLMs on the peer trajectories outside the test split
-            planned["peer trajectories"] = side_by_side.peer_cost(session, forecast, lora, peers, indices)
+            planned["peer trajectories"] = side_by_side.peer_cost(session.model.config, sizes, forecast, lora, peers,
+                                                                   indices)
         planned = session.check(planned)
 
         predictions: dict = {}
@@ -102,8 +104,10 @@ def main(argv=None, on_step=None) -> int:
                                               predictions=predictions)
         scorer = None
         if train.select_by == "forecast":  # the search's fixed validation subset
-            scorer = halving.forecast_scorer(session, dataclasses.replace(
-                forecast, split="validation", limit=s["score_limit"], plots=0))
+            scoring = dataclasses.replace(forecast, split="validation", limit=s["score_limit"], plots=0)
+            forecaster = runs.llm_forecaster(session.model, session.tokenizer, session.dataset, scoring,
+                                             "validation score", session.run.seed, session.progress)
+            scorer = halving.forecast_scorer(forecaster, session.dataset, scoring)
         trained, summary = runs.train_and_forecast(session, forecast, lora, train, chunks, session.out,
                                                    f"{forecast.split} split", on_step=on_step, predictions=predictions,
                                                    resume=resume or continued, forecast_score=scorer)
@@ -113,7 +117,8 @@ def main(argv=None, on_step=None) -> int:
             trained.validation_loss = summary["best_val_loss"]
         session.charge("generate", trained.flops, session.out / compare.TRAINED_CSV, what="trained forecast")
 
-        classical, search, forecasters = side_by_side.classical(session, forecast, orders, predictions)
+        classical, search, forecasters = side_by_side.classical(session.dataset, session.out, forecast,
+                                                                orders, predictions)
         evaluations = {"untrained": untrained, "lora": trained, **classical}
         predictions = {"lora": predictions.pop("lora"), **predictions}
         best = side_by_side.best_classical(evaluations)

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
                       defines={"forecast": forecast, "lora": lora, "train": train_settings})
     with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
         if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-            return runs.follow(session)
+            return runs.follow(session.model)
         evaluations, summary, planned = runs.run_lora(session, forecast, lora, train_settings,
                                                       f"{forecast.prompt} prompt")
 

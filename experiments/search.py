@@ -60,16 +60,16 @@ def main(argv=None, on_step=None) -> int:
                       study={"lrs": lrs, "ranks": ranks, **{k: s[k] for k in ("min_steps", "eta", "rungs")}})
     with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
         if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-            return runs.follow(session)
-        key = halving.study_key(session, forecast, grid[0], rungs, s["eta"])
+            return runs.follow(session.model)
+        key = halving.search_key(session.run_key(), session.data_settings, forecast, grid[0], rungs, s["eta"])
         with points.locked(session.out, [p.name for p in grid]):  # a second copy of this search is refused here
-            chunks = runs.ChunkCache(session)
+            chunks = runs.ChunkCache(session.tokenizer, session.dataset)
             chunks(grid[0].train)  # cut (and checked against the batch size) before anything is spent
-            sizes = runs.SessionSizes(session)
-            planned = session.check(halving.plan(session.model.config, sizes, forecast, grid, rungs))
+            sizes = runs.exact_sizes(session.tokenizer, session.dataset)
+            planned = session.check(halving.search_cost(session.model.config, sizes, forecast, grid, rungs))
             untrained, _, loss_flops = studies.untrained(session, forecast, grid, chunks,
                                                          session.out / "untrained.json")
-            done = halving.run(session, forecast, grid, rungs, key, on_step=on_step)
+            done = halving.search(session, forecast, grid, rungs, key, on_step=on_step)
     write_results(session, done, untrained, loss_flops, planned, forecast, lora, train, rungs, s, preset, argv)
     return 0
 
@@ -87,7 +87,7 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
              f"{forecast.split} trajectories {forecast.context_steps}→{forecast.horizon}; {session.weights}")
     write_csv(session.out / "search.csv", rows)
     plot_rungs(session.out / "rungs.png", rows, f"successive halving; {scale}")
-    base = halving.saved_score(session, forecast, session.out / "untrained.json")
+    base = halving.saved_score(session.dataset, forecast, session.out / "untrained.json")
     m = untrained.metrics
     reference = None if base is None else {  # the model before any training, scored the same way
         "score": base["score"], "val_loss": untrained.validation_loss, "median_mse": base["median_mse"],

@@ -68,7 +68,7 @@ def main(argv=None, on_step=None) -> int:
                       varies=points.GRID_FIELDS)  # not --lrs/--ranks: each point is its own run, a grid may grow
     with emulation(session.device, session.precision):  # bf16 emulated where this CPU has none
         if not session.is_main:  # under torchrun: ranks > 0 only take part in rank 0's training runs
-            return runs.follow(session)
+            return runs.follow(session.model)
         key = points.study_key(session.run_key(), session.data_settings, forecast, lora, train, points.GRID_FIELDS)
         if shard is not None:
             mine = study[shard[0]::shard[1]]
@@ -98,7 +98,7 @@ def write_results(session: Session, records: list[dict], untrained: Evaluation, 
              f"{forecast.context_steps}→{forecast.horizon}; {session.weights}")
     rows = studies.table_rows(records)
     chosen = grid.selection(rows)
-    grid.write_plots(session, rows, lrs, ranks, untrained, scale)
+    grid.write_plots(session.out, rows, lrs, ranks, untrained, scale)
     table = grid.grid_table(rows, untrained, chosen["chosen"])
     results, paired_md = studies.study_results(session, forecast, records, untrained, planned,
                                                points.GRID_FIELDS, lora=lora, train=train)

@@ -152,7 +152,7 @@ def test_dataset_texts_and_record_follow_the_encoding(sim_file):
 
 
 def test_forecaster_helpers():
-    from experiments.lib.costs import NominalSizes
+    from experiments.lib.costs import Sizes
     from data import NUMERIC_ALPHABET, max_tokens_per_step, numeric_alphabet
     from experiments.lib.evaluation import forecast_prompt
 
@@ -169,9 +169,9 @@ def test_forecaster_helpers():
     chat = forecast_prompt(context, 0.5, 2, 3, "chat", "integer")
     assert "100 times the value" in chat and encode(context, 0.5, 2, "integer") + ";" in chat
     assert "with 2 decimals" in forecast_prompt(context, 0.5, 2, 3, "chat")
-    sizes = NominalSizes(2, "integer")
+    sizes = Sizes(2, "integer")
     assert (sizes.per_step, sizes.head_rows) == (12, 14)
-    assert (NominalSizes().per_step, NominalSizes().head_rows) == (14, 15)
+    assert (Sizes().per_step, Sizes().head_rows) == (14, 15)
 
 
 def test_allowed_token_ids_drop_the_point_for_integer(tokenizer_dir):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -54,10 +53,9 @@ def adapter(tiny_full_vocab, sim_file, tmp_path_factory):
     model, _ = load_pretrained(tiny_full_vocab, dtype="float32", device="cpu")
     apply_lora(model, rank=2, targets=("q_proj", "v_proj"))
     randomize_lora(model)
-    session = SimpleNamespace(dataset=load_dataset(DataSettings(data=str(sim_file))), data_settings=DataSettings(),
-                              weights="tiny")
+    card = card_for(load_dataset(DataSettings(data=str(sim_file))), DataSettings(), "tiny", "raw")
     out = tmp_path_factory.mktemp("adapter") / "peft_adapter"
-    return export_peft(model, out, "tiny", extra={CARD_FILE: card_for(session, "raw").to_json()})
+    return export_peft(model, out, "tiny", extra={CARD_FILE: card.to_json()})
 
 
 # ------------------------------------------------------------------------------------------------ same forecast

@@ -165,13 +165,13 @@ def test_plan_total_is_the_sum_of_the_stages_own_plans_at_their_defaults(tmp_pat
     import dataclasses
 
     from experiments import baseline, context_length, final, flops, lora_default
-    from experiments.lib.costs import NominalSizes
+    from experiments.lib.costs import Sizes
     from experiments.lib.settings import GROUPS
     from miniqwen.config import Qwen2Config
 
     assert flops.main(["--out", str(tmp_path), "--ledger", str(tmp_path / "l.jsonl")]) == 0
     data = json.loads((tmp_path / "flop_tables.json").read_text())
-    config, sizes = Qwen2Config(), NominalSizes()
+    config, sizes = Qwen2Config(), Sizes()
 
     def d(stage):  # what each stage's parser gives when no option is passed
         parsed = {}

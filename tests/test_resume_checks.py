@@ -291,7 +291,8 @@ def test_an_untrained_evaluation_is_reused_only_in_the_same_compute_dtype(tmp_pa
     metrics = {s: {"mse": 1.0, "mae": 1.0, "r2": 0.0} for s in ("prey", "predator")}
     old = Evaluation("untrained", "test", [0], 8, 2, metrics, flops=5)
     session = SimpleNamespace(run=RunSettings(model="m", precision=asked), data_settings=DataSettings(),
-                              precision=resolved, charged=[])
+                              precision=resolved, charged=[], model=None, tokenizer=None, dataset=None, progress=None,
+                              weights="w")
     session.charge = lambda kind, flops, *a, **k: session.charged.append(flops)
     session.run_key = lambda: {"model": "m", "precision": resolved, "seed": session.run.seed}
     forecast = ForecastSettings()
@@ -301,7 +302,7 @@ def test_an_untrained_evaluation_is_reused_only_in_the_same_compute_dtype(tmp_pa
     path.write_text(json.dumps({"settings": key, "untrained": old.__dict__}))
     new = Evaluation("untrained", "test", [0], 8, 2, metrics, flops=7)
 
-    def forecast_again(session, forecaster, forecast, tag, title, *, predictions, **kw):
+    def forecast_again(dataset, forecaster, forecast, out, tag, title, weights, *, predictions, **kw):
         predictions["untrained"] = np.zeros((1, 2, 2))
         return new
     monkeypatch.setattr(runs, "llm_forecaster", lambda *a: None)

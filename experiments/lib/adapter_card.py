@@ -110,16 +110,16 @@ class AdapterCard:
                    dict(obj.get("scale_fit", {})))
 
 
-def card_for(session, prompt: str, head_bias: str | None = None) -> AdapterCard:
-    """The card of an adapter trained in ``session`` (an :class:`experiments.lib.session.Session`: its dataset's scale,
-    decimals, encoding and file, how the scale was fitted, the weights' label) and forecast with ``prompt``;
-    ``head_bias``: the file name of a trained output-head bias written beside it, if any."""
+def card_for(ds, rule, weights: str, prompt: str, head_bias: str | None = None) -> AdapterCard:
+    """The card of an adapter trained on the dataset ``ds`` (a :class:`experiments.lib.dataset.Dataset`: its scale,
+    decimals, encoding and file) with the scale fitted by ``rule`` (its :class:`settings.DataSettings`), on the
+    weights labelled ``weights``, and forecast with ``prompt``; ``head_bias``: the file name of a trained
+    output-head bias written beside it, if any."""
     from .settings import SERIES_FIT_STEPS
 
-    ds, rule = session.dataset, session.data_settings
     series = {} if ds.scaling == "dataset" else {"scaling": "series", "beta": SERIES_OFFSET_BETA,
                                                  "fit_steps": SERIES_FIT_STEPS}
-    return AdapterCard(ds.llmtime_scale, ds.decimals, ds.encoding, prompt, session.weights, head_bias,
+    return AdapterCard(ds.llmtime_scale, ds.decimals, ds.encoding, prompt, weights, head_bias,
                        {"data": ds.data.path.name, "split": "train", "quantile": rule.scale_quantile,
                         "target": rule.scale_target, **series})
 
@@ -335,12 +335,13 @@ def _snippet(card: AdapterCard, base: str) -> list[str]:
             f"forecast = np.array([[{read} for v in s] for s in values]) * scale + offset  # (horizon, 2)"]
 
 
-def peft_export_args(session, prompt: str, head_bias: str | None = None) -> dict:
-    """The keyword arguments of ``lora.export_peft`` for the adapter on ``session.model`` (see :func:`card_for`):
-    ``base_model_name_or_path`` (:func:`hub_model_id` of ``--model``), ``extra`` (the card as :data:`CARD_FILE`)
-    and ``readme`` (:func:`model_card`, without metrics: the adapter is exported before it is tested)."""
+def peft_export_args(model, model_path, card: AdapterCard) -> dict:
+    """The keyword arguments of ``lora.export_peft`` for the adapter on ``model`` with its ``card``
+    (:func:`card_for`): ``base_model_name_or_path`` (:func:`hub_model_id` of ``model_path``, the ``--model`` given),
+    ``extra`` (the card as :data:`CARD_FILE`) and ``readme`` (:func:`model_card`, without metrics: the adapter is
+    exported before it is tested)."""
     from lora import lora_settings
 
-    card, hub_id = card_for(session, prompt, head_bias), hub_model_id(session.run.model)
+    hub_id = hub_model_id(model_path)
     return {"base_model_name_or_path": hub_id, "extra": {CARD_FILE: card.to_json()},
-            "readme": model_card(card, hub_id, lora_settings(session.model))}
+            "readme": model_card(card, hub_id, lora_settings(model))}

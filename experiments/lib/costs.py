@@ -79,32 +79,51 @@ def training_cost(config, train: TrainSettings, lora: LoRASettings, val_rows: in
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sizes a plan needs: exact ones from a session's data and tokenizer, or bounds that need neither
+# Sizes a plan needs: exact ones from a stage's data and tokenizer, or bounds that need neither
 # ---------------------------------------------------------------------------------------------------------------
 
 #: trajectories per split and time steps per trajectory of the coursework's data (1000 systems split 80/10/10)
 SPLIT_TRAJECTORIES, TRAJECTORY_STEPS = 100, 100
 
 
-class NominalSizes:
-    """Upper bounds on the sizes a plan depends on, without data or a tokenizer (what ``experiments.flops``
-    plans with): every prompt step at :func:`data.llmtime.max_tokens_per_step` tokens, every split of
-    :data:`SPLIT_TRAJECTORIES` trajectories, the validation subset always full, the numeric head's rows
-    (for the LLMTIME text's ``decimals`` and ``encoding``, "decimal" or "integer")."""
+class Sizes:
+    """The sizes a plan depends on: a forecast's prompt token counts, the validation rows the training loop
+    evaluates, the chunks of a validation-loss pass and the numeric head's rows (for the LLMTIME text's
+    ``decimals`` and ``encoding``, "decimal" or "integer").
 
-    def __init__(self, decimals: int = 2, encoding: str = "decimal"):
+    Without data (``Sizes(decimals, encoding)``, what ``experiments.flops`` plans with) each is an upper bound:
+    every prompt step at :func:`data.llmtime.max_tokens_per_step` tokens, every split of
+    :data:`SPLIT_TRAJECTORIES` trajectories of :data:`TRAJECTORY_STEPS` steps, the validation subset always full.
+    A stage with its data and tokenizer gives the exact counts (:func:`runs.exact_sizes`): ``prompt_lengths``
+    (``forecast -> [n] tokens``), ``chunk_count`` (``(split, limit, context_length, stride) -> chunks``) and
+    ``head_rows``."""
+
+    def __init__(self, decimals: int = 2, encoding: str = "decimal", *, head_rows: int | None = None,
+                 prompt_lengths=None, chunk_count=None):
         self.decimals, self.encoding = decimals, encoding
         self.per_step = max_tokens_per_step(decimals, encoding)
-        self.head_rows = len(numeric_alphabet(encoding)) + 2  # the alphabet, end and padding tokens
+        # the alphabet, end and padding tokens
+        self.head_rows = len(numeric_alphabet(encoding)) + 2 if head_rows is None else head_rows
+        self._prompt_lengths, self._chunk_count = prompt_lengths, chunk_count
 
     def prompt_lengths(self, forecast: ForecastSettings) -> list[int]:
+        if self._prompt_lengths is not None:
+            return self._prompt_lengths(forecast)
         n = min(forecast.limit or SPLIT_TRAJECTORIES, SPLIT_TRAJECTORIES)
         return [forecast.context_steps * self.per_step + 1] * n
 
     def val_rows(self, train: TrainSettings) -> int:
-        return train.eval_batches * train.batch_size
+        """Rows of the fixed validation subset (``training.loop.validation_subset``: all chunks if the subset is 0
+        or at least as many)."""
+        size = train.eval_batches * train.batch_size
+        if self._chunk_count is None:
+            return size
+        n = self._chunk_count("validation", None, train.context_length, train.stride)
+        return n if size == 0 or size >= n else size
 
     def loss_chunks(self, loss: LossSettings) -> int:
+        if self._chunk_count is not None:
+            return self._chunk_count("validation", loss.loss_limit, loss.loss_context_length, None)
         n = min(SPLIT_TRAJECTORIES if loss.loss_limit is None else loss.loss_limit, SPLIT_TRAJECTORIES)
         return n * -(-(TRAJECTORY_STEPS * self.per_step) // loss.loss_context_length)
 
@@ -116,7 +135,7 @@ def lora_run_cost(config, sizes, forecast: ForecastSettings, lora: LoRASettings,
                   start_step: int = 0, forecasts: int = 1) -> dict[str, int]:
     """``{"training": …, "forecast": …}``: one LoRA run from ``start_step`` (:func:`training_cost`) and
     ``forecasts`` forecasts of ``forecast``'s trajectories with the adapter (:func:`forecast_cost`); ``sizes`` is
-    :class:`NominalSizes` or a session's exact sizes (``runs.SessionSizes``)."""
+    :class:`Sizes`."""
     return {"training": training_cost(config, train, lora, sizes.val_rows(train), start_step, sizes.loss_rows(train)),
             "forecast": forecasts * forecast_cost(config, sizes.prompt_lengths(forecast), forecast.horizon,
                                                   sizes.decimals, forecast, lora, head_rows=sizes.head_rows,

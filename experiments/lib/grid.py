@@ -4,15 +4,15 @@ selection rule and its agreement with the validation loss, the Markdown table an
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
 from .errors import UsageError
 from .evaluation import write_csv
 from .plots import plot_heatmap, plot_training_curves
-from .results import Evaluation
-from .session import Session
 from .points import forecast_mse
+from .results import Evaluation
 from .tables import format_number
 
 
@@ -65,19 +65,19 @@ def selection(rows: list[dict]) -> dict:
             "same_winner": by_forecast is by_loss, "spearman_forecast_mse_vs_val_loss": rho, "tied_with": tied}
 
 
-def write_plots(session: Session, rows: list[dict], lrs, ranks, untrained: Evaluation, scale: str) -> None:
-    """grid.csv, heat maps of validation loss and forecast MSE, the training curves of every point."""
-    write_csv(session.out / "grid.csv", rows)
+def write_plots(out: Path, rows: list[dict], lrs, ranks, untrained: Evaluation, scale: str) -> None:
+    """grid.csv, heat maps of validation loss and forecast MSE, the training curves of every point, under ``out``."""
+    write_csv(out / "grid.csv", rows)
     cell = {(r["lr"], r["rank"]): r for r in rows}
     for key, label in (("val_loss", "validation loss (nats/token)"), ("forecast_mse", "forecast MSE")):
         values = np.array([[cell[(lr, k)][key] if (lr, k) in cell else np.nan for k in ranks] for lr in lrs],
                           dtype=float)
         reference = untrained.validation_loss if key == "val_loss" else forecast_mse(untrained.metrics)
-        plot_heatmap(session.out / f"heatmap_{key}.png", values, [f"{lr:g}" for lr in lrs], list(ranks),
+        plot_heatmap(out / f"heatmap_{key}.png", values, [f"{lr:g}" for lr in lrs], list(ranks),
                      "learning rate", "LoRA rank", f"{label}; untrained {reference:.4g}\n{scale}",
                      fmt=".4f" if key == "val_loss" else ".4g")
-    plot_training_curves(session.out / "loss_curves.png",
-                         {f"lr {r['lr']:g}, r={r['rank']}": session.out / "points" / r["name"] / "training" /
+    plot_training_curves(out / "loss_curves.png",
+                         {f"lr {r['lr']:g}, r={r['rank']}": out / "points" / r["name"] / "training" /
                           "log.jsonl" for r in rows}, f"training loss, {scale}")
 
 

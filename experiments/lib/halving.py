@@ -3,7 +3,7 @@ their own checkpoints, and so on, so that the compute goes to the settings that 
 
 Source: Jamieson & Talwalkar, "Non-stochastic best arm identification and hyperparameter optimization" (AISTATS
 2016), Algorithm 1 (successive halving), here with a fixed number of rungs as in the inner loop of Hyperband (Li et
-al., JMLR 18(185), 2018, Algorithm 1, one bracket). Points and their directories are :mod:`experiments.lib.studies`':
+al., JMLR 18(185), 2018, Algorithm 1, one bracket). Points and their directories are :mod:`experiments.lib.points`':
 
     out/points/<name>/training/                 one training run per point, continued rung after rung
     out/points/<name>/rung<k>.json              the point's score at rung k (its presence: rung k is done for it)
@@ -34,14 +34,15 @@ from lora import merged, remove_lora
 
 from . import compare, points, results, runs
 from .classical_forecasters import Persistence
-from .costs import lora_run_cost, untrained_forecast_cost, validation_loss_cost
+from .costs import Sizes, lora_run_cost, untrained_forecast_cost, validation_loss_cost
+from .dataset import Dataset
 from .errors import UsageError
-from .evaluation import SPECIES, evaluate, per_trajectory_rows, write_csv
-from .results import write_json
-from .session import Session
-from .settings import ForecastSettings, TrainSettings
+from .evaluation import SPECIES, LLMForecaster, evaluate, per_trajectory_rows, write_csv
 from .points import Point
+from .results import write_json
 from .runs import ChunkCache
+from .session import Session
+from .settings import DataSettings, ForecastSettings, TrainSettings
 from .scores import SCORE_RULE, per_trajectory_mse, robust_score, score_sd
 from .training import distributed
 from .training.checkpoint import checkpoint_step, find_checkpoint, read_checkpoint
@@ -64,22 +65,22 @@ def schedule(n_points: int, min_steps: int, eta: int, rungs: int) -> list[tuple[
     return out
 
 
-def persistence_reference(session: Session, forecast: ForecastSettings):
+def persistence_reference(dataset: Dataset, forecast: ForecastSettings):
     """``(indices, contexts [n, C, 2], truth [n, H, 2], persistence's per-trajectory MSE)`` of ``forecast``'s
-    trajectories: what every :func:`scores.robust_score` on them is divided by."""
-    indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+    trajectories of ``dataset``: what every :func:`scores.robust_score` on them is divided by."""
+    indices, _, contexts, truth = dataset.forecast_set(forecast)
     _, reference_pred, _ = evaluate(Persistence(), contexts, truth, forecast.split, indices)
     return indices, contexts, truth, per_trajectory_mse(reference_pred, truth)
 
 
-def forecast_scorer(session: Session, forecast: ForecastSettings):
+def forecast_scorer(forecaster: LLMForecaster, dataset: Dataset, forecast: ForecastSettings):
     """A ``model -> (score, FLOPs)`` for ``train_lora(forecast_score=…)``: the :data:`scores.SCORE_RULE` score of the
-    model (adapters merged, :func:`lora.merged`) on ``forecast``'s trajectories, e.g. a fixed validation subset,
-    greedy; persistence's per-trajectory errors on them are computed once."""
-    indices, contexts, truth, reference = persistence_reference(session, forecast)
+    model (adapters merged, :func:`lora.merged`; forecasting as ``forecaster`` does) on ``forecast``'s trajectories
+    of ``dataset``, e.g. a fixed validation subset, greedy; persistence's per-trajectory errors on them are computed
+    once."""
+    indices, contexts, truth, reference = persistence_reference(dataset, forecast)
 
     def score(model) -> tuple[float, int]:
-        forecaster = runs.llm_forecaster(session, forecast, "validation score")
         forecaster.model = model
         with merged(model):
             _, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices)
@@ -88,7 +89,7 @@ def forecast_scorer(session: Session, forecast: ForecastSettings):
     return score
 
 
-def saved_score(session: Session, forecast: ForecastSettings, path: Path) -> dict | None:
+def saved_score(dataset: Dataset, forecast: ForecastSettings, path: Path) -> dict | None:
     """The score and per-species median MSE of the predictions saved in ``path`` (an ``untrained.json`` with a
     "predictions" list [n, H, 2]) on ``forecast``'s trajectories, for the table's reference row; None if the file
     holds no predictions."""
@@ -97,15 +98,15 @@ def saved_score(session: Session, forecast: ForecastSettings, path: Path) -> dic
     saved = json.loads(path.read_text()).get("predictions")
     if saved is None:
         return None
-    _, _, truth, reference = persistence_reference(session, forecast)
+    _, _, truth, reference = persistence_reference(dataset, forecast)
     mse = per_trajectory_mse(np.asarray(saved, dtype=np.float64), truth)
     return {"score": robust_score(mse, reference),
             "median_mse": {s: float(np.median(v)) for s, v in mse.items()}}
 
 
-def rung_path(session: Session, name: str, rung: int) -> Path:
+def rung_path(out: Path, name: str, rung: int) -> Path:
     """The rung record of point ``name`` at rung ``rung``: ``out/points/<name>/rung<k>.json``."""
-    return session.out / "points" / name / f"rung{rung}.json"
+    return out / "points" / name / f"rung{rung}.json"
 
 
 def ranking(records: list[dict]) -> tuple[list[int], list[str]]:
@@ -131,28 +132,26 @@ def finite_score(x) -> float:
     return x if x is not None and math.isfinite(x) else math.inf
 
 
-def train_point(session: Session, point: Point, chunks, on_step=None) -> dict:
-    """Train ``point`` to ``point.train.max_steps`` in ``out/points/<name>/training``, continuing its checkpoint
-    if it has one; the adapters stay on the model (the caller forecasts, then removes them). Returns the summary."""
-    out = session.out / "points" / point.name / "training"
-    job = dict(train_chunks=chunks[0], val_chunks=chunks[1], settings=point.train, out_dir=out, lora=point.lora,
-               seed=session.run.seed, stage=session.stage, precision=session.precision,
-               resume=checkpoint_step(out) > 0, loss_token_ids=runs.loss_token_ids(session, point.train))
-    with distributed.leading(job):
-        return train_lora(session.model, **job, ledger=session.ledger, force=session.run.force, on_step=on_step)
-
-
 def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: int, chunks: ChunkCache,
              key: dict, reference: dict[str, np.ndarray], on_step=None) -> dict:
-    """Train ``point`` to its rung's steps, forecast the validation subset with it and write its rung record
-    (``rung<k>.json`` last, then the forecast is charged). Returns the record."""
+    """Train ``point`` to its rung's steps in ``out/points/<name>/training`` (continuing its checkpoint if it has
+    one), forecast the validation subset with it and write its rung record (``rung<k>.json`` last, then the forecast
+    is charged). Returns the record."""
     points.point_directory(session.out, point.name, may_restart=rung == 0)
-    t = point.train
+    t, out = point.train, session.out / "points" / point.name / "training"
     print(f"\n=== rung {rung}: {point.name} (lr {t.lr:g}, rank {point.lora.rank}) to step {t.max_steps} ===")
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
+    train_chunks, val_chunks = chunks(t)
+    job = dict(train_chunks=train_chunks, val_chunks=val_chunks, settings=t, out_dir=out, lora=point.lora,
+               seed=session.run.seed, stage=session.stage, precision=session.precision,
+               resume=checkpoint_step(out) > 0,
+               loss_token_ids=runs.loss_token_ids(session.tokenizer, session.dataset, t))
     try:
-        summary = train_point(session, point, chunks(t), on_step)
-        forecaster = runs.llm_forecaster(session, forecast, point.name)
+        with distributed.leading(job):
+            summary = train_lora(session.model, **job, ledger=session.ledger, force=session.run.force,
+                                 on_step=on_step)
+        forecaster = runs.llm_forecaster(session.model, session.tokenizer, session.dataset, forecast, point.name,
+                                         session.run.seed, session.progress)
         forecasts, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices)
     finally:
         remove_lora(session.model)
@@ -166,7 +165,7 @@ def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: i
               "evaluation": dataclasses.asdict(evaluation),
               "training": {k: summary[k] for k in ("steps", "epochs", "train_flops", "eval_flops",
                                                    "seconds_this_session")}}
-    path = write_json(rung_path(session, point.name, rung), record)
+    path = write_json(rung_path(session.out, point.name, rung), record)
     session.charge("generate", evaluation.flops, path, what=f"forecast {point.name} at rung {rung}")
     print(f"{point.name} at step {record['steps']}: score {record['score']:.4f} ± {record['score_sd']:.4f}, "
           f"validation loss "
@@ -175,11 +174,11 @@ def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: i
     return record
 
 
-def read_rung(session: Session, name: str, rung: int, key: dict) -> dict | None:
-    """The rung record of point ``name`` if it was written (None otherwise).
+def read_rung(out: Path, name: str, rung: int, key: dict) -> dict | None:
+    """The rung record of point ``name`` in the search ``out`` if it was written (None otherwise).
 
     Raises UsageError naming the file if it is unreadable or was made with other settings."""
-    path = rung_path(session, name, rung)
+    path = rung_path(out, name, rung)
     if not path.is_file():
         return None
     record = results.read_record(path, _valid_rung, "delete it to redo that rung")
@@ -198,18 +197,18 @@ def _valid_rung(record: dict) -> None:
         record["training"][k]
 
 
-def plan_rung(session: Session, forecast: ForecastSettings, alive: list[Point]) -> dict[str, int]:
-    """FLOPs of one rung: each point's training from its checkpoint step to the rung's steps, and its forecast of
-    the validation subset (points whose rung record exists cost nothing)."""
-    sizes = runs.SessionSizes(session)
+def rung_cost(config, sizes: Sizes, forecast: ForecastSettings, alive: list[Point], out: Path,
+              precision: str) -> dict[str, int]:
+    """FLOPs of one rung of the search in ``out``: each point's training from its checkpoint step (in compute
+    dtype ``precision``) to the rung's steps, and its forecast of the validation subset."""
     costs = {}
     for p in alive:
-        start = checkpoint_step(session.out / "points" / p.name / "training", session.precision)
-        costs[p.name] = sum(lora_run_cost(session.model.config, sizes, forecast, p.lora, p.train, start).values())
+        start = checkpoint_step(out / "points" / p.name / "training", precision)
+        costs[p.name] = sum(lora_run_cost(config, sizes, forecast, p.lora, p.train, start).values())
     return costs
 
 
-def plan(config, sizes, forecast: ForecastSettings, grid: list[Point], rungs: list[tuple[int, int]]) -> dict[str, int]:
+def search_cost(config, sizes, forecast: ForecastSettings, grid: list[Point], rungs: list[tuple[int, int]]) -> dict[str, int]:
     """Upper bound on a whole search from scratch, before anyone knows which points survive: rung k is priced as
     its ``kept`` most expensive points trained from the previous rung's steps to its own, plus their forecasts; and
     the untrained model's forecast and validation loss that every score is shown beside."""
@@ -225,25 +224,26 @@ def plan(config, sizes, forecast: ForecastSettings, grid: list[Point], rungs: li
     return costs
 
 
-def run(session: Session, forecast: ForecastSettings, grid: list[Point], rungs: list[tuple[int, int]], key: dict,
-        on_step=None) -> list[list[dict]]:
+def search(session: Session, forecast: ForecastSettings, grid: list[Point], rungs: list[tuple[int, int]], key: dict,
+           on_step=None) -> list[list[dict]]:
     """Run (or read back) every rung in order: rung 0 over ``grid``, rung k over the best of rung k − 1. Each rung's
     plan is checked against the ledger before it starts. Returns the rung records, rung by rung, in grid order.
     ``on_step(point name, step)`` is called after every training step (tests simulate a kill with it)."""
-    indices, contexts, truth, reference = persistence_reference(session, forecast)
-    chunks, done, alive = ChunkCache(session), [], list(grid)
+    indices, contexts, truth, reference = persistence_reference(session.dataset, forecast)
+    sizes = runs.exact_sizes(session.tokenizer, session.dataset)
+    chunks, done, alive = ChunkCache(session.tokenizer, session.dataset), [], list(grid)
     for k, (steps, kept) in enumerate(rungs):
         if k:
             names = survivors(done[-1], kept)
             alive = [p for p in grid if p.name in names]
         alive = [dataclasses.replace(p, train=dataclasses.replace(p.train, max_steps=steps)) for p in alive]
-        todo = [p for p in alive if read_rung(session, p.name, k, key) is None]
+        todo = [p for p in alive if read_rung(session.out, p.name, k, key) is None]
         print(f"\nrung {k}: {len(alive)} points to {steps} steps ({len(alive) - len(todo)} done earlier)")
         if todo:
-            session.check(plan_rung(session, forecast, todo))
+            session.check(rung_cost(session.model.config, sizes, forecast, todo, session.out, session.precision))
         records = []
         for p in alive:
-            record = read_rung(session, p.name, k, key)
+            record = read_rung(session.out, p.name, k, key)
             if record is None:
                 hook = (lambda step, n=p.name: on_step(n, step)) if on_step else None
                 record = run_rung(session, forecast, p, k, chunks, key, reference, on_step=hook)
@@ -252,11 +252,11 @@ def run(session: Session, forecast: ForecastSettings, grid: list[Point], rungs: 
     return done
 
 
-def study_key(session: Session, forecast: ForecastSettings, base: Point, rungs: list[tuple[int, int]],
-              eta: int) -> dict:
+def search_key(run_key: dict, data: DataSettings, forecast: ForecastSettings, base: Point,
+               rungs: list[tuple[int, int]], eta: int) -> dict:
     """What every rung record of a search must share: the points' study key (:func:`points.study_key`, with the
     last rung's steps, without lr and rank, which each point's record gives) and the schedule."""
-    key = points.study_key(session.run_key(), session.data_settings, forecast, base.lora,
+    key = points.study_key(run_key, data, forecast, base.lora,
                            dataclasses.replace(base.train, max_steps=rungs[-1][0]), varies=points.GRID_FIELDS)
     key["search"] = {"rungs": [list(r) for r in rungs], "eta": eta, "score": SCORE_RULE}
     return key

@@ -9,7 +9,7 @@ from __future__ import annotations
 from miniqwen.config import Qwen2Config
 
 from . import points
-from .costs import NominalSizes, baseline_cost, lora_stage_cost
+from .costs import Sizes, baseline_cost, lora_stage_cost
 from .defaults import CONTEXT_LENGTHS, DEFAULTS, GRID_LRS, GRID_RANKS
 from .settings import GROUPS, ForecastSettings, LoRASettings, LossSettings, TrainSettings
 
@@ -55,9 +55,9 @@ def _defaults(stage: str) -> dict:
 def stage_plans(config: Qwen2Config, sizes=None) -> dict[str, dict[str, int]]:
     """``{stage: {part: FLOPs}}``: every stage's plan from scratch at its default settings
     (:data:`experiments.lib.defaults.DEFAULTS`), priced by the function above that the stage itself checks against
-    the ledger, with ``sizes`` (default :class:`costs.NominalSizes`: upper bounds on prompt and chunk counts, so no
+    the ledger, with ``sizes`` (default :class:`costs.Sizes` without data: upper bounds on prompt and chunk counts, so no
     data or tokenizer is needed)."""
-    sizes = sizes or NominalSizes()
+    sizes = sizes or Sizes()
     b, ld, sw, cl, fi = (_defaults(s) for s in STAGES)
     return {
         "baseline": baseline(config, sizes, b["forecast"], b["loss"]),

@@ -224,7 +224,7 @@ def plan(config, sizes, forecast: ForecastSettings, points: list[Point], start_s
          untrained: bool = True) -> dict[str, int]:
     """Planned FLOPs of a study: the untrained forecast and validation loss at each distinct context (once, if
     ``untrained``) and, for every point not finished (``start_steps[name] is None``), its training from its
-    checkpoint step and its forecast. ``sizes``: :class:`costs.NominalSizes` or :class:`runs.SessionSizes`."""
+    checkpoint step and its forecast. ``sizes``: :class:`costs.Sizes`."""
     start_steps = start_steps or {}
     costs = {"untrained": 0}
     if untrained:

@@ -16,27 +16,28 @@ from lora import export_peft, merged, remove_lora
 from lora.head_bias import PEFT_HEAD_BIAS, has_head_bias
 
 from . import compare
-from .adapter_card import peft_export_args
+from .adapter_card import card_for, peft_export_args
 from .classical_forecasters import Persistence
-from .costs import lora_stage_cost
+from .costs import Sizes, lora_stage_cost
 from .evaluation import (Forecaster, LLMForecaster, allowed_token_ids, evaluate, per_trajectory_rows, prediction_rows,
                          prompt_lengths, write_csv)
 from .plots import plot_forecasts
 from .results import Evaluation, read_record, valid_evaluation, write_json
+from .dataset import Dataset
 from .session import Session
 from .settings import ForecastSettings, LoRASettings, TrainSettings, as_record
 from .training import distributed
 from .training.checkpoint import checkpoint_step
-from .training.loop import check_chunks, read_log, train_lora, validation_subset
+from .training.loop import check_chunks, read_log, train_lora
 
 
-def llm_forecaster(session: Session, forecast: ForecastSettings, name: str) -> LLMForecaster:
-    """The session's model as a forecaster with ``forecast``'s prompt, sampling and batch settings and the
-    dataset's LLMTIME scale, decimals and encoding."""
-    return LLMForecaster(session.model, session.tokenizer, session.dataset.llmtime_scale, session.dataset.decimals,
-                         forecast.prompt, forecast.samples, forecast.temperature, forecast.top_p,
-                         forecast.gen_batch_size, session.run.seed, name=name, encoding=session.dataset.encoding,
-                         progress=session.progress, scaler=session.dataset.context_scaler())
+def llm_forecaster(model, tokenizer, dataset: Dataset, forecast: ForecastSettings, name: str, seed: int,
+                   progress=None) -> LLMForecaster:
+    """``model`` as a forecaster with ``forecast``'s prompt, sampling and batch settings and ``dataset``'s LLMTIME
+    scale, decimals and encoding (``progress``: its bars, as :class:`evaluation.LLMForecaster` takes them)."""
+    return LLMForecaster(model, tokenizer, dataset.llmtime_scale, dataset.decimals, forecast.prompt, forecast.samples,
+                         forecast.temperature, forecast.top_p, forecast.gen_batch_size, seed, name=name,
+                         encoding=dataset.encoding, progress=progress, scaler=dataset.context_scaler())
 
 
 def file_tag(name: str) -> str:
@@ -45,17 +46,16 @@ def file_tag(name: str) -> str:
     return "".join(c for c in name.replace(", ", "_").replace(" ", "_") if c.isalnum() or c in "_-.")
 
 
-def forecast_and_save(session: Session, forecaster: Forecaster, forecast: ForecastSettings, tag: str,
-                      title: str, settings: dict | None = None, write_texts: bool = True,
-                      weights: str | None = "session", out: Path | None = None,
+def forecast_and_save(dataset: Dataset, forecaster: Forecaster, forecast: ForecastSettings, out: Path, tag: str,
+                      title: str, weights: str | None, settings: dict | None = None, write_texts: bool = True,
                       predictions: dict | None = None) -> Evaluation:
-    """Forecast ``forecast``'s trajectories with ``forecaster``, score them and write, under the session's output
-    directory, ``per_trajectory[_<tag>].csv``, ``predictions[_<tag>].csv`` (every forecast value), ``generations[_<tag>].jsonl`` (if it writes text) and
-    ``forecasts[_<tag>].png`` (titled with ``weights``: the session's weights label unless given, None for
-    forecasters that use no weights), or under ``out`` if given. Returns the :class:`results.Evaluation`; the
-    predictions [n, H, 2] (data units, unparsed steps filled by persistence) go into ``predictions`` under the
-    forecaster's name if a dict is given (for paired comparisons)."""
-    indices, trajectories, contexts, truth = session.dataset.forecast_set(forecast)
+    """Forecast ``forecast``'s trajectories of ``dataset`` with ``forecaster``, score them and write under ``out``
+    ``per_trajectory[_<tag>].csv``, ``predictions[_<tag>].csv`` (every forecast value), ``generations[_<tag>].jsonl``
+    (if it writes text) and ``forecasts[_<tag>].png`` (titled with the ``weights`` label; None for forecasters that
+    use no weights). Returns the :class:`results.Evaluation`; the predictions [n, H, 2] (data units, unparsed steps
+    filled by persistence) go into ``predictions`` under the forecaster's name if a dict is given (for paired
+    comparisons)."""
+    indices, trajectories, contexts, truth = dataset.forecast_set(forecast)
     forecasts, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices, settings)
     if hasattr(forecaster, "fallback_counts"):  # classical forecasters: trajectories given persistence, and why
         evaluation.settings = {**evaluation.settings, "fallbacks": forecaster.fallback_counts()}
@@ -63,7 +63,7 @@ def forecast_and_save(session: Session, forecaster: Forecaster, forecast: Foreca
             print(f"  {forecaster.name}: {describe_fallbacks(evaluation.settings['fallbacks'])}")
     if predictions is not None:
         predictions[evaluation.forecaster] = pred
-    out, suffix = out or session.out, f"_{tag}" if tag else ""
+    suffix = f"_{tag}" if tag else ""
     write_csv(out / compare.csv_name(tag), per_trajectory_rows(indices, pred, truth, forecasts))
     write_csv(out / compare.predictions_name(tag), prediction_rows(indices, pred))
     if write_texts and any(forecasts.texts):
@@ -71,11 +71,11 @@ def forecast_and_save(session: Session, forecaster: Forecaster, forecast: Foreca
             for idx, texts in zip(indices, forecasts.texts):
                 fh.write(json.dumps({"trajectory": int(idx), "texts": texts}) + "\n")
     if forecast.plots:
-        plot_forecasts(out / f"forecasts{suffix}.png", session.dataset.data.time, indices, trajectories, forecasts,
+        plot_forecasts(out / f"forecasts{suffix}.png", dataset.data.time, indices, trajectories, forecasts,
                        forecast.context_steps, forecast.horizon,
-                       title + (f" — {session.weights if weights == 'session' else weights}" if weights else "")
+                       title + (f" — {weights}" if weights else "")
                        + (" — synthetic data (data.simulate), not the coursework file"
-                          if getattr(session.dataset.data, "synthetic", False) else ""),
+                          if getattr(dataset.data, "synthetic", False) else ""),
                        forecast.plots)
     return evaluation
 
@@ -87,11 +87,11 @@ def describe_fallbacks(counts: dict) -> str:
     return ", ".join(f"{n} trajector{'y' if n == 1 else 'ies'} {words.get(k, k)}" for k, n in counts.items() if n)
 
 
-def token_chunks(session: Session, split: str, limit: int | None, context_length: int,
+def token_chunks(tokenizer, dataset: Dataset, split: str, limit: int | None, context_length: int,
                  stride: int | None = None) -> Chunks:
-    """LLMTIME text of whole trajectories of ``split`` cut into token windows of ``context_length``."""
-    return chunk_texts(session.tokenizer, session.dataset.texts(split, limit), context_length, stride=stride,
-                       pad_id=session.tokenizer.pad_token_id)
+    """LLMTIME text of whole trajectories of ``dataset``'s ``split`` cut into token windows of ``context_length``."""
+    return chunk_texts(tokenizer, dataset.texts(split, limit), context_length, stride=stride,
+                       pad_id=tokenizer.pad_token_id)
 
 
 def real_targets(chunks: Chunks) -> int:
@@ -99,16 +99,15 @@ def real_targets(chunks: Chunks) -> int:
     return int((chunks.attention_mask[:, 1:] * chunks.attention_mask[:, :-1]).sum())
 
 
-def show_examples(session: Session, split: str, steps: int = 5) -> list[dict]:
+def show_examples(tokenizer, dataset: Dataset, split: str, steps: int = 5) -> list[dict]:
     """Print and return two example sequences of ``split``: raw values, LLMTIME text, token ids (first ``steps``)."""
     from data import encode
 
-    indices, trajectories = session.dataset.trajectories(split, 2)
+    indices, trajectories = dataset.trajectories(split, 2)
     examples = []
     for idx, traj in zip(indices, trajectories):
-        text = encode(traj[:steps], session.dataset.text_scale(traj), session.dataset.decimals,
-                      session.dataset.encoding)
-        ids = session.tokenizer.encode(text)
+        text = encode(traj[:steps], dataset.text_scale(traj), dataset.decimals, dataset.encoding)
+        ids = tokenizer.encode(text)
         examples.append({"trajectory": int(idx), "raw": traj[:steps].tolist(), "text": text, "token_ids": ids})
         print(f"\nexample: trajectory {idx}, first {steps} steps")
         print("  raw (prey, predator):", np.array2string(traj[:steps], precision=4, separator=", ").replace("\n", ""))
@@ -118,53 +117,45 @@ def show_examples(session: Session, split: str, steps: int = 5) -> list[dict]:
     return examples
 
 
-def training_chunks(session: Session, train_settings: TrainSettings) -> tuple[Chunks, Chunks]:
+def training_chunks(tokenizer, dataset: Dataset, train_settings: TrainSettings) -> tuple[Chunks, Chunks]:
     """``(training, validation)`` token chunks of ``train_settings.context_length`` (whole trajectories' LLMTIME
     text; the validation loss draws its fixed subset from the second)."""
-    train_chunks = token_chunks(session, "train", train_settings.train_limit, train_settings.context_length,
-                                train_settings.stride)
-    val_chunks = token_chunks(session, "validation", None, train_settings.context_length, train_settings.stride)
+    train_chunks = token_chunks(tokenizer, dataset, "train", train_settings.train_limit,
+                                train_settings.context_length, train_settings.stride)
+    val_chunks = token_chunks(tokenizer, dataset, "validation", None, train_settings.context_length,
+                              train_settings.stride)
     print(f"chunks: {len(train_chunks)} training, {len(val_chunks)} validation; context "
           f"{train_settings.context_length}, stride {train_settings.stride or train_settings.context_length}")
     check_chunks(train_chunks, val_chunks, train_settings)  # before anything is spent
     return train_chunks, val_chunks
 
 
-def loss_token_ids(session: Session, train_settings: TrainSettings) -> list[int] | None:
+def loss_token_ids(tokenizer, dataset: Dataset, train_settings: TrainSettings) -> list[int] | None:
     """The restricted training-loss vocabulary (the dataset encoding's numeric alphabet + end tokens) when
     ``loss_vocabulary`` is "numeric", else None (the full vocabulary)."""
     if train_settings.loss_vocabulary != "numeric":
         return None
-    return allowed_token_ids(session.tokenizer, session.dataset.encoding)
+    return allowed_token_ids(tokenizer, dataset.encoding)
 
 
-class SessionSizes:
-    """The exact sizes a plan depends on (prompt token counts, validation subset, head rows), from the session's
-    data and tokenizer; the same interface as :class:`costs.NominalSizes`."""
+def exact_sizes(tokenizer, dataset: Dataset) -> Sizes:
+    """The exact sizes a plan depends on (prompt token counts, chunk counts, the numeric head's rows) from
+    ``dataset`` and ``tokenizer`` (chunk counts computed once per way of cutting)."""
+    counts: dict[tuple, int] = {}
 
-    def __init__(self, session: Session):
-        self.session, self.decimals, self.encoding = session, session.dataset.decimals, session.dataset.encoding
-        self.head_rows = len(set(allowed_token_ids(session.tokenizer, self.encoding)))
-        self._val_chunks: dict[tuple, int] = {}
+    def prompts(forecast: ForecastSettings) -> list[int]:
+        contexts = dataset.forecast_set(forecast)[2]
+        return prompt_lengths(tokenizer, contexts, dataset.llmtime_scale, dataset.decimals, forecast.horizon,
+                              forecast.prompt, dataset.encoding, scaler=dataset.context_scaler())
 
-    def prompt_lengths(self, forecast: ForecastSettings) -> list[int]:
-        ds = self.session.dataset
-        contexts = ds.forecast_set(forecast)[2]
-        return prompt_lengths(self.session.tokenizer, contexts, ds.llmtime_scale, ds.decimals, forecast.horizon,
-                              forecast.prompt, ds.encoding, scaler=ds.context_scaler())
+    def chunk_count(split: str, limit: int | None, context_length: int, stride: int | None) -> int:
+        key = (split, limit, context_length, stride)
+        if key not in counts:
+            counts[key] = len(token_chunks(tokenizer, dataset, *key))
+        return counts[key]
 
-    def val_rows(self, train: TrainSettings) -> int:
-        key = (train.context_length, train.stride)
-        if key not in self._val_chunks:
-            self._val_chunks[key] = len(token_chunks(self.session, "validation", None, *key))
-        n = self._val_chunks[key]
-        return len(validation_subset(n, train.eval_batches * train.batch_size, self.session.run.seed)) if n else 0
-
-    def loss_rows(self, train: TrainSettings) -> int | None:
-        return self.head_rows if train.loss_vocabulary == "numeric" else None
-
-    def loss_chunks(self, loss) -> int:
-        return len(token_chunks(self.session, "validation", loss.loss_limit, loss.loss_context_length))
+    return Sizes(dataset.decimals, dataset.encoding, prompt_lengths=prompts, chunk_count=chunk_count,
+                 head_rows=len(set(allowed_token_ids(tokenizer, dataset.encoding))))
 
 
 def _valid_untrained(record: dict) -> None:
@@ -211,10 +202,11 @@ def untrained_evaluation(session: Session, forecast: ForecastSettings, title: st
             if predictions is not None:
                 predictions["untrained"] = pred
         return Evaluation(**saved["untrained"])
-    forecaster = llm_forecaster(session, forecast, "untrained")
+    forecaster = llm_forecaster(session.model, session.tokenizer, session.dataset, forecast, "untrained",
+                                session.run.seed, session.progress)
     made: dict = {}
-    untrained = forecast_and_save(session, forecaster, forecast, "untrained", f"untrained, {title}",
-                                  write_texts=False, out=path.parent, predictions=made)
+    untrained = forecast_and_save(session.dataset, forecaster, forecast, path.parent, "untrained",
+                                  f"untrained, {title}", session.weights, write_texts=False, predictions=made)
     write_json(path, {"settings": key, "untrained": dataclasses.asdict(untrained),
                       "predictions": made["untrained"].tolist()})
     if predictions is not None:
@@ -242,34 +234,36 @@ def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRAS
     resume = (session.run.resume if resume is None else resume) and training_dir.exists()
     job = dict(train_chunks=chunks[0], val_chunks=chunks[1], settings=train_settings, out_dir=training_dir,
                lora=lora, seed=session.run.seed, stage=session.stage, precision=session.precision, resume=resume,
-               loss_token_ids=loss_token_ids(session, train_settings))
+               loss_token_ids=loss_token_ids(session.tokenizer, session.dataset, train_settings))
     try:
         with distributed.leading(job):
             summary = train_lora(session.model, **job, ledger=session.ledger, force=session.run.force,
                                  on_step=on_step, forecast_score=forecast_score)
         if export:  # with its card: the LLMTIME scale, decimals, encoding and prompt it needs (adapter_card)
             bias = PEFT_HEAD_BIAS if has_head_bias(session.model) else None  # written by export_peft beside it
-            export_peft(session.model, out / "peft_adapter", **peft_export_args(session, forecast.prompt, bias))
-        forecaster = llm_forecaster(session, forecast, "lora")
+            card = card_for(session.dataset, session.data_settings, session.weights, forecast.prompt, bias)
+            export_peft(session.model, out / "peft_adapter", **peft_export_args(session.model, session.run.model, card))
+        forecaster = llm_forecaster(session.model, session.tokenizer, session.dataset, forecast, "lora",
+                                    session.run.seed, session.progress)
         with merged(session.model):  # W + BA·scale in plain linear layers: the fast inference paths apply
-            trained = forecast_and_save(session, forecaster, forecast, "trained",
+            trained = forecast_and_save(session.dataset, forecaster, forecast, out, "trained",
                                         f"LoRA r={lora.rank}, lr {train_settings.lr:g}, {summary['steps']} steps, "
-                                        f"{title}", write_texts=False, out=out, predictions=predictions)
+                                        f"{title}", session.weights, write_texts=False, predictions=predictions)
     finally:
         remove_lora(session.model)
     trained.validation_loss = summary["val_loss"]
     return trained, summary
 
 
-def follow(session: Session) -> int:
+def follow(model) -> int:
     """Ranks > 0 of a training stage launched by torchrun: make every ``train_lora`` call rank 0 makes in
     :func:`train_and_forecast` (no ledger; the loop writes nothing on these ranks), taking the adapters off the model
     after each, until rank 0's stage is done. Forecasts, results and the ledger are rank 0's alone. Returns 0."""
     for job in distributed.jobs():
         try:
-            train_lora(session.model, **job)
+            train_lora(model, **job)
         finally:
-            remove_lora(session.model)
+            remove_lora(model)
     return 0
 
 
@@ -280,11 +274,11 @@ def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, t
     The plan is checked before anything is spent; the untrained evaluation is saved (and reused by --resume)."""
     out, run = session.out, session.run
     indices, _, contexts, truth = session.dataset.forecast_set(forecast)
-    chunks = training_chunks(session, train_settings)
+    chunks = training_chunks(session.tokenizer, session.dataset, train_settings)
     untrained_path = out / "untrained.json"
     start_step = checkpoint_step(out / "training", session.precision) if run.resume else 0
-    planned = session.check(lora_stage_cost(session.model.config, SessionSizes(session), forecast, lora,
-                                            train_settings, start_step,
+    sizes = exact_sizes(session.tokenizer, session.dataset)
+    planned = session.check(lora_stage_cost(session.model.config, sizes, forecast, lora, train_settings, start_step,
                                             untrained=not (run.resume and untrained_path.is_file())))
     untrained = untrained_evaluation(session, forecast, title, untrained_path, reuse=run.resume)
     trained, summary = train_and_forecast(session, forecast, lora, train_settings, chunks, out, title)
@@ -295,13 +289,13 @@ def run_lora(session: Session, forecast: ForecastSettings, lora: LoRASettings, t
 
 
 class ChunkCache:
-    """Training and validation chunks of a session, cut once per (context length, stride)."""
+    """Training and validation chunks of ``dataset``'s text, cut once per (context length, stride)."""
 
-    def __init__(self, session: Session):
-        self.session, self._cache = session, {}
+    def __init__(self, tokenizer, dataset: Dataset):
+        self.tokenizer, self.dataset, self._cache = tokenizer, dataset, {}
 
     def __call__(self, train: TrainSettings) -> tuple[Chunks, Chunks]:
         key = (train.context_length, train.stride)
         if key not in self._cache:
-            self._cache[key] = training_chunks(self.session, train)
+            self._cache[key] = training_chunks(self.tokenizer, self.dataset, train)
         return self._cache[key]

@@ -17,11 +17,12 @@ import numpy as np
 
 from . import compare, runs
 from .classical_forecasters import parrot_lengths_for, validated_forecasters
-from .costs import forecast_cost
+from .costs import Sizes, forecast_cost
 from .defaults import PARROT_LENGTHS
 from .errors import UsageError
 from .evaluation import evaluate
 from .results import Evaluation
+from .dataset import Dataset
 from .session import Session
 from .settings import ForecastSettings
 from .tables import evaluation_table
@@ -50,12 +51,11 @@ def parse_orders(text: str, context_steps: int, option: str = "--orders") -> lis
     return orders
 
 
-def classical(session: Session, forecast: ForecastSettings, orders, predictions: dict,
+def classical(ds: Dataset, out: Path, forecast: ForecastSettings, orders, predictions: dict,
               parrot_lengths=PARROT_LENGTHS) -> tuple[dict[str, Evaluation], dict, dict]:
-    """Persistence, AR, VAR, the Lotka–Volterra fit and context parroting on ``forecast``'s trajectories, chosen on
-    the whole validation split, forecast and saved (per-trajectory CSVs under the session's output). Adds each one's
+    """Persistence, AR, VAR, the Lotka–Volterra fit and context parroting on ``forecast``'s trajectories of ``ds``,
+    chosen on the whole validation split, forecast and saved (per-trajectory CSVs under ``out``). Adds each one's
     predictions [n, H, 2] to ``predictions``. Returns ``({name: Evaluation}, the order search, {name: forecaster})``."""
-    ds = session.dataset
     _, _, val_contexts, val_truth = ds.forecast_set(dataclasses.replace(forecast, split="validation", limit=None))
     dt = float(ds.data.time[1] - ds.data.time[0])
     lengths = parrot_lengths_for(forecast.context_steps, parrot_lengths)
@@ -64,8 +64,8 @@ def classical(session: Session, forecast: ForecastSettings, orders, predictions:
     for forecaster in forecasters:
         tag = runs.file_tag(forecaster.name)
         evaluations[forecaster.name] = runs.forecast_and_save(
-            session, forecaster, dataclasses.replace(forecast, plots=0), tag, forecaster.name,
-            settings=forecaster.settings(), weights=None, predictions=predictions)
+            ds, forecaster, dataclasses.replace(forecast, plots=0), out, tag, forecaster.name, None,
+            settings=forecaster.settings(), predictions=predictions)
     return evaluations, search, {f.name: f for f in forecasters}
 
 
@@ -99,12 +99,12 @@ def indices_range(text: str, n_systems: int | None, option: str = "--peer-indice
     return np.arange(a, b + 1)
 
 
-def on_indices(session: Session, forecasters: dict, forecast: ForecastSettings, indices: np.ndarray,
+def on_indices(ds: Dataset, forecasters: dict, forecast: ForecastSettings, indices: np.ndarray,
                known: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[dict[str, Evaluation], dict, np.ndarray]:
     """Score ``forecasters`` ({name: forecaster}) on the trajectories ``indices`` (any split), reusing the
     predictions already made for some of them: ``known`` = {name: (their indices, predictions [m, H, 2])}; only the
     remaining trajectories are forecast. Returns ``({name: Evaluation}, {name: predictions [n, H, 2]}, truth)``."""
-    data = session.dataset.data.trajectories
+    data = ds.data.trajectories
     C, H = forecast.context_steps, forecast.horizon
     truth = data[indices, C:C + H].astype(np.float64)
     evaluations, predictions = {}, {}
@@ -138,12 +138,12 @@ def peer_indices(text: str | None, n_systems: int) -> np.ndarray | None:
     return None if text.lower() == "none" else indices_range(text, n_systems)
 
 
-def peer_cost(session: Session, forecast: ForecastSettings, lora, peers: np.ndarray, indices) -> int:
+def peer_cost(config, sizes: Sizes, forecast: ForecastSettings, lora, peers: np.ndarray, indices) -> int:
     """Planned FLOPs of forecasting the peer trajectories outside the test split ``indices`` with the untrained and
     the trained model (an upper bound: every prompt as long as the longest test prompt)."""
     extra = [i for i in peers if i not in set(np.asarray(indices).tolist())]
-    lengths = [max(runs.SessionSizes(session).prompt_lengths(forecast))] * len(extra)
-    return 2 * forecast_cost(session.model.config, lengths, forecast.horizon, session.dataset.decimals, forecast, lora)
+    lengths = [max(sizes.prompt_lengths(forecast))] * len(extra)
+    return 2 * forecast_cost(config, lengths, forecast.horizon, sizes.decimals, forecast, lora)
 
 
 def peer_table(session: Session, forecast: ForecastSettings, peers, predictions: dict, indices, adapter: Path,
@@ -154,13 +154,15 @@ def peer_table(session: Session, forecast: ForecastSettings, peers, predictions:
     from lora import load_adapter, merged, remove_lora
 
     known = {name: (indices, pred) for name, pred in predictions.items()}
-    llms = {"untrained": runs.llm_forecaster(session, forecast, "untrained")}
-    evaluations, preds, truth = on_indices(session, {**llms, **forecasters}, forecast, peers, known)
+    llm = (session.model, session.tokenizer, session.dataset)
+    untrained = runs.llm_forecaster(*llm, forecast, "untrained", session.run.seed, session.progress)
+    evaluations, preds, truth = on_indices(session.dataset, {"untrained": untrained, **forecasters}, forecast, peers,
+                                           known)
     try:
         load_adapter(session.model, adapter)
         with merged(session.model):
-            lora_evals, lora_preds, _ = on_indices(
-                session, {"lora": runs.llm_forecaster(session, forecast, "lora")}, forecast, peers, known)
+            trained = runs.llm_forecaster(*llm, forecast, "lora", session.run.seed, session.progress)
+            lora_evals, lora_preds, _ = on_indices(session.dataset, {"lora": trained}, forecast, peers, known)
     finally:
         remove_lora(session.model)
     evaluations, preds = {**lora_evals, **evaluations}, {**lora_preds, **preds}

@@ -90,10 +90,10 @@ def run_all(session: Session, forecast: ForecastSettings, points: list[Point], k
         done, start_steps = scan(session.out, session.precision, points, key, session.join)  # again: another job may have finished some meanwhile
         path = session.out / "untrained.json"
         reuse = session.run.resume and path.is_file()
-        chunks = runs.ChunkCache(session)
+        chunks = runs.ChunkCache(session.tokenizer, session.dataset)
         for train in by_context([p for p in points if p.name not in done]).values():
             chunks(train)  # cut (and checked against the batch size) before anything is spent
-        planned = session.check(plan(session.model.config, runs.SessionSizes(session), forecast, points,
+        planned = session.check(plan(session.model.config, runs.exact_sizes(session.tokenizer, session.dataset), forecast, points,
                                      start_steps, untrained=reference and not reuse))
         base, untrained_losses = (untrained(session, forecast, points, chunks, path)[:2] if reference else (None, {}))
         records = []
