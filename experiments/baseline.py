@@ -63,8 +63,8 @@ def main(argv=None) -> int:
 
         forecaster = runs.llm_forecaster(session.model, session.tokenizer, ds, forecast, "zero-shot", session.run.seed,
                                          session.progress)
-        zero_shot = runs.forecast_and_save(ds, forecaster, forecast, session.out, "",
-                                           f"zero-shot {forecast.prompt}, {forecast.samples} sample(s)", session.weights)
+        title = f"zero-shot {forecast.prompt}, {forecast.samples} sample(s)"
+        zero_shot = runs.forecast_and_save(ds, forecaster, forecast, session.out, "", title, session.weights)
         results.add_flops("generate", zero_shot.flops)
         if loss_chunks is not None:
             t0 = time.time()

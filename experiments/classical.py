@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 
 from .lib import cli, defaults, errors, runs, settings, tables
-from .lib.classical_forecasters import parrot_lengths_for, validated_forecasters
+from .lib.parroting import parrot_lengths_for
+from .lib.side_by_side import validated_forecasters
 from .lib.compare import compare_to_best, comparison_table
 from .lib.session import Session
 from .lib.side_by_side import positive_integers

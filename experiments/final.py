@@ -22,7 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .lib import by_type, cli, compare, defaults, halving, plans, points, runs, side_by_side, tables
+from .lib import (by_type, cli, compare, defaults, forecast_files, halving, plans, points, runs, side_by_side,
+                  tables)
 from .lib.errors import UsageError
 from .lib.loader import emulation
 from .lib.plots import plot_horizon_errors
@@ -115,7 +116,7 @@ def main(argv=None, on_step=None) -> int:
         untrained.validation_loss = evals[0]["val_loss"] if evals and evals[0]["step"] == 0 else None
         if train.restore_best and summary["best_step"] is not None:
             trained.validation_loss = summary["best_val_loss"]
-        session.charge("generate", trained.flops, session.out / compare.TRAINED_CSV, what="trained forecast")
+        session.charge("generate", trained.flops, session.out / forecast_files.TRAINED_CSV, what="trained forecast")
 
         classical, search, forecasters = side_by_side.classical(session.dataset, session.out, forecast,
                                                                 orders, predictions)

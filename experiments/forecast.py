@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                            "context_steps" in explicit)
     C, H = min(fcs.context_steps, len(series.values)), fcs.horizon
     out = Path(run.out).expanduser() if run.out else Path("runs") / STAGE
-    directory = RunDirectory(out, sf.STAGE, overwrite=run.overwrite)  # refused before any model is loaded or file written
+    # refused before any model is loaded or file written
+    directory = RunDirectory(out, sf.STAGE, overwrite=run.overwrite)
     where = "the first" if s["index"] is not None else "the last"
     print(f"series: {series.source}, {series.rows} steps; context {where} {C}, horizon {H}; method {method}")
     t0 = clock.time()

@@ -14,7 +14,7 @@ training/ (log, loss curve, adapters, checkpoint), peft_adapter/ (PEFT format), 
 
 from __future__ import annotations
 
-from .lib import cli, compare, defaults, plans, runs, tables
+from .lib import cli, compare, defaults, forecast_files, plans, runs, tables
 from .lib.loader import emulation
 from .lib.session import Session
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     results.add_flops("train", summary["train_flops"])
     results.add_flops("eval", summary["eval_flops"])
     table = tables.evaluation_table(evaluations)
-    paired, paired_md = compare.against_untrained(session.out, {"lora": compare.TRAINED_CSV},
+    paired, paired_md = compare.against_untrained(session.out, {"lora": forecast_files.TRAINED_CSV},
                                                   forecast.horizon, session.run.seed)
     results.details.update(training=summary, table_markdown=table, vs_untrained=paired)
     results.seconds["training_this_session"] = summary["seconds_this_session"]

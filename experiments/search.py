@@ -16,7 +16,7 @@ checkpoint exactly. The coursework's equal-steps grid is ``experiments.sweep``. 
 
 from __future__ import annotations
 
-from .lib import cli, compare, defaults, halving, points, runs, scores, studies, tables
+from .lib import cli, compare, defaults, forecast_files, halving, points, runs, scores, studies, tables
 from .lib.errors import UsageError
 from .lib.evaluation import write_csv
 from .lib.loader import emulation
@@ -111,7 +111,7 @@ def write_results(session: Session, done: list[list[dict]], untrained: Evaluatio
     results.add_flops("train", sum(r["training"]["train_flops"] for r in last.values()))
     results.add_flops("eval", sum(r["training"]["eval_flops"] for r in last.values()) + untrained_loss_flops)
     paired, paired_md = compare.against_untrained(
-        session.out, {f"{r['name']} @ {r['steps']}": compare.point_csv(r["name"], r["rung"]) for r in rows},
+        session.out, {f"{r['name']} @ {r['steps']}": forecast_files.point_csv(r["name"], r["rung"]) for r in rows},
         forecast.horizon, session.run.seed)
     results.details.update(rows=rows, selection=chosen, scale=scale, table_markdown=table, untrained_score=base,
                            vs_untrained=paired)

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import load_trajectories  # noqa: E402
-from experiments.lib import by_type, compare  # noqa: E402
+from experiments.lib import by_type, compare, forecast_files  # noqa: E402
 from experiments.lib.side_by_side import indices_range  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main() -> int:
     data = load_trajectories(a.data).trajectories
     base_dir = Path(a.base)
     C = json.loads((base_dir / "results.json").read_text())["evaluations"]["lora"]["context_steps"]
-    idx, base = compare.read_predictions(base_dir / "predictions_trained.csv")
+    idx, base = forecast_files.read_predictions(base_dir / "predictions_trained.csv")
     span = indices_range(a.trajectories, None, "--trajectories") if a.trajectories else idx
     lo, hi = span.min(), span.max()
     keep = (idx >= lo) & (idx <= hi)
@@ -49,7 +49,7 @@ def main() -> int:
                by_type.RULE, ""], {"base": base_dir.name, "types": types.tolist(), "levers": {}}
     for lever in a.lever:
         lever_dir = Path(lever)
-        lidx, pred = compare.read_predictions(lever_dir / "predictions_trained.csv")
+        lidx, pred = forecast_files.read_predictions(lever_dir / "predictions_trained.csv")
         lidx, pred = lidx[(lidx >= lo) & (lidx <= hi)], pred[(lidx >= lo) & (lidx <= hi)]
         if lidx.tolist() != idx.tolist():
             raise SystemExit(f"error: {lever_dir} forecast other trajectories than {base_dir}")

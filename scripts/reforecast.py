@@ -26,9 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import fit_scale, load_trajectories, split_indices  # noqa: E402
-from experiments.lib import by_type, compare, loader, runs  # noqa: E402
+from experiments.lib import by_type, compare, forecast_files, loader, runs  # noqa: E402
 from experiments.lib.budget import Ledger  # noqa: E402
-from experiments.lib.classical_forecasters import parrot_lengths_for, validated_forecasters  # noqa: E402
+from experiments.lib.parroting import parrot_lengths_for  # noqa: E402
+from experiments.lib.side_by_side import validated_forecasters  # noqa: E402
 from experiments.lib.defaults import PARROT_LENGTHS  # noqa: E402
 from experiments.lib.evaluation import LLMForecaster, evaluate, prediction_rows, write_csv  # noqa: E402
 from experiments.lib.tables import evaluation_table  # noqa: E402
@@ -90,7 +91,7 @@ def main() -> int:
                 "mean_width": {s: float(np.nanmean(q[1, ..., k] - q[0, ..., k])) for k, s in
                                enumerate(("prey", "predator"))}}
     predictions, evaluations = {"lora": pred}, {"lora": lora}
-    write_csv(out / compare.predictions_name("trained"), prediction_rows(indices, pred))
+    write_csv(out / forecast_files.predictions_name("trained"), prediction_rows(indices, pred))
     Ledger(a.ledger).charge("final", lora.flops, "generate", run=out.name,
                             what=f"re-forecast of {run.name}'s kept adapter on the {split} split ({samples} sample(s))")
     val = splits["validation"]
@@ -101,11 +102,11 @@ def main() -> int:
         _, pred, evaluation = evaluate(forecaster, contexts, truth, split, indices, forecaster.settings())
         evaluation.settings["fallbacks"] = forecaster.fallback_counts()
         predictions[forecaster.name], evaluations[forecaster.name] = pred, evaluation
-        write_csv(out / compare.predictions_name(runs.file_tag(forecaster.name)), prediction_rows(indices, pred))
+        write_csv(out / forecast_files.predictions_name(runs.file_tag(forecaster.name)), prediction_rows(indices, pred))
     saved = json.loads((run / "untrained.json").read_text())
     if "predictions" in saved and split == lora_eval["split"] and a.limit is None and not a.skip:
         predictions["untrained"] = np.asarray(saved["predictions"], dtype=np.float64)
-        write_csv(out / compare.predictions_name("untrained"), prediction_rows(indices, predictions["untrained"]))
+        write_csv(out / forecast_files.predictions_name("untrained"), prediction_rows(indices, predictions["untrained"]))
     paired = [compare.compare_forecasts(predictions["lora"], v, truth, names=("lora", k), indices=indices, seed=0)
               for k, v in predictions.items() if k != "lora"]
     scale_line = (f"{run.name}'s kept adapter ({adapter.name}) re-forecast on {len(indices)} {split} "

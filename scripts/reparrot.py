@@ -3,7 +3,7 @@
     python scripts/reparrot.py --run results/final_search_cpu --data FILE
 
 The final run ``results/final_search_cpu`` was made before parroting got its Theiler window (no candidate window
-overlapping the query, lag >= 2: ``classical_forecasters.parrot_match``); its ``parrot(20)`` column is the old rule,
+overlapping the query, lag >= 2: ``parroting.parrot_match``); its ``parrot(20)`` column is the old rule,
 which falls back to persistence on 40 of its 100 test trajectories. The run cannot be resumed on this machine's
 weights build, and it need not be: parroting needs no model. This script
 
@@ -34,8 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import load_trajectories, split_indices  # noqa: E402
-from experiments.lib import compare, runs  # noqa: E402
-from experiments.lib.classical_forecasters import parrot_lengths_for, validated_forecasters  # noqa: E402
+from experiments.lib import compare, forecast_files, runs  # noqa: E402
+from experiments.lib.parroting import parrot_lengths_for  # noqa: E402
+from experiments.lib.side_by_side import validated_forecasters  # noqa: E402
 from experiments.lib.defaults import PARROT_LENGTHS  # noqa: E402
 from experiments.lib.run_directory import RECORD  # noqa: E402
 from experiments.lib.evaluation import evaluate, per_trajectory_rows, prediction_rows, write_csv  # noqa: E402
@@ -75,8 +76,8 @@ def main() -> int:
         forecasts, pred, evaluation = evaluate(parrot, contexts, truth, split, indices, parrot.settings())
         evaluation.settings["fallbacks"] = parrot.fallback_counts()
         if write:
-            write_csv(run / compare.csv_name(tag), per_trajectory_rows(indices, pred, truth, forecasts))
-            write_csv(run / compare.predictions_name(tag), prediction_rows(indices, pred))
+            write_csv(run / forecast_files.csv_name(tag), per_trajectory_rows(indices, pred, truth, forecasts))
+            write_csv(run / forecast_files.predictions_name(tag), prediction_rows(indices, pred))
         return evaluation
 
     test = forecast(np.asarray(lora["trajectories"]), lora["split"], write=True)
@@ -85,10 +86,10 @@ def main() -> int:
           f"{test.settings['fallbacks']}")
 
     # every paired row of the LoRA model recomputed from the per-trajectory CSVs; the others must come out as committed
-    trained_csv = run / compare.TRAINED_CSV
-    others = {name: run / compare.csv_name(runs.file_tag(name)) for name in evaluations
+    trained_csv = run / forecast_files.TRAINED_CSV
+    others = {name: run / forecast_files.csv_name(runs.file_tag(name)) for name in evaluations
               if name not in ("lora", *old)}
-    others[parrot.name] = run / compare.csv_name(tag)
+    others[parrot.name] = run / forecast_files.csv_name(tag)
     comparisons = [compare.compare_files(trained_csv, path, ("lora", label), H, seed) for label, path in others.items()]
     committed = {c["b"]: c for c in details["comparisons"]}
     for c in comparisons:
@@ -146,7 +147,7 @@ def main() -> int:
     atomic_write(run / "README.md", readme)
     atomic_write(run / "results.json", json.dumps(record, indent=2) + "\n")
     for name in old:  # the old rule's files go (its forecasts are those of parrot_match with min_lag=1)
-        for path in (run / compare.csv_name(runs.file_tag(name)), run / compare.predictions_name(runs.file_tag(name))):
+        for path in (run / forecast_files.csv_name(runs.file_tag(name)), run / forecast_files.predictions_name(runs.file_tag(name))):
             path.unlink(missing_ok=True)
     written = json.loads((run / RECORD).read_text())
     written["written"] = sorted(p.name for p in run.iterdir())

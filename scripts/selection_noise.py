@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import load_trajectories  # noqa: E402
-from experiments.lib import compare  # noqa: E402
+from experiments.lib import forecast_files  # noqa: E402
 from experiments.lib.scores import per_trajectory_mse, robust_score, score_sd  # noqa: E402
 from experiments.lib.training.loop import read_log  # noqa: E402
 from miniqwen.atomic import atomic_write  # noqa: E402
@@ -46,8 +46,8 @@ def main() -> int:
     smooth = np.array([scores[max(i - 1, 0):i + 2].mean() for i in range(len(scores))])
     kept = json.loads((run / "results.json").read_text())["details"]["training"]["best_step"]
 
-    ids, lora = compare.read_predictions(greedy / compare.predictions_name("trained"))
-    ids_p, persistence = compare.read_predictions(greedy / compare.predictions_name("persistence"))
+    ids, lora = forecast_files.read_predictions(greedy / forecast_files.predictions_name("trained"))
+    ids_p, persistence = forecast_files.read_predictions(greedy / forecast_files.predictions_name("persistence"))
     assert list(ids) == list(ids_p)
     data = load_trajectories(a.data)
     saved = json.loads((greedy / "results.json").read_text())["evaluations"]["lora"]

@@ -1,4 +1,5 @@
-"""Tests for the classical forecasters (experiments/lib/classical_forecasters.py). Small numpy/scipy problems only."""
+"""Tests for the classical forecasters (experiments/lib/classical_forecasters.py, lotka_volterra_fit.py,
+parroting.py). Small numpy/scipy problems only."""
 
 from __future__ import annotations
 
@@ -11,21 +12,11 @@ from scipy.integrate import solve_ivp
 from experiments import classical
 
 from experiments.lib import cli, errors
-from experiments.lib.classical_forecasters import (
-    AR,
-    VAR,
-    ClassicalForecaster,
-    ContextParroting,
-    LotkaVolterraODE,
-    Persistence,
-    fit_ar,
-    fit_lotka_volterra,
-    fit_var,
-    parrot_lengths_for,
-    parrot_match,
-    select_order,
-    validated_forecasters,
-)
+from experiments.lib.classical_forecasters import (AR, VAR, ClassicalForecaster, Persistence, fit_ar, fit_var,
+                                                  select_order)
+from experiments.lib.lotka_volterra_fit import LotkaVolterraODE, fit_lotka_volterra
+from experiments.lib.parroting import ContextParroting, parrot_lengths_for, parrot_match
+from experiments.lib.side_by_side import validated_forecasters
 
 DT = 200 / 99  # the coursework grid: 100 steps over t = 0..200
 
@@ -333,7 +324,9 @@ def test_parrot_lengths_option_is_validated(value, capsys):
 def test_report_tells_classical_forecasters_from_the_llm():
     """The report's verdict ranks the best *LLM* forecast: no name a classical forecaster gives itself is one of
     the LLM forecasters (so a final run's var(11) or parrot(8) column is never taken for the LLM), the LLM's are."""
-    from experiments.lib.classical_forecasters import AR, VAR, ContextParroting, LotkaVolterraODE, Persistence
+    from experiments.lib.classical_forecasters import AR, VAR, Persistence
+    from experiments.lib.lotka_volterra_fit import LotkaVolterraODE
+    from experiments.lib.parroting import ContextParroting
     from experiments.lib.reporting import LLM_FORECASTERS
 
     names = [Persistence().name, AR(3).name, VAR(11).name, LotkaVolterraODE(dt=0.1).name, ContextParroting(8).name,

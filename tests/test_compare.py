@@ -20,7 +20,8 @@ from experiments.lib.compare import (
     read_errors,
     summary_table,
 )
-from experiments.lib.evaluation import Forecasts, per_trajectory_rows, write_csv
+from experiments.lib.evaluation import per_trajectory_rows, write_csv
+from experiments.lib.results import Forecasts
 
 
 def truth_and_noise(n=40, horizon=5, seed=0):

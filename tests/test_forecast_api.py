@@ -21,7 +21,7 @@ from conftest import REPO, run_forecast
 from experiments import forecast
 from experiments.lib import defaults
 from experiments.lib import series_forecast as sf
-from experiments.lib.classical_forecasters import ContextParroting
+from experiments.lib.parroting import ContextParroting
 from experiments.lib.errors import UsageError
 from experiments.lib.forecast_core import PARROT_LENGTHS, parrot_fallbacks, parrot_note
 

@@ -164,10 +164,10 @@ def rescore(run_dir: Path, trajectories: np.ndarray) -> dict[str, tuple[list[int
     """Every ``predictions_<tag>.csv`` of ``run_dir`` scored again from the file alone against ``trajectories``
     ``[N, T, 2]`` (the data file's, data units): ``{tag: (trajectory indices, forecast_metrics)}``. Step h of a
     trajectory's file rows is compared with its time step ``C + h − 1``, C the context length the run's results.json
-    records. Raises ValueError naming a damaged file (:func:`experiments.lib.compare.read_predictions`)."""
+    records. Raises ValueError naming a damaged file (:func:`experiments.lib.forecast_files.read_predictions`)."""
     import json
 
-    from .compare import read_predictions
+    from .forecast_files import read_predictions
     from .evaluation import forecast_metrics
 
     run_dir = Path(run_dir)

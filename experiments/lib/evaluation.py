@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -25,40 +25,9 @@ from miniqwen.atomic import naming
 from miniqwen.generate import bar_disabled
 from miniqwen.tokenizer import END_OF_TEXT, IM_END
 
-from .results import Evaluation
+from .results import Evaluation, Forecasts
 
 SPECIES = ("prey", "predator")
-
-
-@dataclass
-class Forecasts:
-    """Forecasts of n trajectories.
-
-    Attributes:
-        values: [n, horizon, 2] in data units; the median over samples (NaN where no sample gave a value).
-        samples: [n, num_samples, horizon, 2] every sample (NaN where unparsed or missing).
-        texts: generated text per trajectory and sample (empty lists for forecasters that write no text).
-        n_invalid, n_missing: [n] per trajectory, summed over samples (see :func:`data.llmtime.decode`).
-        complete: [n] True if every sample parsed completely.
-        flops: FLOPs counted while forecasting (coursework rules, forward only).
-        prompt_tokens: prompt length per trajectory (LLM forecasters).
-    """
-
-    values: np.ndarray
-    samples: np.ndarray
-    texts: list[list[str]]
-    n_invalid: np.ndarray
-    n_missing: np.ndarray
-    complete: np.ndarray
-    flops: int = 0
-    prompt_tokens: list[int] = field(default_factory=list)
-
-    @classmethod
-    def from_values(cls, values: np.ndarray) -> "Forecasts":
-        """Forecasts of a forecaster that outputs numbers directly: ``values`` [n, H, 2], one sample, all complete."""
-        n = len(values)
-        return cls(values, values[:, None], [[] for _ in range(n)], np.zeros(n, int), np.zeros(n, int),
-                   np.ones(n, bool))
 
 
 class Forecaster(Protocol):
@@ -266,7 +235,7 @@ def prediction_rows(indices, pred: np.ndarray) -> list[dict]:
     """One CSV row per (trajectory, horizon step) of ``pred`` [n, H, 2] (data units, unparsed steps already filled
     by persistence, i.e. exactly what the metrics score): ``trajectory``, ``step`` (1..H, the steps right after the
     context), ``prey``, ``predator``. Written as ``predictions_<tag>.csv`` beside every per-trajectory CSV, so that
-    every figure can be recomputed from the files (:func:`experiments.lib.compare.read_predictions` reads it)."""
+    every figure can be recomputed from the files (:func:`experiments.lib.forecast_files.read_predictions` reads it)."""
     return [{"trajectory": int(idx), "step": h + 1, SPECIES[0]: repr(float(pred[i, h, 0])),
              SPECIES[1]: repr(float(pred[i, h, 1]))}
             for i, idx in enumerate(indices) for h in range(pred.shape[1])]

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .classical_forecasters import AR, VAR, ContextParroting, LotkaVolterraODE, Persistence, select_order
+from .classical_forecasters import AR, VAR, Persistence, select_order
+from .lotka_volterra_fit import LotkaVolterraODE
+from .parroting import ContextParroting
 from .errors import OptionError, UsageError
 from .option_names import option
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from lora import merged, remove_lora
 
-from . import compare, points, results, runs
+from . import forecast_files, points, results, runs
 from .classical_forecasters import Persistence
 from .costs import Sizes, lora_run_cost, untrained_forecast_cost, validation_loss_cost
 from .dataset import Dataset
@@ -123,7 +123,8 @@ def ranking(records: list[dict]) -> tuple[list[int], list[str]]:
 
 
 def survivors(records: list[dict], kept: int) -> list[str]:
-    """Names of the ``kept`` best records by :func:`ranking` (:data:`scores.TIE_RULE`; the records are in grid order)."""
+    """Names of the ``kept`` best records by :func:`ranking` (:data:`scores.TIE_RULE`; the records are in grid
+    order)."""
     return [records[i]["name"] for i in ranking(records)[0][:kept]]
 
 
@@ -157,7 +158,8 @@ def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: i
         remove_lora(session.model)
     evaluation.validation_loss = summary["val_loss"]
     mse = per_trajectory_mse(pred, truth)
-    write_csv(session.out / compare.point_csv(point.name, rung), per_trajectory_rows(indices, pred, truth, forecasts))
+    write_csv(session.out / forecast_files.point_csv(point.name, rung),
+              per_trajectory_rows(indices, pred, truth, forecasts))
     record = {"settings": key, "name": point.name, "rung": rung, "steps": summary["steps"], "lr": t.lr,
               "rank": point.lora.rank, "context_length": t.context_length, "score": robust_score(mse, reference),
               "score_sd": score_sd(mse, reference, session.run.seed),
@@ -208,7 +210,8 @@ def rung_cost(config, sizes: Sizes, forecast: ForecastSettings, alive: list[Poin
     return costs
 
 
-def search_cost(config, sizes, forecast: ForecastSettings, grid: list[Point], rungs: list[tuple[int, int]]) -> dict[str, int]:
+def search_cost(config, sizes: Sizes, forecast: ForecastSettings, grid: list[Point],
+                rungs: list[tuple[int, int]]) -> dict[str, int]:
     """Upper bound on a whole search from scratch, before anyone knows which points survive: rung k is priced as
     its ``kept`` most expensive points trained from the previous rung's steps to its own, plus their forecasts; and
     the untrained model's forecast and validation loss that every score is shown beside."""

@@ -55,8 +55,8 @@ def _defaults(stage: str) -> dict:
 def stage_plans(config: Qwen2Config, sizes=None) -> dict[str, dict[str, int]]:
     """``{stage: {part: FLOPs}}``: every stage's plan from scratch at its default settings
     (:data:`experiments.lib.defaults.DEFAULTS`), priced by the function above that the stage itself checks against
-    the ledger, with ``sizes`` (default :class:`costs.Sizes` without data: upper bounds on prompt and chunk counts, so no
-    data or tokenizer is needed)."""
+    the ledger, with ``sizes`` (default :class:`costs.Sizes` without data: upper bounds on prompt and chunk counts,
+    so no data or tokenizer is needed)."""
     sizes = sizes or Sizes()
     b, ld, sw, cl, fi = (_defaults(s) for s in STAGES)
     return {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import compare, tables
+from . import compare, forecast_files, tables
 from .budget import BUDGET, Ledger, LedgerError
 from .errors import UsageError
 from .plots import plot_horizon_errors
@@ -82,7 +82,7 @@ def grid_section(results: dict[str, Results], results_root: Path, root: Path) ->
                f"{agree}; Spearman ρ between the two rankings over the grid = {format_number(rho, '.2f')}. "
                + (f"{tie} " if tie else "")
                + "The untrained row is the same base model on the same trajectories and validation chunks.", ""]
-        md += vs_untrained(results_root, run, r, {x["name"]: compare.point_csv(x["name"]) for x in d["grid"]
+        md += vs_untrained(results_root, run, r, {x["name"]: forecast_files.point_csv(x["name"]) for x in d["grid"]
                                                   if "name" in x})
         md += _image(results_root, run, "heatmap_forecast_mse.png", root, "forecast MSE heat map")
         md += _image(results_root, run, "heatmap_val_loss.png", root, "validation loss heat map")
@@ -109,7 +109,7 @@ def context_section(results: dict[str, Results], results_root: Path, root: Path)
                "Error growth with the horizon (MAE over the last quarter of the forecast steps / the first quarter; "
                "if short windows teach only short-range continuation, the shortest window grows fastest): "
                + ", ".join(growth) + ".", ""]
-        md += vs_untrained(results_root, run, r, {f"context {x['context_length']}": compare.point_csv(x["name"])
+        md += vs_untrained(results_root, run, r, {f"context {x['context_length']}": forecast_files.point_csv(x["name"])
                                                   for x in rows if "name" in x})
         md += _image(results_root, run, "horizon_mae.png", root, "MAE by forecast step per context length")
     return md
@@ -166,7 +166,8 @@ def search_section(results: dict[str, Results], results_root: Path, root: Path) 
                    tables.search_table(rows, untrained=_untrained_row(run_dir)), ""]
         horizon = next((x["evaluation"]["horizon"] for records in done for x in records), 20)
         _, paired = compare.against_untrained(
-            run_dir, {f"{x['name']} @ {x['steps']}": compare.point_csv(x["name"], x["rung"]) for x in rows}, horizon,
+            run_dir, {f"{x['name']} @ {x['steps']}": forecast_files.point_csv(x["name"], x["rung"]) for x in rows},
+            horizon,
             r.seed if r is not None else 0)
         md += ["Each point against the untrained model, trajectory by trajectory:", "", paired, ""] if paired else []
         md += _image(results_root, run, "rungs.png", root, "search rungs")
@@ -182,7 +183,7 @@ def _untrained_row(run_dir: Path) -> dict | None:
     """The untrained reference row of a running search, from what it saved: medians of its per-trajectory CSV and
     the validation loss in untrained.json (the score needs persistence on the data, so it is left out)."""
     try:
-        _, errors = compare.read_errors(run_dir / compare.UNTRAINED_CSV)
+        _, errors = forecast_files.read_errors(run_dir / forecast_files.UNTRAINED_CSV)
         saved = read_json(run_dir / "untrained.json")  # None for a FIFO or garbage: never blocks
         metrics, losses = saved["untrained"]["metrics"], saved.get("validation_loss") or {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -206,8 +207,8 @@ def final_section(results: dict[str, Results], results_root: Path, root: Path) -
                ".", "", r.details["table_markdown"], ""]
         paired = r.details.get("comparisons") or [  # runs made before the stage wrote them: from its CSVs
             c for other in sorted((results_root / run).glob("per_trajectory_*.csv"))
-            if other.name != compare.TRAINED_CSV
-            if (c := compare.compare_files(results_root / run / compare.TRAINED_CSV, other,
+            if other.name != forecast_files.TRAINED_CSV
+            if (c := compare.compare_files(results_root / run / forecast_files.TRAINED_CSV, other,
                                            ("lora", other.stem.removeprefix("per_trajectory_")),
                                            r.evaluations["lora"].horizon, r.seed)) is not None]
         if paired:
@@ -353,7 +354,7 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
                    f"batch {t.get('batch_size')}, context {t.get('context_length')}, {tr.get('steps')} steps; "
                    f"forecasts of {len(trained.trajectories)} {trained.split} trajectories; FLOPs "
                    f"{format_number(r.flops.get('total'), '.3g')}.", "", evaluation_table(r.evaluations), ""]
-            md += vs_untrained(results_root, run, r, {"lora": compare.TRAINED_CSV})
+            md += vs_untrained(results_root, run, r, {"lora": forecast_files.TRAINED_CSV})
 
     md += grid_section(results, results_root, root)
     md += context_section(results, results_root, root)

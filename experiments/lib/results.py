@@ -210,3 +210,34 @@ def valid_evaluation(value) -> Evaluation:
         for key in ("mse", "mae", "r2"):
             evaluation.metrics[species][key]
     return evaluation
+
+
+@dataclass
+class Forecasts:
+    """Forecasts of n trajectories.
+
+    Attributes:
+        values: [n, horizon, 2] in data units; the median over samples (NaN where no sample gave a value).
+        samples: [n, num_samples, horizon, 2] every sample (NaN where unparsed or missing).
+        texts: generated text per trajectory and sample (empty lists for forecasters that write no text).
+        n_invalid, n_missing: [n] per trajectory, summed over samples (see :func:`data.llmtime.decode`).
+        complete: [n] True if every sample parsed completely.
+        flops: FLOPs counted while forecasting (coursework rules, forward only).
+        prompt_tokens: prompt length per trajectory (LLM forecasters).
+    """
+
+    values: np.ndarray
+    samples: np.ndarray
+    texts: list[list[str]]
+    n_invalid: np.ndarray
+    n_missing: np.ndarray
+    complete: np.ndarray
+    flops: int = 0
+    prompt_tokens: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_values(cls, values: np.ndarray) -> "Forecasts":
+        """Forecasts of a forecaster that outputs numbers directly: ``values`` [n, H, 2], one sample, all complete."""
+        n = len(values)
+        return cls(values, values[:, None], [[] for _ in range(n)], np.zeros(n, int), np.zeros(n, int),
+                   np.ones(n, bool))

@@ -368,8 +368,8 @@ class RunDirectory:
         data = nonempty_object(dig(record, "data")) or {}
         if isinstance(data.get("sha256"), str) and data["sha256"] != data_sha256:
             raise UsageError(f"--resume: {self.option} {out} was run on data {data.get('file')} (sha256 "
-                             f"{data['sha256'][:12]}…), not on {data_file} (sha256 {data_sha256[:12]}…): pass the same "
-                             f"--data, or choose another {self.option}")
+                             f"{data['sha256'][:12]}…), not on {data_file} (sha256 {data_sha256[:12]}…): pass the "
+                             f"same --data, or choose another {self.option}")
         recorded = nonempty_object(dig(record, "weights"))
         if not recorded:
             return  # the run stopped before it loaded the model: no weights used yet

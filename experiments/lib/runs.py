@@ -15,7 +15,7 @@ from data import Chunks, chunk_texts
 from lora import export_peft, merged, remove_lora
 from lora.head_bias import PEFT_HEAD_BIAS, has_head_bias
 
-from . import compare
+from . import forecast_files
 from .adapter_card import card_for, peft_export_args
 from .classical_forecasters import Persistence
 from .costs import Sizes, lora_stage_cost
@@ -64,8 +64,8 @@ def forecast_and_save(dataset: Dataset, forecaster: Forecaster, forecast: Foreca
     if predictions is not None:
         predictions[evaluation.forecaster] = pred
     suffix = f"_{tag}" if tag else ""
-    write_csv(out / compare.csv_name(tag), per_trajectory_rows(indices, pred, truth, forecasts))
-    write_csv(out / compare.predictions_name(tag), prediction_rows(indices, pred))
+    write_csv(out / forecast_files.csv_name(tag), per_trajectory_rows(indices, pred, truth, forecasts))
+    write_csv(out / forecast_files.predictions_name(tag), prediction_rows(indices, pred))
     if write_texts and any(forecasts.texts):
         with open(out / f"generations{suffix}.jsonl", "w") as fh:
             for idx, texts in zip(indices, forecasts.texts):
@@ -197,7 +197,7 @@ def untrained_evaluation(session: Session, forecast: ForecastSettings, title: st
         print(f"reusing the untrained evaluation in {path}")
         if "predictions" in saved:
             pred = np.asarray(saved["predictions"], dtype=np.float64)
-            write_csv(path.parent / compare.predictions_name("untrained"),
+            write_csv(path.parent / forecast_files.predictions_name("untrained"),
                       prediction_rows(saved["untrained"]["trajectories"], pred))
             if predictions is not None:
                 predictions["untrained"] = pred

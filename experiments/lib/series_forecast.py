@@ -21,9 +21,10 @@ from data import Series, SeriesScale, fit_scale, fit_series_scale, is_hdf5, read
 
 from .adapter_card import CARD_FILE, read_card
 from .errors import UsageError
-from .evaluation import Forecasts, LLMForecaster
+from .evaluation import LLMForecaster
 from .option_names import option
 from .plots import _figure, _save, _wrap
+from .results import Forecasts
 from .run_directory import RunDirectory
 from .settings import DataSettings, ForecastSettings, RunSettings
 

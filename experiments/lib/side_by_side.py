@@ -12,17 +12,20 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
-from . import compare, runs
-from .classical_forecasters import parrot_lengths_for, validated_forecasters
+from . import compare, forecast_files, runs
+from .classical_forecasters import AR, VAR, Persistence, select_order
 from .costs import Sizes, forecast_cost
+from .dataset import Dataset
 from .defaults import PARROT_LENGTHS
 from .errors import UsageError
 from .evaluation import evaluate
+from .lotka_volterra_fit import LotkaVolterraODE
+from .parroting import ContextParroting, parrot_lengths_for
 from .results import Evaluation
-from .dataset import Dataset
 from .session import Session
 from .settings import ForecastSettings
 from .tables import evaluation_table
@@ -167,7 +170,7 @@ def peer_table(session: Session, forecast: ForecastSettings, peers, predictions:
         remove_lora(session.model)
     evaluations, preds = {**lora_evals, **evaluations}, {**lora_preds, **preds}
     flops = sum(e.flops for e in evaluations.values())
-    session.charge("generate", flops, session.out / compare.TRAINED_CSV,
+    session.charge("generate", flops, session.out / forecast_files.TRAINED_CSV,
                    what=f"forecasts of trajectories {peers[0]}-{peers[-1]} outside the test split")
     paired = comparisons(preds, truth, peers, "lora", seed=session.run.seed)
     outside = sorted(set(peers.tolist()) - set(int(i) for i in indices))
@@ -180,3 +183,23 @@ def peer_table(session: Session, forecast: ForecastSettings, peers, predictions:
     return {"indices": [int(peers[0]), int(peers[-1])], "evaluations": {k: dataclasses.asdict(e) for k, e in
                                                                          evaluations.items()},
             "comparisons": paired, "markdown": markdown, "flops": flops}
+
+
+def validated_forecasters(val_contexts: np.ndarray, val_truth: np.ndarray, orders, dt: float, log: bool = False,
+                          ode: bool = True, parrot_lengths: Iterable[int] | None = None) -> tuple[list, dict]:
+    """Persistence, AR(p), VAR(p) with p chosen among ``orders`` by MSE on the validation contexts [n, C, 2] and
+    truth [n, H, 2], (if ``ode``) the Lotka–Volterra ODE with time step ``dt``, and (if ``parrot_lengths`` is given)
+    ``ContextParroting(m)`` with m chosen among ``parrot_lengths`` the same way. Returns ``(forecasters,
+    {"ar"|"var"|"parrot": {"chosen": p or m, "mse_by_order": {p or m: MSE}}})``."""
+    search = {}
+    makers = [("ar", "p", lambda p: AR(p, log=log), orders), ("var", "p", lambda p: VAR(p, log=log), orders)]
+    if parrot_lengths is not None:
+        makers.append(("parrot", "m", ContextParroting, parrot_lengths))
+    for name, symbol, make, candidates in makers:
+        chosen, scores = select_order(make, candidates, val_contexts, val_truth)
+        search[name] = {"chosen": chosen, "mse_by_order": scores}
+        print(f"{name.upper()} {'order' if symbol == 'p' else 'match length'} on the validation split: "
+              f"{symbol} = {chosen} (MSE by {symbol}: {', '.join(f'{p}: {v:.4f}' for p, v in scores.items())})")
+    forecasters = [Persistence(), AR(search["ar"]["chosen"], log=log), VAR(search["var"]["chosen"], log=log)]
+    forecasters += [LotkaVolterraODE(dt=dt)] if ode else []
+    return forecasters + ([ContextParroting(search["parrot"]["chosen"])] if "parrot" in search else []), search

@@ -16,7 +16,7 @@ import numpy as np
 
 from data import Chunks
 
-from . import compare, results, runs
+from . import compare, forecast_files, results, runs
 from .classical_forecasters import Persistence
 from .evaluation import evaluate
 from .points import Point, by_context, forecast_mse, locked, plan, point_directory, scan, without_point_fields
@@ -87,13 +87,15 @@ def run_all(session: Session, forecast: ForecastSettings, points: list[Point], k
     shard of a study, :mod:`experiments.sweep`): no untrained evaluation, returned as ``None`` and ``{}``."""
     done, _ = scan(session.out, session.precision, points, key, session.join)
     with locked(session.out, [p.name for p in points if p.name not in done]):
-        done, start_steps = scan(session.out, session.precision, points, key, session.join)  # again: another job may have finished some meanwhile
+        # again: another job may have finished some meanwhile
+        done, start_steps = scan(session.out, session.precision, points, key, session.join)
         path = session.out / "untrained.json"
         reuse = session.run.resume and path.is_file()
         chunks = runs.ChunkCache(session.tokenizer, session.dataset)
         for train in by_context([p for p in points if p.name not in done]).values():
             chunks(train)  # cut (and checked against the batch size) before anything is spent
-        planned = session.check(plan(session.model.config, runs.exact_sizes(session.tokenizer, session.dataset), forecast, points,
+        sizes = runs.exact_sizes(session.tokenizer, session.dataset)
+        planned = session.check(plan(session.model.config, sizes, forecast, points,
                                      start_steps, untrained=reference and not reuse))
         base, untrained_losses = (untrained(session, forecast, points, chunks, path)[:2] if reference else (None, {}))
         records = []
@@ -148,7 +150,7 @@ def study_results(session: Session, forecast: ForecastSettings, records: list[di
     out.flops["planned"] = planned
     for kind, flops in charged_flops(records, untrained, session.out / "untrained.json").items():
         out.add_flops(kind, flops)
-    trained = {r["name"]: compare.point_csv(r["name"]) for r in records}
+    trained = {r["name"]: forecast_files.point_csv(r["name"]) for r in records}
     paired, markdown = compare.against_untrained(session.out, trained, forecast.horizon, session.run.seed)
     out.details["vs_untrained"] = paired
     return out, markdown
