@@ -10,7 +10,8 @@ says: the stage and settings of its results.json, its data file and checksum, it
 every top-level entry. The weights' fingerprint was not recorded then, so ``weights.sha256`` is null: such a run is
 read, replaced and reported like any other, and ``--resume`` refuses it (its weights cannot be checked). Nothing
 else is changed. It also rewrites the study keys of the committed studies' point and rung records in the current
-form (:func:`migrate_point_keys`). ``--check`` lists what would be written and exits 1 if anything is missing.
+form (:func:`migrate_point_keys`), and gives a final run its paired comparisons (:func:`migrate_final_comparisons`).
+``--check`` lists what would be written and exits 1 if anything is missing.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.lib.run_directory import RECORD  # noqa: E402
+from experiments.lib import compare, forecast_files  # noqa: E402
 from experiments.lib.points import CONTEXT_FIELDS, GRID_FIELDS, without_point_fields  # noqa: E402
+from experiments.lib.run_directory import RECORD  # noqa: E402
 from miniqwen.atomic import atomic_write  # noqa: E402
 
 #: directories written by a stage that keeps no results.json, by the file that shows which stage
@@ -92,6 +94,25 @@ def migrate_point_keys(run: Path, stage: str, check: bool) -> list[Path]:
     return changed
 
 
+def migrate_final_comparisons(run: Path, check: bool) -> bool:
+    """Give a final run made before the stage wrote its paired comparisons (``details.comparisons`` of its
+    results.json) those comparisons, computed from its per-trajectory CSVs as the report computed them for it (the
+    LoRA model against each other forecaster, :func:`compare.compare_files`). Returns whether it was (or, with
+    ``check``, would be) written."""
+    path = run / "results.json"
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if not isinstance(saved, dict) or saved.get("stage") != "final" or "comparisons" in saved.get("details", {}):
+        return False
+    if not check:
+        trained, horizon = run / forecast_files.TRAINED_CSV, saved["evaluations"]["lora"]["horizon"]
+        saved["details"]["comparisons"] = [
+            c for other in sorted(run.glob("per_trajectory_*.csv")) if other.name != forecast_files.TRAINED_CSV
+            if (c := compare.compare_files(trained, other, ("lora", other.stem.removeprefix("per_trajectory_")),
+                                           horizon, saved["seed"])) is not None]
+        atomic_write(path, json.dumps(saved, indent=2) + "\n")
+    return True
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default="results")
@@ -113,6 +134,10 @@ def main() -> int:
         for path in migrate_point_keys(record_path.parent, stage, a.check):
             missing.append(path)
             print(f"{'old study key in' if a.check else 'rewrote the study key of'} {path}")
+        if migrate_final_comparisons(record_path.parent, a.check):
+            missing.append(record_path.parent)
+            print(f"{'no paired comparisons in' if a.check else 'wrote the paired comparisons of'} "
+                  f"{record_path.parent / 'results.json'}")
     return 1 if a.check and missing else 0
 
 

@@ -1,7 +1,7 @@
 """A training checkpoint is verified before it is trusted: a damaged or edited one (adapter, optimizer, RNG state,
 state.json) is one clear error naming the file and is never resumed, and nothing in it is overwritten; a new
-checkpoint replaces the old one only once verified; lost state is never a silent restart; a checkpoint written
-before state.json had its own checksum still resumes; and Ctrl-C charges the steps it discards."""
+checkpoint replaces the old one only once verified; lost state is never a silent restart; a checkpoint
+without its state.json checksum is refused; and Ctrl-C charges the steps it discards."""
 
 from __future__ import annotations
 
@@ -112,9 +112,9 @@ def test_resume_from_a_corrupt_checkpoint_exits_2_and_changes_nothing(setup, tin
 # ---------------------------------------------------------------------------------------------- an edited state.json
 
 def _edit_state(state: dict, edit: str) -> dict:
-    if edit.startswith("legacy "):  # a checkpoint written before state.json had its own checksum
+    if edit.startswith("no checksum, "):  # refused for that alone, whatever else is edited
         state.pop("state_sha256")
-        edit = edit.removeprefix("legacy ")
+        edit = edit.removeprefix("no checksum, ")
     if edit == "step 1000":
         state["loop"]["step"] = 1000
     elif edit == "step -3":
@@ -129,8 +129,8 @@ def _edit_state(state: dict, edit: str) -> dict:
 
 
 @pytest.mark.parametrize("edit", ["step 1000", "step -3", "unknown key", "no rng", "no settings",
-                                  "legacy step 1000", "legacy step -3", "legacy unknown key", "legacy no rng",
-                                  "legacy no settings"])
+                                  "no checksum, step 1000", "no checksum, step -3",
+                                  "no checksum, unknown key", "no checksum, no rng", "no checksum, no settings"])
 def test_an_edited_state_json_is_refused_not_believed(tmp_path, edit):
     model, chunks, settings = tiny_run(tmp_path)
     out = tmp_path / "run"
@@ -146,7 +146,9 @@ def test_an_edited_state_json_is_refused_not_believed(tmp_path, edit):
     assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == saved
 
 
-def test_a_checkpoint_written_before_the_state_checksum_still_resumes(tmp_path):
+def test_a_checkpoint_without_its_state_checksum_is_refused(tmp_path):
+    """One on-disk format: every checkpoint the project wrote (the committed ones included) has its state.json
+    checksum; one without it is not a checkpoint of this project's and is not resumed."""
     model, chunks, settings = tiny_run(tmp_path)
     out = tmp_path / "run"
     train(model, chunks, chunks, settings, out, lora=LoRASettings(rank=2))
@@ -155,8 +157,8 @@ def test_a_checkpoint_written_before_the_state_checksum_still_resumes(tmp_path):
     state.pop("state_sha256")
     file.write_text(json.dumps(state))
     model2, _, settings2 = tiny_run(tmp_path, max_steps=6)
-    summary = train(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
-    assert summary["steps"] == 6
+    with pytest.raises(CheckpointError, match="state.json: no checksum"):
+        train(model2, chunks, chunks, settings2, out, lora=LoRASettings(rank=2), resume=True)
 
 
 def test_an_edited_state_json_exits_2_naming_it_and_changes_nothing(setup, tiny_dir, tmp_path, capsys):

@@ -205,12 +205,7 @@ def final_section(results: dict[str, Results], results_root: Path, root: Path) -
                f"**{run}** — {r.details['scale'].rstrip('.')}; FLOPs "
                f"{format_number(r.flops.get('total'), '.3g')} (training {format_number(tr.get('train_flops'), '.3g')})"
                ".", "", r.details["table_markdown"], ""]
-        paired = r.details.get("comparisons") or [  # runs made before the stage wrote them: from its CSVs
-            c for other in sorted((results_root / run).glob("per_trajectory_*.csv"))
-            if other.name != forecast_files.TRAINED_CSV
-            if (c := compare.compare_files(results_root / run / forecast_files.TRAINED_CSV, other,
-                                           ("lora", other.stem.removeprefix("per_trajectory_")),
-                                           r.evaluations["lora"].horizon, r.seed)) is not None]
+        paired = r.details.get("comparisons")
         if paired:
             md += ["The LoRA model against each forecaster, trajectory by trajectory:", "",
                    compare.summary_table(paired), ""]

@@ -135,17 +135,16 @@ def _state_checksum(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _check_state(file: Path, state: dict, optimizer: dict[str, torch.Tensor]) -> None:
+def _check_state(file: Path, state: dict) -> None:
     """Refuse a state.json that was edited by hand or does not fit its own tensors: its checksum, the keys a resume
-    needs and the loop counters (integers >= 0, no unknown field); one written before it had a checksum must also
-    have the optimizer's own step count as its step."""
+    needs and the loop counters (integers >= 0, no unknown field)."""
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{file}: {why} — the checkpoint cannot be trusted; start again with --overwrite")
 
-    if STATE_CHECKSUM in state:
-        body = {k: v for k, v in state.items() if k != STATE_CHECKSUM}
-        if state[STATE_CHECKSUM] != _state_checksum(body):
-            raise bad("checksum does not match its content (edited or damaged)")
+    if STATE_CHECKSUM not in state:
+        raise bad(f"no checksum ({STATE_CHECKSUM})")
+    if state[STATE_CHECKSUM] != _state_checksum({k: v for k, v in state.items() if k != STATE_CHECKSUM}):
+        raise bad("checksum does not match its content (edited or damaged)")
     missing = [k for k in ("loop", "rng", "settings", "files") if k not in state]
     if missing:
         raise bad(f"no {', '.join(missing)}")
@@ -167,16 +166,6 @@ def _check_state(file: Path, state: dict, optimizer: dict[str, torch.Tensor]) ->
         value = loop.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise bad(f"loop.{key} = {value!r} must be an integer >= 0")
-    if STATE_CHECKSUM in state:
-        return
-    # written before state.json had a checksum: its step must be the optimizer's own count (AdamW's steps, in the
-    # checksummed optimizer.safetensors; under float16's gradient scaler, less the steps it skipped)
-    scaler = state.get("grad_scaler")
-    skipped = scaler.get("skipped_steps", 0) if isinstance(scaler, dict) else 0
-    steps = [int(v.reshape(-1)[0].item()) for k, v in optimizer.items() if k.endswith(".step") and v.numel()]
-    counted = max(steps, default=0)
-    if not isinstance(skipped, int) or counted != loop.get("step", 0) - skipped:
-        raise bad(f"loop.step = {loop.get('step', 0)} but the optimizer state has taken {counted} steps")
 
 
 def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -240,7 +229,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     for name in ("adapter.safetensors", "optimizer.safetensors", "rng.safetensors"):
         if name not in tensors:
             raise CheckpointError(f"{path}: the checkpoint has no {name}")
-    _check_state(path / "state.json", state, tensors["optimizer.safetensors"])
+    _check_state(path / "state.json", state)
     return Checkpoint(path, state, tensors["adapter.safetensors"], tensors["optimizer.safetensors"],
                       tensors.get("best_adapter.safetensors"), tensors["rng.safetensors"])
 
