@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import REPO, write_tiny_checkpoint
 from data.chunks import make_chunks
 from experiments import sweep
-from experiments.lib.grid import shard_of
+from experiments.sweep import shard_of
 from experiments.lib.budget import Ledger
 from experiments.lib.settings import TrainSettings
 from experiments.lib.errors import UsageError

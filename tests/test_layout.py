@@ -170,3 +170,14 @@ def test_the_experiments_import_chain_is_short():
     chain = longest_chain(inside)
     assert len(chain) <= MAX_IMPORT_CHAIN, f"import chain of {len(chain)} modules: {' -> '.join(chain)}"
     assert longest_chain({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == ["a", "b", "c"]
+
+
+def test_the_readme_layout_names_every_library_module():
+    """A reader finds where a thing lives from the README's layout section: it names every module of
+    experiments/lib (a subpackage by its folder)."""
+    readme = (ROOT / "README.md").read_text()
+    lib = ROOT / "experiments" / "lib"
+    names = [p.name for p in lib.glob("*.py") if p.name != "__init__.py"] + [f"{p.name}/" for p in lib.iterdir()
+                                                                             if (p / "__init__.py").is_file()]
+    missing = sorted(n for n in names if n not in readme)
+    assert not missing, f"README.md's layout does not name {missing}"

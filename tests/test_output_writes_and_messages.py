@@ -11,7 +11,8 @@ import pytest
 
 from conftest import baseline_args, cli, refused, snapshot
 from experiments import baseline
-from experiments.lib import grid, tables
+from experiments import sweep
+from experiments.lib import tables
 from experiments.lib.budget import BudgetExceededError, Ledger
 from experiments.lib.cli import run_cli
 from miniqwen.atomic import atomic_write
@@ -122,9 +123,9 @@ def test_a_tie_in_the_grid_is_said():
     row = {"forecast_mse": 1.0, "val_loss": 2.0}
     rows = [{**row, "lr": 1e-3, "rank": 2}, {**row, "lr": 1e-3, "rank": 4, "val_loss": 1.0},
             {**row, "lr": 1e-2, "rank": 2, "forecast_mse": 3.0}]
-    chosen = grid.selection(rows)
+    chosen = sweep.selection(rows)
     assert chosen["chosen"] == {"lr": 1e-3, "rank": 2} and chosen["tied_with"] == [{"lr": 1e-3, "rank": 4}]
     note = tables.tie_note(chosen)
     assert "Tie" in note and "lr 0.001, rank 4" in note and "first in grid order" in note
     rows[1]["forecast_mse"] = 1.5
-    assert grid.selection(rows)["tied_with"] == [] and tables.tie_note(grid.selection(rows)) == ""
+    assert sweep.selection(rows)["tied_with"] == [] and tables.tie_note(sweep.selection(rows)) == ""

@@ -32,13 +32,13 @@ def lora_default(config, sizes, forecast: ForecastSettings, lora: LoRASettings,
 def sweep(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings, lrs=GRID_LRS,
           ranks=GRID_RANKS) -> dict[str, int]:
     """The whole learning-rate × rank grid from scratch."""
-    return points.plan(config, sizes, forecast, points.grid_points(lora, train, lrs, ranks))
+    return points.study_cost(config, sizes, forecast, points.grid_points(lora, train, lrs, ranks))
 
 
 def context_length(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,
                    contexts=CONTEXT_LENGTHS) -> dict[str, int]:
     """The whole context-length study from scratch."""
-    return points.plan(config, sizes, forecast, points.context_points(lora, train, contexts))
+    return points.study_cost(config, sizes, forecast, points.context_points(lora, train, contexts))
 
 
 def final(config, sizes, forecast: ForecastSettings, lora: LoRASettings, train: TrainSettings,

@@ -220,8 +220,8 @@ def scan(out: Path, precision: str, points: list[Point], key: dict, joined: bool
     return done, start_steps
 
 
-def plan(config, sizes, forecast: ForecastSettings, points: list[Point], start_steps: dict | None = None,
-         untrained: bool = True) -> dict[str, int]:
+def study_cost(config, sizes, forecast: ForecastSettings, points: list[Point], start_steps: dict | None = None,
+               untrained: bool = True) -> dict[str, int]:
     """Planned FLOPs of a study: the untrained forecast and validation loss at each distinct context (once, if
     ``untrained``) and, for every point not finished (``start_steps[name] is None``), its training from its
     checkpoint step and its forecast. ``sizes``: :class:`costs.Sizes`."""

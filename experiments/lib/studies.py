@@ -19,7 +19,7 @@ from data import Chunks
 from . import compare, forecast_files, results, runs
 from .classical_forecasters import Persistence
 from .evaluation import evaluate
-from .points import Point, by_context, forecast_mse, locked, plan, point_directory, scan, without_point_fields
+from .points import Point, by_context, forecast_mse, locked, point_directory, scan, study_cost, without_point_fields
 from .results import Evaluation, write_json
 from .session import Session
 from .settings import ForecastSettings, TrainSettings
@@ -95,8 +95,8 @@ def run_all(session: Session, forecast: ForecastSettings, points: list[Point], k
         for train in by_context([p for p in points if p.name not in done]).values():
             chunks(train)  # cut (and checked against the batch size) before anything is spent
         sizes = runs.exact_sizes(session.tokenizer, session.dataset)
-        planned = session.check(plan(session.model.config, sizes, forecast, points,
-                                     start_steps, untrained=reference and not reuse))
+        planned = session.check(study_cost(session.model.config, sizes, forecast, points,
+                                           start_steps, untrained=reference and not reuse))
         base, untrained_losses = (untrained(session, forecast, points, chunks, path)[:2] if reference else (None, {}))
         records = []
         for point in points:

@@ -27,8 +27,9 @@ work would charge. Only rank 0 writes the log, checkpoints, adapters, summary an
 loop state is global, so a run resumes with the same or another number of ranks.
 
 :func:`train_lora` runs its named steps in order: check the arguments, prepare the model and optimizer (a
-:class:`.steps.Run`), start fresh or restore from the checkpoint, wrap the model and check the budget, the training
-steps (:meth:`.steps.Run.run_steps`: step, evaluate and stop early, checkpoint) and finish (adapters, summary, plot).
+:class:`.steps.Trainer`), start fresh or restore from the checkpoint, wrap the model and check the budget, the training
+steps (:meth:`.steps.Trainer.run_steps`: step, evaluate and stop early, checkpoint) and finish (adapters, summary,
+plot).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from ..settings import LoRASettings, TrainSettings, as_record
 from . import distributed
 from .checkpoint import find_checkpoint, fingerprint, precision_change, read_checkpoint, restore
 from .state import TrainState
-from .steps import Run
+from .steps import Trainer
 
 
 def validation_subset(n: int, size: int, seed: int) -> torch.Tensor:
@@ -109,14 +110,14 @@ def train_lora(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None
     """
     lora, out_dir = lora or LoRASettings(), Path(out_dir)
     _check_arguments(train_chunks, val_chunks, settings, lora, out_dir, loss_token_ids, forecast_score)
-    run = _prepare(model, train_chunks, val_chunks, settings, lora, out_dir, seed=seed, stage=stage,
-                   precision=precision, ledger=ledger if distributed.is_main() else None,
-                   loss_token_ids=loss_token_ids, forecast_score=forecast_score)
-    _start_or_resume(run, resume)
-    planned = _wrap_and_plan(run, force)
+    trainer = _prepare(model, train_chunks, val_chunks, settings, lora, out_dir, seed=seed, stage=stage,
+                       precision=precision, ledger=ledger if distributed.is_main() else None,
+                       loss_token_ids=loss_token_ids, forecast_score=forecast_score)
+    _start_or_resume(trainer, resume)
+    planned = _wrap_and_plan(trainer, force)
     t0 = time.time()
-    run.run_steps(on_step)
-    return _finish(run, planned, t0)
+    trainer.run_steps(on_step)
+    return _finish(trainer, planned, t0)
 
 
 def check_chunks(train_chunks: Chunks, val_chunks: Chunks | None, settings: TrainSettings) -> None:
@@ -180,9 +181,9 @@ def _attach(model: nn.Module, lora: LoRASettings, seed: int) -> None:
 
 def _prepare(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, settings: TrainSettings,
              lora: LoRASettings, out_dir: Path, *, seed: int, stage: str, precision: str, ledger,
-             loss_token_ids: list[int] | None, forecast_score) -> Run:
+             loss_token_ids: list[int] | None, forecast_score) -> Trainer:
     """Attach (or check) the adapters, join the process group (torchrun), fix the validation subset and build
-    AdamW over the trainable parameters (and, in float16, the gradient scaler): a :class:`Run` at step 0.
+    AdamW over the trainable parameters (and, in float16, the gradient scaler): a :class:`Trainer` at step 0.
 
     Raises:
         ValueError: the model's adapters differ from ``lora``; a loss token id outside the vocabulary.
@@ -203,14 +204,14 @@ def _prepare(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, 
     scaler = torch.amp.GradScaler(device.type) if precision == "float16" else None
     record = {**as_record(settings=settings, lora=lora), "seed": seed, "precision": precision,
               "data": {"train": fingerprint(train_chunks), "val": fingerprint(val)}}
-    return Run(model=model, settings=settings, lora=lora, seed=seed, stage=stage, precision=precision,
+    return Trainer(model=model, settings=settings, lora=lora, seed=seed, stage=stage, precision=precision,
                out_dir=out_dir, train_chunks=train_chunks, val=val, head=head, params=params, device=device,
                optimizer=optimizer, scaler=scaler, record=record, ledger=ledger, forecast_score=forecast_score,
                world=distributed.world_size(), rank=distributed.rank(), main=distributed.is_main())
 
 
-def _start_or_resume(run: Run, resume: bool) -> None:
-    """A fresh start seeds Python, NumPy and torch with ``run.seed`` and empties ``log.jsonl``; a resume restores
+def _start_or_resume(trainer: Trainer, resume: bool) -> None:
+    """A fresh start seeds Python, NumPy and torch with ``trainer.seed`` and empties ``log.jsonl``; a resume restores
     the adapters, optimizer, gradient scaler, best weights, loop state and RNG states from the checkpoint and cuts
     the log back to its step. A resume with another ``select_by`` (:attr:`TrainSettings.RESELECTABLE`) forgets the
     best weights and ``best_adapter/``: they were chosen by the other criterion.
@@ -220,16 +221,16 @@ def _start_or_resume(run: Run, resume: bool) -> None:
         CheckpointError: ``resume`` with no checkpoint, a corrupt one, or one of other settings, seed, precision
             or data.
     """
-    out_dir, log_path = run.out_dir, run.log_path
+    out_dir, log_path = trainer.out_dir, trainer.log_path
     ckpt = find_checkpoint(out_dir)
     if ckpt is not None and not resume:
         raise FileExistsError(f"{out_dir} already holds a training checkpoint; pass --resume to continue it, or "
                               "choose another output directory")
     if not resume:
-        random.seed(run.seed)
-        np.random.seed(run.seed)
-        torch.manual_seed(run.seed)
-        if run.main:
+        random.seed(trainer.seed)
+        np.random.seed(trainer.seed)
+        torch.manual_seed(trainer.seed)
+        if trainer.main:
             atomic_write(log_path, "")
         return
     if ckpt is None:
@@ -238,22 +239,22 @@ def _start_or_resume(run: Run, resume: bool) -> None:
                               + ("; log.jsonl shows steps were run, so the checkpoint was lost or never written"
                                  " — start again with --overwrite)" if ran else ")"))
     saved = read_checkpoint(ckpt)
-    check_same_run(ckpt, saved.state, run.record)
-    restore(saved, run.model, run.optimizer)
-    if run.scaler is not None and saved.state.get("grad_scaler"):
-        run.scaler.load_state_dict(saved.state["grad_scaler"])
-        run.skipped_steps = saved.state["grad_scaler"].get("skipped_steps", 0)
-    run.best = saved.best
-    run.st = st = TrainState(**saved.state["loop"])
-    if run.main:
+    check_same_run(ckpt, saved.state, trainer.record)
+    restore(saved, trainer.model, trainer.optimizer)
+    if trainer.scaler is not None and saved.state.get("grad_scaler"):
+        trainer.scaler.load_state_dict(saved.state["grad_scaler"])
+        trainer.skipped_steps = saved.state["grad_scaler"].get("skipped_steps", 0)
+    trainer.best = saved.best
+    trainer.st = st = TrainState(**saved.state["loop"])
+    if trainer.main:
         _truncate_log(log_path, st.step)
         print(f"resuming {out_dir} from step {st.step} (epoch {st.epoch}, position {st.position})", file=sys.stderr)
     was = {k: saved.state["settings"].get(k, getattr(TrainSettings, k)) for k in TrainSettings.RESELECTABLE}
-    now = {k: getattr(run.settings, k) for k in TrainSettings.RESELECTABLE}
+    now = {k: getattr(trainer.settings, k) for k in TrainSettings.RESELECTABLE}
     if was != now:  # "best" means something else now: the selection starts here
-        run.best, st.best_step, st.best_val_loss, st.best_forecast_score = None, None, None, None
+        trainer.best, st.best_step, st.best_val_loss, st.best_forecast_score = None, None, None, None
         st.evals_since_best = 0
-        if run.main:
+        if trainer.main:
             shutil.rmtree(out_dir / "best_adapter", ignore_errors=True)  # chosen by the old criterion
             print(f"{now} (the checkpoint's: {was}): the best adapter so far is forgotten; the selection starts at "
                   f"step {st.step}", file=sys.stderr)
@@ -284,51 +285,54 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write(path, "".join(line + "\n" for line in kept))
 
 
-def _wrap_and_plan(run: Run, force: bool) -> int:
+def _wrap_and_plan(trainer: Trainer, force: bool) -> int:
     """Wrap the model for training (DDP under torchrun, ``torch.compile`` with ``settings.compile``) and check the
     FLOPs planned from the current step against the ledger's budget. Returns the planned FLOPs.
 
     Raises:
         BudgetExceededError: the plan would exceed the budget (unless ``force``).
     """
-    run.net = distributed.data_parallel(run.model)  # under torchrun: gradients averaged over the ranks in backward
-    if run.settings.compile:
-        run.net = torch.compile(run.net)  # the training steps only; evaluation and generation stay eager
-    planned = training_cost(run.model.config, run.settings, run.lora, len(run.val) if run.val is not None else 0,
-                            run.st.step, len(run.head.ids) if run.head is not None else None)
-    if run.ledger is not None:
-        run.ledger.check(planned, force=force)
+    # under torchrun: gradients averaged over the ranks in backward
+    trainer.net = distributed.data_parallel(trainer.model)
+    if trainer.settings.compile:
+        trainer.net = torch.compile(trainer.net)  # the training steps only; evaluation and generation stay eager
+    val_rows = len(trainer.val) if trainer.val is not None else 0
+    planned = training_cost(trainer.model.config, trainer.settings, trainer.lora, val_rows,
+                            trainer.st.step, len(trainer.head.ids) if trainer.head is not None else None)
+    if trainer.ledger is not None:
+        trainer.ledger.check(planned, force=force)
     return planned
 
 
-def _finish(run: Run, planned: int, t0: float) -> dict:
+def _finish(trainer: Trainer, planned: int, t0: float) -> dict:
     """Charge what is left, save ``adapter/`` and ``best_adapter/`` (rank 0), put the best weights back with
     ``settings.restore_best``, and write ``summary.json`` and ``loss_curve.png`` (rank 0). Returns the summary
     (every rank the same; ``planned`` FLOPs and the seconds since ``t0`` of this session included)."""
-    st, settings, model, out_dir, M = run.st, run.settings, run.model, run.out_dir, len(run.train_chunks)
-    run.charge()  # anything not yet charged (e.g. max_steps already reached at resume)
-    if run.main:
+    st, settings, model, out_dir = trainer.st, trainer.settings, trainer.model, trainer.out_dir
+    M = len(trainer.train_chunks)
+    trainer.charge()  # anything not yet charged (e.g. max_steps already reached at resume)
+    if trainer.main:
         save_adapter(model, out_dir / "adapter")
-        if run.best is not None:
-            save_adapter(model, out_dir / "best_adapter", state=run.best)
-    if run.best is not None and settings.restore_best:
-        load_lora_state_dict(model, run.best, source="best validation weights")
+        if trainer.best is not None:
+            save_adapter(model, out_dir / "best_adapter", state=trainer.best)
+    if trainer.best is not None and settings.restore_best:
+        load_lora_state_dict(model, trainer.best, source="best validation weights")
     distributed.barrier()  # rank 0's log is complete before the other ranks read it
-    losses = [e["loss"] for e in read_log(run.log_path) if e["kind"] == "train"]
+    losses = [e["loss"] for e in read_log(trainer.log_path) if e["kind"] == "train"]
     summary = {
-        "stage": run.stage, "steps": st.step, "epochs": st.epoch + st.position / M, "train_chunks": M,
-        "val_chunks_evaluated": len(run.val) if run.val is not None else 0,
+        "stage": trainer.stage, "steps": st.step, "epochs": st.epoch + st.position / M, "train_chunks": M,
+        "val_chunks_evaluated": len(trainer.val) if trainer.val is not None else 0,
         "last_train_loss": losses[-1] if losses else None,
         "val_loss": st.last_val_loss, "best_val_loss": st.best_val_loss,
         "best_forecast_score": st.best_forecast_score, "best_step": st.best_step, "select_by": settings.select_by,
         "stopped_early": st.stopped_early, "train_flops": st.train_flops, "eval_flops": st.eval_flops,
         "total_flops": st.train_flops + st.eval_flops, "planned_flops_this_session": planned,
-        "trainable_parameters": count_trainable_parameters(model), "processes": run.world,
-        "seconds_this_session": round(time.time() - t0, 2), **run.record,
+        "trainable_parameters": count_trainable_parameters(model), "processes": trainer.world,
+        "seconds_this_session": round(time.time() - t0, 2), **trainer.record,
     }
-    if run.main:
+    if trainer.main:
         atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        plot_loss_curves(run.log_path, out_dir / "loss_curve.png", title=run.stage)
+        plot_loss_curves(trainer.log_path, out_dir / "loss_curve.png", title=trainer.stage)
     return summary
 
 

@@ -1,7 +1,7 @@
 """One training run's state and the steps :func:`.loop.train` repeats: the next batch, one optimizer step, an
 evaluation (with early stopping), the ledger charge and the checkpoint, and the loop of steps with its progress bar.
 
-:class:`TrainState` is what a checkpoint stores besides tensors; :class:`Run` holds it together with everything the
+:class:`TrainState` is what a checkpoint stores besides tensors; :class:`Trainer` holds it together with everything the
 steps work with (model, optimizer, data, settings, where to write). The module docstring of :mod:`.loop` describes
 the log, the FLOP accounting and the behaviour under torchrun.
 """
@@ -42,8 +42,9 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 @dataclass(eq=False)
-class Run:
-    """Everything one :func:`.loop.train` call works with, and its mutable state (``st``, ``best``, ...).
+class Trainer:
+    """A training run in progress: everything one :func:`.loop.train_lora` call works with, and its mutable state
+    (``st``, ``best``, ...).
 
     ``net`` is what the training forward runs through (the model, wrapped for DDP under torchrun and compiled with
     ``settings.compile``); evaluation uses ``model`` itself. ``val`` is the fixed validation subset [N, L] (None: no
