@@ -27,7 +27,9 @@ from .lib.budget import Ledger
 from .lib.loader import emulation
 from .lib.run_directory import claim_out, inspect_out, record_written
 from .lib.training import distributed
-from .lib.training.loop import check_chunks, train_lora
+from .lib.costs import training_cost
+from .lib.training.checkpoint import checkpoint_step
+from .lib.training.loop import check_chunks, train_lora, validation_subset
 
 
 def save_chunks(chunks: Chunks, path: str | os.PathLike) -> None:
@@ -112,8 +114,11 @@ def main(argv=None) -> int:
     check_chunks(train_chunks, val_chunks, s["train"])  # against --batch-size and --context-length
 
     ledger = None if s["no_ledger"] else Ledger(run.ledger)
-    if ledger is not None:
-        ledger.entries()  # a ledger that is not one is refused (one line) before --out is written in
+    if ledger is not None:  # priced and checked once, here, before --out is written in (a bad ledger: one line)
+        start = checkpoint_step(out, loaded.precision) if run.resume else 0
+        val_rows = (len(validation_subset(len(val_chunks), s["train"].eval_batches * s["train"].batch_size, run.seed))
+                    if val_chunks is not None and len(val_chunks) else 0)
+        ledger.check(training_cost(model.config, s["train"], s["lora"], val_rows, start), force=run.force)
     if distributed.is_main():  # the same directory rules as every stage (a user's directory is never written in)
         claim_out(out, "train", settings.as_record(run=run, lora=s["lora"], train=s["train"]),
                   overwrite=run.overwrite, resume=run.resume)
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
     with emulation(loaded.device, loaded.precision):  # bf16 emulated where this CPU has none
         summary = train_lora(model, train_chunks, val_chunks, s["train"], out, lora=s["lora"], seed=run.seed,
                              stage=s["stage"], precision=loaded.precision, ledger=ledger, resume=run.resume,
-                             force=run.force, on_step=on_step)
+                             on_step=on_step)
     if distributed.is_main():
         record_written(out, ignore=(str(ledger.path),) if ledger else ())
         print(json.dumps({k: v for k, v in summary.items() if k not in ("settings", "lora")}, indent=2))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from data.chunks import make_chunks
 from experiments.lib import cli, errors
-from experiments.lib.costs import chunk_pass_flops, forecast_cost
+from experiments.lib.costs import chunk_pass_flops, forecast_cost, training_cost
 from experiments.lib.settings import ForecastSettings, LoRASettings, TrainSettings, as_record
 from experiments.lib.errors import OptionError
 from experiments.lib.training import read_log, train_lora as train
@@ -175,7 +175,9 @@ def test_head_bias_trains_with_the_adapters_and_is_charged_as_planned(tmp_path):
     assert bias is not None and bias.abs().sum() > 0  # it moved
     assert summary["trainable_parameters"] == lora_parameter_count(model.config, 4, head_bias=True)
     assert summary["lora"]["head_bias"] is True
-    assert summary["planned_flops_this_session"] == summary["total_flops"]
+    planned = training_cost(model.config, config(max_steps=4), LoRASettings(rank=4, head_bias=True),
+                            summary["val_chunks_evaluated"])
+    assert planned == summary["total_flops"]
     for k, v in model.state_dict().items():  # the base weights did not
         if k in frozen:
             assert torch.equal(v, frozen[k]), k
@@ -192,7 +194,9 @@ def test_head_bias_trains_with_the_adapters_and_is_charged_as_planned(tmp_path):
                     lora=LoRASettings(rank=4, head_bias=True), stage="test", loss_token_ids=allowed)
     moved = set(torch.nonzero(get_head_bias(model)).flatten().tolist())
     assert moved and moved <= set(allowed)
-    assert summary["planned_flops_this_session"] == summary["total_flops"]
+    planned = training_cost(model.config, config(max_steps=3, loss_vocabulary="numeric"),
+                            LoRASettings(rank=4, head_bias=True), summary["val_chunks_evaluated"], 0, len(set(allowed)))
+    assert planned == summary["total_flops"]
     # a model whose adapters lack the bias the settings ask for is refused
     other = tiny_model()
     apply_lora(other, rank=4)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, write_tiny_checkpoint
+from conftest import REPO, exit_err, write_tiny_checkpoint
 from data.chunks import make_chunks
-from experiments.lib.budget import BUDGET, BudgetExceededError, Ledger
+from experiments.lib.budget import BUDGET, Ledger
+from experiments.lib.costs import training_cost
 from experiments.lib.settings import LoRASettings, TrainSettings
 from experiments.lib.errors import OptionError
 from experiments.train import save_chunks
@@ -124,7 +125,9 @@ def test_flops_charged_to_ledger(tmp_path):
     assert summary["train_flops"] == 5 * 3 * step_forward
     evals = 1 + 2 + 1  # step 0, steps 2 and 4, final step 5
     assert summary["eval_flops"] == evals * step_forward  # eval subset = 1 batch of 2 chunks, 1× forward
-    assert summary["planned_flops_this_session"] == summary["total_flops"]
+    # the plan (what a stage checks against the budget before it calls the loop) is what was spent
+    assert training_cost(model.config, cfg, LoRASettings(rank=4), summary["val_chunks_evaluated"]) == \
+        summary["total_flops"]
     entries = ledger.entries()
     assert {e["stage"] for e in entries} == {"test"}
     assert sum(e["flops"] for e in entries if e["kind"] == "train") == summary["train_flops"]
@@ -134,12 +137,27 @@ def test_flops_charged_to_ledger(tmp_path):
     assert log[-1]["flops_so_far"] == summary["total_flops"]
 
 
-def test_budget_check_refuses_and_existing_run_is_protected(tmp_path):
-    chunks = random_chunks(4, seed=3)
+def test_the_train_stage_prices_its_run_and_refuses_it_past_the_budget(tiny_dir, tmp_path, capsys):
+    """The budget is checked once, where a stage prices its work (the loop only trains and charges): past it, the
+    train stage exits 2 before --out is written or anything charged."""
+    from experiments import train as train_cli
+
+    g = torch.Generator().manual_seed(2)
+    save_chunks(make_chunks([torch.randint(1, 128, (40,), generator=g).tolist() for _ in range(6)], 16),
+                tmp_path / "chunks.safetensors")
     ledger = Ledger(tmp_path / "ledger.jsonl")
     ledger.charge("earlier", BUDGET, "train")
-    with pytest.raises(BudgetExceededError):
-        train(tiny_lora_model(), chunks, chunks, config(max_steps=2), tmp_path / "a", ledger=ledger)
+    before = ledger.path.read_text()
+    argv = ["--model", str(tiny_dir), "--train-chunks", str(tmp_path / "chunks.safetensors"), "--out",
+            str(tmp_path / "a"), "--ledger", str(ledger.path), "--context-length", "16", "--batch-size", "2",
+            "--max-steps", "2", "--no-progress", "--precision", "float32"]
+    code, err = exit_err(train_cli.main, argv, capsys)
+    assert code == 2 and "budget" in err.lower() and "--force" in err, err
+    assert not (tmp_path / "a").exists() and ledger.path.read_text() == before
+
+
+def test_an_existing_run_is_protected(tmp_path):
+    chunks = random_chunks(4, seed=3)
     train(tiny_lora_model(), chunks, None, config(max_steps=2), tmp_path / "b")
     with pytest.raises(FileExistsError):
         train(tiny_lora_model(), chunks, None, config(max_steps=2), tmp_path / "b")
@@ -259,9 +277,10 @@ def test_numeric_vocabulary_loss_is_a_softmax_over_those_tokens_and_counted(tmp_
     # a training run with it is charged what its plan said (full rows: every position a target)
     chunks = make_chunks([torch.tensor(allowed)[torch.randint(0, 6, (48,), generator=g)].tolist()
                           for _ in range(3)], L)
-    summary = train(tiny_lora_model(), chunks, chunks, config(max_steps=3, loss_vocabulary="numeric"), tmp_path,
-                    loss_token_ids=allowed)
-    assert summary["planned_flops_this_session"] == summary["total_flops"]
+    settings = config(max_steps=3, loss_vocabulary="numeric")
+    summary = train(tiny_lora_model(), chunks, chunks, settings, tmp_path, loss_token_ids=allowed)
+    assert training_cost(Qwen2Config(**TINY), settings, LoRASettings(rank=4), summary["val_chunks_evaluated"], 0,
+                         len(set(allowed))) == summary["total_flops"]
     with pytest.raises(ValueError, match="loss_token_ids"):
         train(tiny_lora_model(), chunks, chunks, config(loss_vocabulary="numeric"), tmp_path / "b")
 

@@ -149,8 +149,7 @@ def run_rung(session: Session, forecast: ForecastSettings, point: Point, rung: i
                loss_token_ids=runs.loss_token_ids(session.tokenizer, session.dataset, t))
     try:
         with distributed.leading(job):
-            summary = train_lora(session.model, **job, ledger=session.ledger, force=session.run.force,
-                                 on_step=on_step)
+            summary = train_lora(session.model, **job, ledger=session.ledger, on_step=on_step)
         forecaster = runs.llm_forecaster(session.model, session.tokenizer, session.dataset, forecast, point.name,
                                          session.run.seed, session.progress)
         forecasts, pred, evaluation = evaluate(forecaster, contexts, truth, forecast.split, indices)

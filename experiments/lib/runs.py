@@ -237,8 +237,8 @@ def train_and_forecast(session: Session, forecast: ForecastSettings, lora: LoRAS
                loss_token_ids=loss_token_ids(session.tokenizer, session.dataset, train_settings))
     try:
         with distributed.leading(job):
-            summary = train_lora(session.model, **job, ledger=session.ledger, force=session.run.force,
-                                 on_step=on_step, forecast_score=forecast_score)
+            summary = train_lora(session.model, **job, ledger=session.ledger, on_step=on_step,
+                                 forecast_score=forecast_score)
         if export:  # with its card: the LLMTIME scale, decimals, encoding and prompt it needs (adapter_card)
             bias = PEFT_HEAD_BIAS if has_head_bias(session.model) else None  # written by export_peft beside it
             card = card_for(session.dataset, session.data_settings, session.weights, forecast.prompt, bias)

@@ -27,9 +27,10 @@ work would charge. Only rank 0 writes the log, checkpoints, adapters, summary an
 loop state is global, so a run resumes with the same or another number of ranks.
 
 :func:`train_lora` runs its named steps in order: check the arguments, prepare the model and optimizer (a
-:class:`.steps.Trainer`), start fresh or restore from the checkpoint, wrap the model and check the budget, the training
-steps (:meth:`.steps.Trainer.run_steps`: step, evaluate and stop early, checkpoint) and finish (adapters, summary,
-plot).
+:class:`.steps.Trainer`), start fresh or restore from the checkpoint, wrap the model, the training steps
+(:meth:`.steps.Trainer.run_steps`: step, evaluate and stop early, checkpoint) and finish (adapters, summary, plot).
+It trains and charges; pricing the run and checking the budget is the caller's, done once with the rest of its plan
+(``experiments.lib.costs.training_cost``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from lora import (add_head_bias, apply_lora, count_trainable_parameters, has_hea
                   lora_modules, lora_settings, save_adapter)
 from miniqwen.atomic import atomic_write
 
-from ..costs import training_cost
 from ..errors import CheckpointError, UsageError
 from ..plots import plot_loss_curves
 from ..settings import LoRASettings, TrainSettings, as_record
@@ -77,7 +77,7 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 def train_lora(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, settings: TrainSettings,
                out_dir: str | os.PathLike, *, lora: LoRASettings | None = None, seed: int = 0, stage: str = "train",
-               precision: str = "float32", ledger=None, resume: bool = False, force: bool = False, on_step=None,
+               precision: str = "float32", ledger=None, resume: bool = False, on_step=None,
                loss_token_ids: list[int] | None = None, forecast_score=None) -> dict:
     """Train LoRA adapters of ``lora`` on ``model`` (attached here if the model has none) over token chunks.
 
@@ -86,7 +86,10 @@ def train_lora(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None
         train_chunks, val_chunks: ``data.chunks.Chunks`` [M, L] with L = ``settings.context_length`` (validation
             may be None: no evaluation); the validation subset is fixed by ``settings.eval_batches`` and ``seed``.
         out_dir: the run directory (see the module docstring).
-        stage: ledger stage name; ledger: an ``experiments.lib.budget.Ledger`` or None (nothing checked or charged).
+        stage: ledger stage name; ledger: an ``experiments.lib.budget.Ledger`` charged as the run checkpoints, or
+            None. The run is priced and checked against the budget by the caller, before it calls
+            (``costs.training_cost``; every stage does it with the rest of its plan): this function trains, it does
+            not price.
         precision: "float32" or an autocast dtype ("bfloat16", "float16").
         resume: continue from the checkpoint in ``out_dir`` (same settings and data required).
         on_step: called with the step number after each step (tests use it to simulate a crash).
@@ -101,9 +104,8 @@ def train_lora(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None
     Raises:
         FileExistsError: ``out_dir`` holds a checkpoint and ``resume`` is False.
         CheckpointError: ``resume`` with nothing to resume, or a corrupt checkpoint.
-        ValueError: chunk widths differ from ``settings.context_length``, fewer chunks than a batch, a resumed run
-            with other settings or data. BudgetExceededError: the plan would exceed the budget.
-        UsageError (a ValueError): under torchrun, ``batch_size`` is not divisible by the number of processes.
+        UsageError (a ValueError): the chunks do not fit the settings (:func:`check_chunks`).
+        ValueError: a resumed run with other settings or data.
 
     Under torchrun every rank makes this call with the same arguments (see the module docstring); ``ledger`` and
     ``on_step`` may differ (only rank 0 charges), and every rank returns the same summary.
@@ -114,10 +116,10 @@ def train_lora(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None
                        precision=precision, ledger=ledger if distributed.is_main() else None,
                        loss_token_ids=loss_token_ids, forecast_score=forecast_score)
     _start_or_resume(trainer, resume)
-    planned = _wrap_and_plan(trainer, force)
+    _wrap(trainer)
     t0 = time.time()
     trainer.run_steps(on_step)
-    return _finish(trainer, planned, t0)
+    return _finish(trainer, t0)
 
 
 def check_chunks(train_chunks: Chunks, val_chunks: Chunks | None, settings: TrainSettings) -> None:
@@ -205,9 +207,9 @@ def _prepare(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, 
     record = {**as_record(settings=settings, lora=lora), "seed": seed, "precision": precision,
               "data": {"train": fingerprint(train_chunks), "val": fingerprint(val)}}
     return Trainer(model=model, settings=settings, lora=lora, seed=seed, stage=stage, precision=precision,
-               out_dir=out_dir, train_chunks=train_chunks, val=val, head=head, params=params, device=device,
-               optimizer=optimizer, scaler=scaler, record=record, ledger=ledger, forecast_score=forecast_score,
-               world=distributed.world_size(), rank=distributed.rank(), main=distributed.is_main())
+                   out_dir=out_dir, train_chunks=train_chunks, val=val, head=head, params=params, device=device,
+                   optimizer=optimizer, scaler=scaler, record=record, ledger=ledger, forecast_score=forecast_score,
+                   world=distributed.world_size(), rank=distributed.rank(), main=distributed.is_main())
 
 
 def _start_or_resume(trainer: Trainer, resume: bool) -> None:
@@ -285,29 +287,18 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write(path, "".join(line + "\n" for line in kept))
 
 
-def _wrap_and_plan(trainer: Trainer, force: bool) -> int:
-    """Wrap the model for training (DDP under torchrun, ``torch.compile`` with ``settings.compile``) and check the
-    FLOPs planned from the current step against the ledger's budget. Returns the planned FLOPs.
-
-    Raises:
-        BudgetExceededError: the plan would exceed the budget (unless ``force``).
-    """
+def _wrap(trainer: Trainer) -> None:
+    """Wrap the model for training: DDP under torchrun, ``torch.compile`` with ``settings.compile``."""
     # under torchrun: gradients averaged over the ranks in backward
     trainer.net = distributed.data_parallel(trainer.model)
     if trainer.settings.compile:
         trainer.net = torch.compile(trainer.net)  # the training steps only; evaluation and generation stay eager
-    val_rows = len(trainer.val) if trainer.val is not None else 0
-    planned = training_cost(trainer.model.config, trainer.settings, trainer.lora, val_rows,
-                            trainer.st.step, len(trainer.head.ids) if trainer.head is not None else None)
-    if trainer.ledger is not None:
-        trainer.ledger.check(planned, force=force)
-    return planned
 
 
-def _finish(trainer: Trainer, planned: int, t0: float) -> dict:
+def _finish(trainer: Trainer, t0: float) -> dict:
     """Charge what is left, save ``adapter/`` and ``best_adapter/`` (rank 0), put the best weights back with
     ``settings.restore_best``, and write ``summary.json`` and ``loss_curve.png`` (rank 0). Returns the summary
-    (every rank the same; ``planned`` FLOPs and the seconds since ``t0`` of this session included)."""
+    (every rank the same; the seconds since ``t0`` of this session included)."""
     st, settings, model, out_dir = trainer.st, trainer.settings, trainer.model, trainer.out_dir
     M = len(trainer.train_chunks)
     trainer.charge()  # anything not yet charged (e.g. max_steps already reached at resume)
@@ -326,7 +317,7 @@ def _finish(trainer: Trainer, planned: int, t0: float) -> dict:
         "val_loss": st.last_val_loss, "best_val_loss": st.best_val_loss,
         "best_forecast_score": st.best_forecast_score, "best_step": st.best_step, "select_by": settings.select_by,
         "stopped_early": st.stopped_early, "train_flops": st.train_flops, "eval_flops": st.eval_flops,
-        "total_flops": st.train_flops + st.eval_flops, "planned_flops_this_session": planned,
+        "total_flops": st.train_flops + st.eval_flops,
         "trainable_parameters": count_trainable_parameters(model), "processes": trainer.world,
         "seconds_this_session": round(time.time() - t0, 2), **trainer.record,
     }
