@@ -204,6 +204,20 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
+def train_stage_argv(tiny_dir, tmp_path, ledger) -> list[str]:
+    """``experiments.train`` options for the tiny model (:func:`tiny_dir`) on 6 random 16-token chunks it saves in
+    ``tmp_path``: batch 2, a checkpoint every step, no evaluation, float32, output in ``tmp_path / "run"``."""
+    from data.chunks import make_chunks
+    from experiments.train import save_chunks
+
+    g = torch.Generator().manual_seed(2)
+    save_chunks(make_chunks([torch.randint(1, 128, (40,), generator=g).tolist() for _ in range(6)], 16),
+                tmp_path / "chunks.safetensors")
+    return ["--model", str(tiny_dir), "--train-chunks", str(tmp_path / "chunks.safetensors"), "--out",
+            str(tmp_path / "run"), "--ledger", str(ledger), "--context-length", "16", "--batch-size", "2",
+            "--checkpoint-every", "1", "--eval-every", "0", "--no-progress", "--precision", "float32"]
+
+
 def tiny_run(tmp_path, **overrides):
     """(model, chunks, TrainSettings) of a 2-layer random model training 4 steps on random chunks of 16 tokens."""
     from data.chunks import make_chunks

@@ -11,8 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import exit_err, tiny_run
-from data.chunks import make_chunks
+from conftest import exit_err, tiny_run, train_stage_argv
 from experiments.lib.budget import Ledger
 from experiments.lib.settings import LoRASettings
 from experiments.lib.training import CheckpointError, read_log, train_lora as train
@@ -91,15 +90,9 @@ def test_lost_state_after_training_is_not_a_silent_restart(tmp_path):
 
 def test_resume_from_a_corrupt_checkpoint_exits_2_and_changes_nothing(setup, tiny_dir, tmp_path, capsys):
     from experiments import train as train_cli
-    from experiments.train import save_chunks
 
-    g = torch.Generator().manual_seed(2)
-    save_chunks(make_chunks([torch.randint(1, 128, (40,), generator=g).tolist() for _ in range(6)], 16),
-                tmp_path / "chunks.safetensors")
     ledger = tmp_path / "ledger.jsonl"
-    argv = ["--model", str(tiny_dir), "--train-chunks", str(tmp_path / "chunks.safetensors"), "--out",
-            str(tmp_path / "run"), "--ledger", str(ledger), "--context-length", "16", "--batch-size", "2",
-            "--checkpoint-every", "1", "--eval-every", "0", "--no-progress", "--precision", "float32"]
+    argv = train_stage_argv(tiny_dir, tmp_path, ledger)
     assert train_cli.main([*argv, "--max-steps", "2"]) == 0
     adapter = tmp_path / "run" / "checkpoint" / "adapter.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-4] + b"\x00\x00\x80\x7f")  # last weight becomes inf
@@ -163,15 +156,9 @@ def test_a_checkpoint_without_its_state_checksum_is_refused(tmp_path):
 
 def test_an_edited_state_json_exits_2_naming_it_and_changes_nothing(setup, tiny_dir, tmp_path, capsys):
     from experiments import train as train_cli
-    from experiments.train import save_chunks
 
-    g = torch.Generator().manual_seed(2)
-    save_chunks(make_chunks([torch.randint(1, 128, (40,), generator=g).tolist() for _ in range(6)], 16),
-                tmp_path / "chunks.safetensors")
     ledger = tmp_path / "ledger.jsonl"
-    argv = ["--model", str(tiny_dir), "--train-chunks", str(tmp_path / "chunks.safetensors"), "--out",
-            str(tmp_path / "run"), "--ledger", str(ledger), "--context-length", "16", "--batch-size", "2",
-            "--checkpoint-every", "1", "--eval-every", "0", "--no-progress", "--precision", "float32"]
+    argv = train_stage_argv(tiny_dir, tmp_path, ledger)
     assert train_cli.main([*argv, "--max-steps", "2"]) == 0
     file = tmp_path / "run" / "checkpoint" / "state.json"
     state = json.loads(file.read_text())

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import (baseline_args, checksums, cli, error_line, exit_err_out, fake_run, lora_args, record, refused,
-                      snapshot, tiny_run, user_dir, with_option, write_sim_file, write_tiny_checkpoint)
+                      snapshot, tiny_run, train_stage_argv, user_dir, with_option, write_sim_file,
+                      write_tiny_checkpoint)
 from data.chunks import make_chunks
 from experiments import baseline, classical, context_length, final, lora_default, sweep
 from experiments import train as train_cli
@@ -203,14 +204,8 @@ def test_a_resume_may_change_what_does_not_define_the_run(env, lora_run, tmp_pat
 @pytest.mark.parametrize("change", [["--lr", "0.5"], ["--rank", "4"], ["--seed", "3"], ["--loss-vocabulary",
                                                                                          "numeric"], "data"])
 def test_resume_with_changed_settings_is_one_line(tiny_dir, tmp_path, capsys, change):
-    g = torch.Generator().manual_seed(2)
-    save_chunks(make_chunks([torch.randint(1, 128, (40,), generator=g).tolist() for _ in range(6)], 16),
-                tmp_path / "chunks.safetensors")
     ledger = tmp_path / "ledger.jsonl"
-    argv = ["--model", str(tiny_dir), "--train-chunks", str(tmp_path / "chunks.safetensors"), "--out",
-            str(tmp_path / "run"), "--ledger", str(ledger), "--context-length", "16", "--batch-size", "2",
-            "--checkpoint-every", "1", "--eval-every", "0", "--no-progress", "--precision", "float32", "--rank", "2",
-            "--lr", "0.01"]
+    argv = [*train_stage_argv(tiny_dir, tmp_path, ledger), "--rank", "2", "--lr", "0.01"]
     assert train_cli.main([*argv, "--max-steps", "2"]) == 0
     if change == "data":
         g = torch.Generator().manual_seed(3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, exit_err, write_tiny_checkpoint
+from conftest import REPO, exit_err, train_stage_argv, write_tiny_checkpoint
 from data.chunks import make_chunks
 from experiments.lib.budget import BUDGET, Ledger
 from experiments.lib.costs import training_cost
@@ -142,18 +142,13 @@ def test_the_train_stage_prices_its_run_and_refuses_it_past_the_budget(tiny_dir,
     train stage exits 2 before --out is written or anything charged."""
     from experiments import train as train_cli
 
-    g = torch.Generator().manual_seed(2)
-    save_chunks(make_chunks([torch.randint(1, 128, (40,), generator=g).tolist() for _ in range(6)], 16),
-                tmp_path / "chunks.safetensors")
     ledger = Ledger(tmp_path / "ledger.jsonl")
     ledger.charge("earlier", BUDGET, "train")
     before = ledger.path.read_text()
-    argv = ["--model", str(tiny_dir), "--train-chunks", str(tmp_path / "chunks.safetensors"), "--out",
-            str(tmp_path / "a"), "--ledger", str(ledger.path), "--context-length", "16", "--batch-size", "2",
-            "--max-steps", "2", "--no-progress", "--precision", "float32"]
-    code, err = exit_err(train_cli.main, argv, capsys)
+    code, err = exit_err(train_cli.main, [*train_stage_argv(tiny_dir, tmp_path, ledger.path), "--max-steps", "2"],
+                         capsys)
     assert code == 2 and "budget" in err.lower() and "--force" in err, err
-    assert not (tmp_path / "a").exists() and ledger.path.read_text() == before
+    assert not (tmp_path / "run").exists() and ledger.path.read_text() == before
 
 
 def test_an_existing_run_is_protected(tmp_path):

@@ -156,7 +156,7 @@ def search_section(results: dict[str, Results], results_root: Path, root: Path) 
                               None)
                 table = tables.search_table(rows, winner, untrained)
                 table += (f"\n\n± SD: the score's bootstrap standard deviation over the scoring trajectories "
-                          f"(`halving.score_sd`); {halving_tie_rule()}.")
+                          f"(`scores.score_sd`); {halving_tie_rule()}.")
             md += [f"**{run}** — {r.details['scale'].rstrip('.')}.", "", table, "",
                    f"Selection: {sel['rule']} → **{sel['chosen']['point']} at {sel['chosen']['steps']} steps**.", ""]
         else:

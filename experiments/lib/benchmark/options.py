@@ -20,7 +20,6 @@ SECTIONS = ("peak", "counting", "throughput", "forward", "train", "loss", "forec
 NEEDS_TRANSFORMERS = {"forward": ("transformers",), "train": ("transformers", "peft"), "forecast": ("transformers",)}
 #: the sections that read the data file
 NEEDS_DATA = ("forward", "train", "loss", "forecast")
-OUTPUTS = ("benchmark.json", "benchmark.md")
 #: options that must be >= 1, then those that must be >= 0
 POSITIVE = ("repeats", "peak_size", "bandwidth_mib", "bookkeeping_repeats", "prompt_len", "new_tokens",
             "forward_batch", "forward_seq", "train_batch", "train_context", "loss_batch_size", "trajectories",
@@ -92,23 +91,6 @@ def check_device(name: str | None) -> None:
         raise UsageError(f"--device {name!r}: CUDA is not available on this machine (use cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse (UsageError naming --out) an output directory that is a file, or already holds a benchmark (unless
-    ``overwrite``), or cannot be written — before any section runs; then create it."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a directory: choose another --out")
-    held = [name for name in OUTPUTS if (out / name).exists()]
-    if held and not overwrite:
-        raise UsageError(f"--out {out} already holds {' and '.join(held)}: pass --overwrite to replace "
-                         f"{'them' if len(held) > 1 else 'it'}, or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {out}: cannot create it ({err.strerror or err})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: not writable")
 
 
 def _check_lists(args: argparse.Namespace) -> None:
