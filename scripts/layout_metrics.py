@@ -1,4 +1,5 @@
-"""The layout's measures of experiments/ (issue 34's targets), read from the source (AST only; nothing is imported or run).
+"""The layout's measures of experiments/ (issue 34's targets), read from the source (AST only; nothing is
+imported or run).
 
     python scripts/layout_metrics.py [--stage experiments.lora_default] [--verbose]
 
