@@ -447,3 +447,18 @@ def test_every_committed_run_holds_its_record_and_current_study_keys():
     done = subprocess.run([sys.executable, "scripts/migrate_results.py", "--check"], cwd=REPO, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_committed_checkpoint_is_verified_by_the_current_reader():
+    """The committed training checkpoints (the final run's, each search point's) are in the one on-disk format: the
+    reader a ``--resume`` uses verifies every file's checksum and its state.json's own, and finds the loop state a
+    resume continues from. (Resuming them exactly also needs the weights they were trained on, which are not on
+    every machine; the kill/resume tests of tests/test_train.py show a resume is exact.)"""
+    from experiments.lib.training.checkpoint import find_checkpoint, read_checkpoint
+    from experiments.lib.training.state import TrainState
+
+    checkpoints = sorted({find_checkpoint(p.parent.parent) for p in (REPO / "results").rglob("checkpoint/state.json")})
+    assert len(checkpoints) >= 10, checkpoints
+    for path in checkpoints:
+        state = read_checkpoint(path).state
+        assert TrainState(**state["loop"]).step > 0, path

@@ -111,7 +111,7 @@ def rung_path(out: Path, name: str, rung: int) -> Path:
 
 def ranking(records: list[dict]) -> tuple[list[int], list[str]]:
     """The records' order best first by :data:`scores.TIE_RULE`, and the names tied with the best one (the best's
-    ``score_sd`` wide; a record without one — written before scores had one — ties only exactly), as
+    ``score_sd`` wide; records given without one tie only exactly), as
     ``(indices, tied names)``."""
     scores = [finite_score(r["score"]) for r in records]
     best = min(range(len(records)), key=lambda i: (scores[i], i))
