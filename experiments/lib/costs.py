@@ -107,6 +107,7 @@ class Sizes:
         self._prompt_lengths, self._chunk_count = prompt_lengths, chunk_count
 
     def prompt_lengths(self, forecast: ForecastSettings) -> list[int]:
+        """Prompt tokens of each trajectory ``forecast`` forecasts (a list, one per trajectory)."""
         if self._prompt_lengths is not None:
             return self._prompt_lengths(forecast)
         n = min(forecast.limit or SPLIT_TRAJECTORIES, SPLIT_TRAJECTORIES)
@@ -122,12 +123,15 @@ class Sizes:
         return n if size == 0 or size >= n else size
 
     def loss_chunks(self, loss: LossSettings) -> int:
+        """Chunks of ``loss.loss_context_length`` tokens a validation-loss pass over ``loss.loss_limit`` validation
+        trajectories evaluates."""
         if self._chunk_count is not None:
             return self._chunk_count("validation", loss.loss_limit, loss.loss_context_length, None)
         n = min(SPLIT_TRAJECTORIES if loss.loss_limit is None else loss.loss_limit, SPLIT_TRAJECTORIES)
         return n * -(-(TRAJECTORY_STEPS * self.per_step) // loss.loss_context_length)
 
     def loss_rows(self, train: TrainSettings) -> int | None:
+        """Head rows of the training loss: K for the numeric vocabulary, None for the full one."""
         return self.head_rows if train.loss_vocabulary == "numeric" else None
 
 

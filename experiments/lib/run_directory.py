@@ -52,6 +52,7 @@ class Contents:
     results: dict | None = None
 
     def listing(self, names: list[str] | None = None, limit: int = 5) -> str:
+        """The first ``limit`` of ``names`` (default: the top-level entries) for a message, and how many in all."""
         names = self.entries if names is None else names
         return ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
 

@@ -160,14 +160,17 @@ class Session:
 
     @property
     def model(self):
+        """The base model (``miniqwen.Qwen2ForCausalLM``), loaded on first use."""
         return self._loaded[0]
 
     @property
     def tokenizer(self):
+        """The model's tokenizer (:class:`miniqwen.tokenizer.QwenTokenizer`), loaded with it."""
         return self._loaded[1]
 
     @cached_property
     def weights(self) -> str:
+        """The weights' label in results and plots (:func:`loader.weights_label`)."""
         return weights_label(self.run.model)
 
     # ------------------------------------------------------------------ results and compute
