@@ -29,7 +29,8 @@ from .lib.run_directory import claim_out, inspect_out, record_written
 from .lib.training import distributed
 from .lib.costs import training_cost
 from .lib.training.checkpoint import checkpoint_step
-from .lib.training.loop import check_chunks, train_lora, validation_subset
+from .lib.training.loop import check_chunks, train_lora
+from .lib.training.loss import validation_subset
 
 
 def save_chunks(chunks: Chunks, path: str | os.PathLike) -> None:

@@ -9,6 +9,7 @@ from lora import DEFAULT_LORA_TARGETS
 from miniqwen.flop_count import forward_flops, generation_flops, loss_flops
 
 from .settings import ForecastSettings, LoRASettings, LossSettings, TrainSettings
+from .training.loss import validation_subset
 
 
 def forecast_cost(config, prompt_lengths: list[int], horizon: int, decimals: int, forecast: ForecastSettings,
@@ -114,13 +115,13 @@ class Sizes:
         return [forecast.context_steps * self.per_step + 1] * n
 
     def val_rows(self, train: TrainSettings) -> int:
-        """Rows of the fixed validation subset (``training.loop.validation_subset``: all chunks if the subset is 0
-        or at least as many)."""
+        """Rows of the fixed validation subset the training loop evaluates (:func:`training.loss.validation_subset`
+        of the validation chunks; without data, ``eval_batches × batch_size``)."""
         size = train.eval_batches * train.batch_size
         if self._chunk_count is None:
             return size
-        n = self._chunk_count("validation", None, train.context_length, train.stride)
-        return n if size == 0 or size >= n else size
+        return len(validation_subset(self._chunk_count("validation", None, train.context_length, train.stride), size,
+                                     seed=0))  # its size does not depend on the seed
 
     def loss_chunks(self, loss: LossSettings) -> int:
         """Chunks of ``loss.loss_context_length`` tokens a validation-loss pass over ``loss.loss_limit`` validation

@@ -37,8 +37,8 @@ def _option(field: str) -> str:
 
 
 
-def _comparable(value):
-    """A setting as JSON reads it back (tuples are lists), to compare a recorded value with one given now."""
+def comparable(value):
+    """A setting as JSON reads it back (tuples are lists): as a record keeps it, to compare with one given now."""
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -63,7 +63,7 @@ def check_same_settings(found: Contents, now: dict, *, varies: tuple = (), study
     training checkpoint (``training/``: the training and LoRA settings, seed and dtype its steps were taken with; a
     damaged checkpoint is refused here too, naming the file; ``max_steps`` below its step is refused: a resume cannot
     take steps back), else the dtype of its untrained forecast (untrained.json). Reads only."""
-    out, study = found.path, {k: _comparable(v) for k, v in (study or {}).items()}
+    out, study = found.path, {k: comparable(v) for k, v in (study or {}).items()}
     record, results = dig(found.record, "settings"), dig(found.results, "settings")
     sources = [s for s in (record, results) if isinstance(s, dict)]
     dtypes = [dig(record, "run", "precision"), dig(results, "run", "precision")]  # as given: "auto" says nothing
@@ -91,7 +91,7 @@ def check_same_settings(found: Contents, now: dict, *, varies: tuple = (), study
                 if name in varies:
                     continue
                 was, is_ = saved.get(name, defaults[name]), now[group].get(name, defaults[name])
-                if _comparable(was) != _comparable(is_):
+                if comparable(was) != comparable(is_):
                     changed.setdefault(_option(name), (is_, was))
     recorded = dig(record, "study")
     for name, value in study.items():  # the stage's own options (a study's grid), as its record kept them

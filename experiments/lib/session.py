@@ -26,7 +26,7 @@ from .dataset import load_dataset, seed_everything
 from .errors import UsageError
 from .loader import resolve_precision, weights_label
 from .results import Results
-from .resume import check_same_settings
+from .resume import check_same_settings, comparable
 from .run_directory import RunDirectory
 from .settings import DataSettings, RunSettings, as_record
 from .training import distributed
@@ -96,16 +96,15 @@ class Session:
         if self.directory is not None:
             self.directory.check_same_run(self.dataset.data.path.name, self.dataset.sha256,
                                           lambda: self.weights_identity, run.model)
+            record, train = self.settings_record(), self.defines.get("train")
             if run.resume and self.directory.continues:
-                train = self.defines.get("train")
-                check_same_settings(self.directory.found, self.settings_record(), varies=self.varies,
-                                    study=self.study, max_steps=train.max_steps if train is not None else None,
+                check_same_settings(self.directory.found, record, varies=self.varies, study=self.study,
+                                    max_steps=train.max_steps if train is not None else None,
                                     precision=self.precision, asked_precision=run.precision)
-            train = self.defines.get("train")
             if train is not None and "context_length" not in self.varies:  # from config.json, before any work
                 check_positions(run.model, [train.context_length], "--context-length", strict=False)
             try:
-                self.directory.begin(self.settings_record(), weights=None,
+                self.directory.begin(record, weights=None,
                                      data={"file": self.dataset.data.path.name, "sha256": self.dataset.sha256})
             except OSError as err:
                 raise UsageError(f"--out {self.out}: cannot write {err.filename or self.out} "
@@ -119,7 +118,7 @@ class Session:
         for group in ("lora", "train"):
             if group in record:
                 record[group] = {k: v for k, v in record[group].items() if k not in self.varies}
-        study = {k: list(v) if isinstance(v, tuple) else v for k, v in self.study.items()}
+        study = {k: comparable(v) for k, v in self.study.items()}
         return {**record, "study": study} if study else record
 
     @cached_property

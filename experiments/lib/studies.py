@@ -14,23 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data import Chunks
-
 from . import compare, forecast_files, results, runs
 from .classical_forecasters import Persistence
 from .evaluation import evaluate
 from .points import Point, by_context, forecast_mse, locked, point_directory, scan, study_cost, without_point_fields
 from .results import Evaluation, write_json
 from .session import Session
-from .settings import ForecastSettings, TrainSettings
-from .training.loop import read_log, validation_subset
-from .training.loss import validation_loss
-
-
-def validation_chunks(chunks: Chunks, train: TrainSettings, seed: int) -> Chunks:
-    """The fixed validation subset the training loop evaluates (same draw, same seed)."""
-    idx = validation_subset(len(chunks), train.eval_batches * train.batch_size, seed)
-    return Chunks(chunks.input_ids[idx], chunks.attention_mask[idx])
+from .settings import ForecastSettings
+from .training.loop import read_log
+from .training.loss import validation_chunks, validation_loss
 
 
 def untrained(session: Session, forecast: ForecastSettings, points: list[Point], chunks: runs.ChunkCache,
@@ -44,7 +36,7 @@ def untrained(session: Session, forecast: ForecastSettings, points: list[Point],
     for (context_length, _), train in by_context(points).items():
         if str(context_length) in losses:
             continue
-        val = validation_chunks(chunks(train)[1], train, session.run.seed)
+        val = validation_chunks(chunks(train)[1], train.eval_batches * train.batch_size, session.run.seed)
         losses[str(context_length)], spent = validation_loss(session.model, val, train.batch_size, session.precision,
                                                              progress=False)
         flops += spent

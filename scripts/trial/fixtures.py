@@ -48,6 +48,19 @@ def chunks(dest: Path, n: int = 6, width: int = 16, seed: int = 2) -> None:
     save_chunks(make_chunks([torch.randint(1, 1000, (40,), generator=g).tolist() for _ in range(n)], width), dest)
 
 
+#: damaged config.json files: the fields each kind sets
+CONFIG_EDITS = {
+    "config_wrong_hidden": {"hidden_size": 64},
+    "config_zero_layers": {"num_hidden_layers": 0},
+    "config_negative_heads": {"num_attention_heads": -4},
+    "config_heads_not_dividing": {"num_key_value_heads": 3},
+    "config_nan_eps": {"rms_norm_eps": float("nan")},
+    "config_vocab_smaller": {"vocab_size": 128},
+    "config_huge_positions": {"max_position_embeddings": 10 ** 30},
+    "config_model_type": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+}
+
+
 def damage_model(src: Path, dest: Path, how: str) -> None:
     """Copy the model at ``src`` to ``dest`` and damage it ``how``."""
     import torch
@@ -91,39 +104,9 @@ def damage_model(src: Path, dest: Path, how: str) -> None:
         (dest / "config.json").write_text("[1, 2, 3]\n")
     elif how == "no_config":
         (dest / "config.json").unlink()
-    elif how == "config_wrong_hidden":
+    elif how in CONFIG_EDITS:
         c = json.loads((dest / "config.json").read_text())
-        c["hidden_size"] = 64
-        (dest / "config.json").write_text(json.dumps(c))
-    elif how == "config_zero_layers":
-        c = json.loads((dest / "config.json").read_text())
-        c["num_hidden_layers"] = 0
-        (dest / "config.json").write_text(json.dumps(c))
-    elif how == "config_negative_heads":
-        c = json.loads((dest / "config.json").read_text())
-        c["num_attention_heads"] = -4
-        (dest / "config.json").write_text(json.dumps(c))
-    elif how == "config_heads_not_dividing":
-        c = json.loads((dest / "config.json").read_text())
-        c["num_key_value_heads"] = 3
-        (dest / "config.json").write_text(json.dumps(c))
-    elif how == "config_nan_eps":
-        text = (dest / "config.json").read_text()
-        c = json.loads(text)
-        c["rms_norm_eps"] = float("nan")
-        (dest / "config.json").write_text(json.dumps(c))
-    elif how == "config_vocab_smaller":
-        c = json.loads((dest / "config.json").read_text())
-        c["vocab_size"] = 128
-        (dest / "config.json").write_text(json.dumps(c))
-    elif how == "config_huge_positions":
-        c = json.loads((dest / "config.json").read_text())
-        c["max_position_embeddings"] = 10 ** 30
-        (dest / "config.json").write_text(json.dumps(c))
-    elif how == "config_model_type":
-        c = json.loads((dest / "config.json").read_text())
-        c["model_type"] = "llama"
-        c["architectures"] = ["LlamaForCausalLM"]
+        c.update(CONFIG_EDITS[how])
         (dest / "config.json").write_text(json.dumps(c))
     else:
         raise SystemExit(f"unknown model damage {how}")

@@ -4,8 +4,8 @@ is), :mod:`.checkpoint` (the only owner of the checkpoint layout), :mod:`.loss` 
 loss), :mod:`.distributed` (torchrun + DDP: the process group, sums over ranks)."""
 
 from .checkpoint import CheckpointError, checkpoint_step, find_checkpoint, read_checkpoint
-from .loop import read_log, train_lora, validation_subset
-from .loss import autocast_context, next_token_loss, validation_loss
+from .loop import read_log, train_lora
+from .loss import autocast_context, next_token_loss, validation_loss, validation_subset
 from .state import TrainState
 
 __all__ = ["CheckpointError", "TrainState", "checkpoint_step", "autocast_context", "find_checkpoint", "next_token_loss",

@@ -58,16 +58,9 @@ from ..plots import plot_loss_curves
 from ..settings import LoRASettings, TrainSettings, as_record
 from . import distributed
 from .checkpoint import find_checkpoint, fingerprint, precision_change, read_checkpoint, restore
+from .loss import validation_chunks
 from .state import TrainState
 from .steps import Trainer
-
-
-def validation_subset(n: int, size: int, seed: int) -> torch.Tensor:
-    """Sorted indices of the fixed validation subset: ``size`` of n chunks drawn with ``seed`` (all if size is 0
-    or >= n)."""
-    if size == 0 or size >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))[:size].sort().values
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
@@ -197,8 +190,7 @@ def _prepare(model: nn.Module, train_chunks: Chunks, val_chunks: Chunks | None, 
     distributed.init(device)
     val = None
     if val_chunks is not None and len(val_chunks):
-        idx = validation_subset(len(val_chunks), settings.eval_batches * settings.batch_size, seed)
-        val = Chunks(val_chunks.input_ids[idx], val_chunks.attention_mask[idx])
+        val = validation_chunks(val_chunks, settings.eval_batches * settings.batch_size, seed)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
                                   weight_decay=settings.weight_decay)
     # float16 only: scale the loss so that small gradients survive float16, skip steps whose gradients overflowed

@@ -1,4 +1,5 @@
-"""The training objective: masked next-token cross-entropy, its validation mean, and the compute dtype context."""
+"""The training objective: masked next-token cross-entropy, its validation mean on the fixed validation subset, and
+the compute dtype context."""
 
 from __future__ import annotations
 
@@ -16,6 +17,21 @@ from miniqwen.generate import bar_disabled
 from miniqwen.model import HeadRows
 
 IGNORE_INDEX = -100  # the target of positions without one (PyTorch's and transformers' convention)
+
+
+def validation_subset(n: int, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of the fixed validation subset: ``size`` of n chunks drawn with ``seed`` (all if size is 0
+    or >= n)."""
+    if size == 0 or size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))[:size].sort().values
+
+
+def validation_chunks(chunks: Chunks, size: int, seed: int) -> Chunks:
+    """The fixed validation subset of ``chunks`` [N, L] that the training loop evaluates: :func:`validation_subset`
+    of ``size`` rows (``eval_batches × batch_size``; 0 = all) drawn with ``seed``."""
+    idx = validation_subset(len(chunks), size, seed)
+    return Chunks(chunks.input_ids[idx], chunks.attention_mask[idx])
 
 
 def next_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
