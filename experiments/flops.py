@@ -26,7 +26,7 @@ from miniqwen.atomic import atomic_write
 from miniqwen.config import ConfigError, Qwen2Config
 from miniqwen.flop_count import COMPONENTS, forward_flops, forward_flops_breakdown
 
-from .lib.budget import BUDGET, Ledger, LedgerError
+from .lib.budget import BUDGET, Ledger, LedgerError, check_budget, sci
 from .lib.cli import ArgumentParser, run_cli
 from .lib.plans import stage_plans, stage_settings
 from .lib.run_directory import claim_out, record_written
@@ -137,7 +137,7 @@ def render(config: Qwen2Config, source: str, ledger: Ledger, plan: dict | None =
             md.append(f"| {stage} | {part} | {_e(flops)} | {100 * flops / budget:.2f}% | "
                       f"{100 * total / budget:.1f}%{' **OVER BUDGET**' if total > budget else ''} |")
     try:
-        spent = ledger.by_stage()
+        spent = spent_by_stage(ledger)
     except LedgerError:
         spent = {}
     md += ["", "| stage | default settings | planned FLOPs | % budget | spent so far (ledger) |",
@@ -152,8 +152,8 @@ def render(config: Qwen2Config, source: str, ledger: Ledger, plan: dict | None =
     md += ["", f"## (d) Ledger so far ({ledger.path})", ""]
     ledger_json: dict = {"path": str(ledger.path)}
     try:
-        md.append(ledger.markdown_table(budget))
-        ledger_json.update(by_stage=ledger.by_stage(), total=ledger.total())
+        md.append(ledger_table(ledger, budget))
+        ledger_json.update(by_stage=spent_by_stage(ledger), total=ledger.total())
     except LedgerError as err:
         md.append(f"**ledger unreadable:** {err}")
         ledger_json["error"] = str(err)
@@ -165,6 +165,33 @@ def render(config: Qwen2Config, source: str, ledger: Ledger, plan: dict | None =
         "per_token_512": tok, "plan": plan, "plan_total": total, "ledger": ledger_json,
     }
     return "\n".join(md) + "\n", data
+
+
+def spent_by_stage(ledger: Ledger) -> dict[str, int]:
+    """``{stage: FLOPs}`` charged to ``ledger``, in order of each stage's first entry. Raises LedgerError like
+    :meth:`Ledger.entries`."""
+    out: dict[str, int] = {}
+    for e in ledger.entries():
+        out[e["stage"]] = out.get(e["stage"], 0) + e["flops"]
+    return out
+
+
+def ledger_table(ledger: Ledger, budget: int = BUDGET) -> str:
+    """The coursework's final FLOP table in Markdown: one row per stage (stage, kind(s), FLOPs, % of ``budget``)
+    and a total (only the total for an empty ledger). Raises LedgerError like :meth:`Ledger.entries`, and
+    ValueError (naming the ledger) when ``budget`` is not a positive integer."""
+    budget = check_budget(budget, ledger.path)
+    stages: dict[str, dict] = {}
+    for e in ledger.entries():
+        row = stages.setdefault(e["stage"], {"kinds": [], "flops": 0})
+        row["kinds"] += [e["kind"]] if e["kind"] not in row["kinds"] else []
+        row["flops"] += e["flops"]
+    lines = ["| stage | kind | FLOPs | % of budget |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| {stage} | {', '.join(row['kinds'])} | {sci(row['flops'])} | {100 * row['flops'] / budget:.2f}% |"
+              for stage, row in stages.items()]
+    total = sum(row["flops"] for row in stages.values())
+    lines.append(f"| **total** | | **{sci(total)}** | **{100 * total / budget:.2f}%** |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

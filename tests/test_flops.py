@@ -12,6 +12,7 @@ import os
 import pytest
 
 from experiments.lib.budget import BUDGET, BudgetExceededError, Ledger, LedgerError
+from experiments.flops import ledger_table, spent_by_stage
 from miniqwen.config import Qwen2Config
 from miniqwen.flop_count import (
     COMPONENTS,
@@ -395,13 +396,13 @@ def test_ledger_round_trip_and_persistence(tmp_path):
     ledger.charge("baseline_eval", 10**13, "eval")
     again = Ledger(path)  # a new instance reads what the first wrote
     assert again.total() == 84 * 10**12 + 3 * 10**15 + 10**13
-    assert again.by_stage() == {"baseline_eval": 84 * 10**12 + 10**13, "lora_default": 3 * 10**15}
+    assert spent_by_stage(again) == {"baseline_eval": 84 * 10**12 + 10**13, "lora_default": 3 * 10**15}
     assert [x["kind"] for x in again.entries()] == ["generate", "train", "eval"]
     text = path.read_text()
     assert text.endswith("\n") and len(text.splitlines()) == 3
     assert all(json.loads(line) for line in text.splitlines())
     assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.jsonl", "ledger.jsonl.lock"]  # no temp
-    table = again.markdown_table()
+    table = ledger_table(again)
     assert "| baseline_eval | generate, eval | 9.40e+13 | 0.09% |" in table
     assert "| lora_default | train | 3.00e+15 | 3.00% |" in table
     assert "**3.09e+15**" in table

@@ -7,6 +7,7 @@ import pytest
 
 from experiments import sweep
 from experiments.lib.budget import Ledger
+from experiments.flops import spent_by_stage
 
 
 
@@ -96,7 +97,7 @@ def test_context_length_study_takes_the_sweeps_choice(chain):
     assert set(results["details"]["untrained_val_loss"]) == {"32", "48"}
     assert (out / "horizon_mae.png").is_file() and (out / "contexts.csv").is_file()
     assert results["flops"]["total"] <= results["flops"]["planned"]
-    assert Ledger(chain / "flops_ledger.jsonl").by_stage()["context_length"] == results["flops"]["total"]
+    assert spent_by_stage(Ledger(chain / "flops_ledger.jsonl"))["context_length"] == results["flops"]["total"]
     # the final run took lr and rank from the sweep and the context length from the study
     fin = json.loads((chain / "final" / "results.json").read_text())
     best = results["details"]["selection"]["chosen"]["context_length"]

@@ -24,6 +24,7 @@ from data.simulate import simulate, write_h5
 from experiments import baseline, report
 from experiments import train as train_cli
 from experiments.lib.budget import Ledger, LedgerError
+from experiments.flops import ledger_table
 from miniqwen import ConfigError, Qwen2Config, QwenTokenizer, WeightsError, load_pretrained
 from miniqwen import loading
 
@@ -589,7 +590,7 @@ def test_ledger_refuses_bad_budget(tmp_path, budget):
     path = tmp_path / "l.jsonl"
     ledger = Ledger(path)
     ledger.charge("a", 1, "eval")
-    for call in (lambda: ledger.check(1, budget=budget), lambda: ledger.markdown_table(budget)):
+    for call in (lambda: ledger.check(1, budget=budget), lambda: ledger_table(ledger, budget)):
         with pytest.raises(ValueError) as err:
             call()
         msg = one_line(err)

@@ -60,13 +60,13 @@ class BudgetExceededError(RuntimeError):
     """A planned run would take the ledger over the budget (pass ``force=True`` / ``--force`` to run anyway)."""
 
 
-def _sci(x: int | float) -> str:
+def sci(x: int | float) -> str:
     """FLOPs in scientific notation with 3 significant figures, e.g. ``6.12e+16``."""
     return f"{x:.3g}" if x == 0 else f"{x:.2e}"
 
 
 def _sci_apart(*values: int) -> list[str]:
-    """``values`` as :func:`_sci` writes them, with as many more significant figures as it takes (up to 7) for
+    """``values`` as :func:`sci` writes them, with as many more significant figures as it takes (up to 7) for
     values that differ to read differently, else as exact integers ("100,000,000,000,000,001"): a message must
     not say "from 1.00e+17 to 1.00e+17"."""
     def apart(texts):
@@ -153,13 +153,6 @@ class Ledger:
         """FLOPs charged so far (int). Raises :class:`LedgerError` like :meth:`entries`."""
         return sum(e["flops"] for e in self.entries())
 
-    def by_stage(self) -> dict[str, int]:
-        """``{stage: FLOPs}`` in order of each stage's first entry. Raises like :meth:`entries`."""
-        out: dict[str, int] = {}
-        for e in self.entries():
-            out[e["stage"]] = out.get(e["stage"], 0) + e["flops"]
-        return out
-
     # ------------------------------------------------------------------ writing
     def charge(self, stage: str, flops: int, kind: str, **details) -> dict:
         """Append one entry and return it.
@@ -244,43 +237,20 @@ class Ledger:
             ValueError: ``planned`` is not a non-negative integer (NaN, infinite, negative, fractional, a bool or
                 not a number), or ``budget`` is not a positive integer; the message names the ledger file.
         """
-        planned, budget = _as_int(planned), _as_int(budget)
+        planned = _as_int(planned)
         if not isinstance(planned, int) or isinstance(planned, bool) or planned < 0:
             raise ValueError(f"{self.path}: planned FLOPs must be a non-negative integer, got {planned!r}")
-        _check_budget(budget, self.path)
+        budget = check_budget(budget, self.path)
         spent = self.total()
         after = spent + planned
         p, s, a, b = _sci_apart(planned, spent, after, budget)
         print(f"FLOP budget: planned {p} + ledger {s} = {a} of {b} ({100 * after / budget:.1f}%) [{self.path}]")
         if after > budget:
             msg = (f"planned run ({p} FLOPs) would take the ledger {self.path} from {s} to {a}, over the budget of "
-                   f"{b} by {_sci(after - budget)}")
+                   f"{b} by {sci(after - budget)}")
             if not force:
                 raise BudgetExceededError(msg + "; reduce the run or pass --force to run anyway")
             print(f"WARNING: {msg} (--force given, running anyway)", file=sys.stderr)
-
-    def markdown_table(self, budget: int = BUDGET) -> str:
-        """The coursework's final FLOP table: one row per stage (stage, kind(s), FLOPs, % of budget) and a total.
-
-        Returns a Markdown string; an empty ledger gives a table with only the total row. Raises like
-        :meth:`entries`, and ValueError when ``budget`` is not a positive integer.
-        """
-        budget = _as_int(budget)
-        _check_budget(budget, self.path)
-        stages: dict[str, dict] = {}
-        for e in self.entries():
-            row = stages.setdefault(e["stage"], {"kinds": [], "flops": 0})
-            if e["kind"] not in row["kinds"]:
-                row["kinds"].append(e["kind"])
-            row["flops"] += e["flops"]
-        lines = ["| stage | kind | FLOPs | % of budget |", "| --- | --- | ---: | ---: |"]
-        total = 0
-        for stage, row in stages.items():
-            total += row["flops"]
-            lines.append(f"| {stage} | {', '.join(row['kinds'])} | {_sci(row['flops'])} | "
-                         f"{100 * row['flops'] / budget:.2f}% |")
-        lines.append(f"| **total** | | **{_sci(total)}** | **{100 * total / budget:.2f}%** |")
-        return "\n".join(lines)
 
 
 def _as_int(value):
@@ -295,10 +265,13 @@ def _as_int(value):
     return value
 
 
-def _check_budget(budget, path) -> None:
-    """Raise ValueError (naming the ledger ``path``) unless ``budget`` is a positive int."""
+def check_budget(budget, path) -> int:
+    """``budget`` as an int (an integral float such as ``1e17`` is read as one); raises ValueError (naming the
+    ledger ``path``) unless it is a positive integer."""
+    budget = _as_int(budget)
     if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
         raise ValueError(f"{path}: budget must be a positive integer number of FLOPs, got {budget!r}")
+    return budget
 
 
 def _validate(entry) -> str | None:

@@ -13,13 +13,13 @@ import dataclasses
 import os
 import sys
 
-from data import ENCODINGS, SCALINGS, DataError
+from data import DataError
 from miniqwen import ConfigError, WeightsError
 
 from .budget import BudgetExceededError, LedgerError
 from .errors import CheckpointError, OptionError, UsageError
 from .run_directory import cli_locks, share_lock
-from .settings import GROUPS, LR_SCHEDULES, MODEL_ENV_VAR, PRECISIONS, SPLITS
+from .settings import GROUPS, MODEL_ENV_VAR, TITLES
 
 
 def _none_or(kind):
@@ -102,7 +102,6 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
     ``scores_forecasts``: the stage scores validation forecasts while it trains, so ``--select-by forecast`` is
     offered (elsewhere only ``loss``: refused when parsed, before anything is spent).
     """
-    d = {name: (defaults or {}).get(name) or cls() for name, cls in GROUPS.items()}
     p = ArgumentParser(prog=prog, description=description)
     if presets:
         p.add_argument("--preset", choices=list(presets), default=None,
@@ -110,121 +109,43 @@ def parser(prog: str, description: str, *groups: str, defaults: dict | None = No
                            f"{name}: " + ", ".join(f"{k}={v}" for fields in groups_.values()
                                                    for k, v in fields.items())
                            for name, groups_ in presets.items()) + " (options given explicitly still win)")
-    r, dt, f, lo, t, ls = d["run"], d["data"], d["forecast"], d["lora"], d["train"], d["loss"]
-    if "run" in groups:
-        g = p.add_argument_group("run")
-        g.add_argument("--model", default=os.environ.get(MODEL_ENV_VAR, r.model),
-                       help=f"HF-layout model directory or Hub repo id (default: ${MODEL_ENV_VAR} or {r.model})")
-        g.add_argument("--device", default=r.device,
-                       help="auto, cpu, cuda, cuda:N or mps (Apple silicon) (default: auto = cuda if available, "
-                            "else mps if available, else cpu)")
-        g.add_argument("--precision", default=r.precision, choices=PRECISIONS,
-                       help="compute dtype; auto = bf16 on CUDA GPUs of compute capability >= 8.0 and on CPUs with "
-                            "native bf16, float16 on older CUDA GPUs (T4, V100) and on Apple silicon, else float32; "
-                            "should float16 overflow, use float32")
-        g.add_argument("--seed", type=int, default=r.seed, help=f"random seed (default {r.seed})")
-        g.add_argument("--out", default=r.out, help="output directory (default: runs/<stage>)")
-        g.add_argument("--ledger", default=r.ledger,
-                       help="FLOP ledger file (default: $MINIQWEN_LEDGER or runs/flops_ledger.jsonl)")
-        g.add_argument("--force", action="store_true", help="run even if the FLOP budget would be exceeded")
-        g.add_argument("--resume", action="store_true", help="continue the run already in --out")
-        g.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    if "data" in groups:
-        g = p.add_argument_group("data")
-        g.add_argument("--data", default=dt.data, help="Lotka-Volterra HDF5 file (default: $MINIQWEN_DATA, "
-                       "data/lotka_volterra_data.h5 or ../shared/data/lotka_volterra_data.h5)")
-        g.add_argument("--decimals", type=int, default=dt.decimals, help=f"decimals per value (default {dt.decimals})")
-        g.add_argument("--scale-quantile", type=float, default=dt.scale_quantile,
-                       help="LLMTIME scale = this quantile of the training values / --scale-target (default 0.99)")
-        g.add_argument("--scale-target", type=float, default=dt.scale_target,
-                       help="value the quantile maps to (default 10)")
-        g.add_argument("--encoding", default=dt.encoding, choices=ENCODINGS,
-                       help="how values are written: decimal (1.23,0.05) or integer (123,5: no decimal point, no "
-                            f"leading zeros, as in LLMTIME; fewer tokens per step) (default {dt.encoding})")
-        g.add_argument("--scaling", default=dt.scaling, choices=SCALINGS,
-                       help="dataset: one LLMTIME scale fitted on the training split; series: an offset and a scale "
-                            "per species fitted on each trajectory's own context (LLMTIME's per-series scaling) "
-                            f"(default {dt.scaling})")
-    if "forecast" in groups:
-        g = p.add_argument_group("forecasting")
-        g.add_argument("--split", default=f.split, choices=SPLITS, help=f"trajectories to forecast (default {f.split})")
-        g.add_argument("--limit", type=_none_or(int), default=f.limit,
-                       help="forecast the first N trajectories of the split (default: all)")
-        g.add_argument("--context-steps", type=int, default=f.context_steps,
-                       help=f"observed time steps in the prompt (default {f.context_steps})")
-        g.add_argument("--horizon", type=int, default=f.horizon, help=f"time steps to forecast (default {f.horizon})")
-        g.add_argument("--prompt", default=f.prompt, choices=["raw", "chat"],
-                       help="raw LLMTIME continuation or a Qwen chat instruction (default raw)")
-        g.add_argument("--samples", type=int, default=f.samples, help="1 = greedy (default); N = median of N samples")
-        g.add_argument("--temperature", type=float, default=f.temperature, help="sampling temperature (--samples > 1)")
-        g.add_argument("--top-p", type=float, default=f.top_p, help="nucleus mass (--samples > 1)")
-        g.add_argument("--gen-batch-size", type=int, default=f.gen_batch_size,
-                       help=f"prompts per generation batch (default {f.gen_batch_size})")
-        g.add_argument("--plots", type=int, default=f.plots, help=f"forecasts drawn per PNG (default {f.plots})")
-    if "lora" in groups:
-        g = p.add_argument_group("LoRA")
-        if "rank" not in exclude:
-            g.add_argument("--rank", type=int, default=lo.rank, help=f"LoRA rank (default {lo.rank})")
-        g.add_argument("--lora-alpha", type=float, default=lo.lora_alpha,
-                       help="LoRA scaling numerator; the update is scaled by lora_alpha/rank (default: = rank)")
-        g.add_argument("--targets", default=",".join(lo.targets),
-                       help=f"comma-separated projections (default {','.join(lo.targets)})")
-        g.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=lo.head_bias,
-                       help="also train a bias on the output head (lm_head), zero at start: + vocab_size parameters "
-                            f"and 1 FLOP per logit; saved with the adapter (default {lo.head_bias})")
-    if "train" in groups:
-        g = p.add_argument_group("training")
-        if "lr" not in exclude:
-            g.add_argument("--lr", type=float, default=t.lr, help=f"AdamW learning rate (default {t.lr:g})")
-        g.add_argument("--lr-schedule", default=t.lr_schedule, choices=LR_SCHEDULES,
-                       help="constant, or cosine: decay from --lr to 0 at --max-steps (SGDR without restarts; a "
-                            "resume must keep --max-steps) (default " + t.lr_schedule + ")")
-        g.add_argument("--warmup-steps", type=int, default=t.warmup_steps,
-                       help=f"linear warm-up of the learning rate over the first N steps (default {t.warmup_steps})")
-        g.add_argument("--batch-size", type=int, default=t.batch_size, help=f"chunks per step (default {t.batch_size})")
-        g.add_argument("--context-length", type=int, default=t.context_length,
-                       help=f"tokens per training chunk (default {t.context_length})")
-        g.add_argument("--stride", type=_none_or(int), default=t.stride,
-                       help="offset between chunk starts (default: = context length)")
-        g.add_argument("--max-steps", type=int, default=t.max_steps, help=f"optimizer steps (default {t.max_steps})")
-        g.add_argument("--train-limit", type=_none_or(int), default=t.train_limit,
-                       help="use only the first N training trajectories (default: all)")
-        g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay (default 0)")
-        g.add_argument("--max-grad-norm", type=_none_or(float), default=t.max_grad_norm,
-                       help=f"clip the gradient norm to this (default {t.max_grad_norm}; none = no clipping)")
-        g.add_argument("--eval-every", type=int, default=t.eval_every,
-                       help=f"steps between validation losses (default {t.eval_every}; 0 = start and end only)")
-        g.add_argument("--eval-batches", type=int, default=t.eval_batches,
-                       help=f"validation subset = this many batches (default {t.eval_batches}; 0 = all)")
-        g.add_argument("--no-eval-at-start", action="store_true", default=not t.eval_at_start,
-                       help="skip the step-0 validation loss" + ("" if t.eval_at_start else " (this stage's default)"))
-        g.add_argument("--early-stop", dest="early_stop_patience", type=int, default=t.early_stop_patience,
-                       help=f"stop after this many evaluations without improvement (default "
-                            f"{t.early_stop_patience}; 0 = off)")
-        g.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=t.restore_best,
-                       help=f"end with the best-validation-loss adapter (default {t.restore_best})")
-        g.add_argument("--select-by", default=t.select_by,
-                       choices=["loss", "forecast"] if scores_forecasts else ["loss"],
-                       help="best adapter (early stopping, --restore-best) by validation loss" +
-                            (" or by validation forecast error" if scores_forecasts else "") +
-                            f" (default {t.select_by})")
-        g.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
-                       help=f"steps between checkpoints (default {t.checkpoint_every})")
-        g.add_argument("--loss-vocabulary", default=t.loss_vocabulary, choices=["full", "numeric"],
-                       help="training loss over the full vocabulary (the coursework's) or only the numeric alphabet "
-                            f"(a different, cheaper objective; default {t.loss_vocabulary})")
-        g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=t.compile,
-                       help=f"torch.compile the training forward/backward (default {t.compile}; for CUDA)")
-        g.add_argument("--no-progress", action="store_true", default=not t.progress, help="no progress bar")
-    if "loss" in groups:
-        g = p.add_argument_group("validation loss")
-        g.add_argument("--loss-limit", type=_none_or(int), default=ls.loss_limit,
-                       help="validation trajectories for the token loss (default: all; 0 = skip)")
-        g.add_argument("--loss-context-length", type=int, default=ls.loss_context_length,
-                       help=f"tokens per validation-loss chunk (default {ls.loss_context_length})")
-        g.add_argument("--loss-batch-size", type=int, default=ls.loss_batch_size,
-                       help=f"chunks per validation-loss batch (default {ls.loss_batch_size})")
+    for group in groups:
+        values = (defaults or {}).get(group) or GROUPS[group]()
+        g = p.add_argument_group(TITLES[group])
+        for f in dataclasses.fields(GROUPS[group]):
+            if "help" in f.metadata and f.name not in exclude:
+                _add_option(g, f, getattr(values, f.name), scores_forecasts)
     return p
+
+
+def _add_option(g, f: dataclasses.Field, default, scores_forecasts: bool) -> None:
+    """Add the option of settings field ``f`` (declared with :func:`settings.option`) to argument group ``g``, with
+    the stage's ``default``."""
+    m = f.metadata
+    flag, action, choices = m["flag"] or "--" + f.name.replace("_", "-"), m["action"], m["choices"]
+    shown = ",".join(default) if action == "names" else default
+    help = m["help"].format(default=shown)
+    if f.name == "model":
+        default = os.environ.get(MODEL_ENV_VAR, default)
+    if f.name == "select_by" and not scores_forecasts:  # only a stage that scores forecasts can select by them
+        choices = ("loss",)
+    kwargs = dict(dest=f.name, default=default, help=help)
+    if action == "store_false":
+        kwargs["help"] += "" if default else " (this stage's default)"
+        g.add_argument(flag, action="store_false", **kwargs)
+    elif action in ("store_true", "bool"):
+        g.add_argument(flag, action="store_true" if action == "store_true" else argparse.BooleanOptionalAction,
+                       **kwargs)
+    elif action == "names":
+        g.add_argument(flag, type=_names, **kwargs)
+    else:
+        kind = _none_or(m["type"]) if m["none"] else m["type"]
+        g.add_argument(flag, type=kind, choices=list(choices) if choices else None, **kwargs)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names as a tuple (``"q_proj, v_proj"`` -> ``("q_proj", "v_proj")``)."""
+    return tuple(t.strip() for t in text.split(","))
 
 
 def _flag(p: argparse.ArgumentParser, field_name: str) -> str:
@@ -247,12 +168,6 @@ def parse(p: argparse.ArgumentParser, argv=None) -> dict:
     share_lock("shard" in args and not args.get("collect") and not args.get("overwrite"))
     out: dict = {}
     fields_of = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in GROUPS.items()}
-    if "no_eval_at_start" in args:
-        args["eval_at_start"] = not args.pop("no_eval_at_start")
-    if "no_progress" in args:
-        args["progress"] = not args.pop("no_progress")
-    if "targets" in args and isinstance(args["targets"], str):
-        args["targets"] = tuple(t.strip() for t in args["targets"].split(","))
     used = set()
     for name, cls in GROUPS.items():
         present = {k: args[k] for k in fields_of[name] if k in args}

@@ -68,38 +68,46 @@ def _choice(name: str, value, choices) -> None:
         raise OptionError(name, value, f"must be one of {', '.join(map(str, choices))}")
 
 
+def option(default, help: str, *, type=None, choices=None, flag: str | None = None, action: str | None = None,
+           none: bool = False):
+    """A settings field and its command-line option, declared once (:func:`experiments.lib.cli.parser` reads them).
+
+    Args:
+        default: the field's default (a stage may give its own: ``defaults.DEFAULTS``).
+        help: the option's help; ``{default}`` is replaced by the stage's default.
+        type: argparse's ``type`` (None: the text as given). ``none``: "none" / "all" also read as None (unset).
+        choices: the values allowed. flag: the spelling, if not ``--field-name``.
+        action: "store_true" (a flag), "bool" (``--x`` / ``--no-x``), "store_false" (a ``--no-…`` flag clearing a
+            field that defaults to True), "names" (a comma-separated list of names, read as a tuple).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "type": type, "choices": choices,
+                                                        "flag": flag, "action": action, "none": none})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The settings
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class RunSettings:
-    """What a run runs on and where it writes.
+    """What a run runs on and where it writes (each field's ``help`` says what it is). ``device`` None or "auto" is
+    resolved by ``miniqwen.device.resolve_device``; ``precision`` is the dtype the weights are held in and training
+    autocasts to (float16 with a gradient scaler; ``miniqwen.device`` explains the fallback to float32). ``seed``
+    seeds Python, NumPy and torch, the data order, LoRA's initialisation and sampling."""
 
-    Attributes:
-        model: HF-layout model directory or Hub repo id.
-        device: "auto", "cpu", "cuda", "cuda:N" or "mps" (Apple silicon); None or "auto" = cuda if available, else
-            mps if available, else cpu (``miniqwen.device.resolve_device``).
-        precision: compute dtype — "auto" (bf16 on CUDA GPUs of compute capability >= 8.0 and on CPUs with native
-            bf16 matmuls; float16 on older CUDA GPUs such as the T4 and V100 and on MPS; else float32), "float32",
-            "bfloat16" or "float16". Weights are held in it; training also autocasts to it (float16 with a gradient
-            scaler). Should float16 overflow, float32 is the fallback (``miniqwen.device`` explains).
-        seed: seeds Python, NumPy and torch, the data order, LoRA's initialisation and sampling.
-        out: output directory (None = ``runs/<stage>``).
-        ledger: FLOP ledger file (None = ``$MINIQWEN_LEDGER`` or ``runs/flops_ledger.jsonl``).
-        force: run even if the FLOP budget would be exceeded.
-        resume: continue the run in ``out``; overwrite: replace the results already in ``out``.
-    """
-
-    model: str = DEFAULT_MODEL
-    device: str | None = None
-    precision: str = "auto"
-    seed: int = 0
-    out: str | None = None
-    ledger: str | None = None
-    force: bool = False
-    resume: bool = False
-    overwrite: bool = False
+    model: str = option(DEFAULT_MODEL, f"HF-layout model directory or Hub repo id (default: ${MODEL_ENV_VAR} or "
+                        "{default})")
+    device: str | None = option(None, "auto, cpu, cuda, cuda:N or mps (Apple silicon) (default: auto = cuda if "
+                                "available, else mps if available, else cpu)")
+    precision: str = option("auto", "compute dtype; auto = bf16 on CUDA GPUs of compute capability >= 8.0 and on CPUs "
+                            "with native bf16, float16 on older CUDA GPUs (T4, V100) and on Apple silicon, else "
+                            "float32; should float16 overflow, use float32", choices=PRECISIONS)
+    seed: int = option(0, "random seed (default {default})", type=int)
+    out: str | None = option(None, "output directory (default: runs/<stage>)")
+    ledger: str | None = option(None, "FLOP ledger file (default: $MINIQWEN_LEDGER or runs/flops_ledger.jsonl)")
+    force: bool = option(False, "run even if the FLOP budget would be exceeded", action="store_true")
+    resume: bool = option(False, "continue the run already in --out", action="store_true")
+    overwrite: bool = option(False, "replace the results already in --out", action="store_true")
 
     def validate(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
@@ -137,30 +145,24 @@ SERIES_FIT_STEPS = 80
 
 @dataclass
 class DataSettings:
-    """Where the data is and how it becomes LLMTIME text.
+    """Where the data is and how it becomes LLMTIME text (Gruver et al. 2023, section 3). ``encoding`` "integer"
+    takes 7.2 instead of 10.0 tokens per step at 2 decimals (``data.llmtime.encode``); ``scaling`` "series" fits
+    ``data.llmtime.fit_series_scale`` on a training trajectory's first :data:`SERIES_FIT_STEPS` steps and on a
+    prompt's context. Both are recorded only when not the default (:func:`as_record`), so records made before the
+    options existed still match."""
 
-    Attributes:
-        data: the HDF5 file (None = ``$MINIQWEN_DATA``, ``data/lotka_volterra_data.h5`` or
-            ``../shared/data/lotka_volterra_data.h5``).
-        decimals: decimals per value in the text.
-        scale_quantile, scale_target: LLMTIME scale = ``scale_quantile`` quantile of the training values /
-            ``scale_target`` (Gruver et al. 2023, section 3).
-        encoding: "decimal" (``1.23,0.05``) or "integer" (``123,5``: the same digits without the point and leading
-            zeros, LLMTIME's own encoding; 7.2 instead of 10.0 tokens per step at 2 decimals), see
-            ``data.llmtime.encode``. Recorded only when not "decimal" (:func:`as_record`), so records made before
-            the option existed still match.
-        scaling: "dataset" (one scale α fitted on the training split) or "series" (an offset and a scale per
-            species fitted on each trajectory's own context, ``data.llmtime.fit_series_scale``: on its first
-            :data:`SERIES_FIT_STEPS` steps for training text, on the forecast's context for a prompt). Recorded
-            only when not "dataset".
-    """
-
-    data: str | None = None
-    decimals: int = 2
-    scale_quantile: float = 0.99
-    scale_target: float = 10.0
-    encoding: str = "decimal"
-    scaling: str = "dataset"
+    data: str | None = option(None, "Lotka-Volterra HDF5 file (default: $MINIQWEN_DATA, data/lotka_volterra_data.h5 or "
+                              "../shared/data/lotka_volterra_data.h5)")
+    decimals: int = option(2, "decimals per value (default {default})", type=int)
+    scale_quantile: float = option(0.99, "LLMTIME scale = this quantile of the training values / --scale-target "
+                                   "(default {default})", type=float)
+    scale_target: float = option(10.0, "value the quantile maps to (default {default:g})", type=float)
+    encoding: str = option("decimal", "how values are written: decimal (1.23,0.05) or integer (123,5: no decimal "
+                           "point, no leading zeros, as in LLMTIME; fewer tokens per step) (default {default})",
+                           choices=ENCODINGS)
+    scaling: str = option("dataset", "dataset: one LLMTIME scale fitted on the training split; series: an offset and a "
+                          "scale per species fitted on each trajectory's own context (LLMTIME's per-series scaling) "
+                          "(default {default})", choices=SCALINGS)
 
     def validate(self) -> None:
         _int("decimals", self.decimals, 0)
@@ -178,26 +180,20 @@ class DataSettings:
 
 @dataclass
 class ForecastSettings:
-    """Which trajectories are forecast and how.
+    """Which trajectories are forecast and how (``samples`` N > 1: the element-wise median of N samples)."""
 
-    Attributes:
-        split: "train", "validation" or "test"; limit: the first this-many trajectories of it (None = all).
-        context_steps: observed time steps in the prompt; horizon: time steps forecast after them.
-        prompt: "raw" (LLMTIME continuation) or "chat" (an instruction in Qwen's chat format).
-        samples: 1 = greedy; N > 1 = element-wise median of N samples at ``temperature`` / ``top_p``.
-        gen_batch_size: prompts per generation batch. plots: forecasts drawn per PNG (0 = none).
-    """
-
-    split: str = "validation"
-    limit: int | None = None
-    context_steps: int = 80
-    horizon: int = 20
-    prompt: str = "raw"
-    samples: int = 1
-    temperature: float = 0.7
-    top_p: float = 0.9
-    gen_batch_size: int = 8
-    plots: int = 4
+    split: str = option("validation", "trajectories to forecast (default {default})", choices=SPLITS)
+    limit: int | None = option(None, "forecast the first N trajectories of the split (default: all)", type=int,
+                               none=True)
+    context_steps: int = option(80, "observed time steps in the prompt (default {default})", type=int)
+    horizon: int = option(20, "time steps to forecast (default {default})", type=int)
+    prompt: str = option("raw", "raw LLMTIME continuation or a Qwen chat instruction (default {default})",
+                         choices=("raw", "chat"))
+    samples: int = option(1, "1 = greedy (default); N = median of N samples", type=int)
+    temperature: float = option(0.7, "sampling temperature (--samples > 1)", type=float)
+    top_p: float = option(0.9, "nucleus mass (--samples > 1)", type=float)
+    gen_batch_size: int = option(8, "prompts per generation batch (default {default})", type=int)
+    plots: int = option(4, "forecasts drawn per PNG (default {default})", type=int)
 
     def validate(self) -> None:
         _choice("split", self.split, SPLITS)
@@ -222,10 +218,14 @@ class LoRASettings:
     Qwen2.5-0.5B) and + 1 FLOP per computed logit (V per position, K with the numeric head). Saved with the
     adapter, exported beside the PEFT adapter. Recorded only when True (:func:`as_record`)."""
 
-    rank: int = 4
-    lora_alpha: float | None = None
-    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    head_bias: bool = False
+    rank: int = option(4, "LoRA rank (default {default})", type=int)
+    lora_alpha: float | None = option(None, "LoRA scaling numerator; the update is scaled by lora_alpha/rank "
+                                      "(default: = rank)", type=float)
+    targets: tuple[str, ...] = option(DEFAULT_LORA_TARGETS, "comma-separated projections (default {default})",
+                                      action="names")
+    head_bias: bool = option(False, "also train a bias on the output head (lm_head), zero at start: + vocab_size "
+                             "parameters and 1 FLOP per logit; saved with the adapter (default {default})",
+                             action="bool")
 
     def validate(self) -> None:
         _int("rank", self.rank, 1)
@@ -245,59 +245,56 @@ class LoRASettings:
 
 @dataclass
 class TrainSettings:
-    """Optimisation of one training run (defaults: the coursework's LoRA defaults).
+    """Optimisation of one training run (defaults: the coursework's LoRA defaults; AdamW's ``betas`` and ``eps``
+    have no option). Notes beside the fields' ``help``:
 
-    Attributes:
-        lr: AdamW learning rate (the peak of the schedule). batch_size: chunks per step. context_length: tokens
-            per chunk.
-        lr_schedule, warmup_steps: the learning rate of each step, :meth:`learning_rate`: "constant" (the default)
-            or "cosine" (decay to 0 at ``max_steps``), after a linear warm-up over the first ``warmup_steps`` steps
-            (0 = none). Both are recorded only when not the default (:func:`as_record`).
-        stride: offset between chunk starts (None = context_length, no overlap).
-        max_steps: optimizer steps in total. train_limit: use only the first N training trajectories (None = all).
-        weight_decay, betas, eps: AdamW's. max_grad_norm: clip the gradient norm to this (None = no clipping).
-        eval_every: validation loss every this many steps (0 = only at the start and the end); eval_batches:
-            validation subset of ``eval_batches · batch_size`` chunks drawn once with the seed (0 = all chunks);
-            eval_at_start: evaluate before the first step.
-        early_stop_patience: stop after this many evaluations without a new best (0 = off); restore_best: put the
-            best-validation weights back into the model at the end.
-        select_by: what "best" means for early stopping and ``restore_best``: "loss" (the validation loss) or
-            "forecast" (the validation forecast score a stage computes at every evaluation, e.g.
-            ``halving.forecast_scorer``; both are logged either way when the stage gives a scorer). A run may be
-            resumed with another ``select_by`` (:attr:`RESELECTABLE`, e.g. the final stage continuing a search
-            point's run): the best so far is then forgotten and the selection starts at the resumed step.
-        checkpoint_every: checkpoint (and charge the ledger) every this many steps and after the last.
-        loss_vocabulary: "full" (the coursework's loss: softmax over the whole vocabulary) or "numeric" (softmax
-            over the numeric alphabet only: a different objective that also skips most of the output head; the
-            validation loss stays the full-vocabulary one, so runs stay comparable).
-        compile: run the training forward and backward through ``torch.compile`` (TorchInductor; mostly for CUDA,
-            where it fuses the element-wise work; on CPU it needs a C++ compiler, and compiling the 0.5B model takes
-            minutes). The counted FLOPs are the same: dynamo replays the modules' counting on every call.
-        progress: show a progress bar.
+    - ``lr_schedule``, ``warmup_steps``: :meth:`learning_rate`; recorded only when not the default (:func:`as_record`).
+    - ``eval_batches``: the validation subset, ``eval_batches · batch_size`` chunks drawn once with the seed.
+    - ``select_by``: what "best" means for early stopping and ``restore_best``: the validation loss, or the
+      validation forecast score a stage computes at every evaluation (e.g. ``halving.forecast_scorer``; both are
+      logged when the stage gives a scorer). A run may be resumed with another ``select_by`` (:attr:`RESELECTABLE`):
+      the best so far is then forgotten and the selection starts at the resumed step.
+    - ``loss_vocabulary`` "numeric": softmax over the numeric alphabet only, a different objective that also skips
+      most of the output head; the validation loss stays the full-vocabulary one, so runs stay comparable.
+    - ``compile``: TorchInductor, mostly for CUDA (on CPU it needs a C++ compiler and takes minutes for the 0.5B
+      model); the counted FLOPs are the same, as dynamo replays the modules' counting on every call.
     """
 
-    lr: float = 1e-5
-    batch_size: int = 4
-    context_length: int = 512
-    stride: int | None = None
-    max_steps: int = 10_000
-    train_limit: int | None = None
-    weight_decay: float = 0.0
+    lr: float = option(1e-5, "AdamW learning rate (default {default:g})", type=float)
+    batch_size: int = option(4, "chunks per step (default {default})", type=int)
+    context_length: int = option(512, "tokens per training chunk (default {default})", type=int)
+    stride: int | None = option(None, "offset between chunk starts (default: = context length)", type=int, none=True)
+    max_steps: int = option(10_000, "optimizer steps (default {default})", type=int)
+    train_limit: int | None = option(None, "use only the first N training trajectories (default: all)", type=int,
+                                     none=True)
+    weight_decay: float = option(0.0, "AdamW weight decay (default {default:g})", type=float)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    eval_every: int = 500
-    eval_batches: int = 8
-    eval_at_start: bool = True
-    early_stop_patience: int = 0
-    restore_best: bool = False
-    select_by: str = "loss"
-    checkpoint_every: int = 500
-    loss_vocabulary: str = "full"
-    compile: bool = False
-    progress: bool = True
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
+    max_grad_norm: float | None = option(1.0, "clip the gradient norm to this (default {default}; none = no "
+                                         "clipping)", type=float, none=True)
+    eval_every: int = option(500, "steps between validation losses (default {default}; 0 = start and end only)",
+                             type=int)
+    eval_batches: int = option(8, "validation subset = this many batches (default {default}; 0 = all)", type=int)
+    eval_at_start: bool = option(True, "skip the step-0 validation loss", flag="--no-eval-at-start",
+                                 action="store_false")
+    early_stop_patience: int = option(0, "stop after this many evaluations without improvement (default "
+                                      "{default}; 0 = off)", type=int, flag="--early-stop")
+    restore_best: bool = option(False, "end with the best-validation adapter (default {default})", action="bool")
+    select_by: str = option("loss", "best adapter (early stopping, --restore-best) by validation loss, or by "
+                            "validation forecast error where the stage scores forecasts (default {default})",
+                            choices=("loss", "forecast"))
+    checkpoint_every: int = option(500, "steps between checkpoints, each charging the ledger (default {default})",
+                                   type=int)
+    loss_vocabulary: str = option("full", "training loss over the full vocabulary (the coursework's) or only the "
+                                  "numeric alphabet (a different, cheaper objective; default {default})",
+                                  choices=("full", "numeric"))
+    compile: bool = option(False, "torch.compile the training forward/backward (default {default}; for CUDA)",
+                           action="bool")
+    progress: bool = option(True, "no progress bar", flag="--no-progress", action="store_false")
+    lr_schedule: str = option("constant", "constant, or cosine: decay from --lr to 0 at --max-steps (SGDR without "
+                              "restarts; a resume must keep --max-steps) (default {default})", choices=LR_SCHEDULES)
+    warmup_steps: int = option(0, "linear warm-up of the learning rate over the first N steps (default {default})",
+                               type=int)
 
     #: fields that define the optimisation trajectory: a resumed run must use the same values (and, under a
     #: schedule that depends on it, the same ``max_steps``: :attr:`schedule_depends_on_max_steps`)
@@ -374,9 +371,10 @@ class LossSettings:
     validation trajectories (None = all, 0 = skip), cut into chunks of ``loss_context_length`` tokens, evaluated
     ``loss_batch_size`` chunks at a time."""
 
-    loss_limit: int | None = None
-    loss_context_length: int = 512
-    loss_batch_size: int = 4
+    loss_limit: int | None = option(None, "validation trajectories for the token loss (default: all; 0 = skip)",
+                                    type=int, none=True)
+    loss_context_length: int = option(512, "tokens per validation-loss chunk (default {default})", type=int)
+    loss_batch_size: int = option(4, "chunks per validation-loss batch (default {default})", type=int)
 
     def validate(self) -> None:
         _int("loss_limit", self.loss_limit, 0, optional=True)
@@ -385,8 +383,10 @@ class LossSettings:
 
 
 GROUPS = {"run": RunSettings, "data": DataSettings, "forecast": ForecastSettings, "lora": LoRASettings,
-          "train": TrainSettings,
-          "loss": LossSettings}
+          "train": TrainSettings, "loss": LossSettings}
+#: each group's title in ``--help``
+TITLES = {"run": "run", "data": "data", "forecast": "forecasting", "lora": "LoRA", "train": "training",
+          "loss": "validation loss"}
 
 #: fields added after records existed, recorded only when they differ from these values (:func:`as_record`): the
 #: record (and study key) of a run that does not use them equals the one made before they existed; a reader of a
