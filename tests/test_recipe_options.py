@@ -395,6 +395,19 @@ TRAIN_RECORD_BEFORE = {
 LORA_RECORD_BEFORE = {"rank": 4, "lora_alpha": None, "targets": ["q_proj", "v_proj"]}
 
 
+def test_records_hold_no_machine_paths(tmp_path):
+    """File options are recorded by their names, also a ledger or output directory that does not exist yet when the
+    record is written; a model directory by its name, a Hub id as given."""
+    from experiments.lib.settings import RunSettings
+
+    (tmp_path / "weights").mkdir()
+    run = RunSettings(model=str(tmp_path / "weights"), out=str(tmp_path / "not-yet" / "out"),
+                      ledger=str(tmp_path / "not-yet.jsonl"))
+    assert {k: as_record(run=run)["run"][k] for k in ("model", "out", "ledger")} == {
+        "model": "weights", "out": "out", "ledger": "not-yet.jsonl"}
+    assert as_record(run=RunSettings(model="Qwen/Qwen2.5-0.5B-Instruct"))["run"]["model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
 def test_records_with_the_defaults_are_unchanged(tmp_path):
     assert as_record(train=TrainSettings(), lora=LoRASettings()) == {"train": TRAIN_RECORD_BEFORE,
                                                                     "lora": LORA_RECORD_BEFORE}

@@ -329,3 +329,5 @@ def test_a_checkpoint_written_before_the_refactor_resumes_exactly(tmp_path, toke
         a, b = load_file(str(fixture / "full" / name)), load_file(str(fixture / "run" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert read_log(fixture / "full" / "log.jsonl") == read_log(fixture / "run" / "log.jsonl")
+    # a run directory with no named parent (--out full) is named by itself in the ledger ("full", not "/full")
+    assert {e["run"] for e in Ledger(fixture / "full.ledger.jsonl").entries()} == {"full"}

@@ -397,7 +397,7 @@ RECORDED_UNLESS = {DataSettings: {"scaling": "dataset"}, LoRASettings: {"head_bi
 
 def as_record(**settings) -> dict:
     """``{group: {field: value}}`` of settings dataclasses, JSON-ready, for results (no machine paths: file
-    options are recorded by their file name only). Fields added after records existed are left out at their
+    options are recorded by their file name only, a model directory too, but a Hub id as given). Fields added after records existed are left out at their
     defaults (:data:`RECORDED_UNLESS`, and ``encoding`` "decimal"), so such a run's record equals the one made
     before; readers take a missing field as its default."""
     out = {}
@@ -408,8 +408,8 @@ def as_record(**settings) -> dict:
         for key, value in RECORDED_UNLESS.get(type(s), {}).items():
             if d[key] == value and type(d[key]) is type(value):
                 del d[key]  # likewise
-        for key in ("model", "data", "out", "ledger"):
-            if d.get(key) and os.sep in str(d[key]) and Path(str(d[key])).exists():
+        for key in ("model", "data", "out", "ledger"):  # a path by its name (also one not made yet); a Hub id kept
+            if d.get(key) and os.sep in str(d[key]) and (key != "model" or Path(str(d[key])).exists()):
                 d[key] = Path(str(d[key])).name
         out[group] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
     return out

@@ -83,6 +83,12 @@ class Trainer:
         """The run's ``log.jsonl``."""
         return self.out_dir / "log.jsonl"
 
+    @property
+    def run_name(self) -> str:
+        """The run as its ledger entries name it: the training directory and its parent (``lora_default/training``;
+        only the directory's name where it has no named parent, e.g. ``--out run``)."""
+        return "/".join(n for n in (self.out_dir.parent.name, self.out_dir.name) if n)
+
     def log(self, entry: dict) -> None:
         """Append ``entry`` with ``flops_so_far`` (train + eval FLOPs so far) to ``log.jsonl`` (rank 0 only)."""
         if not self.main:
@@ -100,7 +106,7 @@ class Trainer:
         for kind in ("train", "eval"):
             delta = getattr(st, f"{kind}_flops") - getattr(st, f"charged_{kind}")
             if self.ledger is not None and delta > 0:
-                self.ledger.charge(self.stage, delta, kind, run=f"{self.out_dir.parent.name}/{self.out_dir.name}",
+                self.ledger.charge(self.stage, delta, kind, run=self.run_name,
                                    step=st.step, **note)
                 setattr(st, f"charged_{kind}", getattr(st, f"charged_{kind}") + delta)
 
