@@ -26,10 +26,11 @@ from miniqwen.atomic import atomic_write
 from miniqwen.config import ConfigError, Qwen2Config
 from miniqwen.flop_count import COMPONENTS, forward_flops, forward_flops_breakdown
 
-from .lib.budget import BUDGET, Ledger, LedgerError, check_budget, sci
+from .lib.budget import BUDGET, Ledger, LedgerError
 from .lib.cli import ArgumentParser, run_cli
 from .lib.plans import stage_plans, stage_settings
 from .lib.run_directory import claim_out, record_written
+from .lib.tables import ledger_table
 
 __all__ = ["main", "stage_plans"]
 
@@ -174,24 +175,6 @@ def spent_by_stage(ledger: Ledger) -> dict[str, int]:
     for e in ledger.entries():
         out[e["stage"]] = out.get(e["stage"], 0) + e["flops"]
     return out
-
-
-def ledger_table(ledger: Ledger, budget: int = BUDGET) -> str:
-    """The coursework's final FLOP table in Markdown: one row per stage (stage, kind(s), FLOPs, % of ``budget``)
-    and a total (only the total for an empty ledger). Raises LedgerError like :meth:`Ledger.entries`, and
-    ValueError (naming the ledger) when ``budget`` is not a positive integer."""
-    budget = check_budget(budget, ledger.path)
-    stages: dict[str, dict] = {}
-    for e in ledger.entries():
-        row = stages.setdefault(e["stage"], {"kinds": [], "flops": 0})
-        row["kinds"] += [e["kind"]] if e["kind"] not in row["kinds"] else []
-        row["flops"] += e["flops"]
-    lines = ["| stage | kind | FLOPs | % of budget |", "| --- | --- | ---: | ---: |"]
-    lines += [f"| {stage} | {', '.join(row['kinds'])} | {sci(row['flops'])} | {100 * row['flops'] / budget:.2f}% |"
-              for stage, row in stages.items()]
-    total = sum(row["flops"] for row in stages.values())
-    lines.append(f"| **total** | | **{sci(total)}** | **{100 * total / budget:.2f}%** |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

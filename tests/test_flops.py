@@ -12,7 +12,8 @@ import os
 import pytest
 
 from experiments.lib.budget import BUDGET, BudgetExceededError, Ledger, LedgerError
-from experiments.flops import ledger_table, spent_by_stage
+from experiments.flops import spent_by_stage
+from experiments.lib.tables import ledger_table
 from miniqwen.config import Qwen2Config
 from miniqwen.flop_count import (
     COMPONENTS,

@@ -24,7 +24,7 @@ from data.simulate import simulate, write_h5
 from experiments import baseline, report
 from experiments import train as train_cli
 from experiments.lib.budget import Ledger, LedgerError
-from experiments.flops import ledger_table
+from experiments.lib.tables import ledger_table
 from miniqwen import ConfigError, Qwen2Config, QwenTokenizer, WeightsError, load_pretrained
 from miniqwen import loading
 

@@ -16,7 +16,7 @@ from .plots import plot_horizon_errors
 from .results import Evaluation, Results
 from .scores import TIE_RULE
 from .run_directory import dig, read_json
-from .tables import evaluation_table, format_number, horizon_growth, tie_note
+from .tables import evaluation_table, format_number, horizon_growth, ledger_table, tie_note
 
 
 def _score(e: Evaluation) -> float:
@@ -399,7 +399,7 @@ def render(results: dict[str, Results], ledger: Ledger, results_root: Path, figu
 
     md += ["## Compute: every experiment against the 1e17 budget", ""]
     try:
-        md.append(ledger.markdown_table(BUDGET))
+        md.append(ledger_table(ledger, BUDGET))
         md += ["", f"Ledger: `{ledger.path.name}` ({len(ledger.entries())} entries). Training is charged 3× its "
                "forward FLOPs, evaluation and generation 1× (coursework rules, `miniqwen/flop_count.py`)."]
     except LedgerError as err:

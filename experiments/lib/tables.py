@@ -1,4 +1,4 @@
-"""What a run writes for people to read: Markdown tables of evaluations, the printed summary, the command line
+"""What a run writes for people to read: Markdown tables of evaluations and of the ledger, the printed summary, the command line
 that made a run and the README.md of its directory, and the short sentences the study tables carry."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import numpy as np
 
 from miniqwen.atomic import atomic_write
 
+from .budget import BUDGET, Ledger, check_budget, sci
 from .results import Evaluation
 
 
@@ -119,4 +120,22 @@ def search_table(rows: list[dict], winner: dict | None = None, untrained: dict |
         lines.append(f"| {r['rung']} | {bold}{r['name']}{bold} | {r['steps']} | {bold}{fmt(r['score'])}{bold} | "
                      f"{fmt(r.get('score_sd'))} | {fmt(r['val_loss'])} | {fmt(r['prey_median_mse'])} | {fmt(r['predator_median_mse'])} | "
                      f"{fmt(r['prey_r2'], '.3f')} | {fmt(r['predator_r2'], '.3f')} | {r['parsed_fraction']:.0%} |")
+    return "\n".join(lines)
+
+
+def ledger_table(ledger: Ledger, budget: int = BUDGET) -> str:
+    """The coursework's final FLOP table in Markdown: one row per stage (stage, kind(s), FLOPs, % of ``budget``)
+    and a total (only the total for an empty ledger). Raises LedgerError like :meth:`Ledger.entries`, and
+    ValueError (naming the ledger) when ``budget`` is not a positive integer."""
+    budget = check_budget(budget, ledger.path)
+    stages: dict[str, dict] = {}
+    for e in ledger.entries():
+        row = stages.setdefault(e["stage"], {"kinds": [], "flops": 0})
+        row["kinds"] += [e["kind"]] if e["kind"] not in row["kinds"] else []
+        row["flops"] += e["flops"]
+    lines = ["| stage | kind | FLOPs | % of budget |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| {stage} | {', '.join(row['kinds'])} | {sci(row['flops'])} | {100 * row['flops'] / budget:.2f}% |"
+              for stage, row in stages.items()]
+    total = sum(row["flops"] for row in stages.values())
+    lines.append(f"| **total** | | **{sci(total)}** | **{100 * total / budget:.2f}%** |")
     return "\n".join(lines)
