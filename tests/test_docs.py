@@ -4,6 +4,8 @@ counter's closed form for Qwen2.5-0.5B.
 Blocks fenced ```` ```python ```` form that script. The block fenced ```` ```python real-weights ```` (the guide's last)
 stands alone: it runs on the real weights when ``MINIQWEN_TEST_MODEL`` names them (skipped, with that reason,
 otherwise), and on a tiny random checkpoint always, so its code cannot rot while the weights are absent.
+
+docs/lora_run.md, the route through one LoRA run, names only functions and classes that exist.
 """
 
 from __future__ import annotations
@@ -117,3 +119,43 @@ def test_the_guides_flop_tables_are_the_closed_form():
     for figure in (prefill, step):
         assert f"{figure:,}" in text
     assert step * N == sum(closed.values())  # "the same per token as the full pass"
+
+
+RUN_GUIDE = ROOT / "docs" / "lora_run.md"
+PACKAGES = ("experiments", "miniqwen", "lora", "data")
+
+
+def resolve(dotted: str):
+    """The module, class, function or method a dotted name such as ``experiments.lib.runs.run_lora`` names."""
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_the_lora_run_guide_names_only_what_exists():
+    """Every ``package.module.name`` docs/lora_run.md names in backticks is there to open (the guide cannot rot)."""
+    names = {n for n in re.findall(r"`([a-z_]+(?:\.[A-Za-z_]+)+)`", RUN_GUIDE.read_text()) if n.startswith(PACKAGES)}
+    assert len(names) > 40
+    missing, classes = [], {}
+    for name in sorted(names):
+        try:
+            obj = resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(name)
+            continue
+        if isinstance(obj, type):
+            classes[obj.__name__] = obj
+    # ``Trainer.update``: a method of a class the guide names in full
+    for cls, attr in re.findall(r"`([A-Z][A-Za-z]+)\.([a-z_]+)`", RUN_GUIDE.read_text()):
+        if not hasattr(classes.get(cls), attr):
+            missing.append(f"{cls}.{attr}")
+    assert not missing, missing
