@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import write_tiny_checkpoint
 from data.chunks import make_chunks
 from experiments.lib.session import resolve_precision
 from experiments.lib.settings import LoRASettings, RunSettings, TrainSettings
@@ -146,13 +145,6 @@ def test_command_line_device_errors_are_one_line(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- float16 on the tiny model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-fp16")
-    write_tiny_checkpoint(path, tie=True)
-    return path
 
 
 def module_outputs(model: Qwen2ForCausalLM, ids: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:

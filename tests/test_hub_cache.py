@@ -42,7 +42,8 @@ def lay_out_hf_cache(model_dir, cache, repo_id: str, revision: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def untied_tiny_dir(tmp_path_factory):
+    """A tiny model with an untied output head (conftest's ``untied_tiny_dir`` ties it)."""
     path = tmp_path_factory.mktemp("tiny-hub")
     write_tiny_checkpoint(path, tie=False)
     return path
@@ -65,11 +66,11 @@ def offline_cache(tmp_path, monkeypatch):
     return cache
 
 
-def test_repo_id_loads_from_the_offline_cache_like_the_directory(tiny_dir, offline_cache):
-    snapshot = lay_out_hf_cache(tiny_dir, offline_cache, REPO_ID, REVISION)
+def test_repo_id_loads_from_the_offline_cache_like_the_directory(untied_tiny_dir, offline_cache):
+    snapshot = lay_out_hf_cache(untied_tiny_dir, offline_cache, REPO_ID, REVISION)
     assert resolve_model_dir(REPO_ID).resolve() == snapshot.resolve()
     by_id, tokenizer_by_id = load_pretrained(REPO_ID, dtype="float32", device="cpu")
-    by_dir, tokenizer_by_dir = load_pretrained(tiny_dir, dtype="float32", device="cpu")
+    by_dir, tokenizer_by_dir = load_pretrained(untied_tiny_dir, dtype="float32", device="cpu")
     by_id_state, by_dir_state = by_id.state_dict(), by_dir.state_dict()
     assert by_id_state.keys() == by_dir_state.keys()
     assert all(torch.equal(by_id_state[k], by_dir_state[k]) for k in by_dir_state)
@@ -79,10 +80,10 @@ def test_repo_id_loads_from_the_offline_cache_like_the_directory(tiny_dir, offli
     assert tokenizer_by_id.encode("1.23,4.56;") == tokenizer_by_dir.encode("1.23,4.56;")
 
 
-def test_repo_id_follows_refs_main_to_its_snapshot(tiny_dir, offline_cache):
+def test_repo_id_follows_refs_main_to_its_snapshot(untied_tiny_dir, offline_cache):
     """Two snapshots in the cache: ``refs/main`` decides which one an id means."""
-    old = lay_out_hf_cache(tiny_dir, offline_cache, REPO_ID, "f" * 40)
-    new = lay_out_hf_cache(tiny_dir, offline_cache, REPO_ID, REVISION)
+    old = lay_out_hf_cache(untied_tiny_dir, offline_cache, REPO_ID, "f" * 40)
+    new = lay_out_hf_cache(untied_tiny_dir, offline_cache, REPO_ID, REVISION)
     assert resolve_model_dir(REPO_ID).resolve() == new.resolve()
     (offline_cache / ("models--" + REPO_ID.replace("/", "--")) / "refs" / "main").write_text("f" * 40)
     assert resolve_model_dir(REPO_ID).resolve() == old.resolve()
@@ -94,8 +95,8 @@ def one_line_error(message: str, repo_id: str, cache) -> None:
     assert "--model DIR" in message, message
 
 
-def test_uncached_id_offline_is_a_one_line_weights_error(tiny_dir, offline_cache, capsys):
-    lay_out_hf_cache(tiny_dir, offline_cache, REPO_ID, REVISION)  # another model is cached: it does not count
+def test_uncached_id_offline_is_a_one_line_weights_error(untied_tiny_dir, offline_cache, capsys):
+    lay_out_hf_cache(untied_tiny_dir, offline_cache, REPO_ID, REVISION)  # another model is cached: it does not count
     with pytest.raises(WeightsError) as info:
         load_pretrained(ABSENT_ID, device="cpu")
     one_line_error(str(info.value), ABSENT_ID, offline_cache)
@@ -110,11 +111,11 @@ def test_uncached_id_offline_is_a_one_line_weights_error(tiny_dir, offline_cache
     one_line_error(err.strip(), ABSENT_ID, offline_cache)
 
 
-def test_a_fresh_process_honours_the_environment_alone(tiny_dir, tmp_path):
+def test_a_fresh_process_honours_the_environment_alone(untied_tiny_dir, tmp_path):
     """What a user does by hand: set HF_HUB_CACHE and HF_HUB_OFFLINE=1, then load by id (no patched constants)."""
     pytest.importorskip("huggingface_hub")
     cache = tmp_path / "hub"
-    snapshot = lay_out_hf_cache(tiny_dir, cache, REPO_ID, REVISION)
+    snapshot = lay_out_hf_cache(untied_tiny_dir, cache, REPO_ID, REVISION)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     code = ("import sys; from miniqwen.loading import resolve_model_dir; from miniqwen import WeightsError\n"
