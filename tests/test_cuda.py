@@ -15,7 +15,7 @@ from experiments.lib.budget import Ledger
 from lora import apply_lora, merged
 from miniqwen import FlopCounter, generate, load_pretrained
 
-from test_device import run_training, tiny_dir  # noqa: F401 (the fixture)
+from test_device import run_training
 from test_grid_stages import Killed, common
 from test_lora import randomize_lora, tiny_model
 from test_search import SEARCH_OPTIONS, assert_continued_equals_straight
