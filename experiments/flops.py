@@ -153,8 +153,8 @@ def render(config: Qwen2Config, source: str, ledger: Ledger, plan: dict | None =
     md += ["", f"## (d) Ledger so far ({ledger.path})", ""]
     ledger_json: dict = {"path": str(ledger.path)}
     try:
-        md.append(ledger_table(ledger, budget))
-        ledger_json.update(by_stage=spent_by_stage(ledger), total=ledger.total())
+        md.append(ledger_table(ledger, budget))  # raises first when the ledger is unreadable: `spent` is its sums
+        ledger_json.update(by_stage=spent, total=sum(spent.values()))
     except LedgerError as err:
         md.append(f"**ledger unreadable:** {err}")
         ledger_json["error"] = str(err)

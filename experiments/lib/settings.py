@@ -68,6 +68,14 @@ def _choice(name: str, value, choices) -> None:
         raise OptionError(name, value, f"must be one of {', '.join(map(str, choices))}")
 
 
+def _check_choices(settings) -> None:
+    """Refuse (OptionError) a field of the dataclass ``settings`` outside the ``choices`` its option declares
+    (:func:`option`): the command line and the Python API check the same list."""
+    for f in dataclasses.fields(settings):
+        if f.metadata.get("choices"):
+            _choice(f.name, getattr(settings, f.name), f.metadata["choices"])
+
+
 def option(default, help: str, *, type=None, choices=None, flag: str | None = None, action: str | None = None,
            none: bool = False):
     """A settings field and its command-line option, declared once (:func:`experiments.lib.cli.parser` reads them).
@@ -110,7 +118,7 @@ class RunSettings:
     overwrite: bool = option(False, "replace the results already in --out", action="store_true")
 
     def validate(self) -> None:
-        _choice("precision", self.precision, PRECISIONS)
+        _check_choices(self)
         _int("seed", self.seed, 0)
         if self.seed > MAX_SEED:  # NumPy's seeds are 32-bit: a larger one fails only when the run seeds NumPy
             raise OptionError("seed", self.seed, f"must be an integer between 0 and {MAX_SEED} (2**32 - 1)")
@@ -174,8 +182,7 @@ class DataSettings:
             raise OptionError("scale_target", self.scale_target,
                               f"writes values of more than {MAX_VALUE_DIGITS} digits at --decimals {self.decimals} "
                               f"(a step would fill a context): must be < 1e{MAX_VALUE_DIGITS - self.decimals}")
-        _choice("encoding", self.encoding, ENCODINGS)
-        _choice("scaling", self.scaling, SCALINGS)
+        _check_choices(self)
 
 
 @dataclass
@@ -196,11 +203,10 @@ class ForecastSettings:
     plots: int = option(4, "forecasts drawn per PNG (default {default})", type=int)
 
     def validate(self) -> None:
-        _choice("split", self.split, SPLITS)
+        _check_choices(self)
         _int("limit", self.limit, 1, optional=True)
         _int("context_steps", self.context_steps, 1)
         _int("horizon", self.horizon, 1)
-        _choice("prompt", self.prompt, ("raw", "chat"))
         _int("samples", self.samples, 1)
         _int("gen_batch_size", self.gen_batch_size, 1)
         _int("plots", self.plots, 0)
@@ -349,14 +355,12 @@ class TrainSettings:
         _int("eval_batches", self.eval_batches, 0)
         _int("early_stop_patience", self.early_stop_patience, 0)
         _int("checkpoint_every", self.checkpoint_every, 1)
-        _choice("loss_vocabulary", self.loss_vocabulary, ("full", "numeric"))
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choices(self)
         _int("warmup_steps", self.warmup_steps, 0)
         if self.lr_schedule == "cosine" and self.warmup_steps >= self.max_steps:
             raise OptionError("warmup_steps", self.warmup_steps,
                               f"must be below max_steps ({self.max_steps}) with the cosine schedule, which decays "
                               "over the steps after the warm-up")
-        _choice("select_by", self.select_by, ("loss", "forecast"))
         if not isinstance(self.compile, bool):
             raise OptionError("compile", self.compile, "must be True or False")
         if self.early_stop_patience and not self.eval_every:
@@ -397,9 +401,9 @@ RECORDED_UNLESS = {DataSettings: {"scaling": "dataset"}, LoRASettings: {"head_bi
 
 def as_record(**settings) -> dict:
     """``{group: {field: value}}`` of settings dataclasses, JSON-ready, for results (no machine paths: file
-    options are recorded by their file name only, a model directory too, but a Hub id as given). Fields added after records existed are left out at their
-    defaults (:data:`RECORDED_UNLESS`, and ``encoding`` "decimal"), so such a run's record equals the one made
-    before; readers take a missing field as its default."""
+    options are recorded by their file name only, a model directory too, but a Hub id as given). Fields added after
+    records existed are left out at their defaults (:data:`RECORDED_UNLESS`, and ``encoding`` "decimal"), so such a
+    run's record equals the one made before; readers take a missing field as its default."""
     out = {}
     for group, s in settings.items():
         d = dataclasses.asdict(s)

@@ -1,5 +1,5 @@
-"""What a run writes for people to read: Markdown tables of evaluations and of the ledger, the printed summary, the command line
-that made a run and the README.md of its directory, and the short sentences the study tables carry."""
+"""What a run writes for people to read: Markdown tables of evaluations and of the ledger, the printed summary, the
+command line that made a run and the README.md of its directory, and the short sentences the study tables carry."""
 
 from __future__ import annotations
 
@@ -131,7 +131,8 @@ def ledger_table(ledger: Ledger, budget: int = BUDGET) -> str:
     stages: dict[str, dict] = {}
     for e in ledger.entries():
         row = stages.setdefault(e["stage"], {"kinds": [], "flops": 0})
-        row["kinds"] += [e["kind"]] if e["kind"] not in row["kinds"] else []
+        if e["kind"] not in row["kinds"]:
+            row["kinds"].append(e["kind"])
         row["flops"] += e["flops"]
     lines = ["| stage | kind | FLOPs | % of budget |", "| --- | --- | ---: | ---: |"]
     lines += [f"| {stage} | {', '.join(row['kinds'])} | {sci(row['flops'])} | {100 * row['flops'] / budget:.2f}% |"
